@@ -1,0 +1,76 @@
+# -*- test-case-name: tests.test_connections -*-
+"""
+Counting a worker's connections at no cost per byte.
+
+Wrapping every protocol (L{twisted.protocols.policies.WrappingFactory})
+would add a call to every read and write.  Instead the adopted port is told
+to build its connections from a subclass of its own transport class that
+reports when a connection opens and when it closes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IListeningPort, ITransport
+from twisted.python.failure import Failure
+
+
+class ConnectionTracker:
+    """
+    The open connections of one worker, and a count of all it accepted.
+    """
+
+    def __init__(self) -> None:
+        self.open: set[ITransport] = set()
+        self.accepted = 0
+        self._idleWaiters: list[Callable[[], None]] = []
+
+    def opened(self, transport: ITransport) -> None:
+        self.accepted += 1
+        self.open.add(transport)
+
+    def closed(self, transport: ITransport) -> None:
+        self.open.discard(transport)
+        if not self.open:
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for waiter in waiters:
+                waiter()
+
+    def whenIdle(self, callback: Callable[[], None]) -> None:
+        """
+        Call C{callback} once no connection is open (at once if none is).
+        """
+        if self.open:
+            self._idleWaiters.append(callback)
+        else:
+            callback()
+
+    def closeAll(self) -> None:
+        """
+        Close every open connection now, dropping unsent data.
+        """
+        for transport in list(self.open):
+            transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
+    """
+    Make C{port} report each connection it accepts to C{tracker}.
+
+    Must be called before the port accepts its first connection.
+    """
+    base: type[Any] = port.transport  # type: ignore[attr-defined]
+
+    class TrackedTransport(base):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            tracker.opened(self)
+
+        def connectionLost(self, reason: Failure) -> None:
+            tracker.closed(self)
+            super().connectionLost(reason)
+
+    TrackedTransport.__name__ = f"Tracked{base.__name__}"
+    port.transport = TrackedTransport  # type: ignore[attr-defined]

@@ -1,0 +1,150 @@
+# -*- test-case-name: tests.test_listening -*-
+"""
+Listening sockets: made by the parent from endpoint descriptions, adopted
+by every worker.
+
+The parent lets Twisted's own endpoint parsers create each socket (so every
+description Twisted knows parses the way Twisted users expect), then stops
+reading from it at once: the parent never accepts a connection.  Workers
+adopt the same descriptor with C{adoptStreamPort}.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+
+from maccept._wire import ListenerHandle
+
+#: Endpoint types whose sockets a worker can adopt as stream ports.
+STREAM_TYPES = ("tcp", "tcp6", "unix")
+
+
+class ListenError(Exception):
+    """
+    A C{--listen} description cannot be used; the message says why.
+    """
+
+
+def checkDescription(description: str) -> None:
+    """
+    Check the syntax of a server endpoint description without listening.
+
+    @raise ListenError: naming the problem in one line.
+    """
+    kind = description.split(":", 1)[0].lower()
+    try:
+        # Parsing only stores the reactor; nothing runs on it.
+        serverFromString(None, description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ListenError(_parseProblem(kind, e)) from None
+    if kind not in STREAM_TYPES:
+        known = ", ".join(STREAM_TYPES)
+        raise ListenError(f"endpoint type {kind!r} is not supported (use one of {known})")
+
+
+def _parseProblem(kind: str, e: Exception) -> str:
+    text = str(e)
+    if "Unknown endpoint type" in text:
+        return f"unknown endpoint type {kind!r}"
+    if "invalid literal for int()" in text:
+        return "the port must be a number"
+    return text or e.__class__.__name__
+
+
+class _NeverAccepts(Factory):
+    """
+    The factory the parent listens with.  The parent stops reading its
+    ports before the reactor runs, so this refuses anything that slips by.
+    """
+
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> None:
+        return None
+
+
+@dataclass
+class ListeningSocket:
+    """
+    A socket the parent listens on and hands to every worker.
+    """
+
+    description: str
+    port: IListeningPort
+    family: str
+
+    def fileno(self) -> int:
+        return self.port.fileno()  # type: ignore[attr-defined,no-any-return]
+
+    def handleAt(self, fd: int) -> ListenerHandle:
+        """
+        Describe this socket to a worker that finds it at descriptor C{fd}.
+        """
+        return ListenerHandle(fd=fd, family=self.family, description=self.description)
+
+    def close(self) -> defer.Deferred[None]:
+        """
+        Stop listening for good: for a UNIX socket this removes its path,
+        which only the parent may do.
+        """
+        return defer.maybeDeferred(self.port.stopListening)  # type: ignore[call-overload,no-any-return]
+
+
+def listen(reactor: Any, description: str) -> ListeningSocket:
+    """
+    Create the listening socket for C{description}; accept nothing on it.
+
+    @raise ListenError: if the description is bad or the socket cannot be
+        bound (address in use, permission denied, missing directory).
+    """
+    checkDescription(description)
+    endpoint = serverFromString(reactor, description)
+    result: list[object] = []
+    endpoint.listen(_NeverAccepts()).addBoth(result.append)
+    if not result:
+        raise ListenError("the endpoint did not listen at once")
+    outcome = result[0]
+    if isinstance(outcome, Failure):
+        raise ListenError(_listenProblem(outcome.value or Exception())) from None
+    port: IListeningPort = outcome  # type: ignore[assignment]
+    port.stopReading()  # type: ignore[attr-defined]
+    family = socket.AddressFamily(port.socket.family).name  # type: ignore[attr-defined]
+    return ListeningSocket(description=description, port=port, family=family)
+
+
+def _listenProblem(error: BaseException) -> str:
+    if isinstance(error, CannotListenError):
+        cause = error.socketError
+        if isinstance(cause, OSError) and cause.strerror:
+            return f"cannot listen: {cause.strerror.lower()}"
+        return f"cannot listen: {cause}"
+    return f"cannot listen: {error}"
+
+
+def adopt(reactor: Any, handle: ListenerHandle, factory: IProtocolFactory) -> IListeningPort:
+    """
+    Adopt the parent's socket in a worker and start accepting on it.
+    """
+    port: IListeningPort = reactor.adoptStreamPort(handle.fd, handle.addressFamily, factory)
+    return port
+
+
+def release(port: IListeningPort) -> None:
+    """
+    Stop accepting on an adopted port without disturbing the siblings.
+
+    C{stopListening} on an adopted UNIX port would unlink the socket path for
+    every process; on an adopted TCP port it closes without C{shutdown(2)}.
+    Closing the worker's own descriptor is all that is wanted in both cases.
+    """
+    port.stopReading()  # type: ignore[attr-defined]
+    port.socket.close()  # type: ignore[attr-defined]

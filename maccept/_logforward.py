@@ -1,0 +1,125 @@
+# -*- test-case-name: tests.test_logforward -*-
+"""
+Worker logs in the parent's log.
+
+A worker's L{twisted.logger} events travel as JSON over its control channel
+and are re-emitted in the parent with the worker's number and pid as their
+system, levels and failures kept.  Whatever a worker writes to its stdout or
+stderr (a traceback from an interpreter that dies before its reactor runs,
+for one) is captured line by line.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    eventAsJSON,
+    eventFromJSON,
+    formatEvent,
+    globalLogPublisher,
+)
+from zope.interface import implementer
+
+from maccept._wire import MAX_VALUE_LENGTH
+
+_log = Logger()
+
+
+def workerSystem(number: int, pid: int) -> str:
+    """
+    The tag a worker's lines carry in the parent's log.
+    """
+    return f"worker {number} pid {pid}"
+
+
+def encodeEvent(event: dict[str, Any]) -> str:
+    """
+    Serialise C{event}; one that would not fit in an AMP value is flattened
+    to its formatted text, cut to size.
+    """
+    text = eventAsJSON(event)
+    if len(text.encode("utf-8")) < MAX_VALUE_LENGTH:
+        return text
+    flat = {
+        "log_level": event.get("log_level", LogLevel.info),
+        "log_namespace": event.get("log_namespace", "maccept"),
+        "log_time": event.get("log_time"),
+        "log_format": "{text}",
+        "text": (formatEvent(event) or "")[: MAX_VALUE_LENGTH // 8] + " [truncated]",
+    }
+    return eventAsJSON(flat)
+
+
+def reemit(
+    text: str, system: str, publish: Callable[[dict[str, Any]], None] = globalLogPublisher
+) -> None:
+    """
+    Publish a forwarded event in this process, tagged with C{system}.
+    """
+    event = eventFromJSON(text)
+    event["log_system"] = system
+    publish(event)
+
+
+@implementer(ILogObserver)
+class ForwardingObserver:
+    """
+    The worker's log observer: sends each event to the parent with C{send}
+    once a channel is attached, keeps events until then, and falls back to
+    stderr when there is no parent to send to.
+    """
+
+    def __init__(self, limit: int = 1000) -> None:
+        self._send: Callable[[str], None] | None = None
+        self._pending: list[str] = []
+        self._limit = limit
+
+    def attach(self, send: Callable[[str], None]) -> None:
+        self._send = send
+        pending, self._pending = self._pending, []
+        for text in pending:
+            send(text)
+
+    def detach(self) -> None:
+        self._send = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        text = encodeEvent(event)
+        if self._send is not None:
+            self._send(text)
+        elif len(self._pending) < self._limit:
+            self._pending.append(text)
+        else:
+            sys.stderr.write((formatEvent(event) or "") + "\n")
+
+
+class LineLogger:
+    """
+    Split a stream of bytes into lines and log each one.
+    """
+
+    maxLength = 16384
+
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        self._emit = emit
+        self._buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        lines = (self._buffer + data).split(b"\n")
+        self._buffer = lines.pop()
+        if len(self._buffer) > self.maxLength:
+            lines.append(self._buffer)
+            self._buffer = b""
+        for line in lines:
+            self._emit(line.rstrip(b"\r").decode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        if self._buffer:
+            self._emit(self._buffer.decode("utf-8", "replace"))
+            self._buffer = b""

@@ -1,0 +1,119 @@
+# -*- test-case-name: tests.test_options -*-
+"""
+The C{twistd maccept} command line.
+
+L{Options} raises L{usage.UsageError} like any Twisted options class, so it
+can be tested and embedded; L{CommandLineOptions} is what twistd uses and
+turns that error into the one line a person at a terminal needs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twisted.python import usage
+
+from maccept._listening import ListenError, checkDescription
+from maccept._protocols import ProtocolSpecError, resolveProtocol
+
+DEFAULT_LISTEN = "tcp:7007:interface=127.0.0.1"
+
+
+def availableCPUs() -> int:
+    """
+    The CPUs this process may run on, which is what C{--workers auto} means.
+    """
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def parseWorkers(value: str) -> int:
+    """
+    C{auto} or a positive integer.
+    """
+    if value == "auto":
+        return availableCPUs()
+    try:
+        count = int(value)
+    except ValueError:
+        raise usage.UsageError(
+            f"--workers: expected a positive integer or 'auto', got {value!r}"
+        ) from None
+    if count < 1:
+        raise usage.UsageError(f"--workers: must be at least 1, got {count}")
+    return count
+
+
+class Options(usage.Options):
+    """
+    Options of C{twistd maccept}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve a protocol from a pool of worker processes that all accept on "
+        "the same listening sockets, which this parent process creates."
+    )
+
+    optParameters = [
+        ["workers", "w", "auto", "Number of worker processes, or 'auto' for one per usable CPU."],
+        [
+            "protocol",
+            "p",
+            "echo",
+            "'echo', or module:attribute naming a protocol factory, a factory or "
+            "protocol class, or a callable returning a factory.",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """
+        A server endpoint description to accept on (repeatable; default
+        tcp:7007:interface=127.0.0.1).  Supported: tcp, tcp6, unix.
+        """
+        self["listen"].append(description)
+
+    opt_l = opt_listen
+
+    def postOptions(self) -> None:
+        self["workers"] = parseWorkers(self["workers"])
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        for description in self["listen"]:
+            try:
+                checkDescription(description)
+            except ListenError as e:
+                raise usage.UsageError(f"--listen {description}: {e}") from None
+        try:
+            resolveProtocol(self["protocol"])
+        except ProtocolSpecError as e:
+            raise usage.UsageError(f"--protocol: {e}") from None
+
+
+class CommandLineOptions(Options):
+    """
+    L{Options} as twistd parses them: a bad value exits with one line on
+    stderr and status 2, rather than twistd's usage dump.
+    """
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            fail(str(e))
+
+
+def fail(message: str) -> None:
+    """
+    Exit now with C{message} on stderr, no traceback.
+    """
+    sys.stderr.write(f"maccept: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)

@@ -1,0 +1,121 @@
+# -*- test-case-name: tests.test_protocols -*-
+"""
+The protocols a worker serves, and how a C{--protocol} value names one.
+
+A value is either a built-in name (C{echo}) or C{module:attribute}, where
+the attribute is an L{IProtocolFactory} provider, a factory class, a protocol
+class, or a zero-argument callable that returns a factory.  The parent
+resolves the value once at start-up so that a typo fails before any worker
+starts; every worker resolves it again, so a reload picks up new code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import cast
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IProtocolFactory
+from twisted.internet.protocol import Factory, Protocol
+from zope.interface import implementer
+
+
+class ProtocolSpecError(ValueError):
+    """
+    A C{--protocol} value names nothing usable; the message says why.
+    """
+
+
+@implementer(IHalfCloseableProtocol)
+class Echo(Protocol):
+    """
+    RFC 862 echo with backpressure.
+
+    The transport is registered as its own producer: when the client stops
+    reading and the write buffer fills, the transport pauses reading from
+    the client, so a client that only sends cannot grow the worker's memory.
+    When the client half-closes, everything already received is still sent
+    back before the connection closes.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self.transport, True)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+def echoFactory() -> IProtocolFactory:
+    """
+    The default protocol: RFC 862 echo.
+    """
+    return Factory.forProtocol(Echo)
+
+
+BUILTIN_PROTOCOLS: dict[str, Callable[[], IProtocolFactory]] = {
+    "echo": echoFactory,
+}
+
+FactoryMaker = Callable[[], IProtocolFactory]
+
+
+def resolveProtocol(spec: str) -> FactoryMaker:
+    """
+    Turn a C{--protocol} value into a callable that builds the factory.
+
+    @raise ProtocolSpecError: if C{spec} names no module, no attribute, or
+        something that is neither a factory nor a callable.
+    """
+    if spec in BUILTIN_PROTOCOLS:
+        return BUILTIN_PROTOCOLS[spec]
+    if ":" not in spec:
+        known = ", ".join(sorted(BUILTIN_PROTOCOLS))
+        raise ProtocolSpecError(
+            f"unknown protocol {spec!r}: use one of {known} or module:attribute"
+        )
+    moduleName, _, attributeName = spec.partition(":")
+    if not moduleName or not attributeName:
+        raise ProtocolSpecError(f"{spec!r} is not of the form module:attribute")
+    try:
+        module = importlib.import_module(moduleName)
+    except ImportError as e:
+        raise ProtocolSpecError(f"cannot import module {moduleName!r}: {e}") from None
+    try:
+        target: object = module
+        for part in attributeName.split("."):
+            target = getattr(target, part)
+    except AttributeError:
+        raise ProtocolSpecError(
+            f"module {moduleName!r} has no attribute {attributeName!r}"
+        ) from None
+    return _asFactoryMaker(spec, target)
+
+
+def _asFactoryMaker(spec: str, target: object) -> FactoryMaker:
+    if IProtocolFactory.providedBy(target):
+        factory = target
+        return lambda: factory
+    if isinstance(target, type) and IProtocolFactory.implementedBy(target):
+        return target  # a factory class: calling it makes an instance
+    if isinstance(target, type) and IProtocol.implementedBy(target):
+        protocolClass = cast(type[Protocol], target)
+        return lambda: Factory.forProtocol(protocolClass)
+    if callable(target) and not isinstance(target, type):
+        return _checkedMaker(spec, target)
+    raise ProtocolSpecError(f"{spec!r} is neither a protocol factory nor a callable returning one")
+
+
+def _checkedMaker(spec: str, maker: Callable[[], object]) -> FactoryMaker:
+    def make() -> IProtocolFactory:
+        made = maker()
+        if not IProtocolFactory.providedBy(made):
+            raise ProtocolSpecError(f"{spec!r} returned {made!r}, not a protocol factory")
+        return made
+
+    return make

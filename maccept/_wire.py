@@ -1,0 +1,116 @@
+# -*- test-case-name: tests.test_wire -*-
+"""
+The wire between the parent and a worker.
+
+Two things cross it: the L{WorkerSpec}, handed to the worker once as its
+only command-line argument, and the AMP commands below, which run over a
+private UNIX socket pair (the worker's descriptor L{CONTROL_FD}).  Nothing
+else of the parent's reaches a worker.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import asdict, dataclass, field
+
+from twisted.protocols import amp
+
+#: The worker's end of its control socket pair.
+CONTROL_FD = 3
+
+#: The first descriptor number at which a worker finds its listening sockets.
+FIRST_LISTENER_FD = 4
+
+_FAMILIES = {
+    "AF_INET": socket.AF_INET,
+    "AF_INET6": socket.AF_INET6,
+    "AF_UNIX": socket.AF_UNIX,
+}
+
+
+@dataclass(frozen=True)
+class ListenerHandle:
+    """
+    What a worker needs to adopt one listening socket: where it is, what
+    family it is, and the description it came from (for logs and for the
+    wrapping that a description may ask for).
+    """
+
+    fd: int
+    family: str
+    description: str
+
+    @property
+    def addressFamily(self) -> socket.AddressFamily:
+        return _FAMILIES[self.family]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """
+    Everything a worker is told at start-up.  Serialised as one JSON
+    command-line argument so that C{ps} shows what a worker is.
+    """
+
+    number: int
+    protocol: str
+    parentPid: int
+    listeners: tuple[ListenerHandle, ...] = field(default_factory=tuple)
+
+    def toArgument(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def fromArgument(cls, text: str) -> WorkerSpec:
+        raw = json.loads(text)
+        listeners = tuple(ListenerHandle(**each) for each in raw.pop("listeners"))
+        return cls(listeners=listeners, **raw)
+
+
+# Worker to parent.
+
+
+class WorkerReady(amp.Command):
+    """
+    The worker has adopted every listening socket and accepts connections.
+    """
+
+    arguments = [(b"pid", amp.Integer())]
+    response = []
+
+
+class WorkerFailed(amp.Command):
+    """
+    The worker could not start; C{reason} is one line naming why.
+    """
+
+    arguments = [(b"reason", amp.Unicode())]
+    response = []
+
+
+class LogEvent(amp.Command):
+    """
+    One L{twisted.logger} event from the worker, as JSON
+    (L{twisted.logger.eventAsJSON}).
+    """
+
+    arguments = [(b"event", amp.Unicode())]
+    requiresAnswer = False
+
+
+# Parent to worker.
+
+
+class Drain(amp.Command):
+    """
+    Stop accepting now, finish the open connections, then exit.  Connections
+    still open after C{timeout} seconds are closed.
+    """
+
+    arguments = [(b"timeout", amp.Float())]
+    response = []
+
+
+#: The largest value AMP carries in one argument.
+MAX_VALUE_LENGTH = amp.MAX_VALUE_LENGTH
