@@ -11,11 +11,13 @@ adopt the same descriptor with C{adoptStreamPort}.
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
@@ -81,6 +83,19 @@ class ListeningSocket:
     description: str
     port: IListeningPort
     family: str
+
+    @property
+    def address(self) -> str:
+        """
+        Where clients reach this socket: C{HOST:PORT}, C{[HOST]:PORT} for
+        IPv6, or the path of a UNIX socket.
+        """
+        host = self.port.getHost()
+        if isinstance(host, IPv6Address):
+            return f"[{host.host}]:{host.port}"
+        if isinstance(host, IPv4Address):
+            return f"{host.host}:{host.port}"
+        return os.fsdecode(host.name)  # type: ignore[attr-defined]
 
     def fileno(self) -> int:
         return self.port.fileno()  # type: ignore[attr-defined,no-any-return]

@@ -262,6 +262,13 @@ class WorkerPool(Service):
         self._checkStopped()
         return self._stopped
 
+    def killAll(self) -> None:
+        """
+        Kill every worker now, open connections and all.
+        """
+        for worker in self.workers:
+            worker.signal("KILL")
+
     def _checkStopped(self) -> None:
         if self._stopped is not None and not self.workers and not self._stopped.called:
             self._stopped.callback(None)
@@ -319,7 +326,7 @@ class WorkerPool(Service):
             self.log.info(
                 "all {count} workers ready on {listen}",
                 count=len(self.workers),
-                listen=", ".join(listener.description for listener in self.listeners),
+                listen=" ".join(listener.address for listener in self.listeners),
             )
 
     def workerEnded(self, worker: WorkerProcess) -> None:

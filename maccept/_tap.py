@@ -13,50 +13,15 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-from typing import Any
 
-from twisted.application.service import IService, MultiService, Service
-from twisted.internet import defer
+from twisted.application.service import IService
 
 from maccept._listening import ListenError, ListeningSocket, listen
 from maccept._options import CommandLineOptions, fail
+from maccept._parent import ListenersService, MacceptService
 from maccept._pool import WorkerPool
 
 Options = CommandLineOptions
-
-
-class ListenersService(Service):
-    """
-    Owns the parent's listening sockets and closes them when the service
-    stops; as the first child of the top service it stops after the pool.
-    """
-
-    def __init__(self, listeners: list[ListeningSocket]) -> None:
-        self.listeners = listeners
-
-    def stopService(self) -> defer.Deferred[Any]:
-        super().stopService()
-        return defer.gatherResults([listener.close() for listener in self.listeners])
-
-
-class MacceptService(MultiService):
-    """
-    The parent: its listeners, then its pool.  Stops the pool first and
-    closes the listeners once every worker is gone.
-    """
-
-    def __init__(self, listeners: ListenersService, pool: WorkerPool) -> None:
-        super().__init__()
-        self.listeners = listeners
-        self.pool = pool
-        listeners.setServiceParent(self)
-        pool.setServiceParent(self)
-
-    def stopService(self) -> defer.Deferred[Any]:
-        Service.stopService(self)
-        d = defer.maybeDeferred(self.pool.stopService)
-        d.addBoth(lambda _: self.listeners.stopService())
-        return d
 
 
 def exitWithStatus(code: int) -> None:
@@ -98,4 +63,4 @@ def makeService(options: CommandLineOptions) -> IService:
         size=options["workers"],
         onFatal=onFatal,
     )
-    return MacceptService(ListenersService(listeners), pool)
+    return MacceptService(reactor, ListenersService(listeners), pool)

@@ -1,0 +1,58 @@
+"""
+Protocols for the integration tests, named on the command line as
+C{tests.sample_protocols:NAME}.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+
+def failsInWorker() -> Factory:
+    """
+    The parent only checks that this is callable; every worker calls it
+    and fails, as a worker whose start-up code is broken does.
+    """
+    raise RuntimeError("boom in worker start-up")
+
+
+class Chatty(Protocol):
+    """
+    Logs through twisted.logger, prints to stdout and stderr, then echoes;
+    sending C{crash} raises in C{dataReceived}.
+    """
+
+    log = Logger()
+
+    def connectionMade(self) -> None:
+        self.log.warn("chatty connection from {peer}", peer=str(self.transport.getPeer()))
+        print("chatty says hello on stdout", flush=True)
+        print("chatty says hello on stderr", file=sys.stderr, flush=True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if data.startswith(b"crash"):
+            raise ValueError("chatty was asked to crash")
+        self.transport.write(data)
+
+
+def jsonLogObserver() -> object:
+    """
+    A twistd C{--logger} that writes the usual text to stdout and JSON
+    events to the file named by C{MACCEPT_TEST_JSON_LOG}, so tests can read
+    levels and systems.
+    """
+    import os
+
+    from twisted.logger import jsonFileLogObserver, textFileLogObserver
+
+    text = textFileLogObserver(sys.stdout)
+    events = jsonFileLogObserver(open(os.environ["MACCEPT_TEST_JSON_LOG"], "a"))  # noqa: SIM115
+
+    def observe(event: dict[str, object]) -> None:
+        text(event)
+        events(event)
+
+    return observe

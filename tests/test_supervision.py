@@ -1,0 +1,173 @@
+"""
+The real server's pool under supervision: replacement, no orphans, start-up
+failures, logs and descriptors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.server import MacceptServer, alive, echoRoundTrip, runMaccept, waitFor
+
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+
+
+class SupervisionTests(SynchronousTestCase):
+    def start(self, *args: str, **kwargs: object) -> MacceptServer:
+        server = MacceptServer(args, **kwargs)  # type: ignore[arg-type]
+        self.addCleanup(server.cleanup)
+        return server.waitReady()
+
+    def test_killedWorkerIsReplaced(self) -> None:
+        """
+        A worker killed with SIGKILL is replaced by a new process and the
+        pool keeps its size and keeps serving.
+        """
+        server = self.start("--workers", "2", "--listen", LOOPBACK)
+        first = server.workers()
+        self.assertEqual(len(first), 2)
+        os.kill(first[0], signal.SIGKILL)
+        after = waitFor(
+            lambda: (w := server.workers()) and len(w) == 2 and first[0] not in w and w,
+            what="a replacement worker",
+        )
+        assert isinstance(after, list)
+        self.assertIn(first[1], after)
+        waitFor(lambda: server.log().count("ready") >= 3, what="the replacement to be ready")
+        self.assertIn(f"pid {first[0]}) died, signal 9 (SIGKILL)", server.log())
+        for _ in range(10):
+            with server.connect() as s:
+                self.assertEqual(echoRoundTrip(s, b"still here"), b"still here")
+
+    def test_parentKilledLeavesNoWorker(self) -> None:
+        """
+        SIGKILL of the parent leaves no worker behind.
+        """
+        server = self.start("--workers", "3", "--listen", LOOPBACK)
+        workers = server.workers()
+        os.kill(server.pid, signal.SIGKILL)
+        server.process.wait()
+        waitFor(lambda: not any(alive(pid) for pid in workers), 10, "the workers to exit")
+
+    def test_sigtermStopsEverything(self) -> None:
+        """
+        SIGTERM stops the workers and then the parent, which exits 0.
+        """
+        server = self.start("--workers", "2", "--listen", LOOPBACK)
+        workers = server.workers()
+        self.assertEqual(server.stop(), 0)
+        self.assertFalse(any(alive(pid) for pid in workers))
+
+    def test_sigintStopsEverything(self) -> None:
+        """
+        SIGINT (Ctrl-C) stops the pool the same way.
+        """
+        server = self.start("--workers", "2", "--listen", LOOPBACK)
+        workers = server.workers()
+        os.kill(server.pid, signal.SIGINT)
+        self.assertEqual(server.process.wait(30), 0)
+        waitFor(lambda: not any(alive(pid) for pid in workers), 10, "the workers to exit")
+
+    def test_workerStartFailureExitsWithItsError(self) -> None:
+        """
+        When workers cannot start, twistd exits non-zero with the worker's
+        error in one line, and leaves no process behind.
+        """
+        result = runMaccept(
+            [
+                "--workers",
+                "2",
+                "--listen",
+                LOOPBACK,
+                "--protocol",
+                "tests.sample_protocols:failsInWorker",
+            ]
+        )
+        self.assertNotEqual(result.returncode, 0)
+        lines = [
+            line
+            for line in result.stdout.splitlines()
+            if "failed to start: RuntimeError: boom in worker start-up" in line
+        ]
+        self.assertEqual(len(lines), 1, result.stdout)
+
+    def test_workerLogsReachParentTagged(self) -> None:
+        """
+        A worker's log events reach the parent's log with their level and a
+        system naming the worker's number and pid; its stdout and stderr
+        lines too; and a traceback from its protocol lands there while the
+        worker lives on.
+        """
+        jsonLog = os.path.join(tempfile.mkdtemp(), "log.json")
+        server = self.start(
+            "--workers",
+            "1",
+            "--listen",
+            LOOPBACK,
+            "--protocol",
+            "tests.sample_protocols:Chatty",
+            twistdArgs=["--logger", "tests.sample_protocols.jsonLogObserver"],
+            env={"MACCEPT_TEST_JSON_LOG": jsonLog},
+        )
+        [worker] = server.workers()
+        system = f"worker 1 pid {worker}"
+        with server.connect() as s:
+            s.sendall(b"hi")
+            self.assertEqual(s.recv(2), b"hi")
+        with server.connect() as s:
+            s.sendall(b"crash")
+            s.recv(10)
+
+        def events() -> list[dict[str, object]]:
+            with open(jsonLog) as f:
+                return [json.loads(r) for r in f.read().split("\x1e") if r.strip()]
+
+        def find(text: str) -> dict[str, object] | None:
+            for event in events():
+                if text in json.dumps(event):
+                    return event
+            return None
+
+        waitFor(lambda: find("chatty was asked to crash"), what="the traceback")
+        chatty = find("chatty connection from")
+        assert chatty is not None
+        self.assertEqual(chatty["log_system"], system)
+        self.assertEqual(chatty["log_level"]["name"], "warn")  # type: ignore[index]
+        stdout = find("chatty says hello on stdout")
+        stderr = find("chatty says hello on stderr")
+        assert stdout is not None and stderr is not None
+        self.assertEqual(stdout["log_system"], system)
+        self.assertEqual(stderr["log_system"], system)
+        crash = find("chatty was asked to crash")
+        assert crash is not None
+        self.assertEqual(crash["log_system"], system)
+        self.assertIn("Traceback", json.dumps(crash))
+        self.assertEqual(server.workers(), [worker])
+
+    def test_workersGetNoStrayDescriptors(self) -> None:
+        """
+        A descriptor the parent inherited never reaches a worker.
+        """
+        stray = tempfile.NamedTemporaryFile(prefix="stray-")  # noqa: SIM115
+        self.addCleanup(stray.close)
+        server = self.start("--workers", "2", "--listen", LOOPBACK, passFds=[stray.fileno()])
+
+        def holders(pid: int) -> bool:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            return any(_target(pid, fd) == stray.name for fd in fds)
+
+        self.assertTrue(holders(server.pid))
+        for worker in server.workers():
+            self.assertFalse(holders(worker))
+
+
+def _target(pid: int, fd: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return ""
