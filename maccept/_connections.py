@@ -22,17 +22,22 @@ class ConnectionTracker:
     The open connections of one worker, and a count of all it accepted.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, onChange: Callable[[int], None] | None = None) -> None:
         self.open: set[ITransport] = set()
         self.accepted = 0
+        self.onChange = onChange
         self._idleWaiters: list[Callable[[], None]] = []
 
     def opened(self, transport: ITransport) -> None:
         self.accepted += 1
         self.open.add(transport)
+        if self.onChange is not None:
+            self.onChange(len(self.open))
 
     def closed(self, transport: ITransport) -> None:
         self.open.discard(transport)
+        if self.onChange is not None:
+            self.onChange(len(self.open))
         if not self.open:
             waiters, self._idleWaiters = self._idleWaiters, []
             for waiter in waiters:

@@ -26,6 +26,10 @@ from twisted.python.failure import Failure
 
 from maccept._wire import ListenerHandle
 
+#: The listen backlog when a description names none (the kernel caps it at
+#: net.core.somaxconn).
+DEFAULT_BACKLOG = 1024
+
 #: Endpoint types whose sockets a worker can adopt as stream ports.
 STREAM_TYPES = ("tcp", "tcp6", "unix")
 
@@ -132,6 +136,10 @@ def listen(reactor: Any, description: str) -> ListeningSocket:
         raise ListenError(_listenProblem(outcome.value or Exception())) from None
     port: IListeningPort = outcome  # type: ignore[assignment]
     port.stopReading()  # type: ignore[attr-defined]
+    if "backlog=" not in description:
+        # Twisted's default backlog (50) overflows under a burst of
+        # connections; an overflowing SYN waits a second to be retried.
+        port.socket.listen(DEFAULT_BACKLOG)  # type: ignore[attr-defined]
     family = socket.AddressFamily(port.socket.family).name  # type: ignore[attr-defined]
     return ListeningSocket(description=description, port=port, family=family)
 

@@ -18,6 +18,7 @@ from maccept._listening import ListenError, checkDescription
 from maccept._protocols import ProtocolSpecError, resolveProtocol
 
 DEFAULT_LISTEN = "tcp:7007:interface=127.0.0.1"
+BALANCE_MODES = ("even", "greedy")
 
 
 def availableCPUs() -> int:
@@ -67,6 +68,13 @@ class Options(usage.Options):
             "'echo', or module:attribute naming a protocol factory, a factory or "
             "protocol class, or a callable returning a factory.",
         ],
+        [
+            "balance",
+            None,
+            "even",
+            "How workers share new connections: 'even' (a worker ahead of the "
+            "others pauses accepting) or 'greedy' (Twisted's own accept loop).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -84,6 +92,10 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         self["workers"] = parseWorkers(self["workers"])
+        if self["balance"] not in BALANCE_MODES:
+            raise usage.UsageError(
+                f"--balance: expected one of {', '.join(BALANCE_MODES)}, got {self['balance']!r}"
+            )
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         for description in self["listen"]:

@@ -26,11 +26,13 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from maccept._board import MAX_SLOTS, LoadBoard
 from maccept._listening import ListeningSocket
 from maccept._logforward import LineLogger, reemit, workerSystem
 from maccept._wire import (
     CONTROL_FD,
     FIRST_LISTENER_FD,
+    BoardHandle,
     Drain,
     LogEvent,
     WorkerFailed,
@@ -224,6 +226,7 @@ class WorkerPool(Service):
         size: int,
         onFatal: Callable[[str], None],
         executable: str = sys.executable,
+        balance: bool = True,
     ) -> None:
         self.reactor = reactor
         self.listeners = list(listeners)
@@ -233,6 +236,11 @@ class WorkerPool(Service):
         self.executable = executable
         self.slots = [_Slot(n, self.minRestartDelay) for n in range(1, size + 1)]
         self.everReady = False
+        self.board: LoadBoard | None = None
+        self._boardFd: int | None = None
+        if balance:
+            self.board, self._boardFd = LoadBoard.create()
+        self._boardSlots: dict[WorkerProcess, int] = {}
         self._startTimeoutCall: Any = None
         self._stopped: defer.Deferred[None] | None = None
 
@@ -273,29 +281,57 @@ class WorkerPool(Service):
         if self._stopped is not None and not self.workers and not self._stopped.called:
             self._stopped.callback(None)
 
-    def workerSpec(self, number: int) -> tuple[WorkerSpec, dict[int, Any]]:
+    def workerSpec(
+        self, number: int, boardSlot: int | None = None
+    ) -> tuple[WorkerSpec, dict[int, Any]]:
         """
         What worker C{number} is told, and the descriptors it gets: stdio,
-        then its control socket, then one per listener; nothing else.
+        then its control socket, then one per listener, then the load board;
+        nothing else.
         """
         childFDs: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         handles = []
-        for offset, listener in enumerate(self.listeners):
-            fd = FIRST_LISTENER_FD + offset
+        fd = FIRST_LISTENER_FD
+        for listener in self.listeners:
             childFDs[fd] = listener.fileno()
             handles.append(listener.handleAt(fd))
+            fd += 1
+        board = None
+        if self._boardFd is not None and boardSlot is not None:
+            childFDs[fd] = self._boardFd
+            board = BoardHandle(fd=fd, slot=boardSlot)
         spec = WorkerSpec(
             number=number,
             protocol=self.protocol,
             parentPid=os.getpid(),
             listeners=tuple(handles),
+            board=board,
         )
         return spec, childFDs
 
+    def _takeBoardSlot(self, worker: WorkerProcess) -> int | None:
+        """
+        Give C{worker} the lowest free slot on the load board.
+        """
+        if self.board is None:
+            return None
+        taken = set(self._boardSlots.values())
+        slot = next(n for n in range(MAX_SLOTS) if n not in taken)
+        self._boardSlots[worker] = slot
+        self.board.clear(slot)
+        self.board.slotsInUse = max(self.board.slotsInUse, slot + 1)
+        return slot
+
+    def _freeBoardSlot(self, worker: WorkerProcess) -> None:
+        slot = self._boardSlots.pop(worker, None)
+        if self.board is not None and slot is not None:
+            self.board.clear(slot)
+            self.board.slotsInUse = max(self._boardSlots.values(), default=-1) + 1
+
     def _spawn(self, slot: _Slot) -> None:
         slot.restartCall = None
-        spec, childFDs = self.workerSpec(slot.number)
         worker = WorkerProcess(self, slot.number, self.reactor.seconds())
+        spec, childFDs = self.workerSpec(slot.number, self._takeBoardSlot(worker))
         parentEnd, childEnd = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             childFDs[CONTROL_FD] = childEnd.fileno()
@@ -330,6 +366,7 @@ class WorkerPool(Service):
             )
 
     def workerEnded(self, worker: WorkerProcess) -> None:
+        self._freeBoardSlot(worker)
         slot = self.slots[worker.number - 1]
         if slot.worker is worker:
             slot.worker = None

@@ -62,5 +62,6 @@ def makeService(options: CommandLineOptions) -> IService:
         protocol=options["protocol"],
         size=options["workers"],
         onFatal=onFatal,
+        balance=options["balance"] == "even",
     )
     return MacceptService(reactor, ListenersService(listeners), pool)

@@ -47,6 +47,17 @@ class ListenerHandle:
 
 
 @dataclass(frozen=True)
+class BoardHandle:
+    """
+    Where a worker finds the load board (L{maccept._board}) and which slot
+    of it is its own.
+    """
+
+    fd: int
+    slot: int
+
+
+@dataclass(frozen=True)
 class WorkerSpec:
     """
     Everything a worker is told at start-up.  Serialised as one JSON
@@ -57,6 +68,7 @@ class WorkerSpec:
     protocol: str
     parentPid: int
     listeners: tuple[ListenerHandle, ...] = field(default_factory=tuple)
+    board: BoardHandle | None = None
 
     def toArgument(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -65,7 +77,8 @@ class WorkerSpec:
     def fromArgument(cls, text: str) -> WorkerSpec:
         raw = json.loads(text)
         listeners = tuple(ListenerHandle(**each) for each in raw.pop("listeners"))
-        return cls(listeners=listeners, **raw)
+        board = raw.pop("board", None)
+        return cls(listeners=listeners, board=BoardHandle(**board) if board else None, **raw)
 
 
 # Worker to parent.

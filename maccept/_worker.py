@@ -23,6 +23,8 @@ from twisted.logger import Logger, globalLogBeginner
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from maccept._accepting import AcceptGovernor
+from maccept._board import LoadBoard
 from maccept._connections import ConnectionTracker, trackConnections
 from maccept._listening import adopt, release
 from maccept._logforward import ForwardingObserver
@@ -48,6 +50,7 @@ class Worker:
         self.reactor = reactor
         self.spec = spec
         self.tracker = ConnectionTracker()
+        self.governor: AcceptGovernor | None = None
         self.ports: list[IListeningPort] = []
         self.control: amp.AMP | None = None
         self.exitCode = 0
@@ -61,11 +64,21 @@ class Worker:
         assert self.control is not None
         try:
             factory = resolveProtocol(self.spec.protocol)()
+            if self.spec.board is not None:
+                board = LoadBoard.attach(self.spec.board.fd)
+                self.governor = AcceptGovernor(
+                    self.reactor, board, self.spec.board.slot, os.getpid()
+                )
+                self.tracker.onChange = self.governor.connectionsChanged
             for handle in self.spec.listeners:
                 port = adopt(self.reactor, handle, factory)
                 trackConnections(port, self.tracker)
+                if self.governor is not None:
+                    self.governor.govern(port)
                 self.ports.append(port)
                 os.close(handle.fd)
+            if self.governor is not None:
+                self.governor.start()
         except Exception:
             failure = Failure()
             self.log.failure("worker {number} could not start", failure, number=self.spec.number)
@@ -84,6 +97,8 @@ class Worker:
         if self._stopping:
             return
         self._stopping = True
+        if self.governor is not None:
+            self.governor.stop()
         for port in self.ports:
             release(port)
         self.log.info("draining {count} open connections", count=len(self.tracker.open))

@@ -1,0 +1,134 @@
+# -*- test-case-name: tests.test_accepting -*-
+"""
+Even accept: a worker takes a connection only while it holds no more than
+its share.
+
+Left alone, every worker's epoll wakes for each new connection and
+C{tcp.Port.doRead} accepts up to a hundred at a time, so whichever worker
+runs first takes a whole burst (see ../shared/ANCHORS.md: 1/1/43/211).  The
+governor runs before each C{doRead}: it compares this worker's open
+connections with the fewest held by any other live, accepting worker (from
+the L{LoadBoard}), lets it accept only as many as keep it within a small
+allowance of that, and otherwise stops reading the listener for a moment,
+so that the kernel wakes the others instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+
+from maccept._board import LoadBoard, monotonicNs
+
+
+def allowance(fewest: int) -> int:
+    """
+    How far ahead of the least-loaded worker a worker may get: one
+    connection when counts are small, an eighth when they are large.
+    """
+    return max(1, fewest // 8)
+
+
+class AcceptGovernor:
+    """
+    Decides, before each accept, whether this worker takes the next
+    connections, and posts its own count for the others.
+
+    @ivar freshness: seconds after which another worker's post no longer
+        counts (it is hung, stopped or gone).
+    """
+
+    freshness = 1.0
+    postInterval = 0.25
+    retryDelay = 0.005
+
+    def __init__(self, reactor: Any, board: LoadBoard, slot: int, pid: int) -> None:
+        self.reactor = reactor
+        self.board = board
+        self.slot = slot
+        self.pid = pid
+        self.openConnections = 0
+        self.ports: list[IListeningPort] = []
+        self.paused = False
+        self.pauses = 0
+        self._accepting = False
+        self._retry: Any = None
+        self._poster = LoopingCall(self.post)
+        self._poster.clock = reactor
+
+    def govern(self, port: IListeningPort) -> None:
+        """
+        Put C{port}'s accepts under this governor.
+        """
+        self.ports.append(port)
+        port.doRead = self._governed(port.doRead, port)  # type: ignore[attr-defined]
+
+    def _governed(self, doRead: Callable[[], None], port: Any) -> Callable[[], None]:
+        def governedDoRead() -> None:
+            budget = self.acceptBudget()
+            if budget == 0:
+                self.pause()
+                return
+            if budget is not None:
+                port.numberAccepts = budget
+            doRead()
+
+        return governedDoRead
+
+    def acceptBudget(self) -> int | None:
+        """
+        How many connections this worker may accept now: C{None} for no
+        limit (no other worker accepts), else 0 or more.
+        """
+        freshSince = monotonicNs() - int(self.freshness * 1e9)
+        fewest = self.board.fewestElsewhere(self.slot, freshSince)
+        if fewest is None:
+            return None
+        return max(0, fewest + allowance(fewest) - self.openConnections + 1)
+
+    def start(self) -> None:
+        self._accepting = True
+        self._poster.start(self.postInterval, now=True)
+
+    def stop(self) -> None:
+        """
+        Stop accepting for good: tell the others to leave us out.
+        """
+        self._accepting = False
+        if self._poster.running:
+            self._poster.stop()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self.post()
+
+    def connectionsChanged(self, count: int) -> None:
+        self.openConnections = count
+        self.post()
+        if self.paused and self._accepting:
+            self.resume()
+
+    def post(self) -> None:
+        postedAt = monotonicNs() if self._accepting else 0
+        self.board.post(self.slot, self.pid, self.openConnections, postedAt)
+
+    def pause(self) -> None:
+        if self.paused:
+            return
+        self.paused = True
+        self.pauses += 1
+        for port in self.ports:
+            port.stopReading()  # type: ignore[attr-defined]
+        self._retry = self.reactor.callLater(self.retryDelay, self.resume)
+
+    def resume(self) -> None:
+        if not self.paused or not self._accepting:
+            return
+        self.paused = False
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        for port in self.ports:
+            port.startReading()  # type: ignore[attr-defined]
