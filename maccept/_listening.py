@@ -11,12 +11,12 @@ adopt the same descriptor with C{adoptStreamPort}.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
@@ -110,12 +110,25 @@ class ListeningSocket:
         """
         return ListenerHandle(fd=fd, family=self.family, description=self.description)
 
-    def close(self) -> defer.Deferred[None]:
+    def close(self) -> None:
         """
-        Stop listening for good: for a UNIX socket this removes its path,
-        which only the parent may do.
+        Close the parent's copy of the socket, and for a UNIX socket remove
+        its path, which only the parent may do.
+
+        Not C{stopListening}: on a TCP port Twisted created, that calls
+        C{shutdown(2)}, which would stop every worker's accept on the shared
+        socket and reset the connections waiting in its backlog.  Closed
+        this way, the socket lives until the last draining worker closes
+        its own copy, and only then refuses new connections.
         """
-        return defer.maybeDeferred(self.port.stopListening)  # type: ignore[call-overload,no-any-return]
+        path = self.address if self.family == "AF_UNIX" else None
+        release(self.port)
+        if path and not path.startswith("\0"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        lockFile = getattr(self.port, "lockFile", None)
+        if lockFile is not None:
+            lockFile.unlock()
 
 
 def listen(reactor: Any, description: str) -> ListeningSocket:

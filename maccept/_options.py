@@ -31,6 +31,33 @@ def availableCPUs() -> int:
         return os.cpu_count() or 1
 
 
+def parseNumber(option: str, value: str, integer: bool, minimum: float) -> float:
+    """
+    A number no smaller than C{minimum}, or a L{usage.UsageError} naming
+    C{option}.
+    """
+    kind = "a whole number" if integer else "a number"
+    try:
+        number: float = int(value) if integer else float(value)
+    except ValueError:
+        raise usage.UsageError(f"--{option}: expected {kind}, got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise usage.UsageError(f"--{option}: expected {kind}, got {value!r}")
+    if number < minimum:
+        raise usage.UsageError(f"--{option}: must be at least {minimum:g}, got {value}")
+    return number
+
+
+def startupMiB() -> int:
+    """
+    This process's resident memory in MiB: Python, Twisted and maccept
+    loaded, which is what a worker needs before it serves anything.
+    """
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return -(-pages * os.sysconf("SC_PAGE_SIZE") // 2**20)
+
+
 def parseWorkers(value: str) -> int:
     """
     C{auto} or a positive integer.
@@ -69,6 +96,39 @@ class Options(usage.Options):
             "protocol class, or a callable returning a factory.",
         ],
         [
+            "graceful-timeout",
+            None,
+            "30",
+            "Seconds a stopping worker may take to finish its open connections "
+            "before it is killed.",
+        ],
+        [
+            "timeout",
+            "t",
+            "30",
+            "Seconds a worker's reactor may stay blocked before the worker's "
+            "stacks are logged and it is replaced (0: no watchdog).",
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Replace a worker after it accepted this many connections (default: never).",
+        ],
+        [
+            "max-connections-jitter",
+            None,
+            "0",
+            "Add a random 0..J to --max-connections per worker, so that workers "
+            "are not all replaced at once.",
+        ],
+        [
+            "max-memory",
+            None,
+            None,
+            "Replace a worker whose resident memory exceeds this many MiB (default: never).",
+        ],
+        [
             "balance",
             None,
             "even",
@@ -95,6 +155,21 @@ class Options(usage.Options):
         if self["balance"] not in BALANCE_MODES:
             raise usage.UsageError(
                 f"--balance: expected one of {', '.join(BALANCE_MODES)}, got {self['balance']!r}"
+            )
+        self["graceful-timeout"] = parseNumber(
+            "graceful-timeout", self["graceful-timeout"], integer=False, minimum=0
+        )
+        self["timeout"] = parseNumber("timeout", self["timeout"], integer=False, minimum=0)
+        self["max-connections-jitter"] = int(
+            parseNumber("max-connections-jitter", self["max-connections-jitter"], True, 0)
+        )
+        if self["max-connections"] is not None:
+            self["max-connections"] = int(
+                parseNumber("max-connections", self["max-connections"], True, 1)
+            )
+        if self["max-memory"] is not None:
+            self["max-memory"] = int(
+                parseNumber("max-memory", self["max-memory"], True, startupMiB() + 1)
             )
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]

@@ -7,54 +7,53 @@ the signals that steer them.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from maccept._listening import ListeningSocket
 from maccept._pool import WorkerPool
 from maccept._signals import installHandlers
+from maccept._titles import setTitle
 
 
-class ListenersService(Service):
+class MacceptService(Service):
     """
-    Owns the parent's listening sockets and closes them when it stops.
-    """
-
-    def __init__(self, listeners: list[ListeningSocket]) -> None:
-        self.listeners = listeners
-
-    def stopService(self) -> defer.Deferred[Any]:
-        super().stopService()
-        return defer.gatherResults([listener.close() for listener in self.listeners])
-
-
-class MacceptService(MultiService):
-    """
-    The parent: its listeners, then its pool.  Stopping drains the pool
-    first and closes the listeners once every worker is gone.
+    The parent: owns the listening sockets and the pool, and maps signals
+    onto the pool's lifecycle.
     """
 
     log = Logger()
 
-    def __init__(self, reactor: Any, listeners: ListenersService, pool: WorkerPool) -> None:
-        super().__init__()
+    def __init__(
+        self, reactor: Any, listeners: Sequence[ListeningSocket], pool: WorkerPool
+    ) -> None:
         self.reactor = reactor
-        self.listeners = listeners
+        self.listeners = list(listeners)
         self.pool = pool
         self.stopRequested = False
-        listeners.setServiceParent(self)
-        pool.setServiceParent(self)
+
+    def signalHandlers(self) -> dict[signal.Signals, Callable[[], None]]:
+        """
+        The signals the parent answers, as in the README's table.
+        """
+        return {
+            signal.SIGTERM: self.requestStop,
+            signal.SIGINT: self.requestStop,
+            signal.SIGHUP: self.pool.reload,
+            signal.SIGTTIN: self.pool.scaleUp,
+            signal.SIGTTOU: self.pool.scaleDown,
+        }
 
     def startService(self) -> None:
         super().startService()
-        self.reactor.callWhenRunning(
-            installHandlers,
-            self.reactor,
-            {signal.SIGTERM: self.requestStop, signal.SIGINT: self.requestStop},
-        )
+        addresses = " ".join(listener.description for listener in self.listeners)
+        setTitle(f"maccept: master {addresses}")
+        self.pool.startService()
+        self.reactor.callWhenRunning(installHandlers, self.reactor, self.signalHandlers())
 
     def requestStop(self) -> None:
         """
@@ -69,7 +68,12 @@ class MacceptService(MultiService):
         self.reactor.stop()
 
     def stopService(self) -> defer.Deferred[Any]:
-        Service.stopService(self)
-        d = defer.maybeDeferred(self.pool.stopService)
-        d.addBoth(lambda _: self.listeners.stopService())
-        return d
+        """
+        Drain every worker, and close the parent's copies of the sockets at
+        once so that they close for good when the last worker lets go.
+        """
+        super().stopService()
+        stopped = self.pool.stopService()
+        for listener in self.listeners:
+            listener.close()
+        return stopped

@@ -2,211 +2,83 @@
 """
 The parent's side: a supervised pool of worker processes.
 
-The pool spawns each worker with the listening sockets and its control
-socket as its only descriptors beyond stdio, follows each worker through
-its states, replaces workers that die (backing off when they die young, as
-L{twisted.runner.procmon} does), and drains them all when it stops.
+The pool spawns each worker with the listening sockets, its control socket
+and the load board as its only descriptors beyond stdio; follows each
+worker through its states (L{maccept._states}); replaces workers that die,
+hang or grow too old, always starting the replacement before the old one
+drains; reloads by starting a whole new generation first; and drains every
+worker when it stops.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
+import random
 import socket
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
-from enum import Enum
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer, error
-from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols import amp
-from twisted.python.failure import Failure
 
 from maccept._board import MAX_SLOTS, LoadBoard
 from maccept._listening import ListeningSocket
-from maccept._logforward import LineLogger, reemit, workerSystem
-from maccept._wire import (
-    CONTROL_FD,
-    FIRST_LISTENER_FD,
-    BoardHandle,
-    Drain,
-    LogEvent,
-    WorkerFailed,
-    WorkerReady,
-    WorkerSpec,
-)
+from maccept._states import PoolState, WorkerState, nextPoolState
+from maccept._wire import CONTROL_FD, FIRST_LISTENER_FD, BoardHandle, WorkerSpec
+from maccept._workerprocess import ParentControl, WorkerProcess
+
+#: Why a worker left the pool, for C{maccept_worker_restarts_total}.
+RESTART_REASONS = ("crash", "recycle", "watchdog", "reload", "scale")
 
 
-class WorkerState(Enum):
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-
-
-#: Every transition a worker makes: (state, event) -> next state.  An event
-#: not listed for a state leaves it where it is.
-TRANSITIONS: dict[tuple[WorkerState, str], WorkerState] = {
-    (WorkerState.STARTING, "ready"): WorkerState.READY,
-    (WorkerState.STARTING, "stop"): WorkerState.STOPPING,
-    (WorkerState.STARTING, "exit"): WorkerState.STOPPED,
-    (WorkerState.READY, "stop"): WorkerState.STOPPING,
-    (WorkerState.READY, "exit"): WorkerState.STOPPED,
-    (WorkerState.STOPPING, "exit"): WorkerState.STOPPED,
-}
-
-
-def describeExit(reason: Failure) -> str:
+@dataclass
+class PoolSettings:
     """
-    Say how a process ended: C{exit code 3}, C{signal 9 (SIGKILL)}.
-    """
-    value = reason.value
-    if isinstance(value, error.ProcessTerminated) and value.signal is not None:
-        try:
-            name = signal.Signals(value.signal).name
-        except ValueError:
-            name = "unknown"
-        return f"signal {value.signal} ({name})"
-    code = getattr(value, "exitCode", None)
-    return f"exit code {code if code is not None else 0}"
-
-
-class WorkerProcess(ProcessProtocol):
-    """
-    One worker process, as the parent sees it.
+    What the command line decides about the pool.
     """
 
-    log = Logger()
-
-    def __init__(self, pool: WorkerPool, number: int, startedAt: float) -> None:
-        self.pool = pool
-        self.number = number
-        self.startedAt = startedAt
-        self.state = WorkerState.STARTING
-        self.pid: int | None = None
-        self.control: amp.AMP | None = None
-        self.failureReason: str | None = None
-        self.exitDescription: str | None = None
-        self._killCall: Any = None
-        self._stdout = LineLogger(lambda line: self._emitLine(line, "info"))
-        self._stderr = LineLogger(lambda line: self._emitLine(line, "warn"))
-
-    @property
-    def system(self) -> str:
-        return workerSystem(self.number, self.pid or 0)
-
-    def handle(self, event: str) -> WorkerState:
-        """
-        Move to the state C{event} leads to from here (see L{TRANSITIONS}).
-        """
-        self.state = TRANSITIONS.get((self.state, event), self.state)
-        return self.state
-
-    def connectionMade(self) -> None:
-        self.pid = self.transport.pid  # type: ignore[union-attr]
-        self.transport.closeStdin()  # type: ignore[union-attr]
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == 1:
-            self._stdout.dataReceived(data)
-        elif childFD == 2:
-            self._stderr.dataReceived(data)
-
-    def _emitLine(self, line: str, level: str) -> None:
-        getattr(self.log, level)("{line}", line=line, log_system=self.system)
-
-    def ready(self) -> None:
-        if self.handle("ready") is WorkerState.READY:
-            self.pool.workerReady(self)
-
-    def failed(self, reason: str) -> None:
-        self.failureReason = reason
-
-    def stop(self, timeout: float, killAfter: float) -> None:
-        """
-        Ask the worker to drain within C{timeout} seconds; kill it if it is
-        still alive C{killAfter} seconds later.
-        """
-        if self.handle("stop") is not WorkerState.STOPPING or self._killCall is not None:
-            return
-        if self.control is not None and self.control.transport is not None:
-            self.control.callRemote(Drain, timeout=timeout).addErrback(lambda _: None)
-        else:
-            self.signal("TERM")
-        self._killCall = self.pool.reactor.callLater(timeout + killAfter, self.signal, "KILL")
-
-    def signal(self, name: str) -> None:
-        with contextlib.suppress(error.ProcessExitedAlready):
-            self.transport.signalProcess(name)  # type: ignore[union-attr]
-
-    def processEnded(self, reason: Failure) -> None:
-        self._stdout.flush()
-        self._stderr.flush()
-        if self._killCall is not None and self._killCall.active():
-            self._killCall.cancel()
-        self.exitDescription = describeExit(reason)
-        self.handle("exit")
-        self.pool.workerEnded(self)
+    size: int = 1
+    protocol: str = "echo"
+    balance: bool = True
+    gracefulTimeout: float = 30.0
+    #: Seconds without a heartbeat before a worker counts as hung (0: never).
+    watchdogTimeout: float = 30.0
+    maxConnections: int | None = None
+    maxConnectionsJitter: int = 0
+    #: Bytes of resident memory after which a worker is replaced.
+    maxMemory: int | None = None
 
 
-class ParentControl(amp.AMP):
+def residentBytes(pid: int) -> int | None:
     """
-    The parent's end of one worker's control channel.
+    Resident set size of C{pid}, from C{/proc}; C{None} if it is gone.
     """
-
-    def __init__(self, worker: WorkerProcess) -> None:
-        super().__init__()
-        self.worker = worker
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self.worker.control = self
-
-    @WorkerReady.responder
-    def workerReady(self, pid: int) -> dict[str, Any]:
-        self.worker.ready()
-        return {}
-
-    @WorkerFailed.responder
-    def workerFailed(self, reason: str) -> dict[str, Any]:
-        self.worker.failed(reason)
-        return {}
-
-    @LogEvent.responder
-    def logEvent(self, event: str) -> dict[str, Any]:
-        reemit(event, self.worker.system)
-        return {}
-
-
-class _Slot:
-    """
-    A place in the pool that one worker at a time fills, with the restart
-    delay that the deaths of its previous occupants earned.
-    """
-
-    def __init__(self, number: int, delay: float) -> None:
-        self.number = number
-        self.delay = delay
-        self.worker: WorkerProcess | None = None
-        self.restartCall: Any = None
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class WorkerPool(Service):
     """
-    Keep C{size} workers accepting on C{listeners}.
+    Keep C{settings.size} workers accepting on C{listeners}.
 
-    Restart policy, as in L{twisted.runner.procmon.ProcessMonitor}: a worker
-    that lived at least C{threshold} seconds is replaced at once; one that
-    died younger is replaced after C{delay}, which doubles with each young
-    death from C{minRestartDelay} up to C{maxRestartDelay}.
+    Restart policy, after L{twisted.runner.procmon.ProcessMonitor} but for
+    the whole pool: a worker that crashed after living at least
+    C{threshold} seconds is replaced at once; one that died younger is
+    replaced after a delay that doubles with each young death, from
+    C{minRestartDelay} to C{maxRestartDelay}, so that a crash loop costs a
+    handful of spawns a minute whatever the pool's size.
 
-    @ivar onFatal: called with one line when the pool cannot start at all:
-        a worker failed before any worker was ever ready, or none was ready
-        within C{startTimeout} seconds.
+    @ivar onFatal: called with one line when the pool cannot start at all.
+    @ivar restarts: how many workers left the pool, by reason.
     """
 
     log = Logger()
@@ -216,70 +88,107 @@ class WorkerPool(Service):
     maxRestartDelay = 60.0
     startTimeout = 10.0
     killTime = 5.0
-    gracefulTimeout = 30.0
+    tickInterval = 1.0
+    #: Seconds between the stack dump of a hung worker and its kill.
+    stackDumpGrace = 1.0
 
     def __init__(
         self,
         reactor: Any,
         listeners: Sequence[ListeningSocket],
-        protocol: str,
-        size: int,
+        settings: PoolSettings,
         onFatal: Callable[[str], None],
         executable: str = sys.executable,
-        balance: bool = True,
+        rng: random.Random | None = None,
     ) -> None:
         self.reactor = reactor
         self.listeners = list(listeners)
-        self.protocol = protocol
-        self.size = size
+        self.settings = settings
+        self.size = settings.size
         self.onFatal = onFatal
         self.executable = executable
-        self.slots = [_Slot(n, self.minRestartDelay) for n in range(1, size + 1)]
-        self.everReady = False
+        self.rng = rng or random.Random()
+        self.state = PoolState.STARTING
+        self.generation = 1
+        self.pendingGeneration: int | None = None
+        self.workers: list[WorkerProcess] = []
+        self.restarts: Counter[str] = Counter({reason: 0 for reason in RESTART_REASONS})
+        self.nextRestartDelay = self.minRestartDelay
         self.board: LoadBoard | None = None
         self._boardFd: int | None = None
-        if balance:
+        if settings.balance:
             self.board, self._boardFd = LoadBoard.create()
         self._boardSlots: dict[WorkerProcess, int] = {}
-        self._startTimeoutCall: Any = None
+        self._restartCalls: list[Any] = []
+        self._timeoutCall: Any = None
         self._stopped: defer.Deferred[None] | None = None
+        self._ticker = LoopingCall(self.tick)
+        self._ticker.clock = reactor
 
-    @property
-    def workers(self) -> list[WorkerProcess]:
-        return [slot.worker for slot in self.slots if slot.worker is not None]
+    # Queries.
+
+    def serving(self) -> list[WorkerProcess]:
+        """
+        Workers of the serving generation that are not on their way out.
+        """
+        return [
+            w
+            for w in self.workers
+            if w.generation == self.generation
+            and w.state in (WorkerState.STARTING, WorkerState.READY)
+            and w.stopReason is None
+        ]
+
+    def ofGeneration(self, generation: int | None) -> list[WorkerProcess]:
+        return [w for w in self.workers if w.generation == generation]
+
+    def transition(self, event: str) -> PoolState:
+        self.state = nextPoolState(self.state, event)
+        return self.state
+
+    # Service.
 
     def startService(self) -> None:
         super().startService()
-        for slot in self.slots:
-            self._spawn(slot)
-        self._startTimeoutCall = self.reactor.callLater(self.startTimeout, self._startTimedOut)
+        for number in range(1, self.size + 1):
+            self._spawn(number, self.generation)
+        self._timeoutCall = self.reactor.callLater(self.startTimeout, self._startTimedOut)
+        self._ticker.start(self.tickInterval, now=False)
 
     def stopService(self) -> defer.Deferred[None]:
         """
         Drain every worker; fire once all have exited.
         """
         super().stopService()
-        if self._startTimeoutCall is not None and self._startTimeoutCall.active():
-            self._startTimeoutCall.cancel()
-        for slot in self.slots:
-            if slot.restartCall is not None and slot.restartCall.active():
-                slot.restartCall.cancel()
+        self.transition("stop")
+        self._cancelTimers()
         self._stopped = defer.Deferred()
-        for worker in self.workers:
-            worker.stop(self.gracefulTimeout, self.killTime)
+        for worker in list(self.workers):
+            worker.drain("stop", self.settings.gracefulTimeout, self.killTime)
         self._checkStopped()
         return self._stopped
+
+    def _cancelTimers(self) -> None:
+        for call in [self._timeoutCall, *self._restartCalls]:
+            if call is not None and call.active():
+                call.cancel()
+        self._restartCalls = []
+        if self._ticker.running:
+            self._ticker.stop()
+
+    def _checkStopped(self) -> None:
+        if self._stopped is not None and not self.workers and not self._stopped.called:
+            self.transition("all exited")
+            self._stopped.callback(None)
 
     def killAll(self) -> None:
         """
         Kill every worker now, open connections and all.
         """
-        for worker in self.workers:
-            worker.signal("KILL")
+        for worker in list(self.workers):
+            worker.kill("stop")
 
-    def _checkStopped(self) -> None:
-        if self._stopped is not None and not self.workers and not self._stopped.called:
-            self._stopped.callback(None)
+    # Spawning.
 
     def workerSpec(
         self, number: int, boardSlot: int | None = None
@@ -300,14 +209,56 @@ class WorkerPool(Service):
         if self._boardFd is not None and boardSlot is not None:
             childFDs[fd] = self._boardFd
             board = BoardHandle(fd=fd, slot=boardSlot)
+        settings = self.settings
+        recycleAfter = None
+        if settings.maxConnections is not None:
+            jitter = self.rng.randint(0, settings.maxConnectionsJitter)
+            recycleAfter = settings.maxConnections + jitter
+        watchdog = settings.watchdogTimeout
         spec = WorkerSpec(
             number=number,
-            protocol=self.protocol,
+            protocol=settings.protocol,
             parentPid=os.getpid(),
             listeners=tuple(handles),
             board=board,
+            gracefulTimeout=settings.gracefulTimeout,
+            heartbeatInterval=min(1.0, watchdog / 4) if watchdog else 1.0,
+            recycleAfter=recycleAfter,
         )
         return spec, childFDs
+
+    def _spawn(
+        self, number: int, generation: int, replaces: WorkerProcess | None = None
+    ) -> WorkerProcess:
+        worker = WorkerProcess(self, number, generation, self.reactor.seconds())
+        worker.replaces = replaces
+        spec, childFDs = self.workerSpec(number, self._takeBoardSlot(worker))
+        parentEnd, childEnd = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            childFDs[CONTROL_FD] = childEnd.fileno()
+            self.reactor.spawnProcess(
+                worker,
+                self.executable,
+                [self.executable, "-m", "maccept._worker", spec.toArgument()],
+                env=os.environ.copy(),
+                childFDs=childFDs,
+            )
+            self.reactor.adoptStreamConnection(
+                parentEnd.fileno(),
+                socket.AF_UNIX,
+                Factory.forProtocol(lambda: ParentControl(worker)),
+            )
+        finally:
+            parentEnd.close()
+            childEnd.close()
+        self.workers.append(worker)
+        self.log.info(
+            "started worker {number} (pid {pid}, generation {generation})",
+            number=number,
+            pid=worker.pid,
+            generation=generation,
+        )
+        return worker
 
     def _takeBoardSlot(self, worker: WorkerProcess) -> int | None:
         """
@@ -328,93 +279,271 @@ class WorkerPool(Service):
             self.board.clear(slot)
             self.board.slotsInUse = max(self._boardSlots.values(), default=-1) + 1
 
-    def _spawn(self, slot: _Slot) -> None:
-        slot.restartCall = None
-        worker = WorkerProcess(self, slot.number, self.reactor.seconds())
-        spec, childFDs = self.workerSpec(slot.number, self._takeBoardSlot(worker))
-        parentEnd, childEnd = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            childFDs[CONTROL_FD] = childEnd.fileno()
-            self.reactor.spawnProcess(
-                worker,
-                self.executable,
-                [self.executable, "-m", "maccept._worker", spec.toArgument()],
-                env=os.environ.copy(),
-                childFDs=childFDs,
-            )
-            self.reactor.adoptStreamConnection(
-                parentEnd.fileno(),
-                socket.AF_UNIX,
-                Factory.forProtocol(lambda: ParentControl(worker)),
-            )
-        finally:
-            parentEnd.close()
-            childEnd.close()
-        slot.worker = worker
-        self.log.info("started worker {number} (pid {pid})", number=slot.number, pid=worker.pid)
+    # Workers report.
 
     def workerReady(self, worker: WorkerProcess) -> None:
         self.log.info("worker {number} (pid {pid}) ready", number=worker.number, pid=worker.pid)
-        if not self.everReady and all(w.state is WorkerState.READY for w in self.workers):
-            self.everReady = True
-            if self._startTimeoutCall is not None and self._startTimeoutCall.active():
-                self._startTimeoutCall.cancel()
+        old = worker.replaces
+        if old is not None:
+            worker.replaces = None
+            old.drain(old.stopReason or "recycle", self.settings.gracefulTimeout, self.killTime)
+        if self.state is PoolState.STARTING and self._allReady(self.generation):
+            self.transition("all ready")
+            self._cancelTimeout()
             self.log.info(
                 "all {count} workers ready on {listen}",
-                count=len(self.workers),
+                count=len(self.serving()),
                 listen=" ".join(listener.address for listener in self.listeners),
             )
+        elif self.state is PoolState.RELOADING and self._allReady(self.pendingGeneration):
+            self._finishReload()
+
+    def _allReady(self, generation: int | None) -> bool:
+        workers = [w for w in self.ofGeneration(generation) if w.stopReason is None]
+        return len(workers) >= self.size and all(w.state is WorkerState.READY for w in workers)
 
     def workerEnded(self, worker: WorkerProcess) -> None:
         self._freeBoardSlot(worker)
-        slot = self.slots[worker.number - 1]
-        if slot.worker is worker:
-            slot.worker = None
-        why = worker.exitDescription
-        if worker.failureReason:
-            why = f"{why}: {worker.failureReason}"
-        if not self.running:
+        if worker in self.workers:
+            self.workers.remove(worker)
+        reason = worker.stopReason or "crash"
+        if reason in self.restarts:
+            self.restarts[reason] += 1
+        if self.state is PoolState.STOPPING:
             self.log.info(
-                "worker {number} (pid {pid}) exited, {why}",
+                "worker {number} (pid {pid}) exited, {how}",
                 number=worker.number,
                 pid=worker.pid,
-                why=why,
+                how=worker.exitDescription,
             )
             self._checkStopped()
             return
-        self.log.warn(
-            "worker {number} (pid {pid}) died, {why}", number=worker.number, pid=worker.pid, why=why
-        )
-        if not self.everReady:
-            self._fatal(
-                f"worker {worker.number} failed to start: "
-                f"{worker.failureReason or worker.exitDescription}"
-            )
-            return
-        self._scheduleRestart(slot, self.reactor.seconds() - worker.startedAt)
-
-    def _scheduleRestart(self, slot: _Slot, lifetime: float) -> None:
-        if lifetime < self.threshold:
-            delay = slot.delay
-            slot.delay = min(slot.delay * 2, self.maxRestartDelay)
+        if reason != "crash":
+            self._departed(worker, reason)
         else:
-            delay = 0.0
-            slot.delay = self.minRestartDelay
-        if delay:
+            self._crashed(worker)
+
+    def _departed(self, worker: WorkerProcess, reason: str) -> None:
+        self.log.info(
+            "worker {number} (pid {pid}) left ({reason}), {how}",
+            number=worker.number,
+            pid=worker.pid,
+            reason=reason,
+            how=worker.exitDescription,
+        )
+        if reason == "watchdog" and worker.generation == self.generation:
+            self._spawn(worker.number, worker.generation)
+
+    def _crashed(self, worker: WorkerProcess) -> None:
+        why = worker.failureReason or worker.exitDescription or "unknown"
+        lastWords = " | ".join(worker.lastWords)
+        self.log.warn(
+            "worker {number} (pid {pid}) died: {why}{words}",
+            number=worker.number,
+            pid=worker.pid,
+            why=why,
+            words=f"; last words: {lastWords}" if lastWords else "",
+        )
+        if self.state is PoolState.STARTING:
+            self._fatal(f"worker {worker.number} failed to start: {why}")
+            return
+        if worker.generation == self.pendingGeneration:
+            self._abandonReload(f"worker {worker.number} died: {why}")
+            return
+        for other in self.workers:
+            if other.replaces is worker:
+                other.replaces = None  # it is already on its way
+                return
+        if worker.generation != self.generation:
+            return
+        self._scheduleRestart(worker)
+
+    def _scheduleRestart(self, worker: WorkerProcess) -> None:
+        lifetime = self.reactor.seconds() - worker.startedAt
+        if lifetime < self.threshold:
+            delay = self.nextRestartDelay
+            self.nextRestartDelay = min(self.nextRestartDelay * 2, self.maxRestartDelay)
             self.log.warn(
-                "worker {number} died young: restarting in {delay:.0f}s",
-                number=slot.number,
+                "worker {number} died young: restarting it in {delay:.0f}s",
+                number=worker.number,
                 delay=delay,
             )
-        slot.restartCall = self.reactor.callLater(delay, self._spawn, slot)
+        else:
+            delay = 0.0
+            self.nextRestartDelay = self.minRestartDelay
+        self._restartCalls = [c for c in self._restartCalls if c.active()]
+        self._restartCalls.append(
+            self.reactor.callLater(
+                delay, self._restart, worker.number, worker.generation, worker.replaces
+            )
+        )
+
+    def _restart(self, number: int, generation: int, replaces: WorkerProcess | None) -> None:
+        if self.state is PoolState.STOPPING or generation != self.generation:
+            return
+        self._spawn(number, generation, replaces)
+
+    # Lifecycle requests.
+
+    def replace(self, worker: WorkerProcess, reason: str, why: str = "") -> None:
+        """
+        Start a replacement for C{worker}; C{worker} drains once it is ready.
+        """
+        if worker.state is not WorkerState.READY or worker.stopReason is not None:
+            return
+        if any(other.replaces is worker for other in self.workers):
+            return
+        if self.state not in (PoolState.RUNNING, PoolState.RELOADING):
+            return
+        self.log.info(
+            "replacing worker {number} (pid {pid}): {why}",
+            number=worker.number,
+            pid=worker.pid,
+            why=why or reason,
+        )
+        worker.stopReason = reason
+        self._spawn(worker.number, worker.generation, replaces=worker)
+
+    def reload(self) -> None:
+        """
+        Start a new generation of workers; drain the old one once all of the
+        new are ready.  If the new generation fails, the old keeps serving.
+        """
+        if self.state is not PoolState.RUNNING:
+            self.log.warn("reload ignored: the pool is {state}", state=self.state.value)
+            return
+        self.transition("reload")
+        self.pendingGeneration = self.generation + 1
+        self.log.info(
+            "reloading: starting generation {generation}", generation=self.pendingGeneration
+        )
+        for number in range(1, self.size + 1):
+            self._spawn(number, self.pendingGeneration)
+        self._timeoutCall = self.reactor.callLater(
+            self.startTimeout,
+            self._abandonReload,
+            f"not all workers were ready within {self.startTimeout:.0f}s",
+        )
+
+    def _finishReload(self) -> None:
+        self._cancelTimeout()
+        old = [w for w in self.workers if w.generation != self.pendingGeneration]
+        assert self.pendingGeneration is not None
+        self.generation, self.pendingGeneration = self.pendingGeneration, None
+        self.transition("generation ready")
+        self.log.info(
+            "reload: generation {generation} ready; draining {count} old workers",
+            generation=self.generation,
+            count=len(old),
+        )
+        for worker in old:
+            worker.drain("reload", self.settings.gracefulTimeout, self.killTime)
+
+    def _abandonReload(self, why: str) -> None:
+        self._cancelTimeout()
+        self.log.error(
+            "reload failed, keeping the old workers: {why}",
+            why=why,
+        )
+        for worker in self.ofGeneration(self.pendingGeneration):
+            worker.kill("abandoned")
+        self.pendingGeneration = None
+        self.transition("generation failed")
+
+    def scaleUp(self) -> None:
+        if self.state is not PoolState.RUNNING:
+            self.log.warn("scaling ignored: the pool is {state}", state=self.state.value)
+            return
+        self.size += 1
+        taken = {w.number for w in self.serving()}
+        number = next(n for n in range(1, self.size + 2) if n not in taken)
+        self.log.info("scaling up to {size} workers", size=self.size)
+        self._spawn(number, self.generation)
+
+    def scaleDown(self) -> None:
+        if self.state is not PoolState.RUNNING:
+            self.log.warn("scaling ignored: the pool is {state}", state=self.state.value)
+            return
+        if self.size <= 1:
+            self.log.warn("not scaling down: the pool keeps at least one worker")
+            return
+        self.size -= 1
+        victim = max(self.serving(), key=lambda w: w.number)
+        self.log.info(
+            "scaling down to {size} workers: draining worker {number}",
+            size=self.size,
+            number=victim.number,
+        )
+        victim.drain("scale", self.settings.gracefulTimeout, self.killTime)
+
+    # Periodic checks.
+
+    def tick(self) -> None:
+        """
+        The watchdog and the memory limit.
+        """
+        now = self.reactor.seconds()
+        for worker in list(self.workers):
+            try:
+                self._check(worker, now)
+            except Exception:
+                self.log.failure("checking worker {number}", number=worker.number)
+
+    def _check(self, worker: WorkerProcess, now: float) -> None:
+        if worker.state is WorkerState.STARTING:
+            if now - worker.startedAt > self.startTimeout and worker.failureReason is None:
+                worker.failureReason = f"not ready within {self.startTimeout:.0f}s"
+                worker.signal("KILL")
+        elif not self._hung(worker, now):
+            self._checkMemory(worker)
+
+    def _hung(self, worker: WorkerProcess, now: float) -> bool:
+        timeout = self.settings.watchdogTimeout
+        if not timeout or worker.declaredHung or worker.state is WorkerState.STOPPED:
+            return False
+        silent = now - worker.lastHeartbeat
+        if silent <= timeout:
+            return False
+        self.log.error(
+            "worker {number} (pid {pid}) silent for {silent:.0f}s (--timeout {timeout:g}): "
+            "dumping its stacks, then replacing it",
+            number=worker.number,
+            pid=worker.pid,
+            silent=silent,
+            timeout=timeout,
+        )
+        worker.declaredHung = True
+        # A draining worker keeps its reason: it is not to be replaced.
+        worker.stopReason = worker.stopReason or "watchdog"
+        worker.signal("USR1")
+        self.reactor.callLater(self.stackDumpGrace, worker.signal, "KILL")
+        return True
+
+    def _checkMemory(self, worker: WorkerProcess) -> None:
+        limit = self.settings.maxMemory
+        if limit is None or worker.pid is None or worker.state is not WorkerState.READY:
+            return
+        rss = residentBytes(worker.pid)
+        if rss is not None and rss > limit:
+            self.replace(
+                worker,
+                "recycle",
+                why=f"resident memory {rss // 2**20} MiB over --max-memory {limit // 2**20} MiB",
+            )
+
+    # Failing.
+
+    def _cancelTimeout(self) -> None:
+        if self._timeoutCall is not None and self._timeoutCall.active():
+            self._timeoutCall.cancel()
+        self._timeoutCall = None
 
     def _startTimedOut(self) -> None:
-        if not self.everReady:
+        if self.state is PoolState.STARTING:
             self._fatal(f"no worker became ready within {self.startTimeout:.0f}s")
 
     def _fatal(self, message: str) -> None:
-        if self._startTimeoutCall is not None and self._startTimeoutCall.active():
-            self._startTimeoutCall.cancel()
-        self.everReady = True  # report once
+        self._cancelTimeout()
+        self.transition("stop")
         self.log.critical("{message}", message=message)
         self.onFatal(message)

@@ -18,8 +18,8 @@ from twisted.application.service import IService
 
 from maccept._listening import ListenError, ListeningSocket, listen
 from maccept._options import CommandLineOptions, fail
-from maccept._parent import ListenersService, MacceptService
-from maccept._pool import WorkerPool
+from maccept._parent import MacceptService
+from maccept._pool import PoolSettings, WorkerPool
 
 Options = CommandLineOptions
 
@@ -52,16 +52,19 @@ def makeService(options: CommandLineOptions) -> IService:
                 listener.close()
             fail(f"--listen {description}: {e}")
 
+    settings = PoolSettings(
+        size=options["workers"],
+        protocol=options["protocol"],
+        balance=options["balance"] == "even",
+        gracefulTimeout=options["graceful-timeout"],
+        watchdogTimeout=options["timeout"],
+        maxConnections=options["max-connections"],
+        maxConnectionsJitter=options["max-connections-jitter"],
+        maxMemory=options["max-memory"] * 2**20 if options["max-memory"] else None,
+    )
+
     def onFatal(message: str) -> None:
         exitWithStatus(1)
         reactor.stop()
 
-    pool = WorkerPool(
-        reactor,
-        listeners,
-        protocol=options["protocol"],
-        size=options["workers"],
-        onFatal=onFatal,
-        balance=options["balance"] == "even",
-    )
-    return MacceptService(reactor, ListenersService(listeners), pool)
+    return MacceptService(reactor, listeners, WorkerPool(reactor, listeners, settings, onFatal))

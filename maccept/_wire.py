@@ -69,6 +69,12 @@ class WorkerSpec:
     parentPid: int
     listeners: tuple[ListenerHandle, ...] = field(default_factory=tuple)
     board: BoardHandle | None = None
+    #: Seconds a drain may take when the worker itself gets SIGTERM.
+    gracefulTimeout: float = 30.0
+    #: Seconds between heartbeats (the parent's watchdog listens for them).
+    heartbeatInterval: float = 1.0
+    #: Ask to be replaced after accepting this many connections (None: never).
+    recycleAfter: int | None = None
 
     def toArgument(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -109,6 +115,25 @@ class LogEvent(amp.Command):
     """
 
     arguments = [(b"event", amp.Unicode())]
+    requiresAnswer = False
+
+
+class Heartbeat(amp.Command):
+    """
+    The worker's reactor is turning; with its counters so far.
+    """
+
+    arguments = [(b"accepted", amp.Integer()), (b"open", amp.Integer())]
+    requiresAnswer = False
+
+
+class ReplaceMe(amp.Command):
+    """
+    The worker asks to be replaced (it reached C{--max-connections}); it
+    keeps serving until the parent tells it to drain.
+    """
+
+    arguments = [(b"reason", amp.Unicode())]
     requiresAnswer = False
 
 

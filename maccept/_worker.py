@@ -17,8 +17,10 @@ import socket
 import sys
 from typing import Any
 
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogBeginner
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -29,12 +31,30 @@ from maccept._connections import ConnectionTracker, trackConnections
 from maccept._listening import adopt, release
 from maccept._logforward import ForwardingObserver
 from maccept._protocols import resolveProtocol
-from maccept._wire import CONTROL_FD, Drain, LogEvent, WorkerFailed, WorkerReady, WorkerSpec
+from maccept._titles import setTitle
+from maccept._wire import (
+    CONTROL_FD,
+    Drain,
+    Heartbeat,
+    LogEvent,
+    ReplaceMe,
+    WorkerFailed,
+    WorkerReady,
+    WorkerSpec,
+)
+from maccept.interfaces import IWorkerLifecycle
 
 #: Exit status of a worker that could not start.
 EXIT_START_FAILED = 3
 
 _PR_SET_PDEATHSIG = 1
+
+#: How many queued connections a draining worker accepts in its last sweep.
+_SWEEP = 10000
+
+
+def _describe(failure: Failure) -> str:
+    return f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
 
 
 class Worker:
@@ -49,66 +69,110 @@ class Worker:
     def __init__(self, reactor: Any, spec: WorkerSpec) -> None:
         self.reactor = reactor
         self.spec = spec
-        self.tracker = ConnectionTracker()
+        self.tracker = ConnectionTracker(onChange=self._connectionsChanged)
         self.governor: AcceptGovernor | None = None
+        self.factory: IProtocolFactory | None = None
         self.ports: list[IListeningPort] = []
         self.control: amp.AMP | None = None
         self.exitCode = 0
-        self._stopping = False
+        self.draining = False
+        self._askedForReplacement = False
+        self._heartbeat = LoopingCall(self.sendHeartbeat)
+        self._heartbeat.clock = reactor
 
-    def start(self) -> None:
+    # Starting.
+
+    def start(self) -> defer.Deferred[None]:
         """
-        Build the protocol factory, adopt every listener, then tell the
-        parent we are ready; or tell it why not and exit.
+        Build the protocol factory, adopt every listener, run the start hook,
+        then accept and tell the parent we are ready; or tell it why not and
+        exit.
         """
-        assert self.control is not None
-        try:
-            factory = resolveProtocol(self.spec.protocol)()
-            if self.spec.board is not None:
-                board = LoadBoard.attach(self.spec.board.fd)
-                self.governor = AcceptGovernor(
-                    self.reactor, board, self.spec.board.slot, os.getpid()
-                )
-                self.tracker.onChange = self.governor.connectionsChanged
-            for handle in self.spec.listeners:
-                port = adopt(self.reactor, handle, factory)
-                trackConnections(port, self.tracker)
-                if self.governor is not None:
-                    self.governor.govern(port)
-                self.ports.append(port)
-                os.close(handle.fd)
+        d = defer.maybeDeferred(self._adoptAll)
+        d.addCallback(lambda _: self._hook("workerStarting", self.reactor))
+        d.addCallback(lambda _: self._startAccepting())
+        d.addErrback(self._startFailed)
+        return d
+
+    def _adoptAll(self) -> None:
+        self.factory = resolveProtocol(self.spec.protocol)()
+        if self.spec.board is not None:
+            board = LoadBoard.attach(self.spec.board.fd)
+            self.governor = AcceptGovernor(self.reactor, board, self.spec.board.slot, os.getpid())
+        for handle in self.spec.listeners:
+            port = adopt(self.reactor, handle, self.factory)
+            # Accept nothing before the start hook has run.
+            port.stopReading()  # type: ignore[attr-defined]
+            trackConnections(port, self.tracker)
             if self.governor is not None:
-                self.governor.start()
-        except Exception:
-            failure = Failure()
-            self.log.failure("worker {number} could not start", failure, number=self.spec.number)
-            reason = f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
-            self.control.callRemote(WorkerFailed, reason=reason).addBoth(
-                lambda _: self.exit(EXIT_START_FAILED)
-            )
-            return
-        self.control.callRemote(WorkerReady, pid=os.getpid())
+                self.governor.govern(port)
+            self.ports.append(port)
+            os.close(handle.fd)
+
+    def _startAccepting(self) -> None:
+        for port in self.ports:
+            port.startReading()  # type: ignore[attr-defined]
+        if self.governor is not None:
+            self.governor.start()
+        self._heartbeat.start(self.spec.heartbeatInterval, now=False)
+        self._call(WorkerReady, pid=os.getpid())
+
+    def _startFailed(self, failure: Failure) -> None:
+        self.log.failure("worker {number} could not start", failure, number=self.spec.number)
+        d = self._call(WorkerFailed, reason=_describe(failure))
+        d.addBoth(lambda _: self.exit(EXIT_START_FAILED))
+
+    # Serving.
+
+    def _connectionsChanged(self, count: int) -> None:
+        if self.governor is not None:
+            self.governor.connectionsChanged(count)
+        limit = self.spec.recycleAfter
+        if limit is not None and self.tracker.accepted >= limit and not self._askedForReplacement:
+            self._askedForReplacement = True
+            self._call(ReplaceMe, reason=f"accepted {self.tracker.accepted} connections")
+
+    def sendHeartbeat(self) -> None:
+        self._call(Heartbeat, accepted=self.tracker.accepted, open=len(self.tracker.open))
+
+    # Draining.
 
     def drain(self, timeout: float) -> None:
         """
-        Stop accepting, let open connections finish, exit when none is left
-        or when C{timeout} seconds have passed.
+        Stop accepting (after taking whatever already waits in the backlog),
+        let open connections finish, then exit when none is left or when
+        C{timeout} seconds have passed.
         """
-        if self._stopping:
+        if self.draining:
             return
-        self._stopping = True
+        self.draining = True
         if self.governor is not None:
             self.governor.stop()
         for port in self.ports:
+            self._sweep(port)
             release(port)
         self.log.info("draining {count} open connections", count=len(self.tracker.open))
+        hook = defer.maybeDeferred(self._hook, "workerDraining")
+        hook.addErrback(lambda f: self.log.failure("workerDraining hook failed", f))
         deadline = self.reactor.callLater(timeout, self._drainTimedOut)
         self.tracker.whenIdle(lambda: self._drained(deadline))
+
+    def _sweep(self, port: Any) -> None:
+        """
+        Accept every connection already queued on C{port}, so that the last
+        worker to close the socket does not reset them.
+        """
+        if not getattr(port, "connected", False):
+            return
+        port.numberAccepts = _SWEEP
+        type(port).doRead(port)
 
     def _drained(self, deadline: Any) -> None:
         if deadline.active():
             deadline.cancel()
-        self.exit(0)
+        d = defer.maybeDeferred(self._hook, "workerStopping")
+        d.addErrback(lambda f: self.log.failure("workerStopping hook failed", f))
+        d.addBoth(lambda _: self.exit(0))
 
     def _drainTimedOut(self) -> None:
         self.log.warn(
@@ -127,8 +191,30 @@ class Worker:
 
     def exit(self, code: int) -> None:
         self.exitCode = code
+        if self._heartbeat.running:
+            self._heartbeat.stop()
         if self.reactor.running:
             self.reactor.stop()
+
+    # Helpers.
+
+    def _hook(self, name: str, *args: Any) -> Any:
+        if self.factory is not None and IWorkerLifecycle.providedBy(self.factory):
+            return getattr(self.factory, name)(*args)
+        return None
+
+    def _call(self, command: type[amp.Command], **arguments: Any) -> defer.Deferred[Any]:
+        """
+        Send C{command} to the parent; a lost channel is not an error here
+        (L{parentGone} deals with it).
+        """
+        if self.control is None or self.control.transport is None:
+            return defer.succeed(None)
+        try:
+            result = self.control.callRemote(command, **arguments)
+        except Exception:
+            return defer.succeed(None)
+        return result if result is not None else defer.succeed(None)
 
 
 class WorkerControl(amp.AMP):
@@ -179,7 +265,10 @@ def _handleSignals(reactor: Any, worker: Worker) -> None:
     parent's log), even while the reactor is blocked.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: reactor.callFromThread(worker.drain, 30.0))
+    signal.signal(
+        signal.SIGTERM,
+        lambda *_: reactor.callFromThread(worker.drain, worker.spec.gracefulTimeout),
+    )
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
@@ -187,13 +276,13 @@ def main(argv: list[str]) -> int:
     spec = WorkerSpec.fromArgument(argv[1])
     _dieWithParent(spec.parentPid)
     faulthandler.enable()
+    setTitle(f"maccept: worker {spec.number}")
 
     from twisted.internet import reactor
 
     forwarder = ForwardingObserver()
     globalLogBeginner.beginLoggingTo([forwarder], redirectStandardIO=False)
     worker = Worker(reactor, spec)
-
     reactor.adoptStreamConnection(  # type: ignore[attr-defined]
         CONTROL_FD,
         socket.AF_UNIX,

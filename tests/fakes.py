@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,13 +149,6 @@ def exitReason(exitCode: int = 0, signal: int | None = None) -> Failure:
     return Failure(ProcessTerminated(exitCode=exitCode, status=exitCode << 8))
 
 
-def endProcess(process: FakeProcess, exitCode: int = 0, signal: int | None = None) -> None:
-    """
-    End C{process} with C{exitCode} or C{signal} (see L{FakeProcess.end}).
-    """
-    process.end(exitCode, signal)
-
-
 class ProcessMemoryReactor(MemoryReactorClock):
     """
     A L{MemoryReactorClock} that also records C{spawnProcess}: each call
@@ -213,12 +205,6 @@ class ProcessMemoryReactor(MemoryReactorClock):
         self.processes.append(process)
         processProtocol.makeConnection(process)
         return process
-
-    def liveProcesses(self) -> list[FakeProcess]:
-        """
-        The spawned processes that have not ended.
-        """
-        return [process for process in self.processes if not process.ended]
 
     def pendingDelays(self) -> list[float]:
         """
@@ -442,15 +428,3 @@ class FakeControl:
         The command classes called, in order.
         """
         return [command for command, _ in self.calls]
-
-
-@contextlib.contextmanager
-def closing(*sockets: socket.socket) -> Iterator[None]:
-    """
-    Close C{sockets} on the way out.
-    """
-    try:
-        yield
-    finally:
-        for each in sockets:
-            each.close()

@@ -9,6 +9,10 @@ import sys
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from maccept._protocols import Echo
+from maccept.interfaces import IWorkerLifecycle
 
 
 def failsInWorker() -> Factory:
@@ -56,3 +60,65 @@ def jsonLogObserver() -> object:
         events(event)
 
     return observe
+
+
+class Sleepy(Protocol):
+    """
+    Blocks its whole worker in C{dataReceived}, as a protocol that makes a
+    blocking call does.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        import time
+
+        time.sleep(3600)
+
+
+class CrashesOnConnect(Protocol):
+    """
+    Kills its worker on every connection, after saying why on stderr.
+    """
+
+    def connectionMade(self) -> None:
+        import os
+
+        print("crashing on purpose", file=sys.stderr, flush=True)
+        os._exit(7)
+
+
+@implementer(IWorkerLifecycle)
+class HookedEchoFactory(Factory):
+    """
+    Echo, with lifecycle hooks that print what they see.
+    """
+
+    protocol = Echo
+
+    def workerStarting(self, reactor: object) -> None:
+        import os
+
+        print(f"hook: starting in {os.getpid()}", flush=True)
+
+    def workerDraining(self) -> None:
+        print("hook: draining", flush=True)
+
+    def workerStopping(self) -> None:
+        print("hook: stopping", flush=True)
+
+
+@implementer(IWorkerLifecycle)
+class FailingHookFactory(HookedEchoFactory):
+    def workerStarting(self, reactor: object) -> None:
+        raise RuntimeError("the database is down")
+
+
+def breakableEcho() -> Factory:
+    """
+    Echo, until the file named by C{MACCEPT_TEST_BREAK} exists: from then
+    on new workers fail to start (a broken deploy).
+    """
+    import os
+
+    if os.path.exists(os.environ.get("MACCEPT_TEST_BREAK", "/nonexistent")):
+        raise RuntimeError("broken deploy")
+    return Factory.forProtocol(Echo)

@@ -39,7 +39,7 @@ class SupervisionTests(SynchronousTestCase):
         assert isinstance(after, list)
         self.assertIn(first[1], after)
         waitFor(lambda: server.log().count("ready") >= 3, what="the replacement to be ready")
-        self.assertIn(f"pid {first[0]}) died, signal 9 (SIGKILL)", server.log())
+        self.assertIn(f"pid {first[0]}) died: signal 9 (SIGKILL)", server.log())
         for _ in range(10):
             with server.connect() as s:
                 self.assertEqual(echoRoundTrip(s, b"still here"), b"still here")

@@ -1,0 +1,168 @@
+"""
+Build and drive C{echoload}, the benchmark's C load generator.
+
+The client is in C because a Python client would be the bottleneck long
+before the servers are: one Twisted worker answers tens of thousands of
+echoes a second.  It is built with the system C compiler on first use, so
+the benchmark needs no Makefile and no build step of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SOURCE = HERE / "loadgen" / "echoload.c"
+BUILD = HERE / "build"
+BINARY = BUILD / "echoload"
+CFLAGS = ["-O2", "-pthread"]
+
+
+class LoadgenError(Exception):
+    """
+    The load generator could not be built, or a run of it failed.
+    """
+
+
+def compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise LoadgenError("no C compiler: install cc/gcc or set CC")
+    return cc
+
+
+def build() -> Path:
+    """
+    Compile C{echoload} unless the binary is newer than its source.
+    """
+    if BINARY.exists() and BINARY.stat().st_mtime >= SOURCE.stat().st_mtime:
+        return BINARY
+    BUILD.mkdir(parents=True, exist_ok=True)
+    command = [compiler(), *CFLAGS, "-o", str(BINARY), str(SOURCE)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise LoadgenError(f"{' '.join(command)} failed:\n{done.stderr}")
+    return BINARY
+
+
+def compilerVersion() -> str:
+    done = subprocess.run([compiler(), "--version"], capture_output=True, text=True, check=False)
+    return done.stdout.splitlines()[0] if done.stdout else "unknown"
+
+
+@dataclass(frozen=True)
+class Load:
+    """
+    One run of the load generator; see the usage text in echoload.c.
+    """
+
+    mode: str
+    port: int
+    connections: int
+    threads: int
+    duration: float
+    warmup: float = 0.0
+    size: int | None = None
+    sources: int = 16
+    host: str = "127.0.0.1"
+
+    def command(self) -> list[str]:
+        args = [str(BINARY), "-m", self.mode, "-c", str(self.connections),
+                "-t", str(self.threads), "-d", str(self.duration), "-w", str(self.warmup),
+                "-a", str(self.sources)]  # fmt: skip
+        if self.size is not None:
+            args += ["-s", str(self.size)]
+        return [*args, f"{self.host}:{self.port}"]
+
+    @property
+    def timeout(self) -> float:
+        """
+        The longest a run may take: measured time plus generous slack for
+        connecting and for a server that stalls.
+        """
+        return self.warmup + self.duration + 30.0
+
+
+def _pinned(cpus: set[int]) -> Any:
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
+def _parse(stdout: str, load: Load) -> dict[str, Any]:
+    try:
+        result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError) as e:
+        raise LoadgenError(f"{' '.join(load.command())}: no JSON in {stdout!r}") from e
+    return result
+
+
+def run(load: Load, cpus: set[int]) -> dict[str, Any]:
+    """
+    Run C{load} on C{cpus} to the end and return its JSON report.
+    """
+    done = subprocess.run(
+        load.command(),
+        capture_output=True,
+        text=True,
+        timeout=load.timeout,
+        check=False,
+        preexec_fn=_pinned(cpus),
+    )
+    if done.returncode not in (0, 1):  # 1: mismatches, reported in the JSON
+        raise LoadgenError(f"{' '.join(load.command())} exited {done.returncode}: {done.stderr}")
+    return _parse(done.stdout, load)
+
+
+class Burst:
+    """
+    A burst run in the background: open the connections, say so on stderr,
+    hold them while the caller inspects the server, then exit.
+    """
+
+    def __init__(self, load: Load, cpus: set[int]) -> None:
+        self.load = load
+        self.process = subprocess.Popen(
+            load.command(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_pinned(cpus),
+        )
+
+    def waitOpen(self) -> int:
+        """
+        Block until every connect has finished; return how many did.
+        """
+        assert self.process.stderr is not None
+        deadline = time.monotonic() + self.load.timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.process.stderr], [], [], 0.1)
+            if ready:
+                line = self.process.stderr.readline()
+                if line.startswith("# open "):
+                    return int(line.split()[2])
+                if not line:
+                    break
+        raise LoadgenError(f"burst never reported its connections: {' '.join(self.load.command())}")
+
+    def finish(self) -> dict[str, Any]:
+        """
+        End the hold now (SIGTERM makes the client report and exit) and
+        return its report; kill the client if it does not exit in time.
+        """
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            stdout, _ = self.process.communicate(timeout=self.load.timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            stdout, _ = self.process.communicate()
+        return _parse(stdout, self.load)

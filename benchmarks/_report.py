@@ -1,0 +1,272 @@
+"""
+Turn results.json into results.md and throughput_vs_workers.png.
+
+The tables put every competitor side by side at each worker count, because
+only ratios taken within one run mean much: absolute rates move from machine
+to machine and from run to run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+RR_TITLES = {
+    "rr-1k": "Request/response, 1 KiB",
+    "rr-16k": "Request/response, 16 KiB",
+    "rr-256k": "Request/response, 256 KiB",
+    "churn": "Connection churn (connect, 64 B echo, close)",
+}
+
+
+def oneLine(record: dict[str, Any]) -> str:
+    """
+    A progress line for the terminal.
+    """
+    if record["workload"] == "burst":
+        return f"burst: per worker {record['per_worker']} max/min {record['max_min_ratio']}"
+    return (
+        f"{record['workload']}: {record['rps']:.0f}/s p99 {record['p99_us'] / 1000:.1f} ms "
+        f"errors {record['errors']} mismatches {record['mismatches']}"
+    )
+
+
+def _kilo(value: float) -> str:
+    return f"{value / 1000:.1f}k" if value >= 1000 else f"{value:.0f}"
+
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+class Results:
+    """
+    Look-ups over the runs of one results.json.
+    """
+
+    def __init__(self, results: dict[str, Any]) -> None:
+        self.raw = results
+        self.runs: list[dict[str, Any]] = results["runs"]
+        self.workers: list[int] = results["settings"]["workers"]
+        seen: dict[str, None] = {}
+        for run in self.runs:
+            seen.setdefault(run["server"], None)
+        self.servers = list(seen)
+
+    def find(self, server: str, workers: int, workload: str) -> dict[str, Any] | None:
+        for run in self.runs:
+            if (run["server"], run["workers"], run["workload"]) == (server, workers, workload):
+                return run
+        return None
+
+    def workloads(self) -> list[str]:
+        return [w for w in self.raw["settings"]["workloads"] if any(
+            r["workload"] == w for r in self.runs)]  # fmt: skip
+
+
+def _header(results: dict[str, Any]) -> list[str]:
+    env = results["environment"]
+    pin = results["pinning"]
+    s = results["settings"]
+    overlap = f" **Sets overlap on CPUs {pin['overlap']}.**" if pin["overlap"] else ""
+    return [
+        "# maccept benchmark",
+        "",
+        f"Command: `{results['command']}`  ",
+        f"Started {results['started']}, took {results.get('elapsed_s', '?')} s.",
+        "",
+        f"- Machine: {env['cpu_model']}, {env['cpu_count']} CPUs "
+        f"(usable {env['usable_cpus']}), {env['machine']}, Linux {env['kernel']}",
+        f"- Software: {env['python_implementation']} {env['python']}, Twisted {env['twisted']}, "
+        f"uvloop {env['uvloop']}, maccept {env['maccept']} at {env['maccept_commit']}"
+        f"{' (with uncommitted changes)' if env['maccept_tree_dirty'] else ''}, {env['cc']}",
+        f"- Pinning: servers on CPUs {pin['server_cpus']}, load generator on CPUs "
+        f"{pin['client_cpus']}, by {pin['method']}.{overlap}",
+        f"- Load: {s['connections']} connections, {s['threads']} client threads, "
+        f"{s['duration']} s measured after {s['warmup']} s warm-up; churn over {s['sources']} "
+        f"source addresses; burst of {s['burst_connections']} connections.",
+        "",
+    ]
+
+
+def _cell(run: dict[str, Any] | None, withBandwidth: bool) -> str:
+    if run is None:
+        return "-"
+    text = _kilo(run["rps"])
+    if withBandwidth:
+        text += f" ({run['mib_s']:.0f} MiB/s)"
+    return text
+
+
+def _scaling(r: Results, server: str, workload: str, workers: int) -> str:
+    one = r.find(server, 1, workload)
+    many = r.find(server, workers, workload)
+    if one is None or many is None or not one["rps"]:
+        return "-"
+    return f"{many['rps'] / (workers * one['rps']):.2f}"
+
+
+def _versus(r: Results, workload: str, workers: int) -> str:
+    mine = r.find("maccept", workers, workload)
+    theirs = r.find("recipe", workers, workload)
+    if mine is None or theirs is None or not theirs["rps"]:
+        return "-"
+    return f"{mine['rps'] / theirs['rps']:.2f}"
+
+
+def _throughputSection(r: Results, workload: str) -> list[str]:
+    many = [w for w in r.workers if w > 1]
+    bandwidth = workload in ("rr-16k", "rr-256k")
+    unit = "requests/s (MiB/s echoed)" if bandwidth else "per second"
+    header = ["server", *[f"{w} w" for w in r.workers], *[f"{w}/({w}x1)" for w in many]]
+    rows = []
+    for server in r.servers:
+        cells = [_cell(r.find(server, w, workload), bandwidth) for w in r.workers]
+        rows.append([server, *cells, *[_scaling(r, server, workload, w) for w in many]])
+    rows.append(["maccept / recipe", *[_versus(r, workload, w) for w in r.workers],
+                 *["" for _ in many]])  # fmt: skip
+    latency = [["server", *[f"{w} w" for w in r.workers]]]
+    for server in r.servers:
+        latency.append([server, *[_latency(r.find(server, w, workload)) for w in r.workers]])
+    return [
+        f"## {RR_TITLES[workload]}: {unit}",
+        "",
+        *_table(header, rows),
+        "",
+        "p50 / p99 / p99.9 latency in ms:",
+        "",
+        *_table(latency[0], latency[1:]),
+        "",
+    ]
+
+
+def _latency(run: dict[str, Any] | None) -> str:
+    if run is None:
+        return "-"
+    return " / ".join(f"{run[k] / 1000:.2f}" for k in ("p50_us", "p99_us", "p999_us"))
+
+
+def _cpuSpread(r: Results, server: str, workers: int) -> str:
+    run = r.find(server, workers, "rr-1k")
+    if run is None or not run.get("worker_cpu_s") or min(run["worker_cpu_s"]) <= 0:
+        return "-"
+    cpu = run["worker_cpu_s"]
+    return f"{max(cpu) / min(cpu):.2f}"
+
+
+def _balanceSection(r: Results, connections: int) -> list[str]:
+    rows = []
+    for server in r.servers:
+        for w in r.workers:
+            run = r.find(server, w, "burst")
+            if run is None:
+                continue
+            ratio = run["max_min_ratio"]
+            rows.append([
+                server,
+                str(w),
+                " / ".join(str(c) for c in run["per_worker"]),
+                "inf (a worker got none)" if ratio is None else f"{ratio:.2f}",
+                f"{run['accept_wait_s']:.2f}",
+                _cpuSpread(r, server, w),
+            ])  # fmt: skip
+    if not rows:
+        return []
+    header = ["server", "workers", "connections per worker", "max/min",
+              "s until all accepted", "rr-1k CPU max/min"]  # fmt: skip
+    return [f"## Accept balance: burst of {connections} long-lived connections", "",
+            *_table(header, rows), ""]  # fmt: skip
+
+
+def _mib(kib: int | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:.1f}"
+
+
+def _footprintSection(results: dict[str, Any]) -> list[str]:
+    footprint = results.get("footprint", {})
+    rows = []
+    for server, f in footprint.items():
+        parent = f.get("parent", {})
+        workers = f.get("workers_mem", [])
+        first = workers[0] if workers else {}
+        startup = f["startup_median_s"]
+        rows.append([
+            server,
+            str(f["workers"]),
+            "-" if startup is None else f"{startup:.2f} ({', '.join(map(str, f['startup_s']))})",
+            f"{_mib(parent.get('rss_kib'))} / {_mib(parent.get('pss_kib'))}",
+            f"{_mib(first.get('rss_kib'))} / {_mib(first.get('pss_kib'))}",
+        ])  # fmt: skip
+    reload = results.get("reload", {})
+    lines = ["## Start-up, idle memory, reload", ""]
+    if rows:
+        header = ["server", "workers", "start-up s, median (all)", "parent RSS / PSS MiB",
+                  "one worker RSS / PSS MiB"]  # fmt: skip
+        lines += [*_table(header, rows), ""]
+    lines += [f"Reload: {reload.get('seconds')} ({reload.get('note', 'not run')}).", ""]
+    return lines
+
+
+def _healthSection(results: dict[str, Any]) -> list[str]:
+    runs = results["runs"]
+    keys = ("errors", "connect_failures", "mismatches")
+    totals = {k: sum(r.get(k, 0) for r in runs) for k in keys}
+    lines = ["## Errors", ""]
+    lines.append(", ".join(f"{k}: {v}" for k, v in totals.items()) + " over all runs.")
+    for r in runs:
+        if any(r.get(k) for k in keys):
+            counts = ", ".join(f"{k} {r[k]}" for k in keys if r.get(k))
+            lines.append(f"- {r['server']} {r['workers']} w {r['workload']}: {counts}")
+    for failure in results.get("failures", []):
+        lines.append(f"- FAILED {failure['server']}: {failure['error'].splitlines()[0]}")
+    return [*lines, ""]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    r = Results(results)
+    lines = _header(results)
+    for workload in r.workloads():
+        if workload in RR_TITLES:
+            lines += _throughputSection(r, workload)
+    lines += _balanceSection(r, results["settings"]["burst_connections"])
+    lines += _footprintSection(results)
+    lines += _healthSection(results)
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path, workload: str = "rr-1k") -> None:
+    """
+    Requests per second against worker count, one line per server.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = Results(results)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for server in r.servers:
+        points = [(w, run["rps"]) for w in r.workers if (run := r.find(server, w, workload))]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            axes.plot(xs, ys, marker="o", label=server)
+    env = results["environment"]
+    pin = results["pinning"]
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(r.workers, [str(w) for w in r.workers])
+    axes.set_xlabel("worker processes")
+    axes.set_ylabel("echo round trips per second")
+    axes.set_ylim(bottom=0)
+    axes.set_title(
+        f"{RR_TITLES[workload]}, {results['settings']['connections']} connections\n"
+        f"{env['cpu_model']}; servers CPUs {pin['server_cpus']}, client CPUs {pin['client_cpus']}",
+        fontsize=9,
+    )
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

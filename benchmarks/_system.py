@@ -1,0 +1,161 @@
+"""
+Where a benchmark ran, and which CPUs the servers and the client get.
+
+Numbers from different machines are not comparable, so every report carries
+the CPU, kernel and software versions, and exactly how processes were pinned.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import _loadgen
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parseCpus(text: str) -> set[int]:
+    """
+    Parse a CPU list as taskset and /sys write them: C{0-3,8,10-11}.
+    """
+    cpus: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    if not cpus:
+        raise ValueError(f"empty CPU list {text!r}")
+    return cpus
+
+
+def formatCpus(cpus: set[int] | list[int]) -> str:
+    """
+    The inverse of L{parseCpus}: C{{0, 1, 2, 5}} becomes C{0-2,5}.
+    """
+    ordered = sorted(cpus)
+    ranges: list[str] = []
+    start = previous = ordered[0]
+    for cpu in [*ordered[1:], None]:
+        if cpu is not None and cpu == previous + 1:
+            previous = cpu
+            continue
+        ranges.append(str(start) if start == previous else f"{start}-{previous}")
+        if cpu is not None:
+            start = previous = cpu
+    return ",".join(ranges)
+
+
+@dataclass(frozen=True)
+class Pinning:
+    """
+    The CPU sets of the servers and of the load generator.
+    """
+
+    server: set[int]
+    client: set[int]
+
+    @classmethod
+    def choose(cls, server: str | None, client: str | None) -> Pinning:
+        """
+        Use the sets asked for, checked against the CPUs this process may
+        use; by default split the usable CPUs in two halves, or share them
+        all when there are fewer than four.
+        """
+        usable = os.sched_getaffinity(0)
+        ordered = sorted(usable)
+        half = len(ordered) // 2
+        if len(ordered) >= 4:
+            defaults = (set(ordered[:half]), set(ordered[half:]))
+        else:
+            defaults = (usable, usable)
+        chosen = cls(
+            parseCpus(server) if server else defaults[0],
+            parseCpus(client) if client else defaults[1],
+        )
+        for name, cpus in (("server", chosen.server), ("client", chosen.client)):
+            if not cpus <= usable:
+                raise ValueError(
+                    f"{name} CPUs {formatCpus(cpus - usable)} are not usable here "
+                    f"(usable: {formatCpus(usable)})"
+                )
+        return chosen
+
+    @property
+    def overlap(self) -> set[int]:
+        return self.server & self.client
+
+    def describe(self) -> dict[str, Any]:
+        overlap = self.overlap
+        if overlap:
+            note = (
+                f"server and client sets overlap on CPUs {formatCpus(overlap)}: "
+                "server and client compete for those cores, so absolute numbers are lower "
+                "and scaling with workers is capped by the client"
+            )
+        else:
+            note = "server and client sets are disjoint"
+        return {
+            "server_cpus": formatCpus(self.server),
+            "client_cpus": formatCpus(self.client),
+            "overlap": formatCpus(overlap) if overlap else None,
+            "method": (
+                "os.sched_setaffinity(0, cpus) in each child between fork and exec "
+                "(subprocess preexec_fn); server workers inherit the parent's set"
+            ),
+            "note": note,
+        }
+
+
+def _cpuModel() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    done = subprocess.run(
+        ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def environment() -> dict[str, Any]:
+    """
+    The machine and software a run used.
+    """
+    dirty = _git("status", "--porcelain", "--", "maccept", "twisted")
+    return {
+        "cpu_model": _cpuModel(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": formatCpus(os.sched_getaffinity(0)),
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "python_implementation": platform.python_implementation(),
+        "twisted": _version("twisted"),
+        "uvloop": _version("uvloop"),
+        "maccept": _version("maccept"),
+        "maccept_commit": _git("rev-parse", "--short", "HEAD"),
+        "maccept_tree_dirty": bool(dirty) if dirty is not None else None,
+        "cc": _loadgen.compilerVersion(),
+    }

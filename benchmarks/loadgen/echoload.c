@@ -1,0 +1,732 @@
+/*
+ * echoload: the load generator of the maccept benchmarks.
+ *
+ * It drives an RFC 862 echo server over loopback TCP from several threads,
+ * each with its own epoll instance and its own share of the connections, and
+ * prints one JSON object on stdout when the run ends.
+ *
+ * Modes:
+ *   rr     request/response: every connection sends SIZE bytes, waits for the
+ *          whole echo, compares every byte with what it sent, and repeats.  The
+ *          payload is a pseudo-random pattern seeded by the connection number
+ *          and the request number, so a server that echoes stale or misrouted
+ *          bytes is caught.
+ *   churn  connection churn: connect, send SIZE bytes (64 by default), read them
+ *          back, close, and start over.  Client sockets are bound to one of
+ *          SOURCES loopback addresses (127.0.0.2, 127.0.0.3, ...) so that the
+ *          client ports left in TIME_WAIT do not cap the rate.
+ *   burst  open CONNECTIONS connections as fast as possible and hold them for
+ *          the duration; the caller counts what the server did with them.  A
+ *          line "# open N" on stderr says when every connect has finished.
+ *
+ * Only requests that complete inside the measured window (after the warm-up)
+ * count towards requests, rps and the latency percentiles.  errors,
+ * connect_failures and mismatches count over the whole run.  The exit status
+ * is 1 when any echo differed from what was sent, 2 on a usage error.
+ * SIGTERM or SIGINT ends a run early; it still reports what it measured.
+ *
+ * Build: cc -O2 -pthread -o echoload echoload.c
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <getopt.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24
+#endif
+
+enum mode { MODE_RR, MODE_CHURN, MODE_BURST };
+
+struct options {
+    enum mode mode;
+    int connections;
+    int threads;
+    size_t size;
+    int sources;
+    double duration;
+    double warmup;
+    struct sockaddr_in target;
+};
+
+/* ---------------------------------------------------------------- clock */
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Set by SIGTERM or SIGINT: end the run early, but still report. */
+static volatile sig_atomic_t interrupted;
+
+static void on_signal(int signum)
+{
+    (void)signum;
+    interrupted = 1;
+}
+
+/* Sleep in short slices so that a signal ends the wait promptly. */
+static void sleep_seconds(double seconds)
+{
+    uint64_t deadline = now_ns() + (uint64_t)(seconds > 0 ? seconds * 1e9 : 0);
+    while (!interrupted) {
+        uint64_t now = now_ns();
+        if (now >= deadline)
+            return;
+        uint64_t slice = deadline - now < 10000000u ? deadline - now : 10000000u;
+        struct timespec ts = {.tv_sec = 0, .tv_nsec = (long)slice};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* ------------------------------------------------------------ histogram */
+
+/*
+ * Latencies in microseconds, in log-linear buckets: values below 2 * SUB are
+ * exact, above that every power of two is split into SUB buckets, so a
+ * percentile is within 1 / SUB (3%) of the true value at any scale.
+ */
+#define SUB_BITS 5
+#define SUB (1 << SUB_BITS)
+#define BUCKETS ((64 - SUB_BITS + 1) * SUB)
+
+struct histogram {
+    uint64_t counts[BUCKETS];
+    uint64_t total;
+};
+
+static int bucket_of(uint64_t value)
+{
+    if (value < SUB)
+        return (int)value;
+    int shift = 63 - __builtin_clzll(value) - SUB_BITS;
+    return (shift + 1) * SUB + (int)((value >> shift) - SUB);
+}
+
+static double bucket_middle(int index)
+{
+    if (index < SUB)
+        return index;
+    int shift = index / SUB - 1;
+    uint64_t low = (uint64_t)(index % SUB + SUB) << shift;
+    return (double)low + (double)((1ull << shift) - 1) / 2.0;
+}
+
+static void histogram_add(struct histogram *h, uint64_t micros)
+{
+    h->counts[bucket_of(micros)]++;
+    h->total++;
+}
+
+static void histogram_merge(struct histogram *into, const struct histogram *from)
+{
+    for (int i = 0; i < BUCKETS; i++)
+        into->counts[i] += from->counts[i];
+    into->total += from->total;
+}
+
+static double histogram_percentile(const struct histogram *h, double fraction)
+{
+    if (h->total == 0)
+        return 0;
+    uint64_t rank = (uint64_t)(fraction * (double)h->total);
+    if (rank >= h->total)
+        rank = h->total - 1;
+    uint64_t seen = 0;
+    for (int i = 0; i < BUCKETS; i++) {
+        seen += h->counts[i];
+        if (seen > rank)
+            return bucket_middle(i);
+    }
+    return bucket_middle(BUCKETS - 1);
+}
+
+/* ------------------------------------------------------------- run state */
+
+/* Written by the main thread, read by the workers without locks. */
+static volatile int measuring;
+static volatile int stopping;
+/* When the threads started, to say when the first error happened. */
+static uint64_t run_started_ns;
+/* Burst mode: connects that have finished, one way or the other. */
+static int settled;
+
+enum conn_state { CONN_IDLE, CONN_CONNECTING, CONN_ACTIVE, CONN_RETRY };
+
+struct worker;
+
+struct conn {
+    struct worker *worker;
+    int fd;
+    uint32_t id;
+    enum conn_state state;
+    uint32_t events;
+    uint64_t sequence;
+    size_t sent;
+    size_t received;
+    bool corrupt;
+    bool counted_settled;
+    uint64_t started_ns;
+    uint64_t retry_at_ns;
+    unsigned char *payload;
+};
+
+struct worker {
+    const struct options *options;
+    pthread_t thread;
+    int epoll_fd;
+    struct conn *conns;
+    int count;
+    int retrying;
+    unsigned char *scratch;
+    size_t scratch_size;
+    struct histogram histogram;
+    uint64_t requests;
+    uint64_t errors;
+    uint64_t connect_failures;
+    uint64_t mismatches;
+    char first_error[96]; /* what broke first, to tell a server bug from a full queue */
+};
+
+#define RETRY_DELAY_NS 10000000u
+#define MAX_EVENTS 256
+
+static void fatal(const char *format, ...)
+{
+    va_list args;
+    va_start(args, format);
+    fputs("echoload: ", stderr);
+    vfprintf(stderr, format, args);
+    fputc('\n', stderr);
+    va_end(args);
+    exit(2);
+}
+
+static void *allocate(size_t size)
+{
+    void *p = calloc(1, size);
+    if (p == NULL)
+        fatal("out of memory");
+    return p;
+}
+
+/* ------------------------------------------------------------- payloads */
+
+static uint64_t splitmix64(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+/* A new pattern for every (connection, request) pair. */
+static void fill_payload(struct conn *c)
+{
+    uint64_t state = ((uint64_t)c->id << 40) ^ c->sequence;
+    size_t size = c->worker->options->size;
+    size_t i = 0;
+    for (; i + 8 <= size; i += 8) {
+        uint64_t word = splitmix64(&state);
+        memcpy(c->payload + i, &word, 8);
+    }
+    uint64_t word = splitmix64(&state);
+    memcpy(c->payload + i, &word, size - i);
+}
+
+/* -------------------------------------------------------- connections */
+
+static void watch(struct conn *c, uint32_t events)
+{
+    if (c->events == events)
+        return;
+    struct epoll_event ev = {.events = events, .data.ptr = c};
+    int op = c->events == 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD;
+    if (epoll_ctl(c->worker->epoll_fd, op, c->fd, &ev) == -1)
+        fatal("epoll_ctl: %s", strerror(errno));
+    c->events = events;
+}
+
+static void close_conn(struct conn *c)
+{
+    if (c->fd >= 0)
+        close(c->fd); /* closing also removes it from the epoll set */
+    c->fd = -1;
+    c->events = 0;
+    c->state = CONN_IDLE;
+}
+
+static void schedule_retry(struct conn *c)
+{
+    close_conn(c);
+    c->state = CONN_RETRY;
+    c->retry_at_ns = now_ns() + RETRY_DELAY_NS;
+    c->worker->retrying++;
+}
+
+static void settle(struct conn *c)
+{
+    if (c->worker->options->mode == MODE_BURST && !c->counted_settled) {
+        c->counted_settled = true;
+        __atomic_add_fetch(&settled, 1, __ATOMIC_RELEASE);
+    }
+}
+
+/* Remember the first thing that went wrong in this thread. */
+static void note_error(struct worker *w, const char *what, int error)
+{
+    if (w->first_error[0] != '\0')
+        return;
+    double at = (double)(now_ns() - run_started_ns) / 1e9;
+    if (error < 0)
+        snprintf(w->first_error, sizeof w->first_error, "%s at %.3f s", what, at);
+    else
+        snprintf(w->first_error, sizeof w->first_error, "%s: %s at %.3f s", what,
+                 error ? strerror(error) : "end of stream", at);
+}
+
+static void connect_failed(struct conn *c, const char *what, int error)
+{
+    note_error(c->worker, what, error);
+    c->worker->connect_failures++;
+    settle(c);
+    if (c->worker->options->mode == MODE_BURST)
+        close_conn(c); /* a burst tries each connection once */
+    else
+        schedule_retry(c);
+}
+
+static void broken(struct conn *c, const char *what, int error)
+{
+    note_error(c->worker, what, error);
+    c->worker->errors++;
+    if (c->worker->options->mode == MODE_BURST)
+        close_conn(c);
+    else
+        schedule_retry(c);
+}
+
+/* Churn spreads the client over SOURCES addresses: 127.0.0.2, .3, ... */
+static int bind_source(int fd, const struct conn *c)
+{
+    const struct options *o = c->worker->options;
+    int one = 1;
+    struct sockaddr_in source = {.sin_family = AF_INET};
+    source.sin_addr.s_addr = htonl(0x7f000002u + c->id % (uint32_t)o->sources);
+    /* Pick the port at connect(), per destination, where TIME_WAIT can be reused. */
+    setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+    return bind(fd, (struct sockaddr *)&source, sizeof source);
+}
+
+static void start_connect(struct conn *c)
+{
+    const struct options *o = c->worker->options;
+    int one = 1;
+    c->started_ns = now_ns();
+    c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (c->fd == -1)
+        fatal("socket: %s", strerror(errno));
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (o->mode == MODE_CHURN && bind_source(c->fd, c) == -1) {
+        connect_failed(c, "bind", errno);
+        return;
+    }
+    if (connect(c->fd, (const struct sockaddr *)&o->target, sizeof o->target) == -1 &&
+        errno != EINPROGRESS) {
+        connect_failed(c, "connect", errno);
+        return;
+    }
+    c->state = CONN_CONNECTING;
+    watch(c, EPOLLOUT);
+}
+
+/* Send what the socket takes; ask for EPOLLOUT only while some is left. */
+static bool pump_send(struct conn *c)
+{
+    size_t size = c->worker->options->size;
+    while (c->sent < size) {
+        ssize_t n = send(c->fd, c->payload + c->sent, size - c->sent, MSG_NOSIGNAL);
+        if (n > 0) {
+            c->sent += (size_t)n;
+        } else if (n == -1 && errno == EINTR) {
+            continue;
+        } else if (n == -1 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            break;
+        } else {
+            broken(c, "send", n == 0 ? 0 : errno);
+            return false;
+        }
+    }
+    watch(c, EPOLLIN | (c->sent < size ? EPOLLOUT : 0));
+    return true;
+}
+
+static void start_request(struct conn *c)
+{
+    c->sequence++;
+    fill_payload(c);
+    c->sent = 0;
+    c->received = 0;
+    c->corrupt = false;
+    if (c->worker->options->mode == MODE_RR)
+        c->started_ns = now_ns(); /* churn times connect + echo */
+    pump_send(c);
+}
+
+static void request_done(struct conn *c)
+{
+    struct worker *w = c->worker;
+    if (c->corrupt)
+        w->mismatches++;
+    if (measuring && !stopping) {
+        w->requests++;
+        histogram_add(&w->histogram, (now_ns() - c->started_ns) / 1000u);
+    }
+    if (w->options->mode == MODE_CHURN) {
+        close_conn(c);
+        start_connect(c);
+    } else {
+        start_request(c);
+    }
+}
+
+static void on_connected(struct conn *c)
+{
+    int error = 0;
+    socklen_t length = sizeof error;
+    if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &error, &length) == -1 || error != 0) {
+        connect_failed(c, "connect", error ? error : errno);
+        return;
+    }
+    c->state = CONN_ACTIVE;
+    if (c->worker->options->mode == MODE_BURST) {
+        settle(c);
+        c->worker->requests++;
+        histogram_add(&c->worker->histogram, (now_ns() - c->started_ns) / 1000u);
+        watch(c, EPOLLIN | EPOLLRDHUP); /* only to notice the server hanging up */
+        return;
+    }
+    start_request(c);
+}
+
+/* Read the echo, comparing every byte with the payload we sent. */
+static void on_readable(struct conn *c)
+{
+    struct worker *w = c->worker;
+    size_t size = w->options->size;
+    for (;;) {
+        size_t want = size - c->received;
+        if (want == 0 || w->options->mode == MODE_BURST)
+            want = w->scratch_size; /* anything here is unexpected */
+        if (want > w->scratch_size)
+            want = w->scratch_size;
+        ssize_t n = recv(c->fd, w->scratch, want, 0);
+        if (n == 0 || (n == -1 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+            broken(c, "recv", n == 0 ? 0 : errno);
+            return;
+        }
+        if (n == -1) {
+            if (errno == EINTR)
+                continue;
+            return;
+        }
+        if (w->options->mode == MODE_BURST || c->received + (size_t)n > c->sent) {
+            /* More than we sent: the echo is out of step with our requests. */
+            w->mismatches++;
+            broken(c, "echo longer than the request", -1);
+            return;
+        }
+        if (memcmp(w->scratch, c->payload + c->received, (size_t)n) != 0)
+            c->corrupt = true;
+        c->received += (size_t)n;
+        if (c->received == size) {
+            request_done(c);
+            if (c->state != CONN_ACTIVE)
+                return;
+        }
+    }
+}
+
+static void on_event(struct conn *c, uint32_t events)
+{
+    if (c->state == CONN_CONNECTING) {
+        on_connected(c);
+        return;
+    }
+    if (c->state != CONN_ACTIVE)
+        return;
+    if (c->worker->options->mode == MODE_BURST) {
+        if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+            on_readable(c);
+        return;
+    }
+    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+        on_readable(c);
+        if (c->state != CONN_ACTIVE)
+            return;
+    }
+    if (events & EPOLLOUT)
+        pump_send(c);
+}
+
+static void run_retries(struct worker *w)
+{
+    uint64_t now = now_ns();
+    for (int i = 0; i < w->count && w->retrying > 0; i++) {
+        struct conn *c = &w->conns[i];
+        if (c->state == CONN_RETRY && c->retry_at_ns <= now) {
+            w->retrying--;
+            c->state = CONN_IDLE;
+            start_connect(c);
+        }
+    }
+}
+
+static void *worker_main(void *arg)
+{
+    struct worker *w = arg;
+    struct epoll_event events[MAX_EVENTS];
+    for (int i = 0; i < w->count; i++)
+        start_connect(&w->conns[i]);
+    while (!stopping) {
+        int n = epoll_wait(w->epoll_fd, events, MAX_EVENTS, 10);
+        if (n == -1 && errno != EINTR)
+            fatal("epoll_wait: %s", strerror(errno));
+        for (int i = 0; i < n && !stopping; i++)
+            on_event(events[i].data.ptr, events[i].events);
+        if (w->retrying > 0)
+            run_retries(w);
+    }
+    for (int i = 0; i < w->count; i++)
+        close_conn(&w->conns[i]);
+    return NULL;
+}
+
+/* --------------------------------------------------------------- setup */
+
+static void setup_workers(struct worker *workers, const struct options *o)
+{
+    size_t scratch = o->size < 65536 ? 65536 : o->size;
+    for (int t = 0; t < o->threads; t++) {
+        struct worker *w = &workers[t];
+        w->options = o;
+        w->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+        if (w->epoll_fd == -1)
+            fatal("epoll_create1: %s", strerror(errno));
+        w->count = o->connections / o->threads + (t < o->connections % o->threads);
+        w->conns = allocate(sizeof(struct conn) * (size_t)(w->count ? w->count : 1));
+        w->scratch_size = scratch;
+        w->scratch = allocate(scratch);
+    }
+    /* Connection i belongs to thread i % threads. */
+    for (int i = 0; i < o->connections; i++) {
+        struct worker *w = &workers[i % o->threads];
+        struct conn *c = &w->conns[i / o->threads];
+        c->worker = w;
+        c->fd = -1;
+        c->id = (uint32_t)i;
+        c->payload = allocate(o->size + 8);
+    }
+}
+
+static void wait_for_burst(const struct options *o, double limit)
+{
+    uint64_t deadline = now_ns() + (uint64_t)(limit * 1e9);
+    while (__atomic_load_n(&settled, __ATOMIC_ACQUIRE) < o->connections && now_ns() < deadline &&
+           !interrupted)
+        sleep_seconds(0.001);
+    fprintf(stderr, "# open %d\n", __atomic_load_n(&settled, __ATOMIC_ACQUIRE));
+    fflush(stderr);
+}
+
+static double run(struct worker *workers, const struct options *o)
+{
+    run_started_ns = now_ns();
+    for (int t = 0; t < o->threads; t++)
+        if (pthread_create(&workers[t].thread, NULL, worker_main, &workers[t]) != 0)
+            fatal("pthread_create failed");
+    uint64_t began = now_ns();
+    if (o->mode == MODE_BURST) {
+        measuring = 1;
+        wait_for_burst(o, o->duration);
+        double spent = (double)(now_ns() - began) / 1e9;
+        sleep_seconds(o->duration - spent);
+        measuring = 0;
+        stopping = 1;
+        for (int t = 0; t < o->threads; t++)
+            pthread_join(workers[t].thread, NULL);
+        return spent > 0 ? spent : 1e-9;
+    }
+    sleep_seconds(o->warmup);
+    uint64_t start = now_ns();
+    measuring = 1;
+    sleep_seconds(o->duration);
+    measuring = 0;
+    uint64_t end = now_ns();
+    stopping = 1;
+    for (int t = 0; t < o->threads; t++)
+        pthread_join(workers[t].thread, NULL);
+    return (double)(end - start) / 1e9;
+}
+
+static const char *mode_name(enum mode mode)
+{
+    return mode == MODE_RR ? "rr" : mode == MODE_CHURN ? "churn" : "burst";
+}
+
+static int report(struct worker *workers, const struct options *o, double seconds)
+{
+    struct histogram *all = allocate(sizeof *all);
+    uint64_t requests = 0, errors = 0, connect_failures = 0, mismatches = 0;
+    const char *first_error = NULL;
+    for (int t = 0; t < o->threads; t++) {
+        if (first_error == NULL && workers[t].first_error[0])
+            first_error = workers[t].first_error;
+        histogram_merge(all, &workers[t].histogram);
+        requests += workers[t].requests;
+        errors += workers[t].errors;
+        connect_failures += workers[t].connect_failures;
+        mismatches += workers[t].mismatches;
+    }
+    double rps = (double)requests / seconds;
+    double mib_s = o->mode == MODE_BURST ? 0 : rps * (double)o->size / 1048576.0;
+    printf("{\"mode\": \"%s\", \"connections\": %d, \"threads\": %d, \"size\": %zu, "
+           "\"seconds\": %.3f, \"requests\": %llu, \"rps\": %.1f, \"mib_s\": %.2f, "
+           "\"p50_us\": %.0f, \"p99_us\": %.0f, \"p999_us\": %.0f, \"errors\": %llu, "
+           "\"connect_failures\": %llu, \"mismatches\": %llu, \"first_error\": %s%s%s}\n",
+           mode_name(o->mode), o->connections, o->threads, o->size, seconds,
+           (unsigned long long)requests, rps, mib_s, histogram_percentile(all, 0.50),
+           histogram_percentile(all, 0.99), histogram_percentile(all, 0.999),
+           (unsigned long long)errors, (unsigned long long)connect_failures,
+           (unsigned long long)mismatches, first_error ? "\"" : "",
+           first_error ? first_error : "null", first_error ? "\"" : "");
+    free(all);
+    return mismatches ? 1 : 0;
+}
+
+/* ------------------------------------------------------------- options */
+
+static void usage(void)
+{
+    fputs("usage: echoload [-m rr|churn|burst] [-c CONNECTIONS] [-t THREADS] [-s SIZE]\n"
+          "                [-d SECONDS] [-w SECONDS] [-a SOURCES] HOST:PORT\n"
+          "  -m, --mode         rr (default), churn or burst\n"
+          "  -c, --connections  concurrent connections (default 256)\n"
+          "  -t, --threads      client threads, each with its own epoll (default 1)\n"
+          "  -s, --size         message size in bytes (default 1024; churn 64)\n"
+          "  -d, --duration     measured seconds; burst: seconds to hold (default 3)\n"
+          "  -w, --warmup       seconds before measuring (default 1; not in burst)\n"
+          "  -a, --sources      churn: loopback source addresses 127.0.0.2.. (default 16)\n"
+          "HOST must be an IPv4 loopback address (127.0.0.0/8).\n",
+          stderr);
+    exit(2);
+}
+
+static long parse_number(const char *text, long low, long high)
+{
+    char *end;
+    errno = 0;
+    long value = strtol(text, &end, 10);
+    if (errno || *end || value < low || value > high)
+        fatal("bad number %s (expected %ld..%ld)", text, low, high);
+    return value;
+}
+
+static double parse_seconds(const char *text)
+{
+    char *end;
+    double value = strtod(text, &end);
+    if (*end || value < 0 || value > 3600)
+        fatal("bad duration %s", text);
+    return value;
+}
+
+static void parse_target(const char *text, struct sockaddr_in *target)
+{
+    char host[64];
+    const char *colon = strrchr(text, ':');
+    if (colon == NULL || (size_t)(colon - text) >= sizeof host)
+        fatal("target must be HOST:PORT, not %s", text);
+    memcpy(host, text, (size_t)(colon - text));
+    host[colon - text] = '\0';
+    target->sin_family = AF_INET;
+    target->sin_port = htons((uint16_t)parse_number(colon + 1, 1, 65535));
+    if (inet_pton(AF_INET, host, &target->sin_addr) != 1)
+        fatal("HOST must be an IPv4 address, not %s", host);
+    if ((ntohl(target->sin_addr.s_addr) >> 24) != 127)
+        fatal("refusing to load %s: only loopback (127.0.0.0/8) targets", host);
+}
+
+static void parse_options(int argc, char **argv, struct options *o)
+{
+    static const struct option longs[] = {
+        {"mode", required_argument, NULL, 'm'},     {"connections", required_argument, NULL, 'c'},
+        {"threads", required_argument, NULL, 't'},  {"size", required_argument, NULL, 's'},
+        {"duration", required_argument, NULL, 'd'}, {"warmup", required_argument, NULL, 'w'},
+        {"sources", required_argument, NULL, 'a'},  {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    long size = -1;
+    *o = (struct options){.mode = MODE_RR, .connections = 256, .threads = 1, .sources = 16,
+                          .duration = 3, .warmup = 1};
+    int opt;
+    while ((opt = getopt_long(argc, argv, "m:c:t:s:d:w:a:h", longs, NULL)) != -1) {
+        switch (opt) {
+        case 'm':
+            if (strcmp(optarg, "rr") == 0)
+                o->mode = MODE_RR;
+            else if (strcmp(optarg, "churn") == 0)
+                o->mode = MODE_CHURN;
+            else if (strcmp(optarg, "burst") == 0)
+                o->mode = MODE_BURST;
+            else
+                usage();
+            break;
+        case 'c': o->connections = (int)parse_number(optarg, 1, 100000); break;
+        case 't': o->threads = (int)parse_number(optarg, 1, 1024); break;
+        case 's': size = parse_number(optarg, 1, 64L << 20); break;
+        case 'd': o->duration = parse_seconds(optarg); break;
+        case 'w': o->warmup = parse_seconds(optarg); break;
+        case 'a': o->sources = (int)parse_number(optarg, 1, 250); break;
+        default: usage();
+        }
+    }
+    if (optind != argc - 1)
+        usage();
+    parse_target(argv[optind], &o->target);
+    o->size = (size_t)(size > 0 ? size : o->mode == MODE_CHURN ? 64 : 1024);
+    if (o->threads > o->connections)
+        o->threads = o->connections;
+    if (o->mode == MODE_BURST)
+        o->warmup = 0;
+}
+
+int main(int argc, char **argv)
+{
+    struct options o;
+    parse_options(argc, argv, &o);
+    struct sigaction action = {.sa_handler = on_signal};
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGTERM, &action, NULL);
+    sigaction(SIGINT, &action, NULL);
+    struct worker *workers = allocate(sizeof(struct worker) * (size_t)o.threads);
+    setup_workers(workers, &o);
+    double seconds = run(workers, &o);
+    return report(workers, &o, seconds);
+}

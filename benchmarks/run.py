@@ -1,0 +1,433 @@
+"""
+Measure maccept against the other ways to serve one socket from many processes.
+
+One command runs every competitor (see servers.py) at every worker count
+through every workload, with servers and client pinned to their own CPUs,
+and writes results.json, results.md and throughput_vs_workers.png::
+
+    # 2-core development machine (about 2-3 minutes)
+    .venv/bin/python benchmarks/run.py --quick --out benchmarks/results/dev-2core
+
+    # 16-core machine, full sweep (about 6 minutes)
+    .venv/bin/python benchmarks/run.py --server-cpus 0-7 --client-cpus 8-15 \\
+        --workers 1,2,4,8 --duration 3 --warmup 1 --out benchmarks/results/16core
+
+See benchmarks/README.rst for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import _loadgen
+import _procfs
+import _report
+import _system
+import servers
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Workload:
+    """
+    One kind of load: a load generator mode and message size.
+    """
+
+    name: str
+    mode: str
+    size: int
+    title: str
+
+
+WORKLOADS = {
+    w.name: w
+    for w in (
+        Workload("rr-1k", "rr", 1024, "request/response, 1 KiB"),
+        Workload("rr-16k", "rr", 16 * 1024, "request/response, 16 KiB"),
+        Workload("rr-256k", "rr", 256 * 1024, "request/response, 256 KiB"),
+        Workload("churn", "churn", 64, "connection churn: connect, 64 B echo, close"),
+        Workload("burst", "burst", 0, "burst of long-lived connections: per-worker counts"),
+    )
+}
+
+#: What --quick means: the 2-core development machine, about 2-3 minutes.
+QUICK = {"workers": "1,2", "duration": 2.0, "warmup": 0.5, "startup_runs": 3}
+FULL = {"workers": "1,2,4,8", "duration": 3.0, "warmup": 1.0, "startup_runs": 5}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """
+    Everything a run was asked to do, as recorded in results.json.
+    """
+
+    servers: tuple[str, ...]
+    workers: tuple[int, ...]
+    workloads: tuple[str, ...]
+    duration: float
+    warmup: float
+    connections: int
+    burst_connections: int
+    threads: int
+    sources: int
+    burst_wait: float
+    startup_workers: int
+    startup_runs: int
+    startup_servers: tuple[str, ...]
+    idle_wait: float
+    backlog: int
+
+
+def parseArguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--out", type=Path, required=True, help="directory for results.json/.md/.png")
+    add("--quick", action="store_true", help=f"preset for a 2-core machine: {QUICK}")
+    add("--server-cpus", help="CPU list for the servers, e.g. 0-7 (default: first half)")
+    add("--client-cpus", help="CPU list for the load generator (default: second half)")
+    add("--workers", help=f"worker counts, comma-separated (default {FULL['workers']})")
+    add("--servers", default=",".join(servers.KINDS), help="competitors, comma-separated")
+    add("--workloads", default=",".join(WORKLOADS), help="workloads, comma-separated")
+    add("--duration", type=float, help="measured seconds per run (default 3)")
+    add("--warmup", type=float, help="unmeasured seconds before each run (default 1)")
+    add("--connections", type=int, default=256, help="request/response and churn connections")
+    add("--burst-connections", type=int, default=256, help="connections in the burst")
+    add("--threads", type=int, help="client threads (default: one per client CPU)")
+    add("--sources", type=int, default=64, help="churn: client source addresses 127.0.0.2..")
+    add("--burst-wait", type=float, default=5.0, help="most seconds to wait for accepts")
+    add("--startup-workers", type=int, default=4, help="workers for start-up and idle memory")
+    add("--startup-runs", type=int, help="start-ups to take the median of (default 5)")
+    add("--startup-servers", default="maccept,recipe", help="servers timed at start-up")
+    add("--idle-wait", type=float, default=1.0, help="seconds idle before reading memory")
+    add("--backlog", type=int, default=servers.BACKLOG, help="accept queue of every server")
+    return parser.parse_args(argv)
+
+
+def _names(text: str, known: tuple[str, ...] | list[str], what: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
+    return names
+
+
+def makeSettings(args: argparse.Namespace, pinning: _system.Pinning) -> Settings:
+    """
+    Resolve presets and defaults; arguments given explicitly always win.
+    """
+    preset = QUICK if args.quick else FULL
+
+    def pick(name: str) -> Any:
+        value = getattr(args, name)
+        return preset[name] if value is None else value
+
+    available = servers.available_kinds()
+    wanted = _names(args.servers, servers.KINDS, "server")
+    missing = [k for k in wanted if k not in available]
+    if missing:
+        print(f"skipping {', '.join(missing)}: not importable here", file=sys.stderr)
+    return Settings(
+        servers=tuple(k for k in wanted if k in available),
+        workers=tuple(sorted({int(w) for w in str(pick("workers")).split(",")})),
+        workloads=_names(args.workloads, list(WORKLOADS), "workload"),
+        duration=float(pick("duration")),
+        warmup=float(pick("warmup")),
+        connections=args.connections,
+        burst_connections=args.burst_connections,
+        threads=args.threads or len(pinning.client),
+        sources=args.sources,
+        burst_wait=args.burst_wait,
+        startup_workers=args.startup_workers,
+        startup_runs=int(pick("startup_runs")),
+        startup_servers=_names(args.startup_servers, servers.KINDS, "server"),
+        idle_wait=args.idle_wait,
+        backlog=args.backlog,
+    )
+
+
+def competitors(settings: Settings) -> list[tuple[str, int]]:
+    """
+    (server, workers) pairs to measure: the single-process server once, at
+    one worker, and every other server at every count.
+    """
+    pairs = []
+    for workers in settings.workers:
+        for kind in settings.servers:
+            if kind not in servers.SINGLE_PROCESS:
+                pairs.append((kind, workers))
+            elif workers == settings.workers[0]:
+                pairs.append((kind, 1))
+    return pairs
+
+
+class Bench:
+    """
+    One benchmark run: owns the settings, the pinning and the results, and
+    writes results.json after every server so that an interrupted run
+    still leaves what it measured.
+    """
+
+    def __init__(self, settings: Settings, pinning: _system.Pinning, out: Path) -> None:
+        self.settings = settings
+        self.pinning = pinning
+        self.out = out
+        self.results: dict[str, Any] = {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "environment": _system.environment(),
+            "pinning": pinning.describe(),
+            "settings": asdict(settings),
+            "runs": [],
+            "failures": [],
+            "servers": {},
+        }
+
+    # -- running servers
+
+    def serve(self, kind: str, workers: int, label: str = "") -> servers.RunningServer:
+        spec = servers.ServerSpec(kind, workers, servers.freePort(), self.settings.backlog)
+        log = self.out / "raw" / f"{kind}-{workers}{label}.log"
+        return servers.RunningServer(spec, self.pinning.server, log)
+
+    def measureServer(self, kind: str, workers: int) -> None:
+        """
+        Start one server, put every workload through it, stop it.
+        """
+        print(f"== {kind}, {workers} worker(s)", file=sys.stderr, flush=True)
+        server = self.serve(kind, workers)
+        try:
+            server.start()
+            self._describeServer(server)
+            for name in self.settings.workloads:
+                self._measureWorkload(server, WORKLOADS[name])
+        except (servers.ServerError, _loadgen.LoadgenError, subprocess.SubprocessError) as e:
+            self.results["failures"].append({"server": kind, "workers": workers, "error": str(e)})
+            print(f"   FAILED: {e}", file=sys.stderr)
+        finally:
+            server.stop()
+        self.save()
+
+    def _describeServer(self, server: servers.RunningServer) -> None:
+        pids = server.workerPids()
+        key = f"{server.spec.kind}-{server.spec.processes}"
+        self.results["servers"][key] = {
+            "command": " ".join(server.spec.command()),
+            "ready_s": round(server.readyAfter, 3),
+            "worker_pids": pids,
+            "worker_affinity": [_system.formatCpus(_procfs.affinity(p)) for p in pids],
+        }
+
+    def _measureWorkload(self, server: servers.RunningServer, workload: Workload) -> None:
+        if workload.mode == "burst":
+            if server.spec.processes < 2 or server.spec.kind in servers.SINGLE_PROCESS:
+                return  # one process: nothing to balance
+            record = self.measureBurst(server)
+        else:
+            record = self.measureLoad(server, workload)
+        record = {"server": server.spec.kind, "workers": server.spec.processes,
+                  "workload": workload.name, **record}  # fmt: skip
+        self.results["runs"].append(record)
+        print(f"   {_report.oneLine(record)}", file=sys.stderr, flush=True)
+
+    def measureLoad(self, server: servers.RunningServer, workload: Workload) -> dict[str, Any]:
+        """
+        One timed run; also the CPU time each worker spent during it, which
+        shows how evenly the kernel spread the work under steady load, and
+        the parent's.
+        """
+        s = self.settings
+        pids = server.workerPids()
+        before = [_procfs.cpuSeconds(p) for p in pids]
+        load = _loadgen.Load(
+            mode=workload.mode,
+            port=server.spec.port,
+            connections=s.connections,
+            threads=s.threads,
+            duration=s.duration,
+            warmup=s.warmup,
+            size=workload.size,
+            sources=s.sources,
+        )
+        parentBefore = _procfs.cpuSeconds(server.pid)
+        result = _loadgen.run(load, self.pinning.client)
+        spent = [_procfs.cpuSeconds(p) - b for p, b in zip(pids, before, strict=True)]
+        record = {**result, "worker_cpu_s": [round(x, 2) for x in spent]}
+        if server.pid not in pids:
+            # A supervising parent should cost nothing while workers serve.
+            record["parent_cpu_s"] = round(_procfs.cpuSeconds(server.pid) - parentBefore, 2)
+        return record
+
+    def measureBurst(self, server: servers.RunningServer) -> dict[str, Any]:
+        """
+        Open the burst, wait until the workers have accepted all of it,
+        and count each worker's connections from /proc.
+        """
+        s = self.settings
+        load = _loadgen.Load(
+            mode="burst",
+            port=server.spec.port,
+            connections=s.burst_connections,
+            threads=s.threads,
+            duration=s.burst_wait + 5,
+        )
+        pids = server.workerPids()
+        burst = _loadgen.Burst(load, self.pinning.client)
+        try:
+            opened = burst.waitOpen()
+            counts, waited = waitForAccepts(server.spec.port, pids, opened, s.burst_wait)
+        finally:
+            result = burst.finish()
+        return {
+            **result,
+            "opened": opened,
+            "accept_wait_s": round(waited, 3),
+            "per_worker": counts,
+            "max_min_ratio": _ratio(counts),
+        }
+
+    # -- start-up and idle footprint
+
+    def measureFootprint(self, kind: str) -> None:
+        """
+        Time start-ups until every worker accepts, and read the idle memory
+        of the parent and of the workers once.
+        """
+        s = self.settings
+        print(f"== start-up and idle memory: {kind}, {s.startup_workers} workers", file=sys.stderr)
+        times: list[float] = []
+        memory: dict[str, Any] = {}
+        for attempt in range(s.startup_runs):
+            server = self.serve(kind, s.startup_workers, f"-startup{attempt}")
+            try:
+                server.start()
+                times.append(server.readyAfter)
+                if attempt == 0:
+                    time.sleep(s.idle_wait)
+                    memory = idleMemory(server)
+            except servers.ServerError as e:
+                self.results["failures"].append({"server": kind, "startup": True, "error": str(e)})
+            finally:
+                server.stop()
+        self.results.setdefault("footprint", {})[kind] = {
+            "workers": s.startup_workers,
+            "startup_s": [round(t, 3) for t in times],
+            "startup_median_s": round(statistics.median(times), 3) if times else None,
+            **memory,
+        }
+        self.save()
+
+    def measureReload(self) -> None:
+        self.results["reload"] = reloadSupport()
+
+    # -- output
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "results.json").write_text(json.dumps(self.results, indent=2) + "\n")
+
+    def finish(self) -> None:
+        self.results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.save()
+        (self.out / "results.md").write_text(_report.markdown(self.results))
+        _report.plot(self.results, self.out / "throughput_vs_workers.png")
+
+
+def _ratio(counts: list[int]) -> float | None:
+    """
+    max/min of the per-worker counts; None when a worker got nothing.
+    """
+    if not counts or min(counts) == 0:
+        return None
+    return round(max(counts) / min(counts), 2)
+
+
+def waitForAccepts(
+    port: int, pids: list[int], expected: int, limit: float
+) -> tuple[list[int], float]:
+    """
+    Poll /proc until the workers hold C{expected} connections between them
+    (a connection the client sees as open may still sit in the accept
+    queue) or C{limit} seconds pass.
+    """
+    began = time.monotonic()
+    counts = _procfs.connectionsPerProcess(port, pids)
+    while sum(counts) < expected and time.monotonic() - began < limit:
+        time.sleep(0.02)
+        counts = _procfs.connectionsPerProcess(port, pids)
+    return counts, time.monotonic() - began
+
+
+def idleMemory(server: servers.RunningServer) -> dict[str, Any]:
+    """
+    RSS and PSS of the parent and of each worker, in KiB.
+    """
+    workers = [_procfs.memory(p) for p in server.workerPids()]
+    rss = [w["rss_kib"] for w in workers if w["rss_kib"] is not None]
+    return {
+        "parent": _procfs.memory(server.pid),
+        "workers_mem": workers,
+        "worker_rss_median_kib": int(statistics.median(rss)) if rss else None,
+    }
+
+
+def reloadSupport() -> dict[str, Any]:
+    """
+    maccept has no reload command yet: say so rather than time something
+    else.  The help text is checked so the note goes stale visibly.
+    """
+    twistd = str(Path(sys.executable).with_name("twistd"))
+    done = subprocess.run(
+        [twistd, "maccept", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    mentions = "reload" in done.stdout.lower() or "sighup" in done.stdout.lower()
+    note = (
+        "`twistd maccept --help` mentions reload, but this harness does not measure it yet"
+        if mentions
+        else "not measured: `twistd maccept --help` offers no reload yet"
+    )
+    return {"seconds": None, "note": note}
+
+
+def runAll(bench: Bench) -> None:
+    s = bench.settings
+    for kind, workers in competitors(s):
+        bench.measureServer(kind, workers)
+    for kind in s.startup_servers:
+        if kind in s.servers:
+            bench.measureFootprint(kind)
+    bench.measureReload()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parseArguments(argv)
+    try:
+        pinning = _system.Pinning.choose(args.server_cpus, args.client_cpus)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    _loadgen.build()
+    settings = makeSettings(args, pinning)
+    bench = Bench(settings, pinning, args.out)
+    began = time.monotonic()
+    try:
+        runAll(bench)
+    finally:
+        bench.results["elapsed_s"] = round(time.monotonic() - began, 1)
+        bench.save()
+    bench.finish()
+    print(f"done in {bench.results['elapsed_s']:.0f}s: {args.out}/results.md", file=sys.stderr)
+    return 1 if bench.results["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""
+The echo servers the benchmark compares, and how to start and stop them.
+
+Every competitor serves RFC 862 echo on one loopback TCP socket with the same
+accept backlog (by default L{BACKLOG}, Twisted's default, which is also what
+C{twistd maccept --listen tcp:...} gets), from a chosen number of processes:
+
+    - C{maccept}: C{twistd -n maccept --workers N}.
+    - C{twisted}: one process, C{reactor.listenTCP}; the baseline every
+      multi-process Twisted server has to beat.
+    - C{recipe}: the naive Twisted recipe.  The parent listens, stops reading
+      the port, and spawns N processes that C{adoptStreamPort} the inherited
+      descriptor.  No balancing, no supervision.
+    - C{asyncio} and C{uvloop}: the parent makes the socket and forks N
+      children that each serve it with their own event loop.
+
+Run one by hand with C{python benchmarks/servers.py KIND --port P --processes
+N}; the harness uses L{ServerSpec} and L{RunningServer}.  Each Python serving
+process prints C{READY <pid>} once it accepts, so the harness knows when to
+start the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import _procfs
+
+#: Default accept queue length for every competitor: Twisted's C{listenTCP}
+#: default, which maccept's C{tcp:} endpoint also uses.
+BACKLOG = 50
+HOST = "127.0.0.1"
+KINDS = ("maccept", "twisted", "recipe", "asyncio", "uvloop")
+#: Kinds that serve from a single process whatever the worker count.
+SINGLE_PROCESS = ("twisted",)
+READY = "READY"
+
+
+def available_kinds() -> tuple[str, ...]:
+    """
+    The kinds this interpreter can run: uvloop only when it is importable.
+    """
+    return tuple(k for k in KINDS if k != "uvloop" or importlib.util.find_spec("uvloop"))
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """
+    One competitor at one process count, on one port.
+    """
+
+    kind: str
+    processes: int
+    port: int
+    backlog: int = BACKLOG
+
+    def command(self) -> list[str]:
+        """
+        The command line that runs this server in the foreground.
+        """
+        if self.kind == "maccept":
+            twistd = str(Path(sys.executable).with_name("twistd"))
+            listen = f"tcp:{self.port}:interface={HOST}"
+            if self.backlog != BACKLOG:
+                listen += f":backlog={self.backlog}"
+            return [twistd, "-n", "--pidfile=", "maccept", "--workers", str(self.processes),
+                    "--listen", listen]  # fmt: skip
+        return [sys.executable, "-u", __file__, self.kind, "--port", str(self.port),
+                "--processes", str(self.processes), "--backlog", str(self.backlog)]  # fmt: skip
+
+    def isReady(self, log: str) -> bool:
+        """
+        Whether the server's output so far says that every worker accepts.
+        """
+        if self.kind == "maccept":
+            return f"all {self.processes} workers ready on" in log
+        return log.count(f"{READY} ") >= self.processes
+
+    def workerPids(self, parent: int) -> list[int]:
+        """
+        The processes that accept connections: the parent's children, or the
+        parent itself for a single-process server.
+        """
+        if self.kind in SINGLE_PROCESS:
+            return [parent]
+        children = _procfs.children(parent)
+        if self.kind == "maccept":
+            children = [p for p in children if "maccept._worker" in _procfs.cmdline(p)]
+        return sorted(children)
+
+
+class ServerError(Exception):
+    """
+    A server exited or did not become ready; the message holds its log tail.
+    """
+
+
+class RunningServer:
+    """
+    A server started in its own process group, pinned to C{cpus}.
+
+    Stopped by its pid with SIGTERM; anything of its process group still
+    alive after C{stopTimeout} seconds is killed by group id, so a benchmark
+    never leaves processes behind.
+    """
+
+    stopTimeout = 15.0
+
+    def __init__(self, spec: ServerSpec, cpus: set[int], logPath: Path) -> None:
+        self.spec = spec
+        self.cpus = cpus
+        self.logPath = logPath
+        self.process: subprocess.Popen[bytes] | None = None
+        self.startedAt = 0.0
+        self.readyAfter = 0.0
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, timeout: float = 60.0) -> None:
+        """
+        Start the server and return once every worker accepts.
+
+        @raise ServerError: if it exits first or takes over C{timeout} s.
+        """
+        self.logPath.parent.mkdir(parents=True, exist_ok=True)
+        cpus = self.cpus
+        with self.logPath.open("wb") as log:
+            self.startedAt = time.monotonic()
+            self.process = subprocess.Popen(
+                self.spec.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+            )
+        self._waitReady(timeout)
+
+    def _waitReady(self, timeout: float) -> None:
+        deadline = self.startedAt + timeout
+        while time.monotonic() < deadline:
+            if self.spec.isReady(self.log()):
+                self.readyAfter = time.monotonic() - self.startedAt
+                return
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerError(f"{self.spec} exited:\n{self.logTail()}")
+            time.sleep(0.005)
+        self.stop()
+        raise ServerError(f"{self.spec} not ready after {timeout:.0f}s:\n{self.logTail()}")
+
+    def log(self) -> str:
+        return self.logPath.read_text(errors="replace")
+
+    def logTail(self, lines: int = 20) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def workerPids(self) -> list[int]:
+        return self.spec.workerPids(self.pid)
+
+    def stop(self) -> None:
+        """
+        SIGTERM the server by pid, wait, then SIGKILL whatever is left of its
+        process group (the group id is the pid we started).
+        """
+        if self.process is None:
+            return
+        group = self.process.pid
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(self.stopTimeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
+                self.process.wait()
+        self._reapGroup(group)
+        self.process = None
+
+    def _reapGroup(self, group: int) -> None:
+        deadline = time.monotonic() + 5
+        while _procfs.groupMembers(group) and time.monotonic() < deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+            time.sleep(0.05)
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def running(spec: ServerSpec, cpus: set[int], logPath: Path) -> Iterator[RunningServer]:
+    """
+    Start C{spec}, yield it once ready, always stop it.
+    """
+    server = RunningServer(spec, cpus, logPath)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def freePort() -> int:
+    """
+    A loopback port nobody listens on right now.
+    """
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+# The servers themselves: run in the subprocesses started above.
+
+
+def _announce() -> None:
+    print(f"{READY} {os.getpid()}", flush=True)
+
+
+def _twistedFactory() -> Any:
+    from twisted.internet.protocol import Factory, Protocol
+
+    class Echo(Protocol):
+        """
+        Echo as a Twisted user would write it: no flow control.
+        """
+
+        def dataReceived(self, data: bytes) -> None:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    factory = Factory.forProtocol(Echo)
+    factory.noisy = False
+    return factory
+
+
+def serveTwisted(port: int, processes: int, backlog: int) -> None:
+    """
+    One process, C{listenTCP}: the baseline.
+    """
+    from twisted.internet import reactor
+
+    if processes != 1:
+        raise SystemExit("twisted serves from one process only")
+    reactor.listenTCP(port, _twistedFactory(), backlog=backlog, interface=HOST)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(_announce)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+
+
+def serveRecipe(port: int, processes: int, backlog: int) -> None:
+    """
+    The parent of the naive recipe: listen, stop reading, spawn workers that
+    adopt the descriptor; on shutdown, SIGTERM them.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.protocol import ProcessProtocol
+
+    listening = reactor.listenTCP(port, _twistedFactory(), backlog=backlog, interface=HOST)  # type: ignore[attr-defined]
+    listening.stopReading()
+    fd = listening.fileno()
+    children = []
+    for _ in range(processes):
+        children.append(
+            reactor.spawnProcess(  # type: ignore[attr-defined]
+                ProcessProtocol(),
+                sys.executable,
+                [sys.executable, "-u", __file__, "recipe-worker", "--fd", str(fd)],
+                env=os.environ.copy(),
+                childFDs={0: 0, 1: 1, 2: 2, fd: fd},
+            )
+        )
+
+    def stopChildren() -> None:
+        for child in children:
+            with contextlib.suppress(Exception):
+                child.signalProcess("TERM")
+
+    reactor.addSystemEventTrigger("before", "shutdown", stopChildren)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+
+
+def serveRecipeWorker(fd: int) -> None:
+    """
+    A worker of the naive recipe: adopt the inherited listening socket.
+    """
+    from twisted.internet import reactor
+
+    reactor.adoptStreamPort(fd, socket.AF_INET, _twistedFactory())  # type: ignore[attr-defined]
+    os.close(fd)
+    reactor.callWhenRunning(_announce)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+
+
+class _AsyncioEcho(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+def _serveLoop(loop: asyncio.AbstractEventLoop, listening: socket.socket, backlog: int) -> None:
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(loop.create_server(_AsyncioEcho, sock=listening, backlog=backlog))
+    loop.add_signal_handler(signal.SIGTERM, loop.stop)
+    _announce()
+    loop.run_forever()
+
+
+def _loopFactory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def serveForked(kind: str, port: int, processes: int, backlog: int) -> None:
+    """
+    Make the socket, fork C{processes} children that serve it with an
+    asyncio (or uvloop) loop each, and wait; SIGTERM is passed on.
+    """
+    newLoop = _loopFactory(kind)
+    listening = socket.create_server((HOST, port), backlog=backlog)
+    listening.setblocking(False)
+    children = []
+    for _ in range(processes):
+        pid = os.fork()
+        if pid == 0:
+            _serveLoop(newLoop(), listening, backlog)
+            os._exit(0)
+        children.append(pid)
+    listening.close()
+
+    def forward(signum: int, frame: Any) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for child in children:
+        os.waitpid(child, 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run one benchmark echo server.")
+    parser.add_argument("kind", choices=[*KINDS, "recipe-worker"])
+    parser.add_argument("--port", type=int, default=7007)
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--backlog", type=int, default=BACKLOG, help="accept queue length")
+    parser.add_argument("--fd", type=int, help="recipe-worker: the inherited listening socket")
+    args = parser.parse_args(argv)
+    if args.kind == "maccept":
+        spec = ServerSpec("maccept", args.processes, args.port, args.backlog)
+        os.execv(spec.command()[0], spec.command())
+    elif args.kind == "twisted":
+        serveTwisted(args.port, args.processes, args.backlog)
+    elif args.kind == "recipe":
+        serveRecipe(args.port, args.processes, args.backlog)
+    elif args.kind == "recipe-worker":
+        serveRecipeWorker(args.fd)
+    else:
+        serveForked(args.kind, args.port, args.processes, args.backlog)
+
+
+if __name__ == "__main__":
+    main()

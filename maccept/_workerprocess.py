@@ -1,0 +1,213 @@
+# -*- test-case-name: tests.test_pool -*-
+"""
+One worker process as the parent sees it: its state, its output, its
+control channel, and how it ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import error
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from maccept._logforward import LineLogger, reemit, workerSystem
+from maccept._states import WorkerState, nextWorkerState
+from maccept._wire import (
+    Drain,
+    Heartbeat,
+    LogEvent,
+    ReplaceMe,
+    WorkerFailed,
+    WorkerReady,
+)
+
+if TYPE_CHECKING:
+    from maccept._pool import WorkerPool
+
+
+def describeExit(reason: Failure) -> str:
+    """
+    Say how a process ended: C{exit code 3}, C{signal 9 (SIGKILL)}.
+    """
+    value = reason.value
+    if isinstance(value, error.ProcessTerminated) and value.signal is not None:
+        try:
+            name = signal.Signals(value.signal).name
+        except ValueError:
+            name = "unknown"
+        return f"signal {value.signal} ({name})"
+    code = getattr(value, "exitCode", None)
+    return f"exit code {code if code is not None else 0}"
+
+
+class WorkerProcess(ProcessProtocol):
+    """
+    One worker process.
+
+    @ivar stopReason: why the parent asked this worker to go (C{reload},
+        C{scale}, C{recycle}, C{watchdog}, C{stop}), or C{None} while it
+        has not: a worker that exits with no stop reason crashed.
+    @ivar replaces: the worker this one takes over from once ready.
+    """
+
+    log = Logger()
+
+    #: How many of a worker's last stderr lines its death notice repeats.
+    lastWordsKept = 5
+
+    def __init__(self, pool: WorkerPool, number: int, generation: int, startedAt: float) -> None:
+        self.pool = pool
+        self.number = number
+        self.generation = generation
+        self.startedAt = startedAt
+        self.state = WorkerState.STARTING
+        self.pid: int | None = None
+        self.control: amp.AMP | None = None
+        self.failureReason: str | None = None
+        self.exitDescription: str | None = None
+        self.stopReason: str | None = None
+        self.replaces: WorkerProcess | None = None
+        self.lastHeartbeat = startedAt
+        self.declaredHung = False
+        self.accepted = 0
+        self.openConnections = 0
+        self.lastWords: deque[str] = deque(maxlen=self.lastWordsKept)
+        self._killCall: Any = None
+        self._stdout = LineLogger(lambda line: self._emitLine(line, "info"))
+        self._stderr = LineLogger(self._stderrLine)
+
+    def __repr__(self) -> str:
+        return f"<worker {self.number} pid {self.pid} {self.state.value}>"
+
+    @property
+    def system(self) -> str:
+        return workerSystem(self.number, self.pid or 0)
+
+    def handle(self, event: str) -> WorkerState:
+        """
+        Move to the state C{event} leads to (see L{maccept._states}).
+        """
+        self.state = nextWorkerState(self.state, event)
+        return self.state
+
+    # ProcessProtocol
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid  # type: ignore[union-attr]
+        self.transport.closeStdin()  # type: ignore[union-attr]
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == 1:
+            self._stdout.dataReceived(data)
+        elif childFD == 2:
+            self._stderr.dataReceived(data)
+
+    def processEnded(self, reason: Failure) -> None:
+        self._stdout.flush()
+        self._stderr.flush()
+        if self._killCall is not None and self._killCall.active():
+            self._killCall.cancel()
+        self.exitDescription = describeExit(reason)
+        self.handle("exit")
+        self.pool.workerEnded(self)
+
+    def _emitLine(self, line: str, level: str) -> None:
+        getattr(self.log, level)("{line}", line=line, log_system=self.system)
+
+    def _stderrLine(self, line: str) -> None:
+        if line.strip():
+            self.lastWords.append(line)
+        self._emitLine(line, "warn")
+
+    # What the worker tells us.
+
+    def ready(self) -> None:
+        if self.handle("ready") is WorkerState.READY:
+            self.lastHeartbeat = self.pool.reactor.seconds()
+            self.pool.workerReady(self)
+
+    def failed(self, reason: str) -> None:
+        self.failureReason = reason
+
+    def heartbeat(self, accepted: int, openConnections: int) -> None:
+        self.lastHeartbeat = self.pool.reactor.seconds()
+        self.accepted = accepted
+        self.openConnections = openConnections
+
+    def askedToBeReplaced(self, reason: str) -> None:
+        self.pool.replace(self, "recycle", why=reason)
+
+    # What we do to the worker.
+
+    def drain(self, reason: str, timeout: float, killAfter: float) -> None:
+        """
+        Ask the worker to stop accepting and finish within C{timeout}
+        seconds; kill it if it is still alive C{killAfter} seconds later.
+        """
+        if self.state in (WorkerState.DRAINING, WorkerState.STOPPED):
+            return
+        self.stopReason = self.stopReason or reason
+        self.handle("drain")
+        if self.control is not None and self.control.transport is not None:
+            self.control.callRemote(Drain, timeout=timeout).addErrback(lambda _: None)
+        else:
+            self.signal("TERM")
+        self._killCall = self.pool.reactor.callLater(timeout + killAfter, self.signal, "KILL")
+
+    def kill(self, reason: str) -> None:
+        self.stopReason = self.stopReason or reason
+        self.signal("KILL")
+
+    def signal(self, name: str) -> None:
+        """
+        Send signal C{SIG<name>}, if the process is still there.
+        """
+        number = signal.Signals[f"SIG{name}"].value
+        with contextlib.suppress(error.ProcessExitedAlready, AttributeError):
+            self.transport.signalProcess(number)  # type: ignore[union-attr]
+
+
+class ParentControl(amp.AMP):
+    """
+    The parent's end of one worker's control channel.
+    """
+
+    def __init__(self, worker: WorkerProcess) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.worker.control = self
+
+    @WorkerReady.responder
+    def workerReady(self, pid: int) -> dict[str, Any]:
+        self.worker.ready()
+        return {}
+
+    @WorkerFailed.responder
+    def workerFailed(self, reason: str) -> dict[str, Any]:
+        self.worker.failed(reason)
+        return {}
+
+    @Heartbeat.responder
+    def heartbeat(self, accepted: int, open: int) -> dict[str, Any]:
+        self.worker.heartbeat(accepted, open)
+        return {}
+
+    @ReplaceMe.responder
+    def replaceMe(self, reason: str) -> dict[str, Any]:
+        self.worker.askedToBeReplaced(reason)
+        return {}
+
+    @LogEvent.responder
+    def logEvent(self, event: str) -> dict[str, Any]:
+        reemit(event, self.worker.system)
+        return {}

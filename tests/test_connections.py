@@ -1,0 +1,206 @@
+"""
+Counting a worker's connections: the tracker, and ports made to report to
+it, both a fake port and a real TCP port driven by a memory reactor.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import tcp
+from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from maccept._connections import ConnectionTracker, trackConnections
+from tests.fakes import FakeAdoptedPort, FakeServerTransport, WorkerMemoryReactor
+
+
+class TrackerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.tracker = ConnectionTracker()
+        self.idle: list[str] = []
+
+    def test_counts(self) -> None:
+        """
+        Opened connections are open until closed; C{accepted} counts every
+        connection ever opened.
+        """
+        a, b = FakeServerTransport(), FakeServerTransport()
+        self.tracker.opened(a)  # type: ignore[arg-type]
+        self.tracker.opened(b)  # type: ignore[arg-type]
+        self.tracker.closed(a)  # type: ignore[arg-type]
+        self.assertEqual(self.tracker.open, {b})
+        self.assertEqual(self.tracker.accepted, 2)
+
+    def test_whenIdleAtOnce(self) -> None:
+        """
+        With nothing open, C{whenIdle} calls back at once.
+        """
+        self.tracker.whenIdle(lambda: self.idle.append("idle"))
+        self.assertEqual(self.idle, ["idle"])
+
+    def test_whenIdleWaitsForLast(self) -> None:
+        """
+        With connections open, every waiter is called once, when the last
+        one closes, and not again on a later idle moment.
+        """
+        a, b = FakeServerTransport(), FakeServerTransport()
+        self.tracker.opened(a)  # type: ignore[arg-type]
+        self.tracker.opened(b)  # type: ignore[arg-type]
+        self.tracker.whenIdle(lambda: self.idle.append("first"))
+        self.tracker.whenIdle(lambda: self.idle.append("second"))
+        self.tracker.closed(a)  # type: ignore[arg-type]
+        self.assertEqual(self.idle, [])
+        self.tracker.closed(b)  # type: ignore[arg-type]
+        self.assertEqual(self.idle, ["first", "second"])
+        self.tracker.opened(a)  # type: ignore[arg-type]
+        self.tracker.closed(a)  # type: ignore[arg-type]
+        self.assertEqual(self.idle, ["first", "second"])
+
+    def test_closeUnknown(self) -> None:
+        """
+        Closing a connection that is not open changes no count.
+        """
+        a = FakeServerTransport()
+        self.tracker.opened(a)  # type: ignore[arg-type]
+        self.tracker.closed(FakeServerTransport())  # type: ignore[arg-type]
+        self.assertEqual(self.tracker.open, {a})
+
+    def test_closeAll(self) -> None:
+        """
+        C{closeAll} aborts every open connection (and only those).
+        """
+        a, b, gone = FakeServerTransport(), FakeServerTransport(), FakeServerTransport()
+        for transport in (a, b, gone):
+            self.tracker.opened(transport)  # type: ignore[arg-type]
+        self.tracker.closed(gone)  # type: ignore[arg-type]
+        self.tracker.closeAll()
+        self.assertEqual((a.aborted, b.aborted, gone.aborted), (True, True, False))
+
+    def test_onChange(self) -> None:
+        """
+        An C{onChange} callback hears the open count after every change.
+        """
+        counts: list[int] = []
+        tracker = ConnectionTracker(onChange=counts.append)
+        a, b = FakeServerTransport(), FakeServerTransport()
+        tracker.opened(a)  # type: ignore[arg-type]
+        tracker.opened(b)  # type: ignore[arg-type]
+        tracker.closed(a)  # type: ignore[arg-type]
+        tracker.closed(b)  # type: ignore[arg-type]
+        self.assertEqual(counts, [1, 2, 1, 0])
+
+
+class FakePortTests(SynchronousTestCase):
+    def test_constructedTransportsReport(self) -> None:
+        """
+        A tracked port's transports report to the tracker when built and
+        when lost, and still do what their own class does.
+        """
+        tracker = ConnectionTracker()
+        port = FakeAdoptedPort(7, socket.AF_INET, Factory())
+        trackConnections(port, tracker)  # type: ignore[arg-type]
+        transport = port.transport("sock", "protocol")
+        self.assertIsInstance(transport, FakeServerTransport)
+        self.assertEqual(transport.args, ("sock", "protocol"))
+        self.assertEqual(tracker.open, {transport})
+        reason = Failure(ConnectionDone())
+        transport.connectionLost(reason)
+        self.assertEqual(tracker.open, set())
+        self.assertIs(transport.lostReason, reason)
+
+    def test_classUntouched(self) -> None:
+        """
+        Only the given port is changed: its class, and other ports of it,
+        build untracked transports.
+        """
+        tracker = ConnectionTracker()
+        tracked = FakeAdoptedPort(7, socket.AF_INET, Factory())
+        other = FakeAdoptedPort(8, socket.AF_INET, Factory())
+        trackConnections(tracked, tracker)  # type: ignore[arg-type]
+        self.assertIs(FakeAdoptedPort.transport, FakeServerTransport)
+        other.accept()
+        self.assertEqual(tracker.accepted, 0)
+        self.assertEqual(tracked.transport.__name__, "TrackedFakeServerTransport")
+
+
+class Recorder(Protocol):
+    def __init__(self) -> None:
+        self.lost: list[Failure] = []
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.lost.append(reason)
+
+
+class RealPortTests(SynchronousTestCase):
+    """
+    A real C{tcp.Port} listening on loopback, with a memory reactor: the
+    test plays the reactor's part by calling C{doRead} and advancing time.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = WorkerMemoryReactor()
+        self.protocols: list[Recorder] = []
+
+        def recorder() -> Recorder:
+            self.protocols.append(Recorder())
+            return self.protocols[-1]
+
+        factory = Factory.forProtocol(recorder)
+        factory.noisy = False
+        self.port = tcp.Port(0, factory, interface="127.0.0.1", reactor=self.reactor)
+        self.port.startListening()
+        self.addCleanup(self.stopListening)
+        self.tracker = ConnectionTracker()
+        trackConnections(self.port, self.tracker)
+
+    def stopListening(self) -> None:
+        self.port.stopListening()
+        self.reactor.advance(0)
+
+    def connectClient(self) -> socket.socket:
+        client = socket.create_connection(("127.0.0.1", self.port.getHost().port))
+        self.addCleanup(client.close)
+        return client
+
+    def test_acceptedConnectionsReport(self) -> None:
+        """
+        Connections the port accepts are open in the tracker, through the
+        port's own transport class.
+        """
+        self.connectClient()
+        self.connectClient()
+        self.port.doRead()
+        self.assertEqual(self.tracker.accepted, 2)
+        self.assertEqual(len(self.tracker.open), 2)
+        for transport in self.tracker.open:
+            self.assertIsInstance(transport, tcp.Server)
+        self.assertIs(tcp.Port.transport, tcp.Server)
+
+    def test_closeAllClosesRealConnections(self) -> None:
+        """
+        C{closeAll} aborts real connections: once the reactor delivers the
+        loss, the tracker is idle, the protocols heard it, and the clients
+        see the connection closed.
+        """
+        clients = [self.connectClient(), self.connectClient()]
+        self.port.doRead()
+        idle: list[bool] = []
+        self.tracker.whenIdle(lambda: idle.append(True))
+        self.tracker.closeAll()
+        self.reactor.advance(0)
+        self.assertEqual(self.tracker.open, set())
+        self.assertEqual(idle, [True])
+        self.assertEqual(len(self.protocols), 2)
+        for protocol in self.protocols:
+            [reason] = protocol.lost
+            self.assertTrue(reason.check(ConnectionAborted))
+        for client in clients:
+            client.settimeout(5)
+            try:
+                data = client.recv(1)
+            except ConnectionResetError:
+                data = b""
+            self.assertEqual(data, b"")

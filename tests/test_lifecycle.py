@@ -1,0 +1,251 @@
+"""
+The production lifecycle with real processes: graceful stop, reload under
+load, scaling, the watchdog, recycling and crash loops.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.load import Churn, Stream
+from tests.server import MacceptServer, alive, runMaccept, waitFor
+
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+
+
+class LifecycleTests(SynchronousTestCase):
+    def start(self, *args: str) -> MacceptServer:
+        server = MacceptServer(["--listen", LOOPBACK, *args])
+        self.addCleanup(server.cleanup)
+        return server.waitReady()
+
+    def test_gracefulStop(self) -> None:
+        """
+        After SIGTERM an open connection keeps echoing while new connections
+        are refused; once the client closes, the parent exits 0 and no
+        worker is left.
+        """
+        server = self.start("--workers", "2")
+        workers = server.workers()
+        client = server.connect()
+        client.sendall(b"before")
+        self.assertEqual(client.recv(6), b"before")
+        os.kill(server.pid, signal.SIGTERM)
+        waitFor(lambda: "draining" in server.log(), what="the drain")
+
+        def refused() -> bool:
+            try:
+                server.connect().close()
+            except ConnectionRefusedError:
+                return True
+            return False
+
+        waitFor(refused, what="new connections to be refused")
+        for _ in range(5):
+            client.sendall(b"during")
+            self.assertEqual(client.recv(6), b"during")
+        self.assertIsNone(server.process.poll())
+        client.close()
+        self.assertEqual(server.process.wait(30), 0)
+        waitFor(lambda: not any(alive(pid) for pid in workers), 10, "the workers to exit")
+
+    def test_secondSignalStopsAtOnce(self) -> None:
+        """
+        A second SIGTERM does not wait for open connections.
+        """
+        server = self.start("--workers", "1")
+        client = server.connect()
+        self.addCleanup(client.close)
+        os.kill(server.pid, signal.SIGTERM)
+        waitFor(lambda: "draining" in server.log(), what="the drain")
+        os.kill(server.pid, signal.SIGTERM)
+        self.assertEqual(server.process.wait(30), 0)
+        self.assertEqual(client.recv(10), b"")
+
+    def test_reloadUnderLoadLosesNothing(self) -> None:
+        """
+        SIGHUP replaces every worker while clients keep connecting and
+        long-lived connections keep streaming: no connection is refused or
+        reset and no byte is altered.
+        """
+        server = self.start("--workers", "2")
+        old = server.workers()
+        loads = [Churn("127.0.0.1", server.port) for _ in range(3)]
+        loads += [Stream("127.0.0.1", server.port) for _ in range(4)]
+        for load in loads:
+            load.start()
+        try:
+            waitFor(lambda: all(load.ok > 5 for load in loads), what="the load to run")
+            os.kill(server.pid, signal.SIGHUP)
+            waitFor(lambda: "generation 2 ready" in server.log(), what="the new generation")
+            before = sum(load.ok for load in loads)
+            waitFor(lambda: sum(load.ok for load in loads) > before + 200, what="more traffic")
+        finally:
+            for load in loads:
+                load.stop()
+        errors = [e for load in loads for e in load.errors]
+        self.assertEqual(errors, [])
+        waitFor(lambda: not any(alive(pid) for pid in old), what="the old workers to exit")
+        new = server.workers()
+        self.assertEqual(len(new), 2)
+        self.assertFalse(set(new) & set(old))
+        self.assertIn("left (reload)", server.log())
+
+    def test_failedReloadKeepsOldWorkers(self) -> None:
+        """
+        A new generation that cannot start is abandoned; the old workers
+        keep serving.
+        """
+        marker = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"maccept-break-{os.getpid()}")
+        server = MacceptServer(
+            ["--listen", LOOPBACK, "--workers", "2",
+             "--protocol", "tests.sample_protocols:breakableEcho"],
+            env={"MACCEPT_TEST_BREAK": marker},
+        )
+        self.addCleanup(server.cleanup)
+        server.waitReady()
+        old = server.workers()
+        with open(marker, "w"):
+            pass
+        self.addCleanup(os.unlink, marker)
+        os.kill(server.pid, signal.SIGHUP)
+        waitFor(lambda: "reload failed, keeping the old workers" in server.log(), what="failure")
+        self.assertEqual(server.workers(), old)
+        with server.connect() as s:
+            s.sendall(b"still")
+            self.assertEqual(s.recv(5), b"still")
+
+    def test_ttinAndTtou(self) -> None:
+        """
+        SIGTTIN adds a worker; SIGTTOU removes one, never below one.
+        """
+        server = self.start("--workers", "1")
+        os.kill(server.pid, signal.SIGTTIN)
+        waitFor(lambda: len(server.workers()) == 2, what="a second worker")
+        waitFor(lambda: server.log().count(") ready") >= 2, what="it to be ready")
+        os.kill(server.pid, signal.SIGTTOU)
+        waitFor(lambda: len(server.workers()) == 1, what="back to one worker")
+        os.kill(server.pid, signal.SIGTTOU)
+        waitFor(lambda: "keeps at least one worker" in server.log(), what="the refusal")
+        self.assertEqual(len(server.workers()), 1)
+
+    def test_hungWorkerIsReplacedWithItsStack(self) -> None:
+        """
+        A worker blocked in time.sleep inside dataReceived is replaced after
+        --timeout, and its stack is in the log.
+        """
+        server = self.start(
+            "--workers", "1", "--timeout", "2", "--protocol", "tests.sample_protocols:Sleepy"
+        )
+        [hung] = server.workers()
+        client = server.connect()
+        self.addCleanup(client.close)
+        client.sendall(b"sleep")
+        waitFor(lambda: not alive(hung), 30, "the hung worker to be killed")
+        waitFor(lambda: len(server.workers()) == 1, what="a replacement")
+        log = server.log()
+        self.assertIn("silent for", log)
+        self.assertIn("in dataReceived", log)
+        self.assertIn("left (watchdog)", log)
+
+    def test_stoppedWorkerCountsAsHung(self) -> None:
+        """
+        A worker stopped with SIGSTOP is replaced after --timeout.
+        """
+        server = self.start("--workers", "1", "--timeout", "2")
+        [stopped] = server.workers()
+        os.kill(stopped, signal.SIGSTOP)
+        waitFor(lambda: not alive(stopped), 30, "the stopped worker to be killed")
+        waitFor(lambda: len(server.workers()) == 1, what="a replacement")
+
+    def test_recyclingByConnectionCount(self) -> None:
+        """
+        With --max-connections, workers are replaced as they reach it, and
+        no connection is refused meanwhile.
+        """
+        server = self.start(
+            "--workers", "2", "--max-connections", "25", "--max-connections-jitter", "5"
+        )
+        first = set(server.workers())
+        for n in range(150):
+            with server.connect() as s:
+                s.sendall(b"%d" % n)
+                self.assertEqual(s.recv(10), b"%d" % n)
+        waitFor(lambda: "left (recycle)" in server.log(), what="a recycled worker")
+        self.assertNotEqual(set(server.workers()), first)
+        self.assertIn("accepted", server.log())
+
+    def test_crashLoopBacksOff(self) -> None:
+        """
+        Workers that crash on every connection are respawned a handful of
+        times, not in a tight loop, and each death is logged with its last
+        words.
+        """
+        server = self.start(
+            "--workers", "2", "--protocol", "tests.sample_protocols:CrashesOnConnect"
+        )
+        deadline = time.monotonic() + 12
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", server.port), timeout=1) as s:
+                    s.recv(1)
+            except OSError as e:
+                self.assertIn(e.errno, (errno.ECONNRESET, errno.ECONNREFUSED, None))
+            time.sleep(0.02)
+        log = server.log()
+        spawned = log.count("started worker")
+        self.assertLessEqual(spawned, 10, log)
+        self.assertIn("died: exit code 7; last words: crashing on purpose", log)
+
+    def test_hooksRunInEachWorker(self) -> None:
+        """
+        IWorkerLifecycle hooks run in every worker: starting before it
+        accepts, then draining and stopping when it stops.
+        """
+        server = self.start(
+            "--workers", "2", "--protocol", "tests.sample_protocols:HookedEchoFactory"
+        )
+        for pid in server.workers():
+            self.assertIn(f"hook: starting in {pid}", server.log())
+        log = server.log
+        os.kill(server.pid, signal.SIGTERM)
+        self.assertEqual(server.process.wait(30), 0)
+        self.assertEqual(log().count("hook: draining"), 2)
+        self.assertEqual(log().count("hook: stopping"), 2)
+
+    def test_failingStartHookFailsTheWorker(self) -> None:
+        result = runMaccept(
+            ["--listen", LOOPBACK, "--workers", "1",
+             "--protocol", "tests.sample_protocols:FailingHookFactory"]
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("failed to start: RuntimeError: the database is down", result.stdout)
+
+
+class LifecycleBadInputTests(SynchronousTestCase):
+    def check(self, args: list[str], option: str, problem: str) -> None:
+        result = runMaccept(args)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        self.assertNotEqual(result.returncode, 0)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+        self.assertEqual(len(lines), 1, result.stderr)
+        self.assertIn(option, lines[0])
+        self.assertIn(problem, lines[0])
+
+    def test_gracefulTimeoutNegative(self) -> None:
+        self.check(["--graceful-timeout", "-1"], "--graceful-timeout", "at least 0")
+
+    def test_timeoutNotANumber(self) -> None:
+        self.check(["--timeout", "abc"], "--timeout", "expected a number")
+
+    def test_maxConnectionsZero(self) -> None:
+        self.check(["--max-connections", "0"], "--max-connections", "at least 1")
+
+    def test_maxMemoryBelowStartupSize(self) -> None:
+        self.check(["--max-memory", "1"], "--max-memory", "must be at least")

@@ -1,0 +1,206 @@
+"""
+The C{twistd maccept} options: defaults, repeatable C{--listen}, and one
+clear line naming the option for each bad value.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from maccept._options import DEFAULT_LISTEN, CommandLineOptions, Options
+
+
+def parsed(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def isInteger(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+class DefaultTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        """
+        With no options: one worker per usable CPU, echo, on the default
+        loopback address.
+        """
+        options = parsed()
+        self.assertEqual(options["workers"], len(os.sched_getaffinity(0)))
+        self.assertEqual(options["protocol"], "echo")
+        self.assertEqual(options["listen"], [DEFAULT_LISTEN])
+        self.assertEqual(DEFAULT_LISTEN, "tcp:7007:interface=127.0.0.1")
+
+    def test_workersAuto(self) -> None:
+        """
+        C{--workers auto} is the number of usable CPUs.
+        """
+        self.assertEqual(parsed("--workers", "auto")["workers"], len(os.sched_getaffinity(0)))
+
+    def test_workersNumber(self) -> None:
+        """
+        A number of workers is taken as given, long or short option.
+        """
+        self.assertEqual(parsed("--workers", "3")["workers"], 3)
+        self.assertEqual(parsed("-w", "5")["workers"], 5)
+
+    def test_listenRepeatable(self) -> None:
+        """
+        C{--listen} (or C{-l}) may be given many times; every description
+        is kept in order and the default is not added.
+        """
+        options = parsed("--listen", "tcp:8080", "-l", "unix:/tmp/m.sock", "--listen", "tcp6:0")
+        self.assertEqual(options["listen"], ["tcp:8080", "unix:/tmp/m.sock", "tcp6:0"])
+
+    def test_listenNotShared(self) -> None:
+        """
+        Each options object has its own list of listeners.
+        """
+        parsed("--listen", "tcp:8080")
+        self.assertEqual(parsed()["listen"], [DEFAULT_LISTEN])
+
+    def test_protocolModuleAttribute(self) -> None:
+        """
+        A C{module:attribute} protocol that resolves is kept as given.
+        """
+        spec = "tests.test_protocols:ShoutFactory"
+        self.assertEqual(parsed("--protocol", spec)["protocol"], spec)
+
+
+class BadValueTests(SynchronousTestCase):
+    def assertRejected(self, option: str, *args: str) -> str:
+        """
+        Parsing C{args} raises L{usage.UsageError} whose message starts by
+        naming C{option}; return the message.
+        """
+        e = self.assertRaises(usage.UsageError, parsed, *args)
+        message = str(e)
+        self.assertTrue(message.startswith(option), message)
+        self.assertNotIn("\n", message)
+        return message
+
+    def test_workers(self) -> None:
+        """
+        Zero, negative and non-numeric worker counts are refused.
+        """
+        self.assertIn("at least 1", self.assertRejected("--workers", "--workers", "0"))
+        self.assertIn("at least 1", self.assertRejected("--workers", "--workers", "-1"))
+        self.assertIn("'abc'", self.assertRejected("--workers", "--workers", "abc"))
+
+    def test_protocol(self) -> None:
+        """
+        An unknown name, a missing module and an attribute that is no
+        factory are refused, each saying which.
+        """
+        self.assertIn(
+            "unknown protocol 'nosuchname'",
+            self.assertRejected("--protocol", "--protocol", "nosuchname"),
+        )
+        self.assertIn(
+            "cannot import module 'no.such.module'",
+            self.assertRejected("--protocol", "--protocol", "no.such.module:factory"),
+        )
+        self.assertIn(
+            "neither a protocol factory nor a callable",
+            self.assertRejected("--protocol", "--protocol", "os:path"),
+        )
+
+    def test_listen(self) -> None:
+        """
+        A port that is not a number and an unknown endpoint type are
+        refused, naming the description.
+        """
+        self.assertEqual(
+            self.assertRejected("--listen", "--listen", "tcp:notaport"),
+            "--listen tcp:notaport: the port must be a number",
+        )
+        self.assertEqual(
+            self.assertRejected("--listen", "--listen", "bogus:1"),
+            "--listen bogus:1: unknown endpoint type 'bogus'",
+        )
+
+    def test_listenKnownButUnsupported(self) -> None:
+        """
+        An endpoint type Twisted knows but a worker cannot adopt is refused
+        with one line, whatever parsing it would involve.
+        """
+        for description in ["haproxy:tcp:80", "systemd:domain=INET:index=0", "ssl:443"]:
+            message = self.assertRejected("--listen", "--listen", description)
+            self.assertIn("is not supported", message)
+
+    def test_oneBadListenAmongGood(self) -> None:
+        """
+        The bad one of several descriptions is the one named.
+        """
+        self.assertEqual(
+            self.assertRejected("--listen", "--listen", "tcp:0", "--listen", "bogus:1"),
+            "--listen bogus:1: unknown endpoint type 'bogus'",
+        )
+
+
+class CommandLineTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.stderr = io.StringIO()
+        self.patch(sys, "stderr", self.stderr)
+
+    def test_badValueExits(self) -> None:
+        """
+        A bad value exits with status 2 and one line on stderr, naming the
+        option, instead of twistd's usage text.
+        """
+        for args in [["--workers", "0"], ["--listen", "bogus:1"], ["--protocol", "nope"]]:
+            self.stderr.truncate(0)
+            self.stderr.seek(0)
+            e = self.assertRaises(SystemExit, CommandLineOptions().parseOptions, args)
+            self.assertEqual(e.code, 2)
+            output = self.stderr.getvalue()
+            self.assertTrue(output.startswith("maccept: error: --" + args[0][2:]), output)
+            self.assertEqual(output.count("\n"), 1)
+            self.assertTrue(output.endswith("\n"))
+
+    def test_goodValues(self) -> None:
+        """
+        Good values parse as with L{Options}, printing nothing.
+        """
+        options = CommandLineOptions()
+        options.parseOptions(["--workers", "2"])
+        self.assertEqual(options["workers"], 2)
+        self.assertEqual(self.stderr.getvalue(), "")
+
+
+class WorkersPropertyTests(SynchronousTestCase):
+    @given(st.integers(min_value=1, max_value=10**30))
+    def test_positiveAccepted(self, count: int) -> None:
+        """
+        Any integer of at least 1 is that many workers.
+        """
+        self.assertEqual(parsed(f"--workers={count}")["workers"], count)
+
+    @given(st.integers(max_value=0, min_value=-(10**30)))
+    def test_nonPositiveRejected(self, count: int) -> None:
+        """
+        Any integer below 1 is refused, naming C{--workers}.
+        """
+        e = self.assertRaises(usage.UsageError, parsed, f"--workers={count}")
+        self.assertTrue(str(e).startswith("--workers:"), str(e))
+
+    @given(st.text().filter(lambda text: text != "auto" and not isInteger(text)))
+    def test_nonNumericRejected(self, text: str) -> None:
+        """
+        Any text that is not a number (nor C{auto}) is refused, naming
+        C{--workers}.
+        """
+        e = self.assertRaises(usage.UsageError, parsed, f"--workers={text}")
+        self.assertTrue(str(e).startswith("--workers:"), str(e))

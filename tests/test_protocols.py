@@ -1,0 +1,211 @@
+"""
+How a C{--protocol} value names a factory, and the built-in echo protocol.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from maccept._protocols import (
+    BUILTIN_PROTOCOLS,
+    Echo,
+    ProtocolSpecError,
+    echoFactory,
+    resolveProtocol,
+)
+
+HERE = __name__
+
+
+# Targets for module:attribute values.
+
+
+class Shout(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data.upper())  # type: ignore[union-attr]
+
+
+class ShoutFactory(Factory):
+    protocol = Shout
+
+
+SHARED_FACTORY = ShoutFactory()
+
+
+def makeFactory() -> Factory:
+    return Factory.forProtocol(Shout)
+
+
+def makeNothing() -> object:
+    return 42
+
+
+class NotAProtocol:
+    pass
+
+
+class Namespace:
+    factory = SHARED_FACTORY
+
+
+def build(spec: str) -> Factory:
+    factory = resolveProtocol(spec)()
+    assert isinstance(factory, Factory)
+    return factory
+
+
+class ResolveTests(SynchronousTestCase):
+    def test_echo(self) -> None:
+        """
+        C{echo} names the built-in echo factory.
+        """
+        self.assertIs(resolveProtocol("echo"), echoFactory)
+        self.assertIn("echo", BUILTIN_PROTOCOLS)
+        self.assertIsInstance(build("echo").buildProtocol(None), Echo)
+
+    def test_factoryInstance(self) -> None:
+        """
+        An attribute that is a factory is used as it is, every time.
+        """
+        maker = resolveProtocol(f"{HERE}:SHARED_FACTORY")
+        self.assertIs(maker(), SHARED_FACTORY)
+        self.assertIs(maker(), SHARED_FACTORY)
+
+    def test_dottedAttribute(self) -> None:
+        """
+        The attribute may be a dotted path inside the module.
+        """
+        self.assertIs(build(f"{HERE}:Namespace.factory"), SHARED_FACTORY)
+
+    def test_factoryClass(self) -> None:
+        """
+        A factory class is instantiated to make the factory.
+        """
+        factory = build(f"{HERE}:ShoutFactory")
+        self.assertIsInstance(factory, ShoutFactory)
+        self.assertIsNot(factory, SHARED_FACTORY)
+
+    def test_protocolClass(self) -> None:
+        """
+        A protocol class gets a plain factory that builds it.
+        """
+        self.assertIsInstance(build(f"{HERE}:Shout").buildProtocol(None), Shout)
+
+    def test_callable(self) -> None:
+        """
+        A zero-argument callable is called to make the factory.
+        """
+        self.assertIsInstance(build(f"{HERE}:makeFactory").buildProtocol(None), Shout)
+
+    def test_unknownName(self) -> None:
+        """
+        A bare name that is not built in is refused, listing what is.
+        """
+        e = self.assertRaises(ProtocolSpecError, resolveProtocol, "nosuchname")
+        self.assertIn("unknown protocol 'nosuchname'", str(e))
+        self.assertIn("echo", str(e))
+
+    def test_missingModule(self) -> None:
+        """
+        A module that cannot be imported is named.
+        """
+        e = self.assertRaises(ProtocolSpecError, resolveProtocol, "no.such.module:factory")
+        self.assertIn("cannot import module 'no.such.module'", str(e))
+
+    def test_missingAttribute(self) -> None:
+        """
+        A missing attribute is named with its module.
+        """
+        e = self.assertRaises(ProtocolSpecError, resolveProtocol, f"{HERE}:nothingHere")
+        self.assertEqual(str(e), f"module {HERE!r} has no attribute 'nothingHere'")
+
+    def test_emptyParts(self) -> None:
+        """
+        An empty module or attribute is refused as malformed.
+        """
+        for spec in [":factory", f"{HERE}:"]:
+            e = self.assertRaises(ProtocolSpecError, resolveProtocol, spec)
+            self.assertIn("is not of the form module:attribute", str(e))
+
+    def test_notAFactory(self) -> None:
+        """
+        Something that is neither a factory nor a callable (C{os:path}, a
+        module), or a class that is neither a factory nor a protocol, is
+        refused.
+        """
+        for spec in ["os:path", f"{HERE}:NotAProtocol"]:
+            e = self.assertRaises(ProtocolSpecError, resolveProtocol, spec)
+            self.assertIn("neither a protocol factory nor a callable", str(e))
+
+    def test_callableReturningNonFactory(self) -> None:
+        """
+        A callable is accepted when resolved, but calling it fails if it
+        returns something that is not a factory.
+        """
+        maker = resolveProtocol(f"{HERE}:makeNothing")
+        e = self.assertRaises(ProtocolSpecError, maker)
+        self.assertIn("returned 42, not a protocol factory", str(e))
+
+
+class EchoTests(SynchronousTestCase):
+    def connect(self) -> tuple[Echo, StringTransport]:
+        protocol = echoFactory().buildProtocol(None)
+        assert isinstance(protocol, Echo)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_echoes(self) -> None:
+        """
+        Every byte received is written back.
+        """
+        protocol, transport = self.connect()
+        protocol.dataReceived(b"hello ")
+        protocol.dataReceived(b"\x00\xffworld")
+        self.assertEqual(transport.value(), b"hello \x00\xffworld")
+
+    def test_backpressure(self) -> None:
+        """
+        The transport is registered as its own streaming producer, so a
+        full write buffer pauses reading from the client.
+        """
+        _, transport = self.connect()
+        self.assertIs(transport.producer, transport)
+        self.assertTrue(transport.streaming)
+
+    def test_halfClose(self) -> None:
+        """
+        Echo handles half-close: when the client stops sending, what was
+        received has been written and the connection is closed.
+        """
+        protocol, transport = self.connect()
+        self.assertTrue(verifyObject(IHalfCloseableProtocol, protocol))
+        protocol.dataReceived(b"last words")
+        protocol.readConnectionLost()
+        self.assertEqual(transport.value(), b"last words")
+        self.assertTrue(transport.disconnecting)
+
+    def test_writeSideClosed(self) -> None:
+        """
+        When the client stops reading for good, the connection is closed.
+        """
+        protocol, transport = self.connect()
+        protocol.writeConnectionLost()
+        self.assertTrue(transport.disconnecting)
+
+    @given(st.lists(st.binary()))
+    def test_anyChunks(self, chunks: list[bytes]) -> None:
+        """
+        Whatever the bytes and however they arrive, the same bytes come
+        back in the same order.
+        """
+        protocol, transport = self.connect()
+        for chunk in chunks:
+            protocol.dataReceived(chunk)
+        self.assertEqual(transport.value(), b"".join(chunks))

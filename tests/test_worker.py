@@ -1,0 +1,281 @@
+"""
+A worker's life: start (adopt and report), drain and exit, driven by a fake
+reactor and a fake control channel.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogEvent, Logger, LogLevel
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from maccept._logforward import ForwardingObserver
+from maccept._protocols import Echo
+from maccept._wire import ListenerHandle, WorkerFailed, WorkerReady, WorkerSpec
+from maccept._worker import EXIT_START_FAILED, Worker, WorkerControl
+from tests.fakes import FakeControl, WorkerMemoryReactor, realDescriptor
+
+EPSILON = 1 / 64
+
+
+def brokenFactory() -> Factory:
+    """
+    A C{--protocol} target whose start-up code fails in the worker.
+    """
+    raise RuntimeError("no database")
+
+
+class WorkerTestCase(SynchronousTestCase):
+    def makeWorker(
+        self,
+        protocol: str = "echo",
+        families: tuple[str, ...] = ("AF_INET",),
+        control: FakeControl | None = None,
+    ) -> Worker:
+        """
+        A worker on a running fake reactor, with real descriptors for its
+        listeners and a fake control channel.
+        """
+        self.reactor = WorkerMemoryReactor()
+        self.reactor.running = True
+        handles = tuple(
+            ListenerHandle(fd=realDescriptor(self), family=family, description=f"listener {n}")
+            for n, family in enumerate(families)
+        )
+        spec = WorkerSpec(number=2, protocol=protocol, parentPid=os.getppid(), listeners=handles)
+        worker = Worker(self.reactor, spec)
+        self.events: list[LogEvent] = []
+        worker.log = Logger(observer=self.events.append)
+        self.control = control or FakeControl()
+        worker.control = self.control  # type: ignore[assignment]
+        return worker
+
+    def startedWorker(self, families: tuple[str, ...] = ("AF_INET", "AF_UNIX")) -> Worker:
+        worker = self.makeWorker(families=families)
+        worker.start()
+        self.assertEqual(self.control.commands(), [WorkerReady])
+        return worker
+
+    def assertExited(self, worker: Worker, code: int) -> None:
+        """
+        C{worker} stopped its reactor, to exit with C{code}.
+        """
+        self.assertTrue(self.reactor.hasStopped)
+        self.assertFalse(self.reactor.running)
+        self.assertEqual(worker.exitCode, code)
+
+
+class StartTests(WorkerTestCase):
+    def test_adoptsEveryListener(self) -> None:
+        """
+        C{start} adopts each listener's descriptor with its own address
+        family and one protocol factory built from the spec, then reports
+        ready with the worker's pid.
+        """
+        worker = self.makeWorker(families=("AF_INET", "AF_INET6", "AF_UNIX"))
+        fds = [handle.fd for handle in worker.spec.listeners]
+        worker.start()
+        adopted = self.reactor.adoptedPorts
+        self.assertEqual(
+            [(fd, family) for fd, family, _ in adopted],
+            list(zip(fds, [socket.AF_INET, socket.AF_INET6, socket.AF_UNIX], strict=True)),
+        )
+        factories = {id(factory) for _, _, factory in adopted}
+        self.assertEqual(len(factories), 1)
+        self.assertIsInstance(adopted[0][2].buildProtocol(None), Echo)
+        self.assertEqual(self.control.calls, [(WorkerReady, {"pid": os.getpid()})])
+        self.assertEqual(worker.ports, self.reactor.ports)
+        self.assertTrue(self.reactor.running)
+        self.assertEqual(worker.exitCode, 0)
+
+    def test_closesInheritedDescriptors(self) -> None:
+        """
+        Once a listener is adopted (the reactor holds its own duplicate),
+        the inherited descriptor is closed.
+        """
+        worker = self.makeWorker(families=("AF_INET", "AF_UNIX"))
+        fds = [handle.fd for handle in worker.spec.listeners]
+        worker.start()
+        for fd in fds:
+            self.assertRaises(OSError, os.fstat, fd)
+
+    def test_countsConnections(self) -> None:
+        """
+        Connections accepted on any adopted port are counted as open.
+        """
+        worker = self.startedWorker()
+        first = self.reactor.ports[0].accept()
+        second = self.reactor.ports[1].accept()
+        self.assertEqual(worker.tracker.open, {first, second})
+        first.lose()
+        self.assertEqual(worker.tracker.open, {second})
+
+    def test_factoryRaises(self) -> None:
+        """
+        A protocol whose factory callable raises makes C{start} report
+        C{WorkerFailed} with the exception's type and message, log the
+        failure, adopt nothing and exit with status 3.
+        """
+        worker = self.makeWorker(protocol="tests.test_worker:brokenFactory")
+        worker.start()
+        self.assertEqual(
+            self.control.calls, [(WorkerFailed, {"reason": "RuntimeError: no database"})]
+        )
+        self.assertEqual(self.reactor.adoptedPorts, [])
+        self.assertEqual(worker.exitCode, EXIT_START_FAILED)
+        self.assertEqual(EXIT_START_FAILED, 3)
+        self.assertExited(worker, 3)
+        [failure] = [e["log_failure"] for e in self.events if "log_failure" in e]
+        self.assertTrue(failure.check(RuntimeError))
+
+    def test_unresolvableProtocol(self) -> None:
+        """
+        A protocol that no longer resolves in the worker is reported the
+        same way, naming the problem.
+        """
+        worker = self.makeWorker(protocol="no.such.module:factory")
+        worker.start()
+        [(command, arguments)] = self.control.calls
+        self.assertIs(command, WorkerFailed)
+        self.assertTrue(
+            arguments["reason"].startswith(
+                "ProtocolSpecError: cannot import module 'no.such.module'"
+            ),
+            arguments["reason"],
+        )
+        self.assertEqual(worker.exitCode, EXIT_START_FAILED)
+
+    def test_exitsOnlyOnceTheParentHeard(self) -> None:
+        """
+        The failing worker exits only when the parent has answered (or the
+        channel has failed), so the reason is not lost with the process.
+        """
+        worker = self.makeWorker(
+            protocol="tests.test_worker:brokenFactory", control=FakeControl(autoAnswer=False)
+        )
+        worker.start()
+        self.assertTrue(self.reactor.running)
+        self.control.answers[0].errback(Failure(ConnectionDone()))
+        self.assertEqual(worker.exitCode, EXIT_START_FAILED)
+        self.assertExited(worker, EXIT_START_FAILED)
+
+
+class DrainTests(WorkerTestCase):
+    def test_releasesPorts(self) -> None:
+        """
+        Draining stops reading every adopted port and closes the worker's
+        own socket, without C{stopListening} (which would unlink a UNIX
+        socket's path for every worker).
+        """
+        worker = self.startedWorker()
+        worker.drain(30.0)
+        for port in self.reactor.ports:
+            self.assertFalse(port.reading)
+            self.assertTrue(port.socket.closed)
+            self.assertFalse(port.stopListeningCalled)
+
+    def test_idleExitsAtOnce(self) -> None:
+        """
+        With no connection open, draining exits with status 0 at once and
+        leaves no timer behind.
+        """
+        worker = self.startedWorker()
+        worker.drain(30.0)
+        self.assertEqual(worker.exitCode, 0)
+        self.assertExited(worker, 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_waitsForOpenConnections(self) -> None:
+        """
+        With connections open, draining waits and exits when the last one
+        closes, cancelling its deadline.
+        """
+        worker = self.startedWorker()
+        first = self.reactor.ports[0].accept()
+        second = self.reactor.ports[1].accept()
+        worker.drain(30.0)
+        self.assertTrue(self.reactor.running)
+        first.lose()
+        self.assertTrue(self.reactor.running)
+        second.lose()
+        self.assertExited(worker, 0)
+        self.assertEqual(worker.exitCode, 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertFalse(first.aborted or second.aborted)
+
+    def test_timeoutClosesAll(self) -> None:
+        """
+        Connections still open at the drain timeout are aborted; the worker
+        exits once they are gone.
+        """
+        worker = self.startedWorker()
+        connections = [self.reactor.ports[0].accept() for _ in range(3)]
+        worker.drain(30.0)
+        self.reactor.advance(30.0 - EPSILON)
+        self.assertEqual([c.aborted for c in connections], [False] * 3)
+        self.reactor.advance(EPSILON)
+        self.assertEqual([c.aborted for c in connections], [True] * 3)
+        self.assertTrue(self.reactor.running)
+        for connection in connections:
+            connection.lose()
+        self.assertExited(worker, 0)
+
+    def test_drainTwice(self) -> None:
+        """
+        A second drain request changes nothing: one deadline, one release.
+        """
+        worker = self.startedWorker()
+        self.reactor.ports[0].accept()
+        worker.drain(30.0)
+        worker.drain(5.0)
+        self.assertEqual([call.getTime() for call in self.reactor.getDelayedCalls()], [30.0])
+
+
+class ParentGoneTests(WorkerTestCase):
+    def test_stopsReactor(self) -> None:
+        """
+        When the parent is gone the worker stops its reactor, status 0,
+        even with connections open.
+        """
+        worker = self.startedWorker()
+        self.reactor.ports[0].accept()
+        worker.parentGone()
+        self.assertExited(worker, 0)
+        self.assertEqual(worker.exitCode, 0)
+
+    def test_notRunning(self) -> None:
+        """
+        Before the reactor runs there is nothing to stop.
+        """
+        worker = self.makeWorker()
+        self.reactor.running = False
+        worker.parentGone()
+        self.assertFalse(self.reactor.hasStopped)
+
+    def test_controlClosedMeansParentGone(self) -> None:
+        """
+        The worker's control connection becomes its C{control} when made;
+        when it is lost, logs are no longer sent and the worker stops.
+        """
+        worker = self.makeWorker()
+        forwarder = ForwardingObserver()
+        control = WorkerControl(worker, forwarder)
+        transport = StringTransport()
+        control.makeConnection(transport)
+        self.assertIs(worker.control, control)
+        forwarder({"log_format": "while connected", "log_level": LogLevel.info})
+        self.assertIn(b"while connected", transport.value())
+        control.connectionLost(Failure(ConnectionDone()))
+        self.assertExited(worker, 0)
+        forwarder({"log_format": "after the parent left", "log_level": LogLevel.info})
+        self.assertNotIn(b"after the parent left", transport.value())
+        kept: list[str] = []
+        forwarder.attach(kept.append)
+        self.assertEqual(len(kept), 1)
+        self.assertIn("after the parent left", kept[0])
