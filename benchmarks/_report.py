@@ -87,7 +87,8 @@ def _header(results: dict[str, Any]) -> list[str]:
         f"{pin['client_cpus']}, by {pin['method']}.{overlap}",
         f"- Load: {s['connections']} connections, {s['threads']} client threads, "
         f"{s['duration']} s measured after {s['warmup']} s warm-up; churn over {s['sources']} "
-        f"source addresses; burst of {s['burst_connections']} connections.",
+        f"source addresses; burst of {s['burst_connections']} connections; accept backlog "
+        f"{s['backlog']} for every server.",
         "",
     ]
 
@@ -219,7 +220,8 @@ def _healthSection(results: dict[str, Any]) -> list[str]:
     for r in runs:
         if any(r.get(k) for k in keys):
             counts = ", ".join(f"{k} {r[k]}" for k in keys if r.get(k))
-            lines.append(f"- {r['server']} {r['workers']} w {r['workload']}: {counts}")
+            first = f" (first: {r['first_error']})" if r.get("first_error") else ""
+            lines.append(f"- {r['server']} {r['workers']} w {r['workload']}: {counts}{first}")
     for failure in results.get("failures", []):
         lines.append(f"- FAILED {failure['server']}: {failure['error'].splitlines()[0]}")
     return [*lines, ""]

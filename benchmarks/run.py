@@ -249,6 +249,7 @@ class Bench:
         s = self.settings
         pids = server.workerPids()
         before = [_procfs.cpuSeconds(p) for p in pids]
+        parentBefore = _procfs.cpuSeconds(server.pid)
         load = _loadgen.Load(
             mode=workload.mode,
             port=server.spec.port,
@@ -259,7 +260,6 @@ class Bench:
             size=workload.size,
             sources=s.sources,
         )
-        parentBefore = _procfs.cpuSeconds(server.pid)
         result = _loadgen.run(load, self.pinning.client)
         spent = [_procfs.cpuSeconds(p) - b for p, b in zip(pids, before, strict=True)]
         record = {**result, "worker_cpu_s": [round(x, 2) for x in spent]}

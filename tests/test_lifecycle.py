@@ -249,3 +249,45 @@ class LifecycleBadInputTests(SynchronousTestCase):
 
     def test_maxMemoryBelowStartupSize(self) -> None:
         self.check(["--max-memory", "1"], "--max-memory", "must be at least")
+
+
+class TitleTests(SynchronousTestCase):
+    def test_processTitles(self) -> None:
+        """
+        With setproctitle installed, ps shows the parent as the master with
+        its listen descriptions and each worker by number.
+        """
+        server = MacceptServer(["--listen", LOOPBACK, "--workers", "2"])
+        self.addCleanup(server.cleanup)
+        server.waitReady()
+
+        def title(pid: int) -> str:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read().replace(b"\0", b" ").decode().strip()
+
+        waitFor(lambda: title(server.pid).startswith("maccept: master"), what="the title")
+        self.assertEqual(title(server.pid), f"maccept: master {LOOPBACK}")
+        titles = sorted(title(pid) for pid in server.workers())
+        self.assertEqual(titles, ["maccept: worker 1", "maccept: worker 2"])
+
+    def test_withoutSetproctitleNothingBreaks(self) -> None:
+        """
+        Without setproctitle, setting a title leaves the process as it was.
+        """
+        import sys
+
+        from maccept._titles import setTitle
+
+        saved = sys.modules.get("setproctitle")
+        sys.modules["setproctitle"] = None  # type: ignore[assignment]
+        with open("/proc/self/cmdline", "rb") as f:
+            before = f.read()
+        try:
+            setTitle("maccept: test")
+            with open("/proc/self/cmdline", "rb") as f:
+                self.assertEqual(f.read(), before)
+        finally:
+            if saved is None:
+                del sys.modules["setproctitle"]
+            else:
+                sys.modules["setproctitle"] = saved
