@@ -122,3 +122,16 @@ def breakableEcho() -> Factory:
     if os.path.exists(os.environ.get("MACCEPT_TEST_BREAK", "/nonexistent")):
         raise RuntimeError("broken deploy")
     return Factory.forProtocol(Echo)
+
+
+_hoard: list[bytearray] = []
+
+
+class Hog(Protocol):
+    """
+    Grows its worker by 100 MiB for every message, as a leak would.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        _hoard.append(bytearray(100 * 2**20))
+        self.transport.write(data)

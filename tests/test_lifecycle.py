@@ -104,8 +104,14 @@ class LifecycleTests(SynchronousTestCase):
         """
         marker = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"maccept-break-{os.getpid()}")
         server = MacceptServer(
-            ["--listen", LOOPBACK, "--workers", "2",
-             "--protocol", "tests.sample_protocols:breakableEcho"],
+            [
+                "--listen",
+                LOOPBACK,
+                "--workers",
+                "2",
+                "--protocol",
+                "tests.sample_protocols:breakableEcho",
+            ],
             env={"MACCEPT_TEST_BREAK": marker},
         )
         self.addCleanup(server.cleanup)
@@ -181,6 +187,28 @@ class LifecycleTests(SynchronousTestCase):
         self.assertNotEqual(set(server.workers()), first)
         self.assertIn("accepted", server.log())
 
+    def test_recyclingByMemory(self) -> None:
+        """
+        With --max-memory, a worker that grows past it is replaced, the
+        replacement first.
+        """
+        server = self.start(
+            "--workers", "1", "--max-memory", "80", "--protocol", "tests.sample_protocols:Hog"
+        )
+        [hog] = server.workers()
+        with server.connect() as s:
+            s.sendall(b"grow")
+            self.assertEqual(s.recv(4), b"grow")
+        waitFor(lambda: not alive(hog), what="the grown worker to go")
+        log = server.log()
+        self.assertIn("over --max-memory 80 MiB", log)
+        self.assertIn("left (recycle)", log)
+        self.assertLess(
+            log.index("started worker 1 (pid", log.index("over --max-memory")),
+            log.index("left (recycle)"),
+        )
+        self.assertEqual(len(server.workers()), 1)
+
     def test_crashLoopBacksOff(self) -> None:
         """
         Workers that crash on every connection are respawned a handful of
@@ -221,8 +249,14 @@ class LifecycleTests(SynchronousTestCase):
 
     def test_failingStartHookFailsTheWorker(self) -> None:
         result = runMaccept(
-            ["--listen", LOOPBACK, "--workers", "1",
-             "--protocol", "tests.sample_protocols:FailingHookFactory"]
+            [
+                "--listen",
+                LOOPBACK,
+                "--workers",
+                "1",
+                "--protocol",
+                "tests.sample_protocols:FailingHookFactory",
+            ]
         )
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("failed to start: RuntimeError: the database is down", result.stdout)
