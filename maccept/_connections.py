@@ -1,11 +1,12 @@
 # -*- test-case-name: tests.test_connections -*-
 """
-Counting a worker's connections at no cost per byte.
+Counting a worker's connections and bytes at next to no cost.
 
 Wrapping every protocol (L{twisted.protocols.policies.WrappingFactory})
-would add a call to every read and write.  Instead the adopted port is told
-to build its connections from a subclass of its own transport class that
-reports when a connection opens and when it closes.
+would put a wrapper's calls between every read, every write and the
+protocol.  Instead the adopted port is told to build its connections from a
+subclass of its own transport class that reports when a connection opens
+and closes, and counts what its reads and writes moved.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class ConnectionTracker:
     def __init__(self, onChange: Callable[[int], None] | None = None) -> None:
         self.open: set[ITransport] = set()
         self.accepted = 0
+        self.bytesReceived = 0
+        self.bytesSent = 0
         self.onChange = onChange
         self._idleWaiters: list[Callable[[], None]] = []
 
@@ -83,6 +86,19 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
         def connectionLost(self, reason: Failure) -> None:
             tracker.closed(self)
             super().connectionLost(reason)
+
+        # Byte counts: one call and one addition per read and per write.
+
+        def _dataReceived(self, data: bytes | None) -> Any:
+            if data:
+                tracker.bytesReceived += len(data)
+            return super()._dataReceived(data)
+
+        def writeSomeData(self, data: bytes) -> Any:
+            written = super().writeSomeData(data)
+            if isinstance(written, int):
+                tracker.bytesSent += written
+            return written
 
     TrackedTransport.__name__ = f"Tracked{base.__name__}"
     port.transport = TrackedTransport  # type: ignore[attr-defined]

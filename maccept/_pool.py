@@ -36,6 +36,9 @@ from maccept._workerprocess import ParentControl, WorkerProcess
 #: Why a worker left the pool, for C{maccept_worker_restarts_total}.
 RESTART_REASONS = ("crash", "recycle", "watchdog", "reload", "scale")
 
+#: Worker counters that only grow, summed over every worker there ever was.
+COUNTERS = ("accepted", "bytesReceived", "bytesSent")
+
 
 @dataclass
 class PoolSettings:
@@ -113,6 +116,7 @@ class WorkerPool(Service):
         self.pendingGeneration: int | None = None
         self.workers: list[WorkerProcess] = []
         self.restarts: Counter[str] = Counter({reason: 0 for reason in RESTART_REASONS})
+        self.departedTotals: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self.nextRestartDelay = self.minRestartDelay
         self.board: LoadBoard | None = None
         self._boardFd: int | None = None
@@ -138,6 +142,17 @@ class WorkerPool(Service):
             and w.state in (WorkerState.STARTING, WorkerState.READY)
             and w.stopReason is None
         ]
+
+    def totals(self) -> dict[str, int]:
+        """
+        Every counter in L{COUNTERS} over all workers, past and present.
+        A worker's last report is folded in when it exits, so the totals
+        never go backwards across restarts, recycling or reloads.
+        """
+        return {
+            name: self.departedTotals[name] + sum(w.stats[name] for w in self.workers)
+            for name in COUNTERS
+        }
 
     def ofGeneration(self, generation: int | None) -> list[WorkerProcess]:
         return [w for w in self.workers if w.generation == generation]
@@ -306,6 +321,8 @@ class WorkerPool(Service):
         self._freeBoardSlot(worker)
         if worker in self.workers:
             self.workers.remove(worker)
+            for name in COUNTERS:
+                self.departedTotals[name] += worker.stats[name]
         reason = worker.stopReason or "crash"
         if reason in self.restarts:
             self.restarts[reason] += 1

@@ -118,13 +118,35 @@ class LogEvent(amp.Command):
     requiresAnswer = False
 
 
+#: A worker's counters since it started, and its reactor's worst lag (in
+#: seconds) since the previous report.
+STATS = [
+    (b"accepted", amp.Integer()),
+    (b"open", amp.Integer()),
+    (b"bytesReceived", amp.Integer()),
+    (b"bytesSent", amp.Integer()),
+    (b"lag", amp.Float()),
+]
+
+
 class Heartbeat(amp.Command):
     """
     The worker's reactor is turning; with its counters so far.
     """
 
-    arguments = [(b"accepted", amp.Integer()), (b"open", amp.Integer())]
+    arguments = STATS
     requiresAnswer = False
+
+
+class Farewell(amp.Command):
+    """
+    The worker's last counters, sent just before it exits; it waits for the
+    answer so that the parent folds every connection and byte into its
+    totals.
+    """
+
+    arguments = STATS
+    response = []
 
 
 class ReplaceMe(amp.Command):

@@ -35,6 +35,7 @@ from maccept._titles import setTitle
 from maccept._wire import (
     CONTROL_FD,
     Drain,
+    Farewell,
     Heartbeat,
     LogEvent,
     ReplaceMe,
@@ -79,6 +80,7 @@ class Worker:
         self._askedForReplacement = False
         self._heartbeat = LoopingCall(self.sendHeartbeat)
         self._heartbeat.clock = reactor
+        self.lag = LagMeter(reactor)
 
     # Starting.
 
@@ -115,6 +117,7 @@ class Worker:
         if self.governor is not None:
             self.governor.start()
         self._heartbeat.start(self.spec.heartbeatInterval, now=False)
+        self.lag.start()
         self._call(WorkerReady, pid=os.getpid())
 
     def _startFailed(self, failure: Failure) -> None:
@@ -132,8 +135,21 @@ class Worker:
             self._askedForReplacement = True
             self._call(ReplaceMe, reason=f"accepted {self.tracker.accepted} connections")
 
+    def stats(self) -> dict[str, Any]:
+        """
+        The counters the parent folds into its metrics (see L{STATS}).
+        """
+        tracker = self.tracker
+        return {
+            "accepted": tracker.accepted,
+            "open": len(tracker.open),
+            "bytesReceived": tracker.bytesReceived,
+            "bytesSent": tracker.bytesSent,
+            "lag": self.lag.worstSinceLastAsked(),
+        }
+
     def sendHeartbeat(self) -> None:
-        self._call(Heartbeat, accepted=self.tracker.accepted, open=len(self.tracker.open))
+        self._call(Heartbeat, **self.stats())
 
     # Draining.
 
@@ -190,9 +206,22 @@ class Worker:
             self.exit(0)
 
     def exit(self, code: int) -> None:
+        """
+        Send the parent our last counters, then stop the reactor.
+        """
         self.exitCode = code
         if self._heartbeat.running:
             self._heartbeat.stop()
+        self.lag.stop()
+        farewell = self._call(Farewell, **self.stats())
+        timeout = self.reactor.callLater(self.farewellTimeout, farewell.cancel)
+        farewell.addBoth(lambda _: self._stopReactor(timeout))
+
+    farewellTimeout = 2.0
+
+    def _stopReactor(self, timeout: Any) -> None:
+        if timeout.active():
+            timeout.cancel()
         if self.reactor.running:
             self.reactor.stop()
 
@@ -215,6 +244,38 @@ class Worker:
         except Exception:
             return defer.succeed(None)
         return result if result is not None else defer.succeed(None)
+
+
+class LagMeter:
+    """
+    How late the reactor runs a call it was asked to run C{interval}
+    seconds from now: a blocked or overloaded reactor shows up here long
+    before the watchdog fires.
+    """
+
+    interval = 0.25
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.worst = 0.0
+        self._call: Any = None
+
+    def start(self) -> None:
+        self._call = self.reactor.callLater(self.interval, self._tick, self.reactor.seconds())
+
+    def _tick(self, scheduledAt: float) -> None:
+        late = self.reactor.seconds() - scheduledAt - self.interval
+        self.worst = max(self.worst, late)
+        self.start()
+
+    def worstSinceLastAsked(self) -> float:
+        worst, self.worst = self.worst, 0.0
+        return max(0.0, worst)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
 
 
 class WorkerControl(amp.AMP):

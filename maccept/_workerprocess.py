@@ -21,6 +21,7 @@ from maccept._logforward import LineLogger, reemit, workerSystem
 from maccept._states import WorkerState, nextWorkerState
 from maccept._wire import (
     Drain,
+    Farewell,
     Heartbeat,
     LogEvent,
     ReplaceMe,
@@ -76,8 +77,13 @@ class WorkerProcess(ProcessProtocol):
         self.replaces: WorkerProcess | None = None
         self.lastHeartbeat = startedAt
         self.declaredHung = False
-        self.accepted = 0
-        self.openConnections = 0
+        self.stats: dict[str, Any] = {
+            "accepted": 0,
+            "open": 0,
+            "bytesReceived": 0,
+            "bytesSent": 0,
+            "lag": 0.0,
+        }
         self.lastWords: deque[str] = deque(maxlen=self.lastWordsKept)
         self._killCall: Any = None
         self._stdout = LineLogger(lambda line: self._emitLine(line, "info"))
@@ -136,10 +142,9 @@ class WorkerProcess(ProcessProtocol):
     def failed(self, reason: str) -> None:
         self.failureReason = reason
 
-    def heartbeat(self, accepted: int, openConnections: int) -> None:
+    def heartbeat(self, **stats: Any) -> None:
         self.lastHeartbeat = self.pool.reactor.seconds()
-        self.accepted = accepted
-        self.openConnections = openConnections
+        self.stats.update(stats)
 
     def askedToBeReplaced(self, reason: str) -> None:
         self.pool.replace(self, "recycle", why=reason)
@@ -198,8 +203,13 @@ class ParentControl(amp.AMP):
         return {}
 
     @Heartbeat.responder
-    def heartbeat(self, accepted: int, open: int) -> dict[str, Any]:
-        self.worker.heartbeat(accepted, open)
+    def heartbeat(self, **stats: Any) -> dict[str, Any]:
+        self.worker.heartbeat(**stats)
+        return {}
+
+    @Farewell.responder
+    def farewell(self, **stats: Any) -> dict[str, Any]:
+        self.worker.heartbeat(**stats)
         return {}
 
     @ReplaceMe.responder
