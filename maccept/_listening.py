@@ -20,7 +20,7 @@ from typing import Any
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
@@ -50,19 +50,20 @@ def checkDescription(description: str) -> None:
     try:
         # Parsing only stores the reactor; nothing runs on it.
         serverFromString(None, description)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ListenError(_parseProblem(kind, e)) from None
+    except Exception as e:
+        if "Unknown endpoint type" in str(e):
+            raise ListenError(f"unknown endpoint type {kind!r}") from None
+        if kind in STREAM_TYPES:
+            raise ListenError(_parseProblem(e)) from None
     if kind not in STREAM_TYPES:
         known = ", ".join(STREAM_TYPES)
         raise ListenError(f"endpoint type {kind!r} is not supported (use one of {known})")
 
 
-def _parseProblem(kind: str, e: Exception) -> str:
+def _parseProblem(e: Exception) -> str:
     text = str(e)
-    if "Unknown endpoint type" in text:
-        return f"unknown endpoint type {kind!r}"
     if "invalid literal for int()" in text:
-        return "the port must be a number"
+        return f"expected a number, got {text.rsplit(': ', 1)[-1]}"
     return text or e.__class__.__name__
 
 
@@ -139,15 +140,7 @@ def listen(reactor: Any, description: str) -> ListeningSocket:
         bound (address in use, permission denied, missing directory).
     """
     checkDescription(description)
-    endpoint = serverFromString(reactor, description)
-    result: list[object] = []
-    endpoint.listen(_NeverAccepts()).addBoth(result.append)
-    if not result:
-        raise ListenError("the endpoint did not listen at once")
-    outcome = result[0]
-    if isinstance(outcome, Failure):
-        raise ListenError(_listenProblem(outcome.value or Exception())) from None
-    port: IListeningPort = outcome  # type: ignore[assignment]
+    port = listenNow(serverFromString(reactor, description), _NeverAccepts())
     port.stopReading()  # type: ignore[attr-defined]
     if "backlog=" not in description:
         # Twisted's default backlog (50) overflows under a burst of
@@ -155,6 +148,24 @@ def listen(reactor: Any, description: str) -> ListeningSocket:
         port.socket.listen(DEFAULT_BACKLOG)  # type: ignore[attr-defined]
     family = socket.AddressFamily(port.socket.family).name  # type: ignore[attr-defined]
     return ListeningSocket(description=description, port=port, family=family)
+
+
+def listenNow(endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> IListeningPort:
+    """
+    Listen on C{endpoint} before the reactor runs, so that a failure is
+    known at once.
+
+    @raise ListenError: naming why it cannot listen.
+    """
+    result: list[object] = []
+    endpoint.listen(factory).addBoth(result.append)
+    if not result:
+        raise ListenError("the endpoint did not listen at once")
+    outcome = result[0]
+    if isinstance(outcome, Failure):
+        raise ListenError(_listenProblem(outcome.value or Exception())) from None
+    port: IListeningPort = outcome  # type: ignore[assignment]
+    return port
 
 
 def _listenProblem(error: BaseException) -> str:

@@ -46,14 +46,23 @@ def encodeEvent(event: dict[str, Any]) -> str:
     text = eventAsJSON(event)
     if len(text.encode("utf-8")) < MAX_VALUE_LENGTH:
         return text
-    flat = {
-        "log_level": event.get("log_level", LogLevel.info),
-        "log_namespace": event.get("log_namespace", "maccept"),
-        "log_time": event.get("log_time"),
-        "log_format": "{text}",
-        "text": (formatEvent(event) or "")[: MAX_VALUE_LENGTH // 8] + " [truncated]",
-    }
-    return eventAsJSON(flat)
+    whole = formatEvent(event) or ""
+    # JSON may spend up to 12 bytes on one character, and the text appears
+    # more than once in the event: halve until it fits.  Each try builds a
+    # fresh event, since eventAsJSON records its flattened fields in place.
+    keep = MAX_VALUE_LENGTH // 8
+    while True:
+        flat = {
+            "log_level": event.get("log_level", LogLevel.info),
+            "log_namespace": event.get("log_namespace", "maccept"),
+            "log_time": event.get("log_time"),
+            "log_format": "{text}",
+            "text": whole[:keep] + " [truncated]",
+        }
+        text = eventAsJSON(flat)
+        if len(text.encode("utf-8")) < MAX_VALUE_LENGTH or keep == 0:
+            return text
+        keep //= 2
 
 
 def reemit(

@@ -86,6 +86,10 @@ def resolveProtocol(spec: str) -> FactoryMaker:
         module = importlib.import_module(moduleName)
     except ImportError as e:
         raise ProtocolSpecError(f"cannot import module {moduleName!r}: {e}") from None
+    except Exception as e:
+        raise ProtocolSpecError(
+            f"importing module {moduleName!r} failed: {type(e).__name__}: {e}"
+        ) from None
     try:
         target: object = module
         for part in attributeName.split("."):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from twisted.internet.error import (
     ProcessTerminated,
 )
 from twisted.internet.interfaces import IListeningPort, IProcessTransport
+from twisted.internet.task import Clock, LoopingCall
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -31,6 +33,9 @@ from zope.interface import implementer
 from maccept._listening import ListeningSocket
 
 # The parent side: processes.
+
+#: The signal names Twisted's process transport translates to numbers.
+_SIGNAL_NAMES = ("HUP", "STOP", "INT", "KILL", "TERM")
 
 
 @implementer(IProcessTransport)
@@ -70,7 +75,7 @@ class FakeProcess:
         self.gid = gid
         self.usePTY = usePTY
         self.childFDs = dict(childFDs) if childFDs is not None else None
-        self.signals: list[str | int] = []
+        self.signals: list[int] = []
         self.stdinClosed = False
         self.closedChildFDs: list[int] = []
         self.written: list[tuple[int, bytes]] = []
@@ -80,6 +85,16 @@ class FakeProcess:
     # IProcessTransport
 
     def signalProcess(self, signalID: str | int) -> None:
+        """
+        Record the signal as the number the process gets.  Like Twisted's
+        own process transport, translate only the names C{HUP}, C{STOP},
+        C{INT}, C{KILL} and C{TERM}: another name would reach C{os.kill} as
+        a string and fail.
+        """
+        if signalID in _SIGNAL_NAMES:
+            signalID = getattr(signal, f"SIG{signalID}")
+        if not isinstance(signalID, int):
+            raise TypeError(f"os.kill() cannot send signal {signalID!r}")
         if self.ended:
             raise ProcessExitedAlready()
         self.signals.append(signalID)
@@ -157,8 +172,8 @@ class ProcessMemoryReactor(MemoryReactorClock):
 
     @ivar processes: every process spawned, in order.
     @ivar descriptorsAtSpawn: for each spawn, what each integer descriptor
-        in C{childFDs} was at the moment of the call: C{(family, type)} for a
-        socket, C{"closed"} for a descriptor that was not open.
+        in C{childFDs} was at the moment of the call (see
+        L{describeDescriptor}).
     """
 
     firstPid = 1000
@@ -206,12 +221,19 @@ class ProcessMemoryReactor(MemoryReactorClock):
         processProtocol.makeConnection(process)
         return process
 
-    def pendingDelays(self) -> list[float]:
-        """
-        How far in the future each pending delayed call is, soonest first.
-        """
-        now = self.seconds()
-        return sorted(call.getTime() - now for call in self.getDelayedCalls() if call.active())
+
+def pendingDelays(clock: Clock) -> list[float]:
+    """
+    How far in the future each pending one-off delayed call of C{clock}
+    is, soonest first.  The ticks of a L{LoopingCall} are left out: they are
+    always pending while it runs.
+    """
+    now = clock.seconds()
+    return sorted(
+        call.getTime() - now
+        for call in clock.getDelayedCalls()
+        if call.active() and not isinstance(call.func, LoopingCall)
+    )
 
 
 def describeDescriptor(fd: int) -> Any:
@@ -223,9 +245,11 @@ def describeDescriptor(fd: int) -> Any:
         os.fstat(fd)
     except OSError:
         return "closed"
+    copy = os.dup(fd)
     try:
-        probe = socket.socket(fileno=os.dup(fd))
+        probe = socket.socket(fileno=copy)
     except OSError:
+        os.close(copy)
         return "file"
     with probe:
         return (probe.family, probe.type)
@@ -285,6 +309,7 @@ class FakeServerTransport:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.args = args
+        self.socket = FakeSocket(-1, socket.AF_UNSPEC)
         self.aborted = False
         self.lostReason: Failure | None = None
 
@@ -306,16 +331,21 @@ class FakeServerTransport:
 
 class FakeSocket:
     """
-    The C{socket} attribute of a L{FakeAdoptedPort}.
+    The C{socket} attribute of a L{FakeAdoptedPort} or L{FakeServerTransport}:
+    records the options set on it.
     """
 
     def __init__(self, fileno: int, family: int) -> None:
         self._fileno = fileno
         self.family = family
         self.closed = False
+        self.options: dict[tuple[int, int], Any] = {}
 
     def fileno(self) -> int:
         return self._fileno
+
+    def setsockopt(self, level: int, option: int, value: Any) -> None:
+        self.options[(level, option)] = value
 
     def close(self) -> None:
         self.closed = True
@@ -348,6 +378,9 @@ class FakeAdoptedPort:
 
     def stopReading(self) -> None:
         self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
 
     def startListening(self) -> None:
         pass
@@ -422,6 +455,14 @@ class FakeControl:
         answer: defer.Deferred[Any] = defer.Deferred()
         self.answers.append(answer)
         return answer
+
+    def answerAll(self) -> None:
+        """
+        Answer every call still waiting, in order, including calls made
+        while answering.
+        """
+        while self.answers:
+            self.answers.pop(0).callback({})
 
     def commands(self) -> list[Any]:
         """

@@ -47,7 +47,7 @@ class BadInputTests(SynchronousTestCase):
         self.check(["--protocol", "os:path"], "--protocol", "neither a protocol factory")
 
     def test_listenNotAPort(self) -> None:
-        self.check(["--listen", "tcp:notaport"], "--listen tcp:notaport", "must be a number")
+        self.check(["--listen", "tcp:notaport"], "--listen tcp:notaport", "expected a number")
 
     def test_listenUnknownType(self) -> None:
         self.check(["--listen", "bogus:1"], "--listen bogus:1", "unknown endpoint type")

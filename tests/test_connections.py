@@ -125,6 +125,20 @@ class FakePortTests(SynchronousTestCase):
         self.assertEqual(tracker.accepted, 0)
         self.assertEqual(tracked.transport.__name__, "TrackedFakeServerTransport")
 
+    def test_noDelayOnTCPOnly(self) -> None:
+        """
+        Connections of a TCP port have Nagle's algorithm turned off; those
+        of a UNIX port are left alone (the option means nothing there).
+        """
+        tracker = ConnectionTracker()
+        tcpPort = FakeAdoptedPort(7, socket.AF_INET6, Factory())
+        unixPort = FakeAdoptedPort(8, socket.AF_UNIX, Factory())
+        trackConnections(tcpPort, tracker)  # type: ignore[arg-type]
+        trackConnections(unixPort, tracker)  # type: ignore[arg-type]
+        nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        self.assertEqual(tcpPort.accept().socket.options, {nodelay: 1})
+        self.assertEqual(unixPort.accept().socket.options, {})
+
 
 class Recorder(Protocol):
     def __init__(self) -> None:
@@ -178,6 +192,32 @@ class RealPortTests(SynchronousTestCase):
         for transport in self.tracker.open:
             self.assertIsInstance(transport, tcp.Server)
         self.assertIs(tcp.Port.transport, tcp.Server)
+
+    def test_noDelay(self) -> None:
+        """
+        Accepted TCP connections have C{TCP_NODELAY} set.
+        """
+        self.connectClient()
+        self.port.doRead()
+        [transport] = self.tracker.open
+        option = transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        self.assertNotEqual(option, 0)
+
+    def test_bytesCounted(self) -> None:
+        """
+        The tracker counts the bytes every connection read and wrote.
+        """
+        client = self.connectClient()
+        self.port.doRead()
+        [transport] = self.tracker.open
+        client.sendall(b"hello")
+        transport.doRead()
+        [protocol] = self.protocols
+        protocol.transport.write(b"world!")
+        transport.doWrite()
+        self.assertEqual((self.tracker.bytesReceived, self.tracker.bytesSent), (5, 6))
+        client.settimeout(5)
+        self.assertEqual(client.recv(6), b"world!")
 
     def test_closeAllClosesRealConnections(self) -> None:
         """

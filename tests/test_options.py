@@ -124,7 +124,7 @@ class BadValueTests(SynchronousTestCase):
         """
         self.assertEqual(
             self.assertRejected("--listen", "--listen", "tcp:notaport"),
-            "--listen tcp:notaport: the port must be a number",
+            "--listen tcp:notaport: expected a number, got 'notaport'",
         )
         self.assertEqual(
             self.assertRejected("--listen", "--listen", "bogus:1"),

@@ -1,15 +1,17 @@
 """
-The parent's pool: spawning, supervision, restart policy, start-up failure
-and draining, driven by a fake reactor and clock; no process is started.
+The parent's pool: spawning, worker states, restart policy, start-up
+failure, draining, replacement and reload, driven by a fake reactor and
+clock; no process is started.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
+import random
 import signal
 import socket
 from collections.abc import Sequence
+from typing import Any
 
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import StringTransport
@@ -18,16 +20,17 @@ from twisted.python.failure import Failure
 from twisted.python.log import addObserver, removeObserver
 from twisted.trial.unittest import SynchronousTestCase
 
-from maccept._pool import (
-    TRANSITIONS,
-    ParentControl,
-    WorkerPool,
-    WorkerProcess,
-    WorkerState,
-    describeExit,
-)
+from maccept._pool import PoolSettings, WorkerPool
+from maccept._states import PoolState, WorkerState
 from maccept._wire import CONTROL_FD, Drain, ListenerHandle, WorkerSpec
-from tests.fakes import FakeControl, FakeProcess, ProcessMemoryReactor, fakeListeningSocket
+from maccept._workerprocess import ParentControl, WorkerProcess, describeExit
+from tests.fakes import (
+    FakeControl,
+    FakeProcess,
+    ProcessMemoryReactor,
+    fakeListeningSocket,
+    pendingDelays,
+)
 
 EXECUTABLE = "/opt/maccept/bin/python3"
 
@@ -50,35 +53,34 @@ class PoolTestCase(SynchronousTestCase):
     def makePool(
         self,
         size: int = 2,
-        listeners: list[object] | None = None,
-        protocol: str = "echo",
-        balance: bool = False,
+        listeners: list[Any] | None = None,
+        **settings: Any,
     ) -> WorkerPool:
         self.reactor = ProcessMemoryReactor()
         self.fatal: list[str] = []
+        settings.setdefault("balance", False)
         pool = WorkerPool(
             self.reactor,
-            [fakeListeningSocket()] if listeners is None else listeners,  # type: ignore[arg-type]
-            protocol,
-            size,
+            [fakeListeningSocket()] if listeners is None else listeners,
+            PoolSettings(size=size, **settings),
             onFatal=self.fatal.append,
             executable=EXECUTABLE,
-            balance=balance,
+            rng=random.Random(7),
         )
         if pool.board is not None:
             self.addCleanup(pool.board.close)
         return pool
 
-    def startPool(self, size: int = 2, **kwargs: object) -> WorkerPool:
-        pool = self.makePool(size, **kwargs)  # type: ignore[arg-type]
+    def startPool(self, size: int = 2, **kwargs: Any) -> WorkerPool:
+        pool = self.makePool(size, **kwargs)
         pool.startService()
         return pool
 
-    def readyPool(self, size: int = 2) -> WorkerPool:
-        pool = self.startPool(size)
-        for worker in pool.workers:
+    def readyPool(self, size: int = 2, **kwargs: Any) -> WorkerPool:
+        pool = self.startPool(size, **kwargs)
+        for worker in list(pool.workers):
             worker.ready()
-        self.assertTrue(pool.everReady)
+        self.assertIs(pool.state, PoolState.RUNNING)
         return pool
 
     def process(self, worker: WorkerProcess) -> FakeProcess:
@@ -92,6 +94,9 @@ class PoolTestCase(SynchronousTestCase):
 
     def specOf(self, process: FakeProcess) -> WorkerSpec:
         return WorkerSpec.fromArgument(process.args[3])
+
+    def delays(self) -> list[float]:
+        return pendingDelays(self.reactor)
 
 
 class SpawnTests(PoolTestCase):
@@ -109,6 +114,7 @@ class SpawnTests(PoolTestCase):
             self.assertIs(process.proto, worker)
             self.assertIs(worker.state, WorkerState.STARTING)
             self.assertTrue(process.stdinClosed)
+        self.assertIs(pool.state, PoolState.STARTING)
 
     def test_commandLine(self) -> None:
         """
@@ -127,33 +133,62 @@ class SpawnTests(PoolTestCase):
     def test_specInArgv(self) -> None:
         """
         The only argument is the worker's L{WorkerSpec}: its number, the
-        protocol, this process as its parent, and one handle per listener at
-        descriptors 4, 5, ... in the listeners' order.
+        protocol, this process as its parent, one handle per listener at
+        descriptors 4, 5, ... in the listeners' order, and its settings.
         """
         listeners = [
             fakeListeningSocket("tcp:8080", fd=60, family="AF_INET"),
             fakeListeningSocket("unix:/run/m.sock", fd=61, family="AF_UNIX"),
         ]
-        self.startPool(2, listeners=listeners, protocol="myapp.web:factory")
-        specs = [self.specOf(process) for process in self.reactor.processes]
+        self.startPool(2, listeners=listeners, protocol="myapp.web:factory", gracefulTimeout=7.5)
         handles = (
             ListenerHandle(fd=4, family="AF_INET", description="tcp:8080"),
             ListenerHandle(fd=5, family="AF_UNIX", description="unix:/run/m.sock"),
         )
         self.assertEqual(
-            specs,
+            [self.specOf(process) for process in self.reactor.processes],
             [
                 WorkerSpec(
-                    number=n, protocol="myapp.web:factory", parentPid=os.getpid(), listeners=handles
+                    number=n,
+                    protocol="myapp.web:factory",
+                    parentPid=os.getpid(),
+                    listeners=handles,
+                    board=None,
+                    gracefulTimeout=7.5,
+                    heartbeatInterval=1.0,
+                    recycleAfter=None,
                 )
                 for n in (1, 2)
             ],
         )
 
+    def test_heartbeatInterval(self) -> None:
+        """
+        Workers beat four times per watchdog timeout, at most once a second;
+        with no watchdog, once a second.
+        """
+        for watchdog, interval in [(30.0, 1.0), (2.0, 0.5), (0.0, 1.0)]:
+            self.startPool(1, watchdogTimeout=watchdog)
+            [process] = self.reactor.processes
+            self.assertEqual(self.specOf(process).heartbeatInterval, interval)
+
+    def test_recycleAfterWithJitter(self) -> None:
+        """
+        With C{maxConnections}, each worker is told to ask for replacement
+        after that many connections plus a jitter of its own.
+        """
+        self.startPool(8, maxConnections=100, maxConnectionsJitter=10)
+        limits = [self.specOf(process).recycleAfter for process in self.reactor.processes]
+        for limit in limits:
+            assert limit is not None
+            self.assertTrue(100 <= limit <= 110, limits)
+        self.assertGreater(len(set(limits)), 1)
+
     def test_childFDs(self) -> None:
         """
-        A worker gets stdio, its control socket at descriptor 3 and one
-        descriptor per listener from 4 on: nothing else of the parent's.
+        A worker of an unbalanced pool gets stdio, its control socket at
+        descriptor 3 and one descriptor per listener from 4 on: nothing
+        else of the parent's.
         """
         listeners = [fakeListeningSocket(fd=60), fakeListeningSocket(fd=61)]
         self.startPool(1, listeners=listeners)
@@ -190,6 +225,7 @@ class SpawnTests(PoolTestCase):
             self.assertEqual(spec.board.fd, 5)
             self.assertEqual(sorted(process.childFDs), [0, 1, 2, CONTROL_FD, 4, 5])
             boards.append((process.childFDs[5], spec.board.slot))
+        self.addCleanup(os.close, boards[0][0])
         self.assertEqual(boards[0][0], boards[1][0])
         self.assertEqual(sorted(slot for _, slot in boards), [0, 1])
         [described, _] = self.reactor.descriptorsAtSpawn
@@ -243,54 +279,29 @@ class SpawnTests(PoolTestCase):
         """
         with capturedLogs() as events:
             self.startPool(2)
-        self.assertIn("started worker 1 (pid 1000)", texts(events))
-        self.assertIn("started worker 2 (pid 1001)", texts(events))
+        self.assertIn("started worker 1 (pid 1000, generation 1)", texts(events))
+        self.assertIn("started worker 2 (pid 1001, generation 1)", texts(events))
 
     def test_allReadyLoggedOnce(self) -> None:
         """
-        When the last worker becomes ready, the pool logs that all are ready
-        and where, once.
+        When the last worker becomes ready, the pool runs and logs that all
+        are ready and where, once.
         """
         pool = self.startPool(2)
         with capturedLogs() as events:
             pool.workers[0].ready()
+            self.assertIs(pool.state, PoolState.STARTING)
             self.assertNotIn("all 2 workers ready on 127.0.0.1:7007", texts(events))
             pool.workers[1].ready()
+        self.assertIs(pool.state, PoolState.RUNNING)
         self.assertEqual(texts(events).count("all 2 workers ready on 127.0.0.1:7007"), 1)
 
 
-class TransitionTests(PoolTestCase):
-    def test_table(self) -> None:
-        """
-        Every state/event pair leads where the lifecycle says, and an event
-        that makes no sense in a state leaves the worker there.
-        """
-        S = WorkerState
-        expected = {
-            (S.STARTING, "ready"): S.READY,
-            (S.STARTING, "stop"): S.STOPPING,
-            (S.STARTING, "exit"): S.STOPPED,
-            (S.READY, "ready"): S.READY,
-            (S.READY, "stop"): S.STOPPING,
-            (S.READY, "exit"): S.STOPPED,
-            (S.STOPPING, "ready"): S.STOPPING,
-            (S.STOPPING, "stop"): S.STOPPING,
-            (S.STOPPING, "exit"): S.STOPPED,
-            (S.STOPPED, "ready"): S.STOPPED,
-            (S.STOPPED, "stop"): S.STOPPED,
-            (S.STOPPED, "exit"): S.STOPPED,
-        }
-        for state, event in itertools.product(S, ["ready", "stop", "exit"]):
-            worker = WorkerProcess(self.makePool(), 1, 0.0)
-            worker.state = state
-            self.assertIs(worker.handle(event), expected[(state, event)], (state, event))
-            self.assertIs(worker.state, expected[(state, event)])
-        self.assertEqual(TRANSITIONS, {k: v for k, v in expected.items() if k[0] is not v})
-
+class WorkerStateTests(PoolTestCase):
     def test_lifecycle(self) -> None:
         """
         A worker is C{starting} when spawned, C{ready} once it says so,
-        C{stopping} when the pool stops and C{stopped} when it exits, and
+        C{draining} when the pool stops and C{stopped} when it exits, and
         then leaves the pool.
         """
         pool = self.startPool(1)
@@ -299,22 +310,43 @@ class TransitionTests(PoolTestCase):
         worker.ready()
         self.assertIs(worker.state, WorkerState.READY)
         pool.stopService()
-        self.assertIs(worker.state, WorkerState.STOPPING)
+        self.assertIs(worker.state, WorkerState.DRAINING)
         self.process(worker).end()
         self.assertIs(worker.state, WorkerState.STOPPED)
         self.assertEqual(pool.workers, [])
 
-    def test_readyWhileStoppingIgnored(self) -> None:
+    def test_exitWhileStarting(self) -> None:
         """
-        A worker told to stop before it was ready stays C{stopping} when its
-        ready report arrives, and does not make the pool ready.
+        A worker that exits before it was ready is C{stopped}.
+        """
+        pool = self.startPool(1)
+        [worker] = pool.workers
+        self.process(worker).end(3)
+        self.assertIs(worker.state, WorkerState.STOPPED)
+
+    def test_readyWhileDrainingIgnored(self) -> None:
+        """
+        A worker told to drain before it was ready stays C{draining} when
+        its ready report arrives, and does not make the pool run.
         """
         pool = self.startPool(1)
         [worker] = pool.workers
         pool.stopService()
         worker.ready()
-        self.assertIs(worker.state, WorkerState.STOPPING)
-        self.assertFalse(pool.everReady)
+        self.assertIs(worker.state, WorkerState.DRAINING)
+        self.assertIs(pool.state, PoolState.STOPPING)
+
+    def test_readyAfterExitIgnored(self) -> None:
+        """
+        A late ready report from a worker that has exited changes nothing.
+        """
+        pool = self.readyPool(2)
+        worker = self.workerIn(pool, 1)
+        self.reactor.advance(5)
+        self.process(worker).end(1)
+        worker.ready()
+        self.assertIs(worker.state, WorkerState.STOPPED)
+        self.assertNotIn(worker, pool.workers)
 
 
 class RestartTests(PoolTestCase):
@@ -325,7 +357,7 @@ class RestartTests(PoolTestCase):
         """
         spawned = len(self.reactor.processes)
         self.process(self.workerIn(pool, number)).end(exitCode)
-        [delay] = self.reactor.pendingDelays()
+        [delay] = self.delays()
         if delay:
             self.reactor.advance(delay - EPSILON)
             self.assertEqual(len(self.reactor.processes), spawned)
@@ -338,8 +370,7 @@ class RestartTests(PoolTestCase):
     def test_oldWorkerRespawnedAtOnce(self) -> None:
         """
         A worker that dies after living at least C{threshold} seconds is
-        replaced at once, in the same slot with the same number; the other
-        workers are left alone.
+        replaced at once, with the same number; the others are left alone.
         """
         pool = self.readyPool(2)
         first, second = pool.workers
@@ -369,8 +400,8 @@ class RestartTests(PoolTestCase):
 
     def test_delayResetsAfterLongLife(self) -> None:
         """
-        A worker that lives C{threshold} seconds resets its slot's delay:
-        it is replaced at once, and the next young death waits the minimum.
+        A worker that lives C{threshold} seconds resets the delay: it is
+        replaced at once, and the next young death waits the minimum.
         """
         pool = self.readyPool(1)
         self.assertEqual([self.dieAndRespawn(pool, 1) for _ in range(3)], [1.0, 2.0, 4.0])
@@ -378,24 +409,36 @@ class RestartTests(PoolTestCase):
         self.assertEqual(self.dieAndRespawn(pool, 1), 0.0)
         self.assertEqual(self.dieAndRespawn(pool, 1), 1.0)
 
-    def test_slotsBackOffSeparately(self) -> None:
+    def test_backoffIsPoolWide(self) -> None:
         """
-        The young deaths of one slot do not delay another slot's restart.
+        Young deaths of different workers share one backoff, so a crash
+        loop costs the same few spawns whatever the pool's size.
         """
-        pool = self.readyPool(2)
-        self.assertEqual([self.dieAndRespawn(pool, 1) for _ in range(3)], [1.0, 2.0, 4.0])
-        self.assertEqual([self.dieAndRespawn(pool, 2) for _ in range(2)], [0.0, 1.0])
+        pool = self.readyPool(3)
+        for number in (1, 2, 3):
+            self.process(self.workerIn(pool, number)).end(1)
+        self.assertEqual(self.delays(), [1.0, 2.0, 4.0])
+        self.reactor.advance(4.0)
+        self.assertEqual(
+            [self.specOf(process).number for process in self.reactor.processes[3:]], [1, 2, 3]
+        )
 
     def test_deathLoggedAsWarning(self) -> None:
         """
         A worker that dies while the pool runs is logged as a warning that
-        says how it ended.
+        says how it ended and repeats its last lines on stderr.
         """
         pool = self.readyPool(1)
+        process = self.process(pool.workers[0])
+        process.output(2, b"Traceback (most recent call last):\n  ...\nMemoryError\n")
         with capturedLogs() as events:
-            self.process(pool.workers[0]).end(signal=signal.SIGKILL)
-        [died] = [e for e in events if "died," in formatEvent(e)]
-        self.assertEqual(formatEvent(died), "worker 1 (pid 1000) died, signal 9 (SIGKILL)")
+            process.end(signal=signal.SIGKILL)
+        [died] = [e for e in events if " died: " in formatEvent(e)]
+        self.assertEqual(
+            formatEvent(died),
+            "worker 1 (pid 1000) died: signal 9 (SIGKILL); last words: "
+            "Traceback (most recent call last): |   ... | MemoryError",
+        )
         self.assertEqual(died["log_level"], LogLevel.warn)
 
 
@@ -404,7 +447,7 @@ class StartFailureTests(PoolTestCase):
         """
         A worker that reports why it cannot start and exits before the pool
         was ever ready makes the pool call C{onFatal} with one line naming
-        the worker and the reason; it is not replaced.
+        the worker and the reason, logged as critical; it is not replaced.
         """
         pool = self.startPool(2)
         events: list[LogEvent] = []
@@ -438,7 +481,7 @@ class StartFailureTests(PoolTestCase):
         When every worker fails to start, C{onFatal} is still called once.
         """
         pool = self.startPool(2)
-        for worker in pool.workers:
+        for worker in list(pool.workers):
             worker.failed("RuntimeError: no database")
             self.process(worker).end(3)
         self.assertEqual(len(self.fatal), 1)
@@ -471,7 +514,7 @@ class StartFailureTests(PoolTestCase):
         Once every worker is ready the start deadline is gone.
         """
         pool = self.readyPool(2)
-        self.assertEqual(self.reactor.pendingDelays(), [])
+        self.assertEqual(self.delays(), [])
         self.reactor.advance(pool.startTimeout * 2)
         self.assertEqual(self.fatal, [])
 
@@ -484,7 +527,7 @@ class StartFailureTests(PoolTestCase):
         worker.failed("RuntimeError: no database")
         self.process(worker).end(3)
         self.assertEqual(self.fatal, [])
-        self.assertEqual(self.reactor.pendingDelays(), [pool.minRestartDelay])
+        self.assertEqual(self.delays(), [pool.minRestartDelay])
 
 
 class StopTests(PoolTestCase):
@@ -493,16 +536,17 @@ class StopTests(PoolTestCase):
         Stopping sends C{Drain} with the graceful timeout over each
         connected worker's control channel, and signals nobody.
         """
-        pool = self.readyPool(2)
+        pool = self.readyPool(2, gracefulTimeout=12.0)
         controls = []
         for worker in pool.workers:
             worker.control = FakeControl()  # type: ignore[assignment]
             controls.append(worker.control)
         pool.stopService()
+        self.assertIs(pool.state, PoolState.STOPPING)
         for worker, control in zip(pool.workers, controls, strict=True):
-            self.assertEqual(control.calls, [(Drain, {"timeout": pool.gracefulTimeout})])
+            self.assertEqual(control.calls, [(Drain, {"timeout": 12.0})])
             self.assertEqual(self.process(worker).signals, [])
-            self.assertIs(worker.state, WorkerState.STOPPING)
+            self.assertIs(worker.state, WorkerState.DRAINING)
 
     def test_terminatesUnconnectedWorkers(self) -> None:
         """
@@ -514,7 +558,7 @@ class StopTests(PoolTestCase):
         self.workerIn(pool, 2).control = closed  # type: ignore[assignment]
         pool.stopService()
         for worker in pool.workers:
-            self.assertEqual(self.process(worker).signals, ["TERM"])
+            self.assertEqual(self.process(worker).signals, [signal.SIGTERM])
         self.assertEqual(closed.calls, [])
 
     def test_firesWhenAllExited(self) -> None:
@@ -529,6 +573,7 @@ class StopTests(PoolTestCase):
         self.assertNoResult(d)
         self.process(second).end(signal=signal.SIGTERM)
         self.assertIsNone(self.successResultOf(d))
+        self.assertIs(pool.state, PoolState.STOPPED)
 
     def test_killAfterGracePeriod(self) -> None:
         """
@@ -538,37 +583,37 @@ class StopTests(PoolTestCase):
         pool = self.readyPool(1)
         [worker] = pool.workers
         d = pool.stopService()
-        self.reactor.advance(pool.gracefulTimeout + pool.killTime - EPSILON)
-        self.assertEqual(self.process(worker).signals, ["TERM"])
+        self.reactor.advance(pool.settings.gracefulTimeout + pool.killTime - EPSILON)
+        self.assertEqual(self.process(worker).signals, [signal.SIGTERM])
         self.reactor.advance(EPSILON)
-        self.assertEqual(self.process(worker).signals, ["TERM", "KILL"])
+        self.assertEqual(self.process(worker).signals, [signal.SIGTERM, signal.SIGKILL])
         self.assertNoResult(d)
         self.process(worker).end(signal=signal.SIGKILL)
         self.successResultOf(d)
 
     def test_exitCancelsKill(self) -> None:
         """
-        A worker that exits in time leaves no kill pending.
+        A worker that exits in time leaves no timer pending.
         """
         pool = self.readyPool(1)
         [worker] = pool.workers
         pool.stopService()
         self.process(worker).end()
-        self.assertEqual(self.reactor.pendingDelays(), [])
-        self.reactor.advance(pool.gracefulTimeout + pool.killTime)
-        self.assertEqual(self.process(worker).signals, ["TERM"])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.reactor.advance(pool.settings.gracefulTimeout + pool.killTime)
+        self.assertEqual(self.process(worker).signals, [signal.SIGTERM])
 
-    def test_stopTwiceSignalsOnce(self) -> None:
+    def test_drainTwiceSignalsOnce(self) -> None:
         """
-        Asking a stopping worker to stop again sends nothing more and sets
+        Asking a draining worker to drain again sends nothing more and sets
         no second kill timer.
         """
         pool = self.readyPool(1)
         [worker] = pool.workers
-        worker.stop(1.0, 1.0)
-        worker.stop(1.0, 1.0)
-        self.assertEqual(self.process(worker).signals, ["TERM"])
-        self.assertEqual(self.reactor.pendingDelays(), [2.0])
+        worker.drain("stop", 1.0, 1.0)
+        worker.drain("stop", 1.0, 1.0)
+        self.assertEqual(self.process(worker).signals, [signal.SIGTERM])
+        self.assertEqual(self.delays(), [2.0])
 
     def test_noRespawnAfterStop(self) -> None:
         """
@@ -579,7 +624,7 @@ class StopTests(PoolTestCase):
         self.reactor.advance(5)
         pool.stopService()
         with capturedLogs() as events:
-            for worker in pool.workers:
+            for worker in list(pool.workers):
                 self.process(worker).end(1)
         self.reactor.advance(pool.maxRestartDelay * 2)
         self.assertEqual(len(self.reactor.processes), 2)
@@ -594,10 +639,10 @@ class StopTests(PoolTestCase):
         """
         pool = self.readyPool(1)
         self.process(pool.workers[0]).end(1)
-        self.assertEqual(self.reactor.pendingDelays(), [pool.minRestartDelay])
+        self.assertEqual(self.delays(), [pool.minRestartDelay])
         d = pool.stopService()
         self.successResultOf(d)
-        self.assertEqual(self.reactor.pendingDelays(), [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.reactor.advance(pool.maxRestartDelay)
         self.assertEqual(len(self.reactor.processes), 1)
 
@@ -609,6 +654,135 @@ class StopTests(PoolTestCase):
         pool = self.startPool(1)
         pool.stopService()
         self.reactor.advance(pool.startTimeout)
+        self.assertEqual(self.fatal, [])
+
+    def test_killAll(self) -> None:
+        """
+        C{killAll} kills every worker at once, draining or not.
+        """
+        pool = self.readyPool(2)
+        pool.stopService()
+        pool.killAll()
+        for worker in pool.workers:
+            self.assertEqual(self.process(worker).signals, [signal.SIGTERM, signal.SIGKILL])
+
+
+class ReplacementTests(PoolTestCase):
+    def test_replacementStartsFirst(self) -> None:
+        """
+        A worker to be replaced keeps serving until its replacement, with
+        the same number, is ready; only then is it drained.
+        """
+        pool = self.readyPool(2)
+        old = self.workerIn(pool, 1)
+        old.askedToBeReplaced("accepted 1000 connections")
+        [new] = [w for w in pool.workers if w.replaces is old]
+        self.assertEqual((new.number, old.stopReason), (1, "recycle"))
+        self.assertIs(old.state, WorkerState.READY)
+        self.assertEqual(self.process(old).signals, [])
+        new.ready()
+        self.assertIs(old.state, WorkerState.DRAINING)
+        self.assertEqual(self.process(old).signals, [signal.SIGTERM])
+        self.process(old).end()
+        self.assertEqual(self.delays(), [])
+        self.assertEqual(sorted(w.number for w in pool.workers), [1, 2])
+        self.assertEqual(pool.restarts["recycle"], 1)
+
+    def test_replacedOnce(self) -> None:
+        """
+        A second request to replace the same worker starts nothing more.
+        """
+        pool = self.readyPool(1)
+        [old] = pool.workers
+        old.askedToBeReplaced("accepted 1000 connections")
+        old.askedToBeReplaced("accepted 1000 connections")
+        self.assertEqual(len(self.reactor.processes), 2)
+
+    def test_noReplacementWhileStarting(self) -> None:
+        """
+        Nothing is replaced before the pool runs.
+        """
+        pool = self.startPool(1)
+        [worker] = pool.workers
+        worker.ready()
+        pool.state = PoolState.STARTING
+        worker.askedToBeReplaced("accepted 1000 connections")
+        self.assertEqual(len(self.reactor.processes), 1)
+
+
+class WatchdogTests(PoolTestCase):
+    def test_silentWorkerDumpedThenKilled(self) -> None:
+        """
+        A ready worker silent for longer than the watchdog timeout is sent
+        SIGUSR1 (its stacks go to the log), then SIGKILL, and is replaced
+        once it is gone.
+        """
+        pool = self.readyPool(1, watchdogTimeout=3.0)
+        [worker] = pool.workers
+        self.reactor.advance(3.0)
+        self.assertEqual(self.process(worker).signals, [])
+        self.reactor.advance(1.0)
+        self.assertEqual(self.process(worker).signals, [signal.SIGUSR1])
+        self.reactor.advance(pool.stackDumpGrace)
+        self.assertEqual(self.process(worker).signals, [signal.SIGUSR1, signal.SIGKILL])
+        self.process(worker).end(signal=signal.SIGKILL)
+        self.assertEqual(len(self.reactor.processes), 2)
+        self.assertEqual(pool.restarts["watchdog"], 1)
+
+    def test_heartbeatKeepsAlive(self) -> None:
+        """
+        A worker that beats is left alone.
+        """
+        pool = self.readyPool(1, watchdogTimeout=3.0)
+        [worker] = pool.workers
+        for _ in range(10):
+            self.reactor.advance(1.0)
+            worker.heartbeat(accepted=5, open=2)
+        self.assertEqual(self.process(worker).signals, [])
+
+    def test_noWatchdog(self) -> None:
+        """
+        A watchdog timeout of 0 turns the watchdog off.
+        """
+        pool = self.readyPool(1, watchdogTimeout=0.0)
+        self.reactor.advance(1000)
+        self.assertEqual(self.process(pool.workers[0]).signals, [])
+
+
+class ReloadTests(PoolTestCase):
+    def test_newGenerationFirst(self) -> None:
+        """
+        A reload starts a whole new generation beside the old one and
+        drains the old only once every new worker is ready.
+        """
+        pool = self.readyPool(2)
+        old = list(pool.workers)
+        pool.reload()
+        self.assertIs(pool.state, PoolState.RELOADING)
+        new = [w for w in pool.workers if w.generation == 2]
+        self.assertEqual([w.number for w in new], [1, 2])
+        new[0].ready()
+        self.assertEqual([w.state for w in old], [WorkerState.READY] * 2)
+        new[1].ready()
+        self.assertEqual([w.state for w in old], [WorkerState.DRAINING] * 2)
+        self.assertIs(pool.state, PoolState.RUNNING)
+        self.assertEqual(pool.generation, 2)
+
+    def test_failedReloadKeepsOld(self) -> None:
+        """
+        If a new worker dies before the new generation is ready, the new
+        generation is killed and the old one keeps serving.
+        """
+        pool = self.readyPool(2)
+        old = list(pool.workers)
+        pool.reload()
+        new = [w for w in pool.workers if w.generation == 2]
+        new[0].failed("SyntaxError: invalid syntax")
+        self.process(new[0]).end(3)
+        self.assertEqual(self.process(new[1]).signals, [signal.SIGKILL])
+        self.assertEqual([w.state for w in old], [WorkerState.READY] * 2)
+        self.assertIs(pool.state, PoolState.RUNNING)
+        self.assertEqual(pool.generation, 1)
         self.assertEqual(self.fatal, [])
 
 
@@ -643,7 +817,7 @@ class DescribeExitTests(SynchronousTestCase):
 
 
 class OutputTests(PoolTestCase):
-    def lines(self, events: list[dict[str, object]]) -> list[tuple[object, object, object]]:
+    def lines(self, events: Sequence[LogEvent]) -> list[tuple[Any, Any, Any]]:
         return [(e["log_level"], e["log_system"], e["line"]) for e in events if "line" in e]
 
     def test_linesLoggedWithSystemAndLevel(self) -> None:
@@ -661,7 +835,7 @@ class OutputTests(PoolTestCase):
             process.output(2, b" recent call last):\n")
         system = "worker 2 pid 1001"
         self.assertEqual(
-            self.lines(events),  # type: ignore[arg-type]
+            self.lines(events),
             [
                 (LogLevel.info, system, "hello"),
                 (LogLevel.info, system, "world"),
@@ -677,9 +851,8 @@ class OutputTests(PoolTestCase):
         process = self.process(pool.workers[0])
         with capturedLogs() as events:
             process.output(2, b"Segmentation fault")
-            self.assertEqual(self.lines(events), [])  # type: ignore[arg-type]
+            self.assertEqual(self.lines(events), [])
             process.end(signal=signal.SIGSEGV)
         self.assertEqual(
-            self.lines(events),  # type: ignore[arg-type]
-            [(LogLevel.warn, "worker 1 pid 1000", "Segmentation fault")],
+            self.lines(events), [(LogLevel.warn, "worker 1 pid 1000", "Segmentation fault")]
         )

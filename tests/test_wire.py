@@ -7,6 +7,7 @@ connected in memory.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
 from hypothesis import given
@@ -16,10 +17,18 @@ from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._logforward import ForwardingObserver
-from maccept._pool import ParentControl, WorkerPool, WorkerProcess, WorkerState
-from maccept._wire import ListenerHandle, WorkerSpec
+from maccept._pool import PoolSettings, WorkerPool
+from maccept._states import PoolState, WorkerState
+from maccept._wire import BoardHandle, ListenerHandle, WorkerSpec
 from maccept._worker import EXIT_START_FAILED, Worker, WorkerControl
-from tests.fakes import FakeProcess, ProcessMemoryReactor, WorkerMemoryReactor, realDescriptor
+from maccept._workerprocess import ParentControl, WorkerProcess
+from tests.fakes import (
+    FakeProcess,
+    ProcessMemoryReactor,
+    WorkerMemoryReactor,
+    pendingDelays,
+    realDescriptor,
+)
 
 FAMILIES = ["AF_INET", "AF_INET6", "AF_UNIX"]
 
@@ -29,12 +38,17 @@ handles = st.builds(
     family=st.sampled_from(FAMILIES),
     description=st.text(),
 )
+seconds = st.floats(min_value=0, max_value=1e9, allow_nan=False, allow_infinity=False)
 specs = st.builds(
     WorkerSpec,
     number=st.integers(min_value=1, max_value=10_000),
     protocol=st.text(),
     parentPid=st.integers(min_value=1, max_value=2**31 - 1),
     listeners=st.lists(handles, max_size=5).map(tuple),
+    board=st.none() | st.builds(BoardHandle, fd=st.integers(0, 1024), slot=st.integers(0, 1023)),
+    gracefulTimeout=seconds,
+    heartbeatInterval=seconds,
+    recycleAfter=st.none() | st.integers(min_value=1),
 )
 
 
@@ -92,11 +106,12 @@ class ControlChannelTests(SynchronousTestCase):
         protocol: str = "echo",
         forwarder: ForwardingObserver | None = None,
         listeners: tuple[ListenerHandle, ...] = (),
+        recycleAfter: int | None = None,
     ) -> None:
         self.parentReactor = ProcessMemoryReactor()
         self.fatal: list[str] = []
         self.pool = WorkerPool(
-            self.parentReactor, [], "echo", 1, onFatal=self.fatal.append, balance=False
+            self.parentReactor, [], PoolSettings(size=1, balance=False), onFatal=self.fatal.append
         )
         self.pool.startService()
         [self.process] = self.parentReactor.processes
@@ -106,7 +121,13 @@ class ControlChannelTests(SynchronousTestCase):
 
         self.workerReactor = WorkerMemoryReactor()
         self.workerReactor.running = True
-        spec = WorkerSpec(number=1, protocol=protocol, parentPid=os.getpid(), listeners=listeners)
+        spec = WorkerSpec(
+            number=1,
+            protocol=protocol,
+            parentPid=os.getpid(),
+            listeners=listeners,
+            recycleAfter=recycleAfter,
+        )
         self.worker = Worker(self.workerReactor, spec)
         self.forwarder = forwarder or ForwardingObserver()
         # In a worker process the forwarder is the only log observer.
@@ -142,7 +163,7 @@ class ControlChannelTests(SynchronousTestCase):
         self.assertIs(self.workerProcess.state, WorkerState.STARTING)
         self.pump.flush()
         self.assertIs(self.workerProcess.state, WorkerState.READY)
-        self.assertTrue(self.pool.everReady)
+        self.assertIs(self.pool.state, PoolState.RUNNING)
 
     def test_workerFailed(self) -> None:
         """
@@ -194,17 +215,48 @@ class ControlChannelTests(SynchronousTestCase):
         d = self.pool.stopService()
         self.pump.flush()
         self.assertFalse(self.workerReactor.ports[0].reading)
-        self.assertEqual(
-            [call.getTime() for call in self.workerReactor.getDelayedCalls()],
-            [self.pool.gracefulTimeout],
-        )
+        self.assertIn(self.pool.settings.gracefulTimeout, pendingDelays(self.workerReactor))
         self.assertTrue(self.workerReactor.running)
         connection.lose()
+        self.pump.flush()
         self.assertFalse(self.workerReactor.running)
         self.assertEqual(self.fakeProcess.signals, [])
         self.assertNoResult(d)
         self.fakeProcess.end()
         self.successResultOf(d)
+
+    def test_heartbeat(self) -> None:
+        """
+        The worker's heartbeats reach its process in the parent, which
+        notes when it last heard one and the worker's counts.
+        """
+        self.connect(listeners=(ListenerHandle(realDescriptor(self), "AF_INET", "tcp:0"),))
+        self.worker.start()
+        self.pump.flush()
+        self.workerReactor.ports[0].accept()
+        self.parentReactor.advance(5.0)
+        self.workerReactor.advance(self.worker.spec.heartbeatInterval)
+        self.pump.flush()
+        self.assertEqual(self.workerProcess.lastHeartbeat, 5.0)
+        self.assertEqual(self.workerProcess.stats["accepted"], 1)
+        self.assertEqual(self.workerProcess.stats["open"], 1)
+
+    def test_replaceMe(self) -> None:
+        """
+        A worker that reached its connection limit asks to be replaced:
+        the pool starts a replacement for it and keeps it serving.
+        """
+        self.connect(
+            listeners=(ListenerHandle(realDescriptor(self), "AF_INET", "tcp:0"),), recycleAfter=1
+        )
+        self.worker.start()
+        self.pump.flush()
+        self.workerReactor.ports[0].accept()
+        self.pump.flush()
+        self.assertEqual(len(self.parentReactor.processes), 2)
+        self.assertIs(self.parentReactor.processes[1].proto.replaces, self.workerProcess)
+        self.assertEqual(self.workerProcess.stopReason, "recycle")
+        self.assertIs(self.workerProcess.state, WorkerState.READY)
 
     def test_parentGone(self) -> None:
         """
@@ -216,4 +268,4 @@ class ControlChannelTests(SynchronousTestCase):
         self.pump.flush()
         self.assertFalse(self.workerReactor.running)
         self.pool.stopService()
-        self.assertEqual(self.fakeProcess.signals, ["TERM"])
+        self.assertEqual(self.fakeProcess.signals, [signal.SIGTERM])

@@ -1,25 +1,36 @@
 """
-A worker's life: start (adopt and report), drain and exit, driven by a fake
-reactor and a fake control channel.
+A worker's life: start (adopt and report), serve, drain and exit, driven by
+a fake reactor and a fake control channel.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from maccept._logforward import ForwardingObserver
 from maccept._protocols import Echo
-from maccept._wire import ListenerHandle, WorkerFailed, WorkerReady, WorkerSpec
+from maccept._wire import (
+    Heartbeat,
+    ListenerHandle,
+    ReplaceMe,
+    WorkerFailed,
+    WorkerReady,
+    WorkerSpec,
+)
 from maccept._worker import EXIT_START_FAILED, Worker, WorkerControl
-from tests.fakes import FakeControl, WorkerMemoryReactor, realDescriptor
+from maccept.interfaces import IWorkerLifecycle
+from tests.fakes import FakeControl, WorkerMemoryReactor, pendingDelays, realDescriptor
 
 EPSILON = 1 / 64
 
@@ -31,12 +42,35 @@ def brokenFactory() -> Factory:
     raise RuntimeError("no database")
 
 
+@implementer(IWorkerLifecycle)
+class HookedFactory(Factory):
+    """
+    A factory with start-up code: C{workerStarting} returns C{starting}.
+    """
+
+    protocol = Echo
+    starting: Any = None
+
+    def workerStarting(self, reactor: Any) -> Any:
+        return self.starting
+
+    def workerDraining(self) -> None:
+        pass
+
+    def workerStopping(self) -> None:
+        pass
+
+
+HOOKED = HookedFactory()
+
+
 class WorkerTestCase(SynchronousTestCase):
     def makeWorker(
         self,
         protocol: str = "echo",
         families: tuple[str, ...] = ("AF_INET",),
         control: FakeControl | None = None,
+        recycleAfter: int | None = None,
     ) -> Worker:
         """
         A worker on a running fake reactor, with real descriptors for its
@@ -48,7 +82,13 @@ class WorkerTestCase(SynchronousTestCase):
             ListenerHandle(fd=realDescriptor(self), family=family, description=f"listener {n}")
             for n, family in enumerate(families)
         )
-        spec = WorkerSpec(number=2, protocol=protocol, parentPid=os.getppid(), listeners=handles)
+        spec = WorkerSpec(
+            number=2,
+            protocol=protocol,
+            parentPid=os.getppid(),
+            listeners=handles,
+            recycleAfter=recycleAfter,
+        )
         worker = Worker(self.reactor, spec)
         self.events: list[LogEvent] = []
         worker.log = Logger(observer=self.events.append)
@@ -59,7 +99,7 @@ class WorkerTestCase(SynchronousTestCase):
     def startedWorker(self, families: tuple[str, ...] = ("AF_INET", "AF_UNIX")) -> Worker:
         worker = self.makeWorker(families=families)
         worker.start()
-        self.assertEqual(self.control.commands(), [WorkerReady])
+        self.assertEqual(self.control.commands()[:1], [WorkerReady])
         return worker
 
     def assertExited(self, worker: Worker, code: int) -> None:
@@ -75,8 +115,8 @@ class StartTests(WorkerTestCase):
     def test_adoptsEveryListener(self) -> None:
         """
         C{start} adopts each listener's descriptor with its own address
-        family and one protocol factory built from the spec, then reports
-        ready with the worker's pid.
+        family and one protocol factory built from the spec, accepts on
+        every port, then reports ready with the worker's pid.
         """
         worker = self.makeWorker(families=("AF_INET", "AF_INET6", "AF_UNIX"))
         fds = [handle.fd for handle in worker.spec.listeners]
@@ -89,10 +129,10 @@ class StartTests(WorkerTestCase):
         factories = {id(factory) for _, _, factory in adopted}
         self.assertEqual(len(factories), 1)
         self.assertIsInstance(adopted[0][2].buildProtocol(None), Echo)
-        self.assertEqual(self.control.calls, [(WorkerReady, {"pid": os.getpid()})])
         self.assertEqual(worker.ports, self.reactor.ports)
+        self.assertEqual([port.reading for port in self.reactor.ports], [True] * 3)
+        self.assertEqual(self.control.calls, [(WorkerReady, {"pid": os.getpid()})])
         self.assertTrue(self.reactor.running)
-        self.assertEqual(worker.exitCode, 0)
 
     def test_closesInheritedDescriptors(self) -> None:
         """
@@ -116,6 +156,36 @@ class StartTests(WorkerTestCase):
         first.lose()
         self.assertEqual(worker.tracker.open, {second})
 
+    def test_startHookBeforeAccepting(self) -> None:
+        """
+        A factory's C{workerStarting} hook runs after adoption and before
+        any accept: the ports read, and the worker reports ready, only once
+        the hook's Deferred fires.
+        """
+        starting: defer.Deferred[None] = defer.Deferred()
+        self.patch(HOOKED, "starting", starting)
+        worker = self.makeWorker(protocol="tests.test_worker:HOOKED")
+        worker.start()
+        self.assertEqual(len(self.reactor.ports), 1)
+        self.assertFalse(self.reactor.ports[0].reading)
+        self.assertEqual(self.control.calls, [])
+        starting.callback(None)
+        self.assertTrue(self.reactor.ports[0].reading)
+        self.assertEqual(self.control.commands(), [WorkerReady])
+
+    def test_failingStartHook(self) -> None:
+        """
+        A start hook that fails makes the worker fail to start, saying why.
+        """
+        self.patch(HOOKED, "starting", defer.fail(ValueError("bad config")))
+        worker = self.makeWorker(protocol="tests.test_worker:HOOKED")
+        worker.start()
+        self.assertEqual(
+            self.control.calls[0], (WorkerFailed, {"reason": "ValueError: bad config"})
+        )
+        self.assertFalse(self.reactor.ports[0].reading)
+        self.assertExited(worker, EXIT_START_FAILED)
+
     def test_factoryRaises(self) -> None:
         """
         A protocol whose factory callable raises makes C{start} report
@@ -125,10 +195,10 @@ class StartTests(WorkerTestCase):
         worker = self.makeWorker(protocol="tests.test_worker:brokenFactory")
         worker.start()
         self.assertEqual(
-            self.control.calls, [(WorkerFailed, {"reason": "RuntimeError: no database"})]
+            self.control.calls[0], (WorkerFailed, {"reason": "RuntimeError: no database"})
         )
+        self.assertNotIn(WorkerReady, self.control.commands())
         self.assertEqual(self.reactor.adoptedPorts, [])
-        self.assertEqual(worker.exitCode, EXIT_START_FAILED)
         self.assertEqual(EXIT_START_FAILED, 3)
         self.assertExited(worker, 3)
         [failure] = [e["log_failure"] for e in self.events if "log_failure" in e]
@@ -141,7 +211,7 @@ class StartTests(WorkerTestCase):
         """
         worker = self.makeWorker(protocol="no.such.module:factory")
         worker.start()
-        [(command, arguments)] = self.control.calls
+        command, arguments = self.control.calls[0]
         self.assertIs(command, WorkerFailed)
         self.assertTrue(
             arguments["reason"].startswith(
@@ -149,7 +219,7 @@ class StartTests(WorkerTestCase):
             ),
             arguments["reason"],
         )
-        self.assertEqual(worker.exitCode, EXIT_START_FAILED)
+        self.assertExited(worker, EXIT_START_FAILED)
 
     def test_exitsOnlyOnceTheParentHeard(self) -> None:
         """
@@ -160,10 +230,44 @@ class StartTests(WorkerTestCase):
             protocol="tests.test_worker:brokenFactory", control=FakeControl(autoAnswer=False)
         )
         worker.start()
+        self.assertEqual(self.control.commands(), [WorkerFailed])
         self.assertTrue(self.reactor.running)
-        self.control.answers[0].errback(Failure(ConnectionDone()))
-        self.assertEqual(worker.exitCode, EXIT_START_FAILED)
+        self.control.answers.pop(0).errback(Failure(ConnectionDone()))
+        self.control.answerAll()
         self.assertExited(worker, EXIT_START_FAILED)
+
+
+class ServingTests(WorkerTestCase):
+    def test_heartbeat(self) -> None:
+        """
+        A serving worker beats every C{heartbeatInterval} seconds with its
+        connection counts.
+        """
+        worker = self.startedWorker()
+        self.reactor.ports[0].accept()
+        self.reactor.ports[0].accept().lose()
+        self.reactor.advance(worker.spec.heartbeatInterval)
+        [beat] = [arguments for command, arguments in self.control.calls if command is Heartbeat]
+        self.assertEqual((beat["accepted"], beat["open"]), (2, 1))
+        self.reactor.advance(worker.spec.heartbeatInterval)
+        self.assertEqual(self.control.commands().count(Heartbeat), 2)
+
+    def test_recycleAfter(self) -> None:
+        """
+        A worker that has accepted C{recycleAfter} connections asks, once,
+        to be replaced, and goes on serving.
+        """
+        worker = self.makeWorker(recycleAfter=2)
+        worker.start()
+        port = self.reactor.ports[0]
+        port.accept()
+        self.assertNotIn(ReplaceMe, self.control.commands())
+        port.accept()
+        port.accept()
+        replaceMe = [arguments for command, arguments in self.control.calls if command is ReplaceMe]
+        self.assertEqual(replaceMe, [{"reason": "accepted 2 connections"}])
+        self.assertTrue(port.reading)
+        self.assertTrue(self.reactor.running)
 
 
 class DrainTests(WorkerTestCase):
@@ -182,14 +286,12 @@ class DrainTests(WorkerTestCase):
 
     def test_idleExitsAtOnce(self) -> None:
         """
-        With no connection open, draining exits with status 0 at once and
-        leaves no timer behind.
+        With no connection open, draining exits with status 0 at once.
         """
         worker = self.startedWorker()
         worker.drain(30.0)
-        self.assertEqual(worker.exitCode, 0)
         self.assertExited(worker, 0)
-        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertNotIn(30.0, pendingDelays(self.reactor))
 
     def test_waitsForOpenConnections(self) -> None:
         """
@@ -205,8 +307,7 @@ class DrainTests(WorkerTestCase):
         self.assertTrue(self.reactor.running)
         second.lose()
         self.assertExited(worker, 0)
-        self.assertEqual(worker.exitCode, 0)
-        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertNotIn(30.0, pendingDelays(self.reactor))
         self.assertFalse(first.aborted or second.aborted)
 
     def test_timeoutClosesAll(self) -> None:
@@ -234,7 +335,9 @@ class DrainTests(WorkerTestCase):
         self.reactor.ports[0].accept()
         worker.drain(30.0)
         worker.drain(5.0)
-        self.assertEqual([call.getTime() for call in self.reactor.getDelayedCalls()], [30.0])
+        delays = pendingDelays(self.reactor)
+        self.assertEqual(delays.count(30.0), 1)
+        self.assertNotIn(5.0, delays)
 
 
 class ParentGoneTests(WorkerTestCase):
@@ -247,7 +350,6 @@ class ParentGoneTests(WorkerTestCase):
         self.reactor.ports[0].accept()
         worker.parentGone()
         self.assertExited(worker, 0)
-        self.assertEqual(worker.exitCode, 0)
 
     def test_notRunning(self) -> None:
         """
@@ -261,7 +363,8 @@ class ParentGoneTests(WorkerTestCase):
     def test_controlClosedMeansParentGone(self) -> None:
         """
         The worker's control connection becomes its C{control} when made;
-        when it is lost, logs are no longer sent and the worker stops.
+        when it is lost, logs are kept for later instead of sent, and the
+        worker stops.
         """
         worker = self.makeWorker()
         forwarder = ForwardingObserver()
