@@ -129,6 +129,20 @@ class Options(usage.Options):
             "Replace a worker whose resident memory exceeds this many MiB (default: never).",
         ],
         [
+            "metrics",
+            None,
+            None,
+            "An endpoint description on which the parent serves /metrics "
+            "(Prometheus) and /healthz, e.g. tcp:9107:interface=127.0.0.1 (default: off).",
+        ],
+        [
+            "control",
+            None,
+            None,
+            "A UNIX socket path on which the parent takes maccept-ctl commands "
+            "(mode 0600; default: off).",
+        ],
+        [
             "balance",
             None,
             "even",
@@ -178,6 +192,11 @@ class Options(usage.Options):
                 checkDescription(description)
             except ListenError as e:
                 raise usage.UsageError(f"--listen {description}: {e}") from None
+        if self["metrics"] is not None:
+            try:
+                checkDescription(self["metrics"])
+            except ListenError as e:
+                raise usage.UsageError(f"--metrics {self['metrics']}: {e}") from None
         try:
             resolveProtocol(self["protocol"])
         except ProtocolSpecError as e:

@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from maccept._listening import ListeningSocket
@@ -35,6 +36,8 @@ class MacceptService(Service):
         self.listeners = list(listeners)
         self.pool = pool
         self.stopRequested = False
+        #: The parent's own ports (metrics, control), closed after the pool.
+        self.servicePorts: list[IListeningPort] = []
 
     def signalHandlers(self) -> dict[signal.Signals, Callable[[], None]]:
         """
@@ -76,4 +79,10 @@ class MacceptService(Service):
         stopped = self.pool.stopService()
         for listener in self.listeners:
             listener.close()
+        stopped.addCallback(lambda _: self._closeServicePorts())
         return stopped
+
+    def _closeServicePorts(self) -> defer.Deferred[Any]:
+        return defer.gatherResults(
+            [defer.maybeDeferred(port.stopListening) for port in self.servicePorts]
+        )

@@ -477,6 +477,15 @@ class WorkerPool(Service):
         self.log.info("scaling up to {size} workers", size=self.size)
         self._spawn(number, self.generation)
 
+    def scaleTo(self, size: int) -> None:
+        """
+        Add or drain workers until the pool has C{size}.
+        """
+        while self.size < size and self.state is PoolState.RUNNING:
+            self.scaleUp()
+        while self.size > max(1, size) and self.state is PoolState.RUNNING:
+            self.scaleDown()
+
     def scaleDown(self) -> None:
         if self.state is not PoolState.RUNNING:
             self.log.warn("scaling ignored: the pool is {state}", state=self.state.value)
@@ -557,10 +566,13 @@ class WorkerPool(Service):
 
     def _startTimedOut(self) -> None:
         if self.state is PoolState.STARTING:
-            self._fatal(f"no worker became ready within {self.startTimeout:.0f}s")
+            ready = sum(1 for w in self.serving() if w.state is WorkerState.READY)
+            which = "no worker" if ready == 0 else f"only {ready} of {self.size} workers"
+            self._fatal(f"{which} became ready within {self.startTimeout:.0f}s")
 
     def _fatal(self, message: str) -> None:
         self._cancelTimeout()
         self.transition("stop")
-        self.log.critical("{message}", message=message)
+        # Not "message": legacy observers treat that key as their own.
+        self.log.critical("{reason}", reason=message)
         self.onFatal(message)

@@ -13,10 +13,13 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+from typing import Any
 
 from twisted.application.service import IService
+from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort
 
-from maccept._listening import ListenError, ListeningSocket, listen
+from maccept._listening import ListenError, ListeningSocket, listen, listenNow
 from maccept._options import CommandLineOptions, fail
 from maccept._parent import MacceptService
 from maccept._pool import PoolSettings, WorkerPool
@@ -67,4 +70,41 @@ def makeService(options: CommandLineOptions) -> IService:
         exitWithStatus(1)
         reactor.stop()
 
-    return MacceptService(reactor, listeners, WorkerPool(reactor, listeners, settings, onFatal))
+    pool = WorkerPool(reactor, listeners, settings, onFatal)
+    service = MacceptService(reactor, listeners, pool)
+    service.servicePorts = listenServicePorts(reactor, options, service)
+    return service
+
+
+def listenServicePorts(
+    reactor: Any, options: CommandLineOptions, service: MacceptService
+) -> list[IListeningPort]:
+    """
+    The parent's own ports: metrics and health over HTTP, and the control
+    socket.  Failing to listen on one fails start-up with one line.
+    """
+    wanted: list[tuple[str, Any, Any]] = []
+    if options["metrics"] is not None:
+        from maccept._http import metricsSite
+
+        endpoint = serverFromString(reactor, options["metrics"])
+        wanted.append((f"--metrics {options['metrics']}", endpoint, metricsSite(service.pool)))
+    if options["control"] is not None:
+        from maccept._control import controlFactory
+
+        path = options["control"]
+        endpoint = UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=True)
+        wanted.append(
+            (f"--control {path}", endpoint, controlFactory(service.pool, service.requestStop))
+        )
+    ports = []
+    for option, endpoint, factory in wanted:
+        try:
+            ports.append(listenNow(endpoint, factory))
+        except ListenError as e:
+            for listener in service.listeners:
+                listener.close()
+            for port in ports:
+                port.stopListening()
+            fail(f"{option}: {e}")
+    return ports

@@ -1,0 +1,139 @@
+# -*- test-case-name: tests.test_control -*-
+"""
+The parent's control socket (C{--control PATH}): AMP over a UNIX socket
+that only its owner may use, for C{maccept-ctl}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from maccept._pool import WorkerPool, residentBytes
+from maccept._states import PoolState
+
+
+class ControlError(Exception):
+    """
+    The pool cannot do what was asked; the message says why.
+    """
+
+
+_ERRORS: dict[type[Exception], bytes] = {ControlError: b"CONTROL_ERROR"}
+
+
+class Status(amp.Command):
+    arguments = []
+    response = [
+        (b"state", amp.Unicode()),
+        (b"size", amp.Integer()),
+        (
+            b"workers",
+            amp.AmpList(
+                [
+                    (b"number", amp.Integer()),
+                    (b"pid", amp.Integer()),
+                    (b"state", amp.Unicode()),
+                    (b"generation", amp.Integer()),
+                    (b"open", amp.Integer()),
+                    (b"accepted", amp.Integer()),
+                    (b"rss", amp.Integer()),
+                    (b"uptime", amp.Float()),
+                ]
+            ),
+        ),
+    ]
+
+
+class Scale(amp.Command):
+    arguments = [(b"workers", amp.Integer())]
+    response = [(b"size", amp.Integer())]
+    errors = _ERRORS
+
+
+class Reload(amp.Command):
+    arguments = []
+    response = []
+    errors = _ERRORS
+
+
+class Stop(amp.Command):
+    arguments = []
+    response = []
+
+
+class ControlProtocol(amp.AMP):
+    """
+    One C{maccept-ctl} connection.  Anything that is not AMP closes the
+    connection, is logged, and leaves the server as it was.
+    """
+
+    log = Logger()
+
+    def __init__(self, pool: WorkerPool, stop: Any) -> None:
+        super().__init__()
+        self.pool = pool
+        self.stop = stop
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            super().dataReceived(data)
+        except Exception:
+            self.garbage()
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        # AMP keys are at most 255 bytes: a longer "key" is not AMP at all.
+        self.garbage()
+        super().lengthLimitExceeded(length)
+
+    def garbage(self) -> None:
+        self.log.warn("garbage on the control socket: closing that connection")
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    @Status.responder
+    def status(self) -> dict[str, Any]:
+        now = self.pool.reactor.seconds()
+        workers = [
+            {
+                "number": w.number,
+                "pid": w.pid or 0,
+                "state": w.state.value,
+                "generation": w.generation,
+                "open": w.stats["open"],
+                "accepted": w.stats["accepted"],
+                "rss": (residentBytes(w.pid) or 0) if w.pid else 0,
+                "uptime": max(0.0, now - w.startedAt),
+            }
+            for w in sorted(self.pool.workers, key=lambda w: (w.number, w.startedAt))
+        ]
+        return {"state": self.pool.state.value, "size": self.pool.size, "workers": workers}
+
+    @Scale.responder
+    def scale(self, workers: int) -> dict[str, Any]:
+        if workers < 1:
+            raise ControlError(f"the pool keeps at least one worker (asked for {workers})")
+        if self.pool.state is not PoolState.RUNNING:
+            raise ControlError(f"cannot scale while the pool is {self.pool.state.value}")
+        self.pool.scaleTo(workers)
+        return {"size": self.pool.size}
+
+    @Reload.responder
+    def reload(self) -> dict[str, Any]:
+        if self.pool.state is not PoolState.RUNNING:
+            raise ControlError(f"cannot reload while the pool is {self.pool.state.value}")
+        self.pool.reload()
+        return {}
+
+    @Stop.responder
+    def stopPool(self) -> dict[str, Any]:
+        self.pool.reactor.callLater(0, self.stop)
+        return {}
+
+
+def controlFactory(pool: WorkerPool, stop: Any) -> Factory[ControlProtocol]:
+    factory = Factory.forProtocol(lambda: ControlProtocol(pool, stop))
+    factory.noisy = False
+    return factory

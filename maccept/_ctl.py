@@ -1,0 +1,118 @@
+# -*- test-case-name: tests.test_control -*-
+"""
+C{maccept-ctl PATH COMMAND}: see and steer a running pool through its
+control socket (C{twistd maccept --control PATH}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, NoReturn
+
+from twisted.internet import defer, task
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectError
+from twisted.protocols import amp
+
+from maccept._control import ControlError, Reload, Scale, Status, Stop
+
+#: Exit statuses: a command the pool refused, and no pool to talk to.
+EXIT_REFUSED = 1
+EXIT_UNREACHABLE = 2
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"maccept-ctl: {message} (see maccept-ctl --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(prog="maccept-ctl", description=__doc__)
+    p.add_argument("path", help="the control socket (twistd maccept --control PATH)")
+    commands = p.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_OneLineParser
+    )
+    status = commands.add_parser("status", help="list the workers")
+    status.add_argument("--json", action="store_true", help="print JSON for machines")
+    scale = commands.add_parser("scale", help="set the number of workers")
+    scale.add_argument("workers", type=int)
+    commands.add_parser("reload", help="replace every worker, new ones first")
+    commands.add_parser("stop", help="stop gracefully")
+    return p
+
+
+def formatStatus(status: dict[str, Any]) -> str:
+    """
+    The C{status} table a person reads.
+    """
+    lines = [
+        f"pool: {status['state']}, {status['size']} workers wanted",
+        f"{'WORKER':>6} {'PID':>8} {'STATE':<9} {'GEN':>3} {'OPEN':>6} "
+        f"{'ACCEPTED':>9} {'RSS MiB':>8} {'UPTIME s':>9}",
+    ]
+    for w in status["workers"]:
+        lines.append(
+            f"{w['number']:>6} {w['pid']:>8} {w['state']:<9} {w['generation']:>3} "
+            f"{w['open']:>6} {w['accepted']:>9} {w['rss'] / 2**20:>8.1f} {w['uptime']:>9.0f}"
+        )
+    return "\n".join(lines)
+
+
+async def run(reactor: Any, options: argparse.Namespace) -> int:
+    endpoint = UNIXClientEndpoint(reactor, options.path, timeout=10)
+    try:
+        control = await connectProtocol(endpoint, amp.AMP())
+    except ConnectError as e:
+        return _unreachable(options.path, e)
+    try:
+        if options.command == "status":
+            status = await control.callRemote(Status)
+            print(json.dumps(status, indent=2) if options.json else formatStatus(status))
+        elif options.command == "scale":
+            result = await control.callRemote(Scale, workers=options.workers)
+            print(f"scaling to {result['size']} workers")
+        elif options.command == "reload":
+            await control.callRemote(Reload)
+            print("reloading")
+        elif options.command == "stop":
+            await control.callRemote(Stop)
+            print("stopping")
+    except ControlError as e:
+        print(f"maccept-ctl: {options.command}: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    finally:
+        control.transport.loseConnection()
+    return 0
+
+
+def _unreachable(path: str, error: Exception) -> int:
+    text = str(error).lower()
+    if "no such file" in text:
+        why = "no control socket there (is maccept running with --control?)"
+    elif "refused" in text:
+        why = "nothing listens there (a stale socket?)"
+    elif "permission" in text:
+        why = "permission denied"
+    else:
+        why = str(error)
+    print(f"maccept-ctl: {path}: {why}", file=sys.stderr)
+    return EXIT_UNREACHABLE
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    options = parser().parse_args(argv)
+
+    def _main(reactor: Any) -> defer.Deferred[None]:
+        return defer.Deferred.fromCoroutine(run(reactor, options)).addCallback(_exitWith)
+
+    task.react(_main)
+
+
+def _exitWith(code: int) -> None:
+    """
+    L{task.react} exits with the code of a C{SystemExit} its Deferred fails with.
+    """
+    if code:
+        raise SystemExit(code)

@@ -1,0 +1,64 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+The parent's HTTP endpoint (C{--metrics}): C{/metrics} for Prometheus and
+C{/healthz} for load balancers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from maccept._metrics import exposition, registryFor
+from maccept._pool import WorkerPool
+from maccept._states import PoolState, WorkerState
+
+
+def healthy(pool: WorkerPool) -> bool:
+    """
+    Whether a load balancer should send this host traffic: at least one
+    worker accepts, and the pool is not stopping.
+    """
+    if pool.state in (PoolState.STOPPING, PoolState.STOPPED):
+        return False
+    return any(w.state is WorkerState.READY for w in pool.workers)
+
+
+class MetricsResource(Resource):
+    isLeaf = True
+
+    def __init__(self, pool: WorkerPool) -> None:
+        super().__init__()
+        self.registry = registryFor(pool)
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return exposition(self.registry)
+
+
+class HealthResource(Resource):
+    isLeaf = True
+
+    def __init__(self, pool: WorkerPool) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        if healthy(self.pool):
+            return b"ok\n"
+        request.setResponseCode(503)
+        return f"unavailable: pool is {self.pool.state.value}\n".encode()
+
+
+def metricsSite(pool: WorkerPool) -> Site:
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(pool))
+    root.putChild(b"healthz", HealthResource(pool))
+    site = Site(root)
+    site.noisy = False
+    site.displayTracebacks = False
+    return site

@@ -1,0 +1,170 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+The pool's metrics in the Prometheus text format, aggregated over all
+workers in the parent: no files on disk, no directory that grows as
+workers come and go.
+
+Workers report their counters over the control channel; a collector reads
+the pool's view of them at scrape time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from maccept._listening import ListeningSocket
+from maccept._pool import WorkerPool, residentBytes
+from maccept._states import WorkerState
+
+#: struct tcp_info up to tcpi_sacked: for a listening socket the kernel puts
+#: the accept queue's length in tcpi_unacked and its limit in tcpi_sacked.
+_TCP_INFO = struct.Struct("=8B6I")
+
+
+def listenQueue(listener: ListeningSocket) -> tuple[int, int] | None:
+    """
+    C{(waiting, limit)}: connections the kernel has completed that no worker
+    has accepted yet, and the backlog limit; C{None} where the kernel does
+    not say (UNIX sockets) or the socket is closed.
+    """
+    if listener.family not in ("AF_INET", "AF_INET6"):
+        return None
+    try:
+        sock = socket.socket(fileno=os.dup(listener.fileno()))
+    except (OSError, AttributeError, TypeError):
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO.size)
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    fields = _TCP_INFO.unpack(raw[: _TCP_INFO.size])
+    return fields[8 + 4], fields[8 + 5]
+
+
+def cpuSeconds(pid: int) -> float | None:
+    """
+    User plus system CPU time of C{pid}, from C{/proc}.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class PoolCollector(Collector):
+    """
+    Everything C{/metrics} shows, read from the pool at scrape time.
+    """
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        pool = self.pool
+        workers = GaugeMetricFamily(
+            "maccept_workers", "Worker processes by state.", labels=["state"]
+        )
+        for state in WorkerState:
+            if state is not WorkerState.STOPPED:
+                count = sum(1 for w in pool.workers if w.state is state)
+                workers.add_metric([state.value], count)
+        yield workers
+
+        totals = pool.totals()
+        yield CounterMetricFamily(
+            "maccept_connections_accepted",
+            "Connections accepted by all workers, past and present.",
+            value=totals["accepted"],
+        )
+        yield GaugeMetricFamily(
+            "maccept_connections_open",
+            "Connections open now, over all workers.",
+            value=sum(w.stats["open"] for w in pool.workers),
+        )
+        yield CounterMetricFamily(
+            "maccept_bytes_received",
+            "Bytes received from clients by all workers, past and present.",
+            value=totals["bytesReceived"],
+        )
+        yield CounterMetricFamily(
+            "maccept_bytes_sent",
+            "Bytes sent to clients by all workers, past and present.",
+            value=totals["bytesSent"],
+        )
+        restarts = CounterMetricFamily(
+            "maccept_worker_restarts",
+            "Workers that left the pool, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(pool.restarts.items()):
+            restarts.add_metric([reason], count)
+        yield restarts
+        yield from self._perWorker()
+        yield from self._listenQueues()
+
+    def _perWorker(self) -> Iterator[Metric]:
+        labels = ["worker", "pid"]
+        memory = GaugeMetricFamily(
+            "maccept_worker_resident_memory_bytes", "Resident memory of each worker.", labels=labels
+        )
+        cpu = CounterMetricFamily(
+            "maccept_worker_cpu_seconds", "CPU time (user + system) of each worker.", labels=labels
+        )
+        lag = GaugeMetricFamily(
+            "maccept_worker_reactor_lag_seconds",
+            "How late each worker's reactor ran a timed call, worst over the last heartbeat.",
+            labels=labels,
+        )
+        for worker in self.pool.workers:
+            if worker.pid is None:
+                continue
+            key = [str(worker.number), str(worker.pid)]
+            rss, seconds = residentBytes(worker.pid), cpuSeconds(worker.pid)
+            if rss is not None:
+                memory.add_metric(key, rss)
+            if seconds is not None:
+                cpu.add_metric(key, seconds)
+            lag.add_metric(key, worker.stats["lag"])
+        yield from (memory, cpu, lag)
+
+    def _listenQueues(self) -> Iterator[Metric]:
+        waiting = GaugeMetricFamily(
+            "maccept_listen_backlog",
+            "Connections the kernel completed that no worker has accepted yet.",
+            labels=["listen"],
+        )
+        limit = GaugeMetricFamily(
+            "maccept_listen_backlog_limit", "The listen backlog limit.", labels=["listen"]
+        )
+        for listener in self.pool.listeners:
+            queue = listenQueue(listener)
+            if queue is not None:
+                waiting.add_metric([listener.description], queue[0])
+                limit.add_metric([listener.description], queue[1])
+        yield from (waiting, limit)
+
+
+def registryFor(pool: WorkerPool) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PoolCollector(pool))
+    return registry
+
+
+def exposition(registry: Any) -> bytes:
+    """
+    The registry's metrics in the Prometheus text format.
+    """
+    from prometheus_client import generate_latest
+
+    return generate_latest(registry)
