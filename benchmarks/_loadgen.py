@@ -76,9 +76,21 @@ class Load:
     host: str = "127.0.0.1"
 
     def command(self) -> list[str]:
-        args = [str(BINARY), "-m", self.mode, "-c", str(self.connections),
-                "-t", str(self.threads), "-d", str(self.duration), "-w", str(self.warmup),
-                "-a", str(self.sources)]  # fmt: skip
+        args = [
+            str(BINARY),
+            "-m",
+            self.mode,
+            "-c",
+            str(self.connections),
+            "-t",
+            str(self.threads),
+            "-d",
+            str(self.duration),
+            "-w",
+            str(self.warmup),
+            "-a",
+            str(self.sources),
+        ]
         if self.size is not None:
             args += ["-s", str(self.size)]
         return [*args, f"{self.host}:{self.port}"]
@@ -121,10 +133,10 @@ def run(load: Load, cpus: set[int]) -> dict[str, Any]:
     return _parse(done.stdout, load)
 
 
-class Burst:
+class Background:
     """
-    A burst run in the background: open the connections, say so on stderr,
-    hold them while the caller inspects the server, then exit.
+    A load generator run in the background, for measurements that act on
+    the server while the load runs: count a burst's connections, reload.
     """
 
     def __init__(self, load: Load, cpus: set[int]) -> None:
@@ -139,7 +151,8 @@ class Burst:
 
     def waitOpen(self) -> int:
         """
-        Block until every connect has finished; return how many did.
+        Burst mode: block until every connect has finished (the client's
+        "# open N" line on stderr); return how many succeeded.
         """
         assert self.process.stderr is not None
         deadline = time.monotonic() + self.load.timeout
@@ -153,12 +166,13 @@ class Burst:
                     break
         raise LoadgenError(f"burst never reported its connections: {' '.join(self.load.command())}")
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self, early: bool = False) -> dict[str, Any]:
         """
-        End the hold now (SIGTERM makes the client report and exit) and
-        return its report; kill the client if it does not exit in time.
+        Wait for the run to end, or with C{early} end it now (SIGTERM makes
+        the client report and exit), and return its report.  A client that
+        overruns its time is killed.
         """
-        if self.process.poll() is None:
+        if early and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
             stdout, _ = self.process.communicate(timeout=self.load.timeout)

@@ -124,10 +124,15 @@ def establishedServerInodes(port: int) -> set[int]:
     accept queue have no inode (0) and so belong to nobody yet.
     """
     inodes = set()
+    # Addresses are hex: HOST:PORT.  Checking for the port as text first
+    # skips splitting the thousands of TIME_WAIT lines a churn run leaves.
+    needle = f":{port:04X} "
     for table in ("tcp", "tcp6"):
         with contextlib.suppress(OSError):
             lines = (PROC / "net" / table).read_text().splitlines()[1:]
             for line in lines:
+                if needle not in line:
+                    continue
                 fields = line.split()
                 localPort = int(fields[1].rsplit(":", 1)[1], 16)
                 if localPort == port and fields[3] == _TCP_ESTABLISHED and fields[9] != "0":

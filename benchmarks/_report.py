@@ -8,7 +8,7 @@ to machine and from run to run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +63,11 @@ class Results:
         return None
 
     def workloads(self) -> list[str]:
-        return [w for w in self.raw["settings"]["workloads"] if any(
-            r["workload"] == w for r in self.runs)]  # fmt: skip
+        return [
+            w
+            for w in self.raw["settings"]["workloads"]
+            if any(r["workload"] == w for r in self.runs)
+        ]
 
 
 def _header(results: dict[str, Any]) -> list[str]:
@@ -83,6 +86,9 @@ def _header(results: dict[str, Any]) -> list[str]:
         f"- Software: {env['python_implementation']} {env['python']}, Twisted {env['twisted']}, "
         f"uvloop {env['uvloop']}, maccept {env['maccept']} at {env['maccept_commit']}"
         f"{' (with uncommitted changes)' if env['maccept_tree_dirty'] else ''}, {env['cc']}",
+        f"- Load average (1, 5, 15 min) before the run: {env.get('loadavg_before', '?')} "
+        f"(other work competing shows here), after: {results.get('loadavg_after', '?')} "
+        "(includes the run)",
         f"- Pinning: servers on CPUs {pin['server_cpus']}, load generator on CPUs "
         f"{pin['client_cpus']}, by {pin['method']}.{overlap}",
         f"- Load: {s['connections']} connections, {s['threads']} client threads, "
@@ -127,11 +133,9 @@ def _throughputSection(r: Results, workload: str) -> list[str]:
     for server in r.servers:
         cells = [_cell(r.find(server, w, workload), bandwidth) for w in r.workers]
         rows.append([server, *cells, *[_scaling(r, server, workload, w) for w in many]])
-    rows.append(["maccept / recipe", *[_versus(r, workload, w) for w in r.workers],
-                 *["" for _ in many]])  # fmt: skip
-    latency = [["server", *[f"{w} w" for w in r.workers]]]
-    for server in r.servers:
-        latency.append([server, *[_latency(r.find(server, w, workload)) for w in r.workers]])
+    rows.append(
+        ["maccept / recipe", *[_versus(r, workload, w) for w in r.workers], *["" for _ in many]]
+    )
     return [
         f"## {RR_TITLES[workload]}: {unit}",
         "",
@@ -139,9 +143,32 @@ def _throughputSection(r: Results, workload: str) -> list[str]:
         "",
         "p50 / p99 / p99.9 latency in ms:",
         "",
-        *_table(latency[0], latency[1:]),
+        *_perWorkerCount(r, workload, _latency),
+        "",
+        "Server CPU per request in µs (workers and parent, measured window):",
+        "",
+        *_perWorkerCount(r, workload, _cpuPerRequest),
         "",
     ]
+
+
+def _perWorkerCount(
+    r: Results, workload: str, show: Callable[[dict[str, Any] | None], str]
+) -> list[str]:
+    """
+    A table with a row per server and a column per worker count.
+    """
+    header = ["server", *[f"{w} w" for w in r.workers]]
+    rows = [
+        [server, *[show(r.find(server, w, workload)) for w in r.workers]] for server in r.servers
+    ]
+    return _table(header, rows)
+
+
+def _cpuPerRequest(run: dict[str, Any] | None) -> str:
+    if run is None or "server_cpu_us_per_request" not in run:
+        return "-"
+    return f"{run['server_cpu_us_per_request']:.1f}"
 
 
 def _latency(run: dict[str, Any] | None) -> str:
@@ -166,20 +193,32 @@ def _balanceSection(r: Results, connections: int) -> list[str]:
             if run is None:
                 continue
             ratio = run["max_min_ratio"]
-            rows.append([
-                server,
-                str(w),
-                " / ".join(str(c) for c in run["per_worker"]),
-                "inf (a worker got none)" if ratio is None else f"{ratio:.2f}",
-                f"{run['accept_wait_s']:.2f}",
-                _cpuSpread(r, server, w),
-            ])  # fmt: skip
+            rows.append(
+                [
+                    server,
+                    str(w),
+                    " / ".join(str(c) for c in run["per_worker"]),
+                    "inf (a worker got none)" if ratio is None else f"{ratio:.2f}",
+                    f"{run['accept_wait_s']:.2f}",
+                    _cpuSpread(r, server, w),
+                ]
+            )
     if not rows:
         return []
-    header = ["server", "workers", "connections per worker", "max/min",
-              "s until all accepted", "rr-1k CPU max/min"]  # fmt: skip
-    return [f"## Accept balance: burst of {connections} long-lived connections", "",
-            *_table(header, rows), ""]  # fmt: skip
+    header = [
+        "server",
+        "workers",
+        "connections per worker",
+        "max/min",
+        "s until all accepted",
+        "rr-1k CPU max/min",
+    ]
+    return [
+        f"## Accept balance: burst of {connections} long-lived connections",
+        "",
+        *_table(header, rows),
+        "",
+    ]
 
 
 def _mib(kib: int | None) -> str:
@@ -194,21 +233,44 @@ def _footprintSection(results: dict[str, Any]) -> list[str]:
         workers = f.get("workers_mem", [])
         first = workers[0] if workers else {}
         startup = f["startup_median_s"]
-        rows.append([
-            server,
-            str(f["workers"]),
-            "-" if startup is None else f"{startup:.2f} ({', '.join(map(str, f['startup_s']))})",
-            f"{_mib(parent.get('rss_kib'))} / {_mib(parent.get('pss_kib'))}",
-            f"{_mib(first.get('rss_kib'))} / {_mib(first.get('pss_kib'))}",
-        ])  # fmt: skip
+        rows.append(
+            [
+                server,
+                str(f["workers"]),
+                "-"
+                if startup is None
+                else f"{startup:.2f} ({', '.join(map(str, f['startup_s']))})",
+                f"{_mib(parent.get('rss_kib'))} / {_mib(parent.get('pss_kib'))}",
+                f"{_mib(first.get('rss_kib'))} / {_mib(first.get('pss_kib'))}",
+            ]
+        )
     reload = results.get("reload", {})
     lines = ["## Start-up, idle memory, reload", ""]
     if rows:
-        header = ["server", "workers", "start-up s, median (all)", "parent RSS / PSS MiB",
-                  "one worker RSS / PSS MiB"]  # fmt: skip
+        header = [
+            "server",
+            "workers",
+            "start-up s, median (all)",
+            "parent RSS / PSS MiB",
+            "one worker RSS / PSS MiB",
+        ]
         lines += [*_table(header, rows), ""]
-    lines += [f"Reload: {reload.get('seconds')} ({reload.get('note', 'not run')}).", ""]
-    return lines
+    return [*lines, *_reloadLines(reload), ""]
+
+
+def _reloadLines(reload: dict[str, Any]) -> list[str]:
+    if reload.get("seconds") is None and "load" not in reload:
+        return [f"Reload: not measured ({reload.get('note', 'not run')})."]
+    load = reload["load"]
+    return [
+        f"Reload ({reload['note']}): new generation accepting after "
+        f"{reload['new_generation_ready_s']} s, old generation gone after "
+        f"{reload['old_generation_gone_s']} s.  Clients meanwhile: "
+        f"{load['rps']:.0f} connections/s, "
+        f"{load['connect_failures']} connect failures, {load['errors']} errors, "
+        f"{load['mismatches']} mismatches, p99 {load['p99_us'] / 1000:.1f} ms, "
+        f"max {load.get('max_us', 0) / 1000:.1f} ms.",
+    ]
 
 
 def _healthSection(results: dict[str, Any]) -> list[str]:
@@ -254,7 +316,10 @@ def plot(results: dict[str, Any], path: Path, workload: str = "rr-1k") -> None:
         points = [(w, run["rps"]) for w in r.workers if (run := r.find(server, w, workload))]
         if points:
             xs, ys = zip(*points, strict=True)
-            axes.plot(xs, ys, marker="o", label=server)
+            alone = len(points) == 1  # the single-process baseline: a star, not a line
+            axes.plot(
+                xs, ys, marker="*" if alone else "o", markersize=12 if alone else 6, label=server
+            )
     env = results["environment"]
     pin = results["pinning"]
     axes.set_xscale("log", base=2)

@@ -158,4 +158,13 @@ def environment() -> dict[str, Any]:
         "maccept_commit": _git("rev-parse", "--short", "HEAD"),
         "maccept_tree_dirty": bool(dirty) if dirty is not None else None,
         "cc": _loadgen.compilerVersion(),
+        "loadavg_before": loadAverage(),
     }
+
+
+def loadAverage() -> str:
+    """
+    The 1, 5 and 15 minute load averages: other work on the machine shows
+    here, and skews every number of a run.
+    """
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +37,8 @@ import _report
 import _system
 import servers
 
-HERE = Path(__file__).resolve().parent
+#: maccept's log line once a reload's new generation accepts.
+RELOADED = re.compile(r"generation \d+ ready")
 
 
 @dataclass(frozen=True)
@@ -45,17 +50,16 @@ class Workload:
     name: str
     mode: str
     size: int
-    title: str
 
 
 WORKLOADS = {
     w.name: w
     for w in (
-        Workload("rr-1k", "rr", 1024, "request/response, 1 KiB"),
-        Workload("rr-16k", "rr", 16 * 1024, "request/response, 16 KiB"),
-        Workload("rr-256k", "rr", 256 * 1024, "request/response, 256 KiB"),
-        Workload("churn", "churn", 64, "connection churn: connect, 64 B echo, close"),
-        Workload("burst", "burst", 0, "burst of long-lived connections: per-worker counts"),
+        Workload("rr-1k", "rr", 1024),
+        Workload("rr-16k", "rr", 16 * 1024),
+        Workload("rr-256k", "rr", 256 * 1024),
+        Workload("churn", "churn", 64),
+        Workload("burst", "burst", 0),
     )
 }
 
@@ -85,6 +89,8 @@ class Settings:
     startup_servers: tuple[str, ...]
     idle_wait: float
     backlog: int
+    prime: float
+    reload_load: float
 
 
 def parseArguments(argv: list[str] | None) -> argparse.Namespace:
@@ -97,7 +103,11 @@ def parseArguments(argv: list[str] | None) -> argparse.Namespace:
     add("--server-cpus", help="CPU list for the servers, e.g. 0-7 (default: first half)")
     add("--client-cpus", help="CPU list for the load generator (default: second half)")
     add("--workers", help=f"worker counts, comma-separated (default {FULL['workers']})")
-    add("--servers", default=",".join(servers.KINDS), help="competitors, comma-separated")
+    add(
+        "--servers",
+        default=",".join(servers.DEFAULT_KINDS),
+        help=f"competitors, comma-separated, from {', '.join(servers.KINDS)}",
+    )
     add("--workloads", default=",".join(WORKLOADS), help="workloads, comma-separated")
     add("--duration", type=float, help="measured seconds per run (default 3)")
     add("--warmup", type=float, help="unmeasured seconds before each run (default 1)")
@@ -111,6 +121,9 @@ def parseArguments(argv: list[str] | None) -> argparse.Namespace:
     add("--startup-servers", default="maccept,recipe", help="servers timed at start-up")
     add("--idle-wait", type=float, default=1.0, help="seconds idle before reading memory")
     add("--backlog", type=int, default=servers.BACKLOG, help="accept queue of every server")
+    add("--prime", type=float, default=1.0, help="unmeasured seconds of load on a new server")
+    add("--reload-load", type=float, default=5.0, help="seconds of churn around a reload")
+    add("--render", action="store_true", help="only rewrite OUT's .md and .png from its .json")
     return parser.parse_args(argv)
 
 
@@ -153,6 +166,8 @@ def makeSettings(args: argparse.Namespace, pinning: _system.Pinning) -> Settings
         startup_servers=_names(args.startup_servers, servers.KINDS, "server"),
         idle_wait=args.idle_wait,
         backlog=args.backlog,
+        prime=args.prime,
+        reload_load=args.reload_load,
     )
 
 
@@ -209,6 +224,7 @@ class Bench:
         try:
             server.start()
             self._describeServer(server)
+            self._prime(server)
             for name in self.settings.workloads:
                 self._measureWorkload(server, WORKLOADS[name])
         except (servers.ServerError, _loadgen.LoadgenError, subprocess.SubprocessError) as e:
@@ -228,6 +244,28 @@ class Bench:
             "worker_affinity": [_system.formatCpus(_procfs.affinity(p)) for p in pids],
         }
 
+    def _prime(self, server: servers.RunningServer) -> None:
+        """
+        Run an unmeasured load on a connection set of its own first.  A new
+        asyncio server serves its first set of connections at a third of
+        its later rate for as long as they live, whatever the warm-up; other
+        servers may have smaller first-use costs.  The rate is kept to show it.
+        """
+        s = self.settings
+        if s.prime <= 0:
+            return
+        load = _loadgen.Load(
+            mode="rr",
+            port=server.spec.port,
+            connections=s.connections,
+            threads=s.threads,
+            duration=s.prime,
+            size=1024,
+        )
+        result = _loadgen.run(load, self.pinning.client)
+        key = f"{server.spec.kind}-{server.spec.processes}"
+        self.results["servers"][key]["prime_rps"] = result["rps"]
+
     def _measureWorkload(self, server: servers.RunningServer, workload: Workload) -> None:
         if workload.mode == "burst":
             if server.spec.processes < 2 or server.spec.kind in servers.SINGLE_PROCESS:
@@ -235,21 +273,24 @@ class Bench:
             record = self.measureBurst(server)
         else:
             record = self.measureLoad(server, workload)
-        record = {"server": server.spec.kind, "workers": server.spec.processes,
-                  "workload": workload.name, **record}  # fmt: skip
+        record = {
+            "server": server.spec.kind,
+            "workers": server.spec.processes,
+            "workload": workload.name,
+            **record,
+        }
         self.results["runs"].append(record)
         print(f"   {_report.oneLine(record)}", file=sys.stderr, flush=True)
 
     def measureLoad(self, server: servers.RunningServer, workload: Workload) -> dict[str, Any]:
         """
-        One timed run; also the CPU time each worker spent during it, which
-        shows how evenly the kernel spread the work under steady load, and
-        the parent's.
+        One timed run, and the CPU time the workers (and a supervising
+        parent) spent in its measured window.  CPU per request is the
+        server's cost whatever else competes for the machine, and the
+        spread between workers shows the balance under steady load.
         """
         s = self.settings
         pids = server.workerPids()
-        before = [_procfs.cpuSeconds(p) for p in pids]
-        parentBefore = _procfs.cpuSeconds(server.pid)
         load = _loadgen.Load(
             mode=workload.mode,
             port=server.spec.port,
@@ -260,12 +301,21 @@ class Bench:
             size=workload.size,
             sources=s.sources,
         )
-        result = _loadgen.run(load, self.pinning.client)
-        spent = [_procfs.cpuSeconds(p) - b for p, b in zip(pids, before, strict=True)]
-        record = {**result, "worker_cpu_s": [round(x, 2) for x in spent]}
-        if server.pid not in pids:
+        watched = [*pids, server.pid] if server.pid not in pids else pids
+        running = _loadgen.Background(load, self.pinning.client)
+        try:
+            time.sleep(s.warmup)
+            before = [_procfs.cpuSeconds(p) for p in watched]
+            time.sleep(s.duration)
+            spent = [_procfs.cpuSeconds(p) - b for p, b in zip(watched, before, strict=True)]
+        finally:
+            result = running.finish()
+        record = {**result, "worker_cpu_s": [round(x, 2) for x in spent[: len(pids)]]}
+        if len(watched) > len(pids):
             # A supervising parent should cost nothing while workers serve.
-            record["parent_cpu_s"] = round(_procfs.cpuSeconds(server.pid) - parentBefore, 2)
+            record["parent_cpu_s"] = round(spent[-1], 2)
+        if result["requests"]:
+            record["server_cpu_us_per_request"] = round(sum(spent) * 1e6 / result["requests"], 1)
         return record
 
     def measureBurst(self, server: servers.RunningServer) -> dict[str, Any]:
@@ -282,12 +332,12 @@ class Bench:
             duration=s.burst_wait + 5,
         )
         pids = server.workerPids()
-        burst = _loadgen.Burst(load, self.pinning.client)
+        burst = _loadgen.Background(load, self.pinning.client)
         try:
             opened = burst.waitOpen()
             counts, waited = waitForAccepts(server.spec.port, pids, opened, s.burst_wait)
         finally:
-            result = burst.finish()
+            result = burst.finish(early=True)
         return {
             **result,
             "opened": opened,
@@ -328,7 +378,59 @@ class Bench:
         self.save()
 
     def measureReload(self) -> None:
-        self.results["reload"] = reloadSupport()
+        """
+        SIGHUP a maccept under connection churn: how long until the new
+        generation serves and the old one is gone, and whether any client
+        noticed (connect failures, errors).
+        """
+        if not reloadSupported():
+            self.results["reload"] = {"seconds": None, "note": "maccept has no reload (SIGHUP)"}
+            return
+        s = self.settings
+        print(f"== reload: maccept, {s.startup_workers} workers", file=sys.stderr)
+        server = self.serve("maccept", s.startup_workers, "-reload")
+        try:
+            server.start()
+            self.results["reload"] = self._reload(server)
+        except (servers.ServerError, _loadgen.LoadgenError) as e:
+            self.results["reload"] = {"seconds": None, "note": f"failed: {e}"}
+        finally:
+            server.stop()
+        self.save()
+
+    def _reload(self, server: servers.RunningServer) -> dict[str, Any]:
+        s = self.settings
+        old = server.workerPids()
+        load = _loadgen.Load(
+            mode="churn",
+            port=server.spec.port,
+            connections=s.connections,
+            threads=s.threads,
+            duration=s.reload_load,
+            sources=s.sources,
+        )
+        churn = _loadgen.Background(load, self.pinning.client)
+        try:
+            time.sleep(min(1.0, s.reload_load / 4))
+            began = time.monotonic()
+            os.kill(server.pid, signal.SIGHUP)
+            ready = waitUntil(lambda: bool(RELOADED.search(server.log())), 60)
+            gone = waitUntil(lambda: not set(old) & set(server.workerPids()), 60)
+        finally:
+            result = churn.finish()
+        new = server.workerPids()
+        return {
+            "seconds": None if gone is None else round(gone - began, 3),
+            "new_generation_ready_s": None if ready is None else round(ready - began, 3),
+            "old_generation_gone_s": None if gone is None else round(gone - began, 3),
+            "workers_before": old,
+            "workers_after": new,
+            "load": result,
+            "note": (
+                f"SIGHUP to the parent during {s.reload_load:.0f} s of connection churn; "
+                "seconds: until the last old worker exited"
+            ),
+        }
 
     # -- output
 
@@ -338,9 +440,9 @@ class Bench:
 
     def finish(self) -> None:
         self.results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.results["loadavg_after"] = _system.loadAverage()
         self.save()
-        (self.out / "results.md").write_text(_report.markdown(self.results))
-        _report.plot(self.results, self.out / "throughput_vs_workers.png")
+        render(self.out)
 
 
 def _ratio(counts: list[int]) -> float | None:
@@ -381,22 +483,28 @@ def idleMemory(server: servers.RunningServer) -> dict[str, Any]:
     }
 
 
-def reloadSupport() -> dict[str, Any]:
+def reloadSupported() -> bool:
     """
-    maccept has no reload command yet: say so rather than time something
-    else.  The help text is checked so the note goes stale visibly.
+    Whether the installed maccept reloads on SIGHUP (it did not at first).
     """
-    twistd = str(Path(sys.executable).with_name("twistd"))
-    done = subprocess.run(
-        [twistd, "maccept", "--help"], capture_output=True, text=True, timeout=60, check=False
-    )
-    mentions = "reload" in done.stdout.lower() or "sighup" in done.stdout.lower()
-    note = (
-        "`twistd maccept --help` mentions reload, but this harness does not measure it yet"
-        if mentions
-        else "not measured: `twistd maccept --help` offers no reload yet"
-    )
-    return {"seconds": None, "note": note}
+    try:
+        from maccept._pool import WorkerPool
+    except ImportError:
+        return False
+    return hasattr(WorkerPool, "reload")
+
+
+def waitUntil(condition: Callable[[], bool], limit: float) -> float | None:
+    """
+    Poll C{condition}; return the monotonic time it first held, or None
+    after C{limit} seconds.
+    """
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if condition():
+            return time.monotonic()
+        time.sleep(0.005)
+    return None
 
 
 def runAll(bench: Bench) -> None:
@@ -406,11 +514,25 @@ def runAll(bench: Bench) -> None:
     for kind in s.startup_servers:
         if kind in s.servers:
             bench.measureFootprint(kind)
-    bench.measureReload()
+    if "maccept" in s.servers:
+        bench.measureReload()
+
+
+def render(out: Path) -> None:
+    """
+    Rewrite the report and the plot from a results.json, e.g. after the
+    tables changed, without measuring again.
+    """
+    results = json.loads((out / "results.json").read_text())
+    (out / "results.md").write_text(_report.markdown(results))
+    _report.plot(results, out / "throughput_vs_workers.png")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parseArguments(argv)
+    if args.render:
+        render(args.out)
+        return 0
     try:
         pinning = _system.Pinning.choose(args.server_cpus, args.client_cpus)
     except ValueError as e:

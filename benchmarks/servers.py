@@ -2,10 +2,12 @@
 The echo servers the benchmark compares, and how to start and stop them.
 
 Every competitor serves RFC 862 echo on one loopback TCP socket with the same
-accept backlog (by default L{BACKLOG}, Twisted's default, which is also what
-C{twistd maccept --listen tcp:...} gets), from a chosen number of processes:
+accept backlog (L{BACKLOG} unless told otherwise: maccept's default; Twisted's
+is 50), from a chosen number of processes:
 
-    - C{maccept}: C{twistd -n maccept --workers N}.
+    - C{maccept}: C{twistd -n maccept --workers N}; C{maccept-greedy} adds
+      C{--balance greedy} (Twisted's own accept loop), for comparison with
+      maccept's default even balancing.  Not run unless asked for.
     - C{twisted}: one process, C{reactor.listenTCP}; the baseline every
       multi-process Twisted server has to beat.
     - C{recipe}: the naive Twisted recipe.  The parent listens, stops reading
@@ -32,18 +34,21 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import _procfs
 
-#: Default accept queue length for every competitor: Twisted's C{listenTCP}
-#: default, which maccept's C{tcp:} endpoint also uses.
-BACKLOG = 50
+#: Default accept queue length for every competitor: maccept's default.  With
+#: Twisted's 50, a burst of 256 connects overflows the queue, SYNs wait a
+#: second to be retried and SYN cookies reset some connections, which then
+#: measures the queue rather than the server.
+BACKLOG = 1024
 HOST = "127.0.0.1"
-KINDS = ("maccept", "twisted", "recipe", "asyncio", "uvloop")
+KINDS = ("maccept", "maccept-greedy", "twisted", "recipe", "asyncio", "uvloop")
+DEFAULT_KINDS = ("maccept", "twisted", "recipe", "asyncio", "uvloop")
 #: Kinds that serve from a single process whatever the worker count.
 SINGLE_PROCESS = ("twisted",)
 READY = "READY"
@@ -67,25 +72,31 @@ class ServerSpec:
     port: int
     backlog: int = BACKLOG
 
+    @property
+    def isMaccept(self) -> bool:
+        return self.kind.startswith("maccept")
+
     def command(self) -> list[str]:
         """
         The command line that runs this server in the foreground.
         """
-        if self.kind == "maccept":
+        if self.isMaccept:
             twistd = str(Path(sys.executable).with_name("twistd"))
-            listen = f"tcp:{self.port}:interface={HOST}"
-            if self.backlog != BACKLOG:
-                listen += f":backlog={self.backlog}"
-            return [twistd, "-n", "--pidfile=", "maccept", "--workers", str(self.processes),
-                    "--listen", listen]  # fmt: skip
-        return [sys.executable, "-u", __file__, self.kind, "--port", str(self.port),
-                "--processes", str(self.processes), "--backlog", str(self.backlog)]  # fmt: skip
+            listen = f"tcp:{self.port}:interface={HOST}:backlog={self.backlog}"
+            command = [twistd, "-n", "--pidfile=", "maccept"]
+            command += ["--workers", str(self.processes), "--listen", listen]
+            if self.kind == "maccept-greedy":
+                command += ["--balance", "greedy"]
+            return command
+        options = {"--port": self.port, "--processes": self.processes, "--backlog": self.backlog}
+        flags = [text for option, value in options.items() for text in (option, str(value))]
+        return [sys.executable, "-u", __file__, self.kind, *flags]
 
     def isReady(self, log: str) -> bool:
         """
         Whether the server's output so far says that every worker accepts.
         """
-        if self.kind == "maccept":
+        if self.isMaccept:
             return f"all {self.processes} workers ready on" in log
         return log.count(f"{READY} ") >= self.processes
 
@@ -97,8 +108,11 @@ class ServerSpec:
         if self.kind in SINGLE_PROCESS:
             return [parent]
         children = _procfs.children(parent)
-        if self.kind == "maccept":
-            children = [p for p in children if "maccept._worker" in _procfs.cmdline(p)]
+        if self.isMaccept:
+            # "maccept: worker N" once setproctitle is installed.
+            markers = ("maccept._worker", "maccept: worker")
+            workers = [p for p in children if any(m in _procfs.cmdline(p) for m in markers)]
+            children = workers or children
         return sorted(children)
 
 
@@ -204,19 +218,6 @@ class RunningServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def running(spec: ServerSpec, cpus: set[int], logPath: Path) -> Iterator[RunningServer]:
-    """
-    Start C{spec}, yield it once ready, always stop it.
-    """
-    server = RunningServer(spec, cpus, logPath)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 def freePort() -> int:
@@ -368,8 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backlog", type=int, default=BACKLOG, help="accept queue length")
     parser.add_argument("--fd", type=int, help="recipe-worker: the inherited listening socket")
     args = parser.parse_args(argv)
-    if args.kind == "maccept":
-        spec = ServerSpec("maccept", args.processes, args.port, args.backlog)
+    if args.kind.startswith("maccept"):
+        spec = ServerSpec(args.kind, args.processes, args.port, args.backlog)
         os.execv(spec.command()[0], spec.command())
     elif args.kind == "twisted":
         serveTwisted(args.port, args.processes, args.backlog)

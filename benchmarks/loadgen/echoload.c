@@ -19,10 +19,20 @@
  *          the duration; the caller counts what the server did with them.  A
  *          line "# open N" on stderr says when every connect has finished.
  *
+ * Output fields: requests completed in the measured window, rps, mib_s (payload
+ * echoed back per second, one direction), latency p50_us / p99_us / p999_us /
+ * max_us from the first byte sent to the last byte of the echo (churn: from
+ * connect(); burst: the connect alone), errors (connections that broke),
+ * connect_failures, mismatches (requests whose echo differed from what was
+ * sent), client_cpu_s and first_error.
+ *
  * Only requests that complete inside the measured window (after the warm-up)
  * count towards requests, rps and the latency percentiles.  errors,
- * connect_failures and mismatches count over the whole run.  The exit status
- * is 1 when any echo differed from what was sent, 2 on a usage error.
+ * connect_failures and mismatches count over the whole run; first_error says
+ * what broke first and when, and client_cpu_s how much CPU the client itself
+ * used (near threads x elapsed means the client, not the server, is the
+ * limit).  The exit status is 1 when any echo differed from what was sent,
+ * 2 on a usage error.
  * SIGTERM or SIGINT ends a run early; it still reports what it measured.
  *
  * Build: cc -O2 -pthread -o echoload echoload.c
@@ -42,6 +52,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -109,6 +120,7 @@ static void sleep_seconds(double seconds)
 struct histogram {
     uint64_t counts[BUCKETS];
     uint64_t total;
+    uint64_t max;
 };
 
 static int bucket_of(uint64_t value)
@@ -132,6 +144,8 @@ static void histogram_add(struct histogram *h, uint64_t micros)
 {
     h->counts[bucket_of(micros)]++;
     h->total++;
+    if (micros > h->max)
+        h->max = micros;
 }
 
 static void histogram_merge(struct histogram *into, const struct histogram *from)
@@ -139,6 +153,8 @@ static void histogram_merge(struct histogram *into, const struct histogram *from
     for (int i = 0; i < BUCKETS; i++)
         into->counts[i] += from->counts[i];
     into->total += from->total;
+    if (from->max > into->max)
+        into->max = from->max;
 }
 
 static double histogram_percentile(const struct histogram *h, double fraction)
@@ -357,7 +373,7 @@ static void start_connect(struct conn *c)
 }
 
 /* Send what the socket takes; ask for EPOLLOUT only while some is left. */
-static bool pump_send(struct conn *c)
+static void pump_send(struct conn *c)
 {
     size_t size = c->worker->options->size;
     while (c->sent < size) {
@@ -370,11 +386,10 @@ static bool pump_send(struct conn *c)
             break;
         } else {
             broken(c, "send", n == 0 ? 0 : errno);
-            return false;
+            return;
         }
     }
     watch(c, EPOLLIN | (c->sent < size ? EPOLLOUT : 0));
-    return true;
 }
 
 static void start_request(struct conn *c)
@@ -457,9 +472,10 @@ static void on_readable(struct conn *c)
         c->received += (size_t)n;
         if (c->received == size) {
             request_done(c);
-            if (c->state != CONN_ACTIVE)
-                return;
+            return; /* the next echo cannot be here yet: epoll will say when */
         }
+        if ((size_t)n < want)
+            return; /* drained; saves a recv() that would only say EAGAIN */
     }
 }
 
@@ -590,34 +606,50 @@ static const char *mode_name(enum mode mode)
     return mode == MODE_RR ? "rr" : mode == MODE_CHURN ? "churn" : "burst";
 }
 
+static double cpu_seconds(void)
+{
+    struct rusage usage;
+    getrusage(RUSAGE_SELF, &usage);
+    return (double)usage.ru_utime.tv_sec + (double)usage.ru_utime.tv_usec / 1e6 +
+           (double)usage.ru_stime.tv_sec + (double)usage.ru_stime.tv_usec / 1e6;
+}
+
+/* One JSON object on stdout; see the comment at the top for the fields. */
 static int report(struct worker *workers, const struct options *o, double seconds)
 {
     struct histogram *all = allocate(sizeof *all);
-    uint64_t requests = 0, errors = 0, connect_failures = 0, mismatches = 0;
+    struct worker sum = {0};
     const char *first_error = NULL;
     for (int t = 0; t < o->threads; t++) {
-        if (first_error == NULL && workers[t].first_error[0])
-            first_error = workers[t].first_error;
-        histogram_merge(all, &workers[t].histogram);
-        requests += workers[t].requests;
-        errors += workers[t].errors;
-        connect_failures += workers[t].connect_failures;
-        mismatches += workers[t].mismatches;
+        struct worker *w = &workers[t];
+        histogram_merge(all, &w->histogram);
+        sum.requests += w->requests;
+        sum.errors += w->errors;
+        sum.connect_failures += w->connect_failures;
+        sum.mismatches += w->mismatches;
+        if (first_error == NULL && w->first_error[0])
+            first_error = w->first_error;
     }
-    double rps = (double)requests / seconds;
+    double rps = (double)sum.requests / seconds;
     double mib_s = o->mode == MODE_BURST ? 0 : rps * (double)o->size / 1048576.0;
     printf("{\"mode\": \"%s\", \"connections\": %d, \"threads\": %d, \"size\": %zu, "
-           "\"seconds\": %.3f, \"requests\": %llu, \"rps\": %.1f, \"mib_s\": %.2f, "
-           "\"p50_us\": %.0f, \"p99_us\": %.0f, \"p999_us\": %.0f, \"errors\": %llu, "
-           "\"connect_failures\": %llu, \"mismatches\": %llu, \"first_error\": %s%s%s}\n",
+           "\"seconds\": %.3f, \"requests\": %llu, \"rps\": %.1f, \"mib_s\": %.2f, ",
            mode_name(o->mode), o->connections, o->threads, o->size, seconds,
-           (unsigned long long)requests, rps, mib_s, histogram_percentile(all, 0.50),
-           histogram_percentile(all, 0.99), histogram_percentile(all, 0.999),
-           (unsigned long long)errors, (unsigned long long)connect_failures,
-           (unsigned long long)mismatches, first_error ? "\"" : "",
-           first_error ? first_error : "null", first_error ? "\"" : "");
+           (unsigned long long)sum.requests, rps, mib_s);
+    printf("\"p50_us\": %.0f, \"p99_us\": %.0f, \"p999_us\": %.0f, \"max_us\": %llu, ",
+           histogram_percentile(all, 0.50), histogram_percentile(all, 0.99),
+           histogram_percentile(all, 0.999), (unsigned long long)all->max);
+    printf("\"errors\": %llu, \"connect_failures\": %llu, \"mismatches\": %llu, "
+           "\"client_cpu_s\": %.2f, ",
+           (unsigned long long)sum.errors, (unsigned long long)sum.connect_failures,
+           (unsigned long long)sum.mismatches, cpu_seconds());
+    if (first_error)
+        printf("\"first_error\": \"%s\"}\n", first_error); /* our own text: no quotes */
+    else
+        printf("\"first_error\": null}\n");
+    fflush(stdout);
     free(all);
-    return mismatches ? 1 : 0;
+    return sum.mismatches ? 1 : 0;
 }
 
 /* ------------------------------------------------------------- options */
