@@ -61,6 +61,17 @@ def available_kinds() -> tuple[str, ...]:
     return tuple(k for k in KINDS if k != "uvloop" or importlib.util.find_spec("uvloop"))
 
 
+def twistdCommand() -> list[str]:
+    """
+    C{twistd} beside this interpreter, or run through it where Twisted was
+    installed without scripts (C{pip install --target}).
+    """
+    script = Path(sys.executable).with_name("twistd")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
 @dataclass(frozen=True)
 class ServerSpec:
     """
@@ -81,9 +92,8 @@ class ServerSpec:
         The command line that runs this server in the foreground.
         """
         if self.isMaccept:
-            twistd = str(Path(sys.executable).with_name("twistd"))
             listen = f"tcp:{self.port}:interface={HOST}:backlog={self.backlog}"
-            command = [twistd, "-n", "--pidfile=", "maccept"]
+            command = [*twistdCommand(), "-n", "--pidfile=", "maccept"]
             command += ["--workers", str(self.processes), "--listen", listen]
             if self.kind == "maccept-greedy":
                 command += ["--balance", "greedy"]

@@ -94,6 +94,29 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
                 tracker.bytesReceived += len(data)
             return super()._dataReceived(data)
 
+        def write(self, data: bytes) -> None:
+            # Write-through: with nothing queued, send now rather than queue
+            # and wait a reactor turn for writability (two epoll_ctl calls
+            # and a loop iteration per response).  What the kernel does not
+            # take, and every write behind it, is queued as usual, so order
+            # and producer pausing are unchanged.
+            if (
+                type(data) is bytes
+                and data
+                and not self.dataBuffer
+                and not self._tempDataLen
+                and self.connected
+                and not self.disconnecting
+                and not self._writeDisconnected
+                and not getattr(self, "TLS", False)
+            ):
+                written = self.writeSomeData(data)
+                if isinstance(written, int):
+                    if written == len(data):
+                        return
+                    data = data[written:]
+            super().write(data)
+
         def writeSomeData(self, data: bytes) -> Any:
             written = super().writeSomeData(data)
             if isinstance(written, int):

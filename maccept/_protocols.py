@@ -17,7 +17,6 @@ from typing import cast
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
-from zope.interface import implementer
 
 
 class ProtocolSpecError(ValueError):
@@ -26,7 +25,17 @@ class ProtocolSpecError(ValueError):
     """
 
 
-@implementer(IHalfCloseableProtocol)
+def hasPendingOutput(transport: object) -> bool:
+    """
+    Whether C{transport} still holds bytes it has not handed to the kernel;
+    C{True} where it cannot tell.
+    """
+    try:
+        return bool(transport.dataBuffer or transport._tempDataLen)  # type: ignore[attr-defined]
+    except AttributeError:
+        return True
+
+
 class Echo(Protocol):
     """
     RFC 862 echo with backpressure.
@@ -36,7 +45,18 @@ class Echo(Protocol):
     the client, so a client that only sends cannot grow the worker's memory.
     When the client half-closes, everything already received is still sent
     back before the connection closes.
+
+    Half-close costs a reactor turn per connection (the close waits for a
+    writable event), so Echo takes it only when it matters: Twisted asks
+    for L{IHalfCloseableProtocol} when the client's FIN arrives, and
+    C{__conform__} answers yes only while echoed bytes are still queued.
+    Otherwise the connection closes at once, as a plain protocol's would.
     """
+
+    def __conform__(self, interface: object) -> object:
+        if interface is IHalfCloseableProtocol and hasPendingOutput(self.transport):
+            return self
+        return None
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self.transport, True)  # type: ignore[union-attr]

@@ -219,6 +219,82 @@ class RealPortTests(SynchronousTestCase):
         client.settimeout(5)
         self.assertEqual(client.recv(6), b"world!")
 
+    def accepted(self) -> tuple[socket.socket, tcp.Server]:
+        client = self.connectClient()
+        client.settimeout(5)
+        self.port.doRead()
+        [transport] = self.tracker.open
+        return client, transport
+
+    def receive(self, client: socket.socket, size: int) -> bytes:
+        received = b""
+        while len(received) < size:
+            chunk = client.recv(size - len(received))
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+    def test_writeThrough(self) -> None:
+        """
+        With nothing queued, a write goes to the kernel at once: the client
+        receives it with no writable event from the reactor, and nothing
+        is left queued.
+        """
+        client, transport = self.accepted()
+        transport.write(b"at once")
+        self.assertEqual(self.receive(client, 7), b"at once")
+        self.assertEqual((transport.dataBuffer, transport._tempDataLen), (b"", 0))
+        self.assertEqual(self.tracker.bytesSent, 7)
+
+    def test_writeThroughKeepsOrder(self) -> None:
+        """
+        What the kernel does not take is queued, and later writes queue
+        behind it: the client receives every byte in order, and the
+        producer is paused while the queue is full and resumed after.
+        """
+        client, transport = self.accepted()
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        paused: list[bool] = []
+
+        class Producer:
+            def pauseProducing(self) -> None:
+                paused.append(True)
+
+            def resumeProducing(self) -> None:
+                paused.append(False)
+
+            def stopProducing(self) -> None:
+                pass
+
+        transport.registerProducer(Producer(), True)
+        big = bytes(range(256)) * 4096
+        transport.write(big)
+        transport.write(b"tail")
+        self.assertTrue(transport.dataBuffer or transport._tempDataLen)
+        self.assertEqual(set(paused), {True})
+        expected = big + b"tail"
+        received = b""
+        while len(received) < len(expected):
+            received += client.recv(65536)
+            transport.doWrite()
+        self.assertEqual(received, expected)
+        self.assertEqual(self.tracker.bytesSent, len(expected))
+        self.assertIs(paused[-1], False)
+
+    def test_noWriteThroughWhileDisconnecting(self) -> None:
+        """
+        After C{loseConnection}, a write is queued like any other: the
+        close still waits for it and it is sent before the connection
+        closes.
+        """
+        client, transport = self.accepted()
+        transport.loseConnection()
+        transport.write(b"late")
+        self.assertEqual(transport._tempDataLen, 4)
+        self.assertIsNotNone(transport.doWrite())
+        self.assertEqual(self.receive(client, 4), b"late")
+
     def test_closeAllClosesRealConnections(self) -> None:
         """
         C{closeAll} aborts real connections: once the reactor delivers the

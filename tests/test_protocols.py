@@ -10,7 +10,6 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface.verify import verifyObject
 
 from maccept._protocols import (
     BUILTIN_PROTOCOLS,
@@ -185,11 +184,26 @@ class EchoTests(SynchronousTestCase):
         received has been written and the connection is closed.
         """
         protocol, transport = self.connect()
-        self.assertTrue(verifyObject(IHalfCloseableProtocol, protocol))
+        self.assertIs(IHalfCloseableProtocol(protocol, None), protocol)
         protocol.dataReceived(b"last words")
         protocol.readConnectionLost()
         self.assertEqual(transport.value(), b"last words")
         self.assertTrue(transport.disconnecting)
+
+    def test_halfCloseOnlyWhileSending(self) -> None:
+        """
+        Echo takes the half-close only while echoed bytes are still queued;
+        with nothing queued the connection may close at once.
+        """
+        protocol, transport = self.connect()
+        transport.dataBuffer = b""  # type: ignore[attr-defined]
+        transport._tempDataLen = 0  # type: ignore[attr-defined]
+        self.assertIsNone(IHalfCloseableProtocol(protocol, None))
+        transport._tempDataLen = 10  # type: ignore[attr-defined]
+        self.assertIs(IHalfCloseableProtocol(protocol, None), protocol)
+        transport._tempDataLen = 0  # type: ignore[attr-defined]
+        transport.dataBuffer = b"queued"  # type: ignore[attr-defined]
+        self.assertIs(IHalfCloseableProtocol(protocol, None), protocol)
 
     def test_writeSideClosed(self) -> None:
         """
