@@ -143,7 +143,9 @@ def environment() -> dict[str, Any]:
     """
     The machine and software a run used.
     """
-    dirty = _git("status", "--porcelain", "--", "maccept", "twisted")
+    # A copy without .git (a lent machine) names its commit in MACCEPT_COMMIT.
+    commit = os.environ.get("MACCEPT_COMMIT")
+    dirty = "" if commit else _git("status", "--porcelain", "--", "maccept", "twisted")
     return {
         "cpu_model": _cpuModel(),
         "cpu_count": os.cpu_count(),
@@ -155,7 +157,7 @@ def environment() -> dict[str, Any]:
         "twisted": _version("twisted"),
         "uvloop": _version("uvloop"),
         "maccept": _version("maccept"),
-        "maccept_commit": _git("rev-parse", "--short", "HEAD"),
+        "maccept_commit": commit or _git("rev-parse", "--short", "HEAD"),
         "maccept_tree_dirty": bool(dirty) if dirty is not None else None,
         "cc": _loadgen.compilerVersion(),
         "loadavg_before": loadAverage(),

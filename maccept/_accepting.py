@@ -7,10 +7,17 @@ Left alone, every worker's epoll wakes for each new connection and
 C{tcp.Port.doRead} accepts up to a hundred at a time, so whichever worker
 runs first takes a whole burst (see ../shared/ANCHORS.md: 1/1/43/211).  The
 governor runs before each C{doRead}: it compares this worker's open
-connections with the fewest held by any other live, accepting worker (from
+connections with the mean held by the other live, accepting workers (from
 the L{LoadBoard}), lets it accept only as many as keep it within a small
-allowance of that, and otherwise stops reading the listener for a moment,
-so that the kernel wakes the others instead.
+allowance above that, and otherwise stops reading the listener for a
+moment, so that the kernel wakes the others instead.
+
+The mean, not the fewest: under connection churn every worker's count
+swings, and the fewest of seven swinging counts sits well below their
+mean, so comparing with it kept most workers paused and halved the
+connections per second at 8 workers (benchmarks/README.rst).  A burst of
+long-lived connections still lands within a few percent: a worker that
+lags pulls the mean down until it has caught up.
 """
 
 from __future__ import annotations
@@ -24,12 +31,12 @@ from twisted.internet.task import LoopingCall
 from maccept._board import LoadBoard, monotonicNs
 
 
-def allowance(fewest: int) -> int:
+def allowance(share: int) -> int:
     """
-    How far ahead of the least-loaded worker a worker may get: one
-    connection when counts are small, an eighth when they are large.
+    How far ahead of the others' mean a worker may get: one connection
+    when counts are small, an eighth when they are large.
     """
-    return max(1, fewest // 8)
+    return max(1, share // 8)
 
 
 class AcceptGovernor:
@@ -84,10 +91,12 @@ class AcceptGovernor:
         limit (no other worker accepts), else 0 or more.
         """
         freshSince = monotonicNs() - int(self.freshness * 1e9)
-        fewest = self.board.fewestElsewhere(self.slot, freshSince)
-        if fewest is None:
+        others = self.board.loadElsewhere(self.slot, freshSince)
+        if others is None:
             return None
-        return max(0, fewest + allowance(fewest) - self.openConnections + 1)
+        workers, connections = others
+        share = connections // workers
+        return max(0, share + allowance(share) + 1 - self.openConnections)
 
     def start(self) -> None:
         self._accepting = True
@@ -105,9 +114,14 @@ class AcceptGovernor:
         self.post()
 
     def connectionsChanged(self, count: int) -> None:
+        """
+        Post the new count; a paused worker resumes early once it may
+        accept again (not on every change: under churn that would stop and
+        start reading the listener for each connection).
+        """
         self.openConnections = count
         self.post()
-        if self.paused and self._accepting:
+        if self.paused and self._accepting and self.acceptBudget() != 0:
             self.resume()
 
     def post(self) -> None:

@@ -87,21 +87,23 @@ class LoadBoard:
     def clear(self, slot: int) -> None:
         self.post(slot, 0, 0, 0)
 
-    def fewestElsewhere(self, slot: int, freshSince: int) -> int | None:
+    def loadElsewhere(self, slot: int, freshSince: int) -> tuple[int, int] | None:
         """
-        The fewest open connections held by another worker that accepts and
-        has posted since C{freshSince}; C{None} if there is no such worker
-        (it is alone, or the others are stopped, hung or draining).
+        How many other workers accept and have posted since C{freshSince},
+        and the open connections they hold between them; C{None} if there
+        is no such worker (it is alone, or the others are stopped, hung or
+        draining).
         """
-        fewest: int | None = None
+        workers = connections = 0
         memory, offset, size = self._memory, _HEADER.size, _SLOT.size
         for other in range(self.slotsInUse):
             if other == slot:
                 continue
             _, count, postedAt = _SLOT.unpack_from(memory, offset + other * size)
-            if postedAt >= freshSince and (fewest is None or count < fewest):
-                fewest = count
-        return fewest
+            if postedAt >= freshSince:
+                workers += 1
+                connections += count
+        return (workers, connections) if workers else None
 
     def close(self) -> None:
         self._memory.close()

@@ -1,0 +1,153 @@
+"""
+Even accept: the load board and the governor that reads it, driven by a
+L{Clock} and a fake listening port.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from maccept._accepting import AcceptGovernor, allowance
+from maccept._board import LoadBoard, monotonicNs
+
+
+class FakeListeningPort:
+    """
+    The parts of C{tcp.Port} the governor touches.
+    """
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.reading = True
+        self.numberAccepts = 100
+
+    def doRead(self) -> None:
+        self.reads += 1
+
+    def startReading(self) -> None:
+        self.reading = True
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+
+def newBoard(test: SynchronousTestCase, slots: int) -> LoadBoard:
+    board, fd = LoadBoard.create()
+    os.close(fd)
+    board.slotsInUse = slots
+    test.addCleanup(board.close)
+    return board
+
+
+class AllowanceTests(SynchronousTestCase):
+    def test_smallAndLarge(self) -> None:
+        """
+        One connection of slack for small shares, an eighth for large ones.
+        """
+        self.assertEqual([allowance(n) for n in (0, 7, 8, 64, 800)], [1, 1, 1, 8, 100])
+
+
+class BoardTests(SynchronousTestCase):
+    def test_loadElsewhere(self) -> None:
+        """
+        The others' worker count and total connections, leaving out this
+        worker's own slot and any slot not posted since C{freshSince}.
+        """
+        board = newBoard(self, 4)
+        now = monotonicNs()
+        board.post(0, 100, 50, now)
+        board.post(1, 101, 0, now)
+        board.post(2, 102, 20, now)
+        board.post(3, 103, 999, now - 10**10)
+        self.assertEqual(board.loadElsewhere(0, now - 10**9), (2, 20))
+        self.assertEqual(board.loadElsewhere(1, now - 10**9), (2, 70))
+
+    def test_alone(self) -> None:
+        """
+        With no other fresh worker there is no load elsewhere.
+        """
+        board = newBoard(self, 2)
+        board.post(0, 100, 5, monotonicNs())
+        board.post(1, 101, 5, 0)
+        self.assertIsNone(board.loadElsewhere(0, monotonicNs() - 10**9))
+
+
+class GovernorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.board = newBoard(self, 3)
+        self.port = FakeListeningPort()
+        self.governor = AcceptGovernor(self.clock, self.board, 0, 100)
+        self.governor.govern(self.port)  # type: ignore[arg-type]
+        self.governor.start()
+        self.addCleanup(self.governor.stop)
+
+    def others(self, *counts: int) -> None:
+        for slot, count in enumerate(counts, start=1):
+            self.board.post(slot, 100 + slot, count, monotonicNs())
+
+    def test_aloneAcceptsFreely(self) -> None:
+        """
+        A worker alone accepts as Twisted would, with no limit set.
+        """
+        self.port.doRead()
+        self.assertEqual((self.port.reads, self.port.numberAccepts), (1, 100))
+
+    def test_budgetFromMean(self) -> None:
+        """
+        A worker level with the others' mean may take the allowance and
+        one more; the budget is measured against the mean, not the fewest.
+        """
+        self.others(0, 20)
+        self.governor.connectionsChanged(10)
+        self.port.doRead()
+        self.assertEqual((self.port.reads, self.port.numberAccepts), (1, 2))
+
+    def test_aheadPauses(self) -> None:
+        """
+        A worker ahead of its allowance does not accept: it stops reading
+        the listener and starts again after C{retryDelay}.
+        """
+        self.others(8, 8)
+        self.governor.connectionsChanged(10)
+        self.port.doRead()
+        self.assertEqual(self.port.reads, 0)
+        self.assertFalse(self.port.reading)
+        self.clock.advance(AcceptGovernor.retryDelay)
+        self.assertTrue(self.port.reading)
+        self.assertEqual(self.governor.pauses, 1)
+
+    def test_resumesEarlyOnlyWithBudget(self) -> None:
+        """
+        A paused worker whose count changes resumes at once only if it
+        may accept again; otherwise it waits out its pause.
+        """
+        self.others(8, 8)
+        self.governor.connectionsChanged(12)
+        self.port.doRead()
+        self.governor.connectionsChanged(11)
+        self.assertFalse(self.port.reading)
+        self.governor.connectionsChanged(9)
+        self.assertTrue(self.port.reading)
+
+    def test_posts(self) -> None:
+        """
+        Every change of count is posted at once for the others to read.
+        """
+        self.governor.connectionsChanged(7)
+        _, count, postedAt = self.board.read(0)
+        self.assertEqual(count, 7)
+        self.assertGreater(postedAt, 0)
+
+    def test_stopLeavesTheBoard(self) -> None:
+        """
+        A stopped governor posts that it no longer accepts, so the others
+        leave it out of their mean.
+        """
+        self.others(8, 8)
+        self.governor.connectionsChanged(50)
+        self.governor.stop()
+        self.assertEqual(self.board.loadElsewhere(1, monotonicNs() - 10**9), (1, 8))
