@@ -5,6 +5,7 @@ it, both a fake port and a real TCP port driven by a memory reactor.
 
 from __future__ import annotations
 
+import select
 import socket
 
 from twisted.internet import tcp
@@ -275,9 +276,13 @@ class RealPortTests(SynchronousTestCase):
         self.assertEqual(set(paused), {True})
         expected = big + b"tail"
         received = b""
-        while len(received) < len(expected):
-            received += client.recv(65536)
+        for _ in range(100_000):
+            if len(received) >= len(expected):
+                break
             transport.doWrite()
+            readable, _, _ = select.select([client], [], [], 0.01)
+            if readable:
+                received += client.recv(65536)
         self.assertEqual(received, expected)
         self.assertEqual(self.tracker.bytesSent, len(expected))
         self.assertIs(paused[-1], False)
