@@ -16,13 +16,17 @@ import sys
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.internet.address import UNIXAddress
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
 
 from maccept._listening import ListenError, ListeningSocket, listen, listenNow
 from maccept._options import CommandLineOptions, fail
 from maccept._parent import MacceptService
 from maccept._pool import PoolSettings, WorkerPool
+
+_log = Logger(namespace="maccept")
 
 Options = CommandLineOptions
 
@@ -97,14 +101,26 @@ def listenServicePorts(
         wanted.append(
             (f"--control {path}", endpoint, controlFactory(service.pool, service.requestStop))
         )
-    ports = []
+    ports: list[IListeningPort] = []
     for option, endpoint, factory in wanted:
         try:
-            ports.append(listenNow(endpoint, factory))
+            port = listenNow(endpoint, factory)
         except ListenError as e:
             for listener in service.listeners:
                 listener.close()
             for port in ports:
                 port.stopListening()
             fail(f"{option}: {e}")
+        ports.append(port)
+        _log.info("{option}: listening on {address}", option=option, address=describe(port))
     return ports
+
+
+def describe(port: IListeningPort) -> str:
+    """
+    Where a service port listens, as an operator would type it.
+    """
+    address = port.getHost()
+    if isinstance(address, UNIXAddress):
+        return str(address.name.decode() if isinstance(address.name, bytes) else address.name)
+    return f"http://{address.host}:{address.port}/"  # type: ignore[attr-defined]

@@ -1,0 +1,122 @@
+"""
+What C{/metrics} and C{/healthz} say about a pool, driven by a fake reactor:
+totals that survive departed workers, states, restarts by reason, health,
+and the kernel's accept queue read from a real listening socket.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.trial.unittest import SynchronousTestCase
+
+from maccept._http import healthy
+from maccept._metrics import listenQueue, registryFor
+from maccept._pool import WorkerPool
+from tests.test_pool import PoolTestCase
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(pool: WorkerPool) -> Samples:
+    text = generate_latest(registryFor(pool)).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+class CollectorTests(PoolTestCase):
+    def test_totalsSurviveDeparture(self) -> None:
+        """
+        Counters add the live workers' last reports to what departed workers
+        reported, so a worker that exits takes nothing away.
+        """
+        pool = self.readyPool(2)
+        first, second = pool.workers
+        first.stats.update(accepted=5, bytesReceived=100, bytesSent=90, open=1)
+        second.stats.update(accepted=3, bytesReceived=30, bytesSent=30, open=2)
+        before = scrape(pool)
+        self.assertEqual(before[("maccept_connections_accepted_total", ())], 8)
+        self.assertEqual(before[("maccept_connections_open", ())], 3)
+        self.process(first).end(1)
+        after = scrape(pool)
+        self.assertEqual(after[("maccept_connections_accepted_total", ())], 8)
+        self.assertEqual(after[("maccept_bytes_received_total", ())], 130)
+        self.assertEqual(after[("maccept_bytes_sent_total", ())], 120)
+        self.assertEqual(after[("maccept_worker_restarts_total", (("reason", "crash"),))], 1)
+
+    def test_workersByState(self) -> None:
+        """
+        C{maccept_workers} counts workers in every state but stopped.
+        """
+        pool = self.startPool(3)
+        pool.workers[0].ready()
+        samples = scrape(pool)
+        self.assertEqual(samples[("maccept_workers", (("state", "ready"),))], 1)
+        self.assertEqual(samples[("maccept_workers", (("state", "starting"),))], 2)
+        self.assertNotIn(("maccept_workers", (("state", "stopped"),)), samples)
+
+    def test_everyRestartReason(self) -> None:
+        """
+        Every restart reason is exported, at zero until it happens.
+        """
+        samples = scrape(self.readyPool(1))
+        for reason in ("crash", "recycle", "watchdog", "reload", "scale"):
+            self.assertEqual(samples[("maccept_worker_restarts_total", (("reason", reason),))], 0)
+
+
+class HealthTests(PoolTestCase):
+    def test_healthyOnceAWorkerIsReady(self) -> None:
+        """
+        Healthy from the first ready worker on, not before.
+        """
+        pool = self.startPool(2)
+        self.assertFalse(healthy(pool))
+        pool.workers[0].ready()
+        self.assertTrue(healthy(pool))
+
+    def test_unhealthyWhileStopping(self) -> None:
+        """
+        Unhealthy as soon as the pool stops, even with workers still ready
+        and draining, so a load balancer moves traffic away first.
+        """
+        pool = self.readyPool(2)
+        pool.stopService()
+        self.assertFalse(healthy(pool))
+
+
+class ListenQueueTests(SynchronousTestCase):
+    def test_waitingConnections(self) -> None:
+        """
+        The kernel's count of connections waiting to be accepted, and the
+        backlog limit, for a real listening socket.
+        """
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(17)
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+        for client in clients:
+            self.addCleanup(client.close)
+
+        class Listening:
+            family = "AF_INET"
+
+            def fileno(self) -> int:
+                return listener.fileno()
+
+        self.assertEqual(listenQueue(Listening()), (3, 17))  # type: ignore[arg-type]
+
+    def test_unixHasNone(self) -> None:
+        """
+        UNIX sockets report no queue.
+        """
+
+        class Listening:
+            family = "AF_UNIX"
+
+        self.assertIsNone(listenQueue(Listening()))  # type: ignore[arg-type]

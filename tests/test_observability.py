@@ -1,0 +1,286 @@
+"""
+Seeing inside a running server: C{/metrics}, C{/healthz} and the control
+socket with C{maccept-ctl}, against the real C{twistd -n maccept}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.server import MacceptServer, alive, echoRoundTrip, runMaccept, waitFor
+
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+METRICS_AT = re.compile(r"--metrics \S+: listening on (http://\S+/)")
+MACCEPT_CTL = str(Path(sys.executable).with_name("maccept-ctl"))
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def ampBox(**fields: str) -> bytes:
+    """
+    One AMP box on the wire: length-prefixed keys and values, then an empty
+    key.
+    """
+    out = b""
+    for key, value in fields.items():
+        for part in (key.encode(), value.encode()):
+            out += struct.pack("!H", len(part)) + part
+    return out + b"\x00\x00"
+
+
+class ObservabilityTests(SynchronousTestCase):
+    def start(self, *args: str, control: bool = False) -> MacceptServer:
+        argv = ["--listen", LOOPBACK, "--metrics", LOOPBACK, *args]
+        if control:
+            directory = tempfile.mkdtemp(prefix="maccept-ctl-")
+            self.addCleanup(shutil.rmtree, directory, True)
+            self.controlPath = os.path.join(directory, "control.sock")
+            argv += ["--control", self.controlPath]
+        server = MacceptServer(argv)
+        self.addCleanup(server.cleanup)
+        server.waitReady()
+        match = waitFor(lambda: METRICS_AT.search(server.log()), what="the metrics address")
+        assert isinstance(match, re.Match)
+        self.metricsURL = match.group(1)
+        return server
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.metricsURL + path, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def scrape(self) -> Samples:
+        """
+        Every sample of C{/metrics}, parsed by prometheus_client's own parser.
+        """
+        status, text = self.get("metrics")
+        self.assertEqual(status, 200)
+        samples: Samples = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return samples
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [MACCEPT_CTL, self.controlPath, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    def statusJSON(self) -> dict[str, object]:
+        done = self.ctl("status", "--json")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        result = json.loads(done.stdout)
+        assert isinstance(result, dict)
+        return result
+
+    def workerPids(self) -> set[int]:
+        workers = self.statusJSON()["workers"]
+        assert isinstance(workers, list)
+        return {w["pid"] for w in workers}
+
+    def test_countersMatchWorkload(self) -> None:
+        """
+        N connections that each echo B bytes show up as at least N accepted
+        and B*N bytes each way, with the pool's state and per-worker series.
+        """
+        server = self.start("--workers", "2")
+        connections, size = 20, 3000
+        for n in range(connections):
+            with server.connect() as client:
+                payload = bytes([n]) * size
+                self.assertEqual(echoRoundTrip(client, payload), payload)
+
+        def counted() -> Samples | None:
+            samples = self.scrape()
+            accepted = samples[("maccept_connections_accepted_total", ())]
+            received = samples[("maccept_bytes_received_total", ())]
+            sent = samples[("maccept_bytes_sent_total", ())]
+            done = accepted >= connections and min(received, sent) >= connections * size
+            return samples if done else None
+
+        samples = waitFor(counted, what="the workload in the counters")
+        assert isinstance(samples, dict)
+        self.assertEqual(samples[("maccept_workers", (("state", "ready"),))], 2)
+        self.assertEqual(samples[("maccept_connections_open", ())], 0)
+        memory = {
+            dict(labels)["pid"]: value
+            for (name, labels), value in samples.items()
+            if name == "maccept_worker_resident_memory_bytes"
+        }
+        self.assertEqual(set(memory), {str(pid) for pid in server.workers()})
+        self.assertTrue(all(value > 0 for value in memory.values()))
+        self.assertIn(("maccept_listen_backlog", (("listen", LOOPBACK),)), samples)
+        self.assertEqual(samples[("maccept_listen_backlog_limit", (("listen", LOOPBACK),))], 1024)
+
+    def test_countersSurviveReload(self) -> None:
+        """
+        A reload replaces every worker, yet no counter goes backwards, and
+        the restarts count the reload.
+        """
+        server = self.start("--workers", "2")
+        for _ in range(10):
+            with server.connect() as client:
+                echoRoundTrip(client, b"x" * 1000)
+        waitFor(
+            lambda: self.scrape()[("maccept_connections_accepted_total", ())] >= 10,
+            what="the first connections counted",
+        )
+        before = self.scrape()
+        old = set(server.workers())
+        os.kill(server.pid, signal.SIGHUP)
+        waitFor(lambda: "generation 2 ready" in server.log(), what="the reload")
+        waitFor(lambda: not any(alive(pid) for pid in old), what="the old workers to leave")
+        after = self.scrape()
+        for name in (
+            "maccept_connections_accepted_total",
+            "maccept_bytes_received_total",
+            "maccept_bytes_sent_total",
+        ):
+            self.assertGreaterEqual(after[(name, ())], before[(name, ())], name)
+        self.assertEqual(after[("maccept_worker_restarts_total", (("reason", "reload"),))], 2)
+
+    def test_healthz(self) -> None:
+        """
+        C{/healthz} answers 200 while workers serve, and 503 once the pool
+        is stopping, while it still drains an open connection.
+        """
+        server = self.start("--workers", "1")
+        self.assertEqual(self.get("healthz")[0], 200)
+        client = server.connect()
+        self.addCleanup(client.close)
+        client.sendall(b"hold")
+        self.assertEqual(client.recv(4), b"hold")
+        os.kill(server.pid, signal.SIGTERM)
+        waitFor(lambda: self.get("healthz")[0] == 503, what="/healthz to answer 503")
+        client.sendall(b"still")
+        self.assertEqual(client.recv(5), b"still")
+        client.close()
+        self.assertEqual(server.process.wait(30), 0)
+
+    def test_ctlStatusListsLiveWorkers(self) -> None:
+        """
+        C{maccept-ctl status --json} lists exactly the live worker pids; the
+        table names each of them; the socket is for its owner only.
+        """
+        server = self.start("--workers", "2", control=True)
+        self.assertEqual(self.workerPids(), set(server.workers()))
+        self.assertEqual(stat.S_IMODE(os.stat(self.controlPath).st_mode), 0o600)
+        table = self.ctl("status")
+        self.assertEqual(table.returncode, 0, table.stderr)
+        for pid in server.workers():
+            self.assertIn(str(pid), table.stdout)
+
+    def test_ctlScaleReloadStop(self) -> None:
+        """
+        C{scale} grows and shrinks the pool, C{reload} replaces every worker
+        and C{stop} stops the server with status 0.
+        """
+        server = self.start("--workers", "1", control=True)
+        self.assertEqual(self.ctl("scale", "3").returncode, 0)
+        waitFor(lambda: len(self.workerPids()) == 3 == len(server.workers()), what="3 workers")
+        self.assertEqual(self.ctl("scale", "1").returncode, 0)
+        waitFor(lambda: len(server.workers()) == 1, what="1 worker")
+        self.assertEqual(self.workerPids(), set(server.workers()))
+        old = set(server.workers())
+        self.assertEqual(self.ctl("reload").returncode, 0)
+        waitFor(lambda: "generation 2 ready" in server.log(), what="the reload")
+        waitFor(lambda: not (set(server.workers()) & old), what="the old worker to leave")
+        with server.connect() as client:
+            self.assertEqual(echoRoundTrip(client, b"after reload"), b"after reload")
+        done = self.ctl("stop")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(server.process.wait(30), 0)
+
+    def test_ctlRefusedScale(self) -> None:
+        """
+        A request the pool refuses exits 1 with the reason on one line.
+        """
+        self.start("--workers", "1", control=True)
+        done = self.ctl("scale", "0")
+        self.assertEqual(done.returncode, 1)
+        self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
+        self.assertNotIn("Traceback", done.stderr)
+
+    def test_ctlMissingSocket(self) -> None:
+        """
+        A socket nobody listens on: exit 2, one line naming the path.
+        """
+        self.controlPath = os.path.join(tempfile.gettempdir(), "maccept-no-such.sock")
+        done = self.ctl("status")
+        self.assertEqual(done.returncode, 2)
+        [line] = done.stderr.strip().splitlines()
+        self.assertIn(self.controlPath, line)
+
+    def test_controlGarbage(self) -> None:
+        """
+        Garbage on the control socket closes that connection and is logged;
+        the server and its control socket carry on.
+        """
+        server = self.start("--workers", "1", control=True)
+        with socket.socket(socket.AF_UNIX) as bad:
+            bad.settimeout(10)
+            bad.connect(self.controlPath)
+            try:
+                bad.sendall(b"\xff\xffnot AMP at all\r\n" * 100)
+                data = bad.recv(100)
+            except (ConnectionResetError, BrokenPipeError):
+                data = b""
+            self.assertEqual(data, b"")
+        waitFor(lambda: "garbage on the control socket" in server.log(), what="the log line")
+        self.assertEqual(self.workerPids(), set(server.workers()))
+        with server.connect() as client:
+            self.assertEqual(echoRoundTrip(client, b"fine"), b"fine")
+
+    def test_unknownCommand(self) -> None:
+        """
+        An AMP command the control socket does not know gets an error
+        answer naming it; the server carries on.
+        """
+        server = self.start("--workers", "1", control=True)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(10)
+            client.connect(self.controlPath)
+            client.sendall(ampBox(_command="Frobnicate", _ask="1"))
+            answer = client.recv(4096)
+        self.assertIn(b"_error_code", answer)
+        self.assertIn(b"UNHANDLED", answer)
+        self.assertEqual(self.workerPids(), set(server.workers()))
+
+    def test_metricsPortInUse(self) -> None:
+        """
+        C{--metrics} on a port already taken fails start-up with one line
+        naming the option, and no traceback.
+        """
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        description = f"tcp:{port}:interface=127.0.0.1"
+        done = runMaccept(["--listen", LOOPBACK, "--metrics", description])
+        self.assertNotEqual(done.returncode, 0)
+        self.assertNotIn("Traceback", done.stdout + done.stderr)
+        self.assertIn(f"--metrics {description}:", done.stderr)
+        self.assertIn("in use", done.stderr)
