@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_board -*-
+# -*- test-case-name: tests.test_accepting -*-
 """
 The load board: a page of shared memory where every worker posts how many
 connections it holds, so that each can see whether it is ahead of the

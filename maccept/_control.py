@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_control -*-
+# -*- test-case-name: tests.test_observability -*-
 """
 The parent's control socket (C{--control PATH}): AMP over a UNIX socket
 that only its owner may use, for C{maccept-ctl}.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_control -*-
+# -*- test-case-name: tests.test_observability -*-
 """
 C{maccept-ctl PATH COMMAND}: see and steer a running pool through its
 control socket (C{twistd maccept --control PATH}).
@@ -29,7 +29,11 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="maccept-ctl", description=__doc__)
+    p = _OneLineParser(
+        prog="maccept-ctl",
+        description="See and steer a running maccept pool through its control socket.",
+        epilog="Exit status: 0 done, 1 the pool refused the request, 2 no pool at PATH.",
+    )
     p.add_argument("path", help="the control socket (twistd maccept --control PATH)")
     commands = p.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_OneLineParser

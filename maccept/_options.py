@@ -83,7 +83,10 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Serve a protocol from a pool of worker processes that all accept on "
-        "the same listening sockets, which this parent process creates."
+        "the same listening sockets, which this parent process creates.  "
+        "Signals to the parent: TERM or INT stop gracefully (a second one kills "
+        "the workers at once), HUP reloads every worker without refusing a "
+        "connection, TTIN adds a worker, TTOU removes one.  See also maccept-ctl."
     )
 
     optParameters = [

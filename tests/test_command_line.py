@@ -82,3 +82,18 @@ class BadInputTests(SynchronousTestCase):
         description = "tcp:1:interface=127.0.0.1"
         result = runMaccept(["--listen", description], preexec=withoutBindCapability)
         self.assertOneLineError(result, f"--listen {description}", "permission denied")
+
+
+class HelpTests(SynchronousTestCase):
+    def test_helpNamesOptionsAndSignals(self) -> None:
+        """
+        C{twistd maccept --help} lists the options and says what each signal
+        does, and exits 0.
+        """
+        result = runMaccept(["--help"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for option in ("--listen", "--workers", "--protocol", "--metrics", "--control"):
+            self.assertIn(option, result.stdout)
+        text = " ".join(result.stdout.split())
+        for signal in ("TERM or INT stop gracefully", "HUP reloads", "TTIN adds", "TTOU removes"):
+            self.assertIn(signal, text)
