@@ -14,10 +14,14 @@ moment, so that the kernel wakes the others instead.
 
 The mean, not the fewest: under connection churn every worker's count
 swings, and the fewest of seven swinging counts sits well below their
-mean, so comparing with it kept most workers paused and halved the
-connections per second at 8 workers (benchmarks/README.rst).  A burst of
-long-lived connections still lands within a few percent: a worker that
-lags pulls the mean down until it has caught up.
+mean, so comparing with it kept most workers paused: 80k connections a
+second at 8 workers against 129k greedy; the mean gave 100k (README.rst,
+Even load).  A burst of long-lived connections still lands within a few
+percent: a worker that lags pulls the mean down until it has caught up.
+
+The same governor enforces C{--max-concurrent}: at the limit a worker stops
+reading the listener until one of its connections closes, so connections
+wait in the kernel's backlog rather than being accepted and dropped.
 """
 
 from __future__ import annotations
@@ -52,9 +56,17 @@ class AcceptGovernor:
     postInterval = 0.25
     retryDelay = 0.005
 
-    def __init__(self, reactor: Any, board: LoadBoard, slot: int, pid: int) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        board: LoadBoard | None,
+        slot: int,
+        pid: int,
+        maxConcurrent: int | None = None,
+    ) -> None:
         self.reactor = reactor
         self.board = board
+        self.maxConcurrent = maxConcurrent
         self.slot = slot
         self.pid = pid
         self.openConnections = 0
@@ -77,7 +89,8 @@ class AcceptGovernor:
         def governedDoRead() -> None:
             budget = self.acceptBudget()
             if budget == 0:
-                self.pause()
+                # At the limit only a closing connection makes room: no retry.
+                self.pause(retry=not self.full)
                 return
             if budget is not None:
                 port.numberAccepts = budget
@@ -88,15 +101,28 @@ class AcceptGovernor:
     def acceptBudget(self) -> int | None:
         """
         How many connections this worker may accept now: C{None} for no
-        limit (no other worker accepts), else 0 or more.
+        limit (no other worker accepts, and no C{maxConcurrent}), else 0 or
+        more.
         """
-        freshSince = monotonicNs() - int(self.freshness * 1e9)
-        others = self.board.loadElsewhere(self.slot, freshSince)
-        if others is None:
-            return None
-        workers, connections = others
-        share = connections // workers
-        return max(0, share + allowance(share) + 1 - self.openConnections)
+        budget = None
+        if self.board is not None:
+            freshSince = monotonicNs() - int(self.freshness * 1e9)
+            others = self.board.loadElsewhere(self.slot, freshSince)
+            if others is not None:
+                workers, connections = others
+                share = connections // workers
+                budget = max(0, share + allowance(share) + 1 - self.openConnections)
+        if self.maxConcurrent is not None:
+            room = max(0, self.maxConcurrent - self.openConnections)
+            budget = room if budget is None else min(budget, room)
+        return budget
+
+    @property
+    def full(self) -> bool:
+        """
+        Whether this worker holds C{maxConcurrent} connections.
+        """
+        return self.maxConcurrent is not None and self.openConnections >= self.maxConcurrent
 
     def start(self) -> None:
         self._accepting = True
@@ -121,21 +147,32 @@ class AcceptGovernor:
         """
         self.openConnections = count
         self.post()
-        if self.paused and self._accepting and self.acceptBudget() != 0:
-            self.resume()
+        if self.paused and self._accepting:
+            if self.acceptBudget() != 0:
+                self.resume()
+            elif not self.full and (self._retry is None or not self._retry.active()):
+                # Paused at the limit, now only ahead of the others: retry.
+                self._retry = self.reactor.callLater(self.retryDelay, self.resume)
 
     def post(self) -> None:
+        if self.board is None:
+            return
         postedAt = monotonicNs() if self._accepting else 0
         self.board.post(self.slot, self.pid, self.openConnections, postedAt)
 
-    def pause(self) -> None:
+    def pause(self, retry: bool = True) -> None:
+        """
+        Stop reading the listeners: for C{retryDelay}, or with C{retry}
+        false until a connection closes.
+        """
         if self.paused:
             return
         self.paused = True
         self.pauses += 1
         for port in self.ports:
             port.stopReading()  # type: ignore[attr-defined]
-        self._retry = self.reactor.callLater(self.retryDelay, self.resume)
+        if retry:
+            self._retry = self.reactor.callLater(self.retryDelay, self.resume)
 
     def resume(self) -> None:
         if not self.paused or not self._accepting:

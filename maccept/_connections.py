@@ -12,6 +12,7 @@ and closes, and counts what its reads and writes moved.
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ class ConnectionTracker:
         self.accepted = 0
         self.bytesReceived = 0
         self.bytesSent = 0
+        self.idleClosed = 0
         self.onChange = onChange
         self._idleWaiters: list[Callable[[], None]] = []
 
@@ -56,6 +58,19 @@ class ConnectionTracker:
         else:
             callback()
 
+    def closeIdle(self, timeout: float, now: float | None = None) -> int:
+        """
+        Abort every connection on which no byte moved for C{timeout}
+        seconds (a silent client holds a descriptor and a slot for
+        nothing: slowloris); return how many.
+        """
+        cutoff = (time.monotonic() if now is None else now) - timeout
+        idle = [t for t in self.open if t.lastActive <= cutoff]  # type: ignore[attr-defined]
+        for transport in idle:
+            transport.abortConnection()  # type: ignore[attr-defined]
+        self.idleClosed += len(idle)
+        return len(idle)
+
     def closeAll(self) -> None:
         """
         Close every open connection now, dropping unsent data.
@@ -79,6 +94,8 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
     class TrackedTransport(base):  # type: ignore[misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            #: When a byte last moved either way (monotonic seconds).
+            self.lastActive = time.monotonic()
             if isTCP:
                 self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tracker.opened(self)
@@ -92,6 +109,7 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
         def _dataReceived(self, data: bytes | None) -> Any:
             if data:
                 tracker.bytesReceived += len(data)
+                self.lastActive = time.monotonic()
             return super()._dataReceived(data)
 
         def write(self, data: bytes) -> None:
@@ -119,8 +137,9 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
 
         def writeSomeData(self, data: bytes) -> Any:
             written = super().writeSomeData(data)
-            if isinstance(written, int):
+            if isinstance(written, int) and written:
                 tracker.bytesSent += written
+                self.lastActive = time.monotonic()
             return written
 
     TrackedTransport.__name__ = f"Tracked{base.__name__}"

@@ -102,6 +102,11 @@ class PoolCollector(Collector):
             "Bytes sent to clients by all workers, past and present.",
             value=totals["bytesSent"],
         )
+        yield CounterMetricFamily(
+            "maccept_connections_idle_closed",
+            "Connections closed after --idle-timeout seconds of silence.",
+            value=totals["idleClosed"],
+        )
         restarts = CounterMetricFamily(
             "maccept_worker_restarts",
             "Workers that left the pool, by reason.",

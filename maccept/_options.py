@@ -132,6 +132,19 @@ class Options(usage.Options):
             "Replace a worker whose resident memory exceeds this many MiB (default: never).",
         ],
         [
+            "max-concurrent",
+            None,
+            None,
+            "Per worker: at this many open connections stop accepting, and accept "
+            "again below it; new connections wait in the backlog (default: no limit).",
+        ],
+        [
+            "idle-timeout",
+            None,
+            "0",
+            "Close a connection on which no byte moved for this many seconds (0: never).",
+        ],
+        [
             "metrics",
             None,
             None,
@@ -184,6 +197,13 @@ class Options(usage.Options):
             self["max-connections"] = int(
                 parseNumber("max-connections", self["max-connections"], True, 1)
             )
+        if self["max-concurrent"] is not None:
+            self["max-concurrent"] = int(
+                parseNumber("max-concurrent", self["max-concurrent"], True, 1)
+            )
+        self["idle-timeout"] = parseNumber(
+            "idle-timeout", self["idle-timeout"], integer=False, minimum=0
+        )
         if self["max-memory"] is not None:
             self["max-memory"] = int(
                 parseNumber("max-memory", self["max-memory"], True, startupMiB() + 1)

@@ -37,7 +37,7 @@ from maccept._workerprocess import ParentControl, WorkerProcess
 RESTART_REASONS = ("crash", "recycle", "watchdog", "reload", "scale")
 
 #: Worker counters that only grow, summed over every worker there ever was.
-COUNTERS = ("accepted", "bytesReceived", "bytesSent")
+COUNTERS = ("accepted", "bytesReceived", "bytesSent", "idleClosed")
 
 
 @dataclass
@@ -56,6 +56,10 @@ class PoolSettings:
     maxConnectionsJitter: int = 0
     #: Bytes of resident memory after which a worker is replaced.
     maxMemory: int | None = None
+    #: Open connections at which a worker stops accepting (None: no limit).
+    maxConcurrent: int | None = None
+    #: Seconds of silence after which a connection is closed (0: never).
+    idleTimeout: float = 0.0
 
 
 def residentBytes(pid: int) -> int | None:
@@ -239,6 +243,8 @@ class WorkerPool(Service):
             gracefulTimeout=settings.gracefulTimeout,
             heartbeatInterval=min(1.0, watchdog / 4) if watchdog else 1.0,
             recycleAfter=recycleAfter,
+            maxConcurrent=settings.maxConcurrent,
+            idleTimeout=settings.idleTimeout,
         )
         return spec, childFDs
 

@@ -68,6 +68,8 @@ def makeService(options: CommandLineOptions) -> IService:
         maxConnections=options["max-connections"],
         maxConnectionsJitter=options["max-connections-jitter"],
         maxMemory=options["max-memory"] * 2**20 if options["max-memory"] else None,
+        maxConcurrent=options["max-concurrent"],
+        idleTimeout=options["idle-timeout"],
     )
 
     def onFatal(message: str) -> None:

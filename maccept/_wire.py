@@ -75,6 +75,10 @@ class WorkerSpec:
     heartbeatInterval: float = 1.0
     #: Ask to be replaced after accepting this many connections (None: never).
     recycleAfter: int | None = None
+    #: Stop accepting at this many open connections (None: no limit).
+    maxConcurrent: int | None = None
+    #: Close connections silent for this many seconds (0: never).
+    idleTimeout: float = 0.0
 
     def toArgument(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -125,6 +129,7 @@ STATS = [
     (b"open", amp.Integer()),
     (b"bytesReceived", amp.Integer()),
     (b"bytesSent", amp.Integer()),
+    (b"idleClosed", amp.Integer()),
     (b"lag", amp.Float()),
 ]
 

@@ -80,6 +80,8 @@ class Worker:
         self._askedForReplacement = False
         self._heartbeat = LoopingCall(self.sendHeartbeat)
         self._heartbeat.clock = reactor
+        self._idleReaper = LoopingCall(self.closeIdle)
+        self._idleReaper.clock = reactor
         self.lag = LagMeter(reactor)
 
     # Starting.
@@ -98,9 +100,13 @@ class Worker:
 
     def _adoptAll(self) -> None:
         self.factory = resolveProtocol(self.spec.protocol)()
+        board, slot = None, 0
         if self.spec.board is not None:
-            board = LoadBoard.attach(self.spec.board.fd)
-            self.governor = AcceptGovernor(self.reactor, board, self.spec.board.slot, os.getpid())
+            board, slot = LoadBoard.attach(self.spec.board.fd), self.spec.board.slot
+        if board is not None or self.spec.maxConcurrent is not None:
+            self.governor = AcceptGovernor(
+                self.reactor, board, slot, os.getpid(), self.spec.maxConcurrent
+            )
         for handle in self.spec.listeners:
             port = adopt(self.reactor, handle, self.factory)
             # Accept nothing before the start hook has run.
@@ -117,6 +123,9 @@ class Worker:
         if self.governor is not None:
             self.governor.start()
         self._heartbeat.start(self.spec.heartbeatInterval, now=False)
+        if self.spec.idleTimeout > 0:
+            # A connection is closed between 1 and 1.25 timeouts after its last byte.
+            self._idleReaper.start(self.spec.idleTimeout / 4, now=False)
         self.lag.start()
         self._call(WorkerReady, pid=os.getpid())
 
@@ -135,6 +144,18 @@ class Worker:
             self._askedForReplacement = True
             self._call(ReplaceMe, reason=f"accepted {self.tracker.accepted} connections")
 
+    def closeIdle(self) -> None:
+        """
+        Close the connections that stayed silent for C{--idle-timeout}.
+        """
+        closed = self.tracker.closeIdle(self.spec.idleTimeout)
+        if closed:
+            self.log.info(
+                "closed {count} connection(s) silent for {timeout}s",
+                count=closed,
+                timeout=self.spec.idleTimeout,
+            )
+
     def stats(self) -> dict[str, Any]:
         """
         The counters the parent folds into its metrics (see L{STATS}).
@@ -145,6 +166,7 @@ class Worker:
             "open": len(tracker.open),
             "bytesReceived": tracker.bytesReceived,
             "bytesSent": tracker.bytesSent,
+            "idleClosed": tracker.idleClosed,
             "lag": self.lag.worstSinceLastAsked(),
         }
 
@@ -212,6 +234,8 @@ class Worker:
         self.exitCode = code
         if self._heartbeat.running:
             self._heartbeat.stop()
+        if self._idleReaper.running:
+            self._idleReaper.stop()
         self.lag.stop()
         farewell = self._call(Farewell, **self.stats())
         timeout = self.reactor.callLater(self.farewellTimeout, farewell.cancel)

@@ -82,6 +82,7 @@ class WorkerProcess(ProcessProtocol):
             "open": 0,
             "bytesReceived": 0,
             "bytesSent": 0,
+            "idleClosed": 0,
             "lag": 0.0,
         }
         self.lastWords: deque[str] = deque(maxlen=self.lastWordsKept)

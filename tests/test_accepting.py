@@ -151,3 +151,57 @@ class GovernorTests(SynchronousTestCase):
         self.governor.connectionsChanged(50)
         self.governor.stop()
         self.assertEqual(self.board.loadElsewhere(1, monotonicNs() - 10**9), (1, 8))
+
+
+class MaxConcurrentTests(SynchronousTestCase):
+    """
+    C{--max-concurrent}, with no board (C{--balance greedy}) and with one.
+    """
+
+    def governed(self, board: LoadBoard | None = None) -> tuple[AcceptGovernor, FakeListeningPort]:
+        self.clock = Clock()
+        port = FakeListeningPort()
+        governor = AcceptGovernor(self.clock, board, 0, 100, maxConcurrent=3)
+        governor.govern(port)  # type: ignore[arg-type]
+        governor.start()
+        self.addCleanup(governor.stop)
+        return governor, port
+
+    def test_budgetIsTheRoomLeft(self) -> None:
+        """
+        Below the limit a worker may accept as many as fit.
+        """
+        governor, port = self.governed()
+        governor.connectionsChanged(1)
+        port.doRead()
+        self.assertEqual((port.reads, port.numberAccepts), (1, 2))
+
+    def test_fullPausesUntilAConnectionCloses(self) -> None:
+        """
+        At the limit the worker stops reading the listener with no retry
+        timer, and reads again as soon as a connection closes.
+        """
+        governor, port = self.governed()
+        governor.connectionsChanged(3)
+        port.doRead()
+        self.assertEqual(port.reads, 0)
+        self.clock.advance(10)
+        self.assertFalse(port.reading)
+        governor.connectionsChanged(2)
+        self.assertTrue(port.reading)
+
+    def test_fullThenAheadRetries(self) -> None:
+        """
+        A worker paused at the limit that, once below it, is still ahead of
+        the others' mean goes back to retrying, so it is never stuck.
+        """
+        board = newBoard(self, 2)
+        board.post(1, 101, 0, monotonicNs())
+        governor, port = self.governed(board)
+        governor.connectionsChanged(3)
+        port.doRead()
+        governor.connectionsChanged(2)
+        self.assertFalse(port.reading)
+        board.post(1, 101, 3, monotonicNs())
+        self.clock.advance(AcceptGovernor.retryDelay)
+        self.assertTrue(port.reading)

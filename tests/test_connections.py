@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import select
 import socket
+import time
 
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionAborted, ConnectionDone
@@ -68,6 +69,19 @@ class TrackerTests(SynchronousTestCase):
         self.tracker.opened(a)  # type: ignore[arg-type]
         self.tracker.closed(FakeServerTransport())  # type: ignore[arg-type]
         self.assertEqual(self.tracker.open, {a})
+
+    def test_closeIdle(self) -> None:
+        """
+        C{closeIdle} aborts the connections silent for the timeout or
+        longer, leaves the others, and counts what it closed.
+        """
+        old, fresh = FakeServerTransport(), FakeServerTransport()
+        old.lastActive, fresh.lastActive = 100.0, 109.5  # type: ignore[attr-defined]
+        self.tracker.opened(old)  # type: ignore[arg-type]
+        self.tracker.opened(fresh)  # type: ignore[arg-type]
+        self.assertEqual(self.tracker.closeIdle(5.0, now=110.0), 1)
+        self.assertEqual((old.aborted, fresh.aborted), (True, False))
+        self.assertEqual(self.tracker.idleClosed, 1)
 
     def test_closeAll(self) -> None:
         """
@@ -217,6 +231,7 @@ class RealPortTests(SynchronousTestCase):
         protocol.transport.write(b"world!")
         transport.doWrite()
         self.assertEqual((self.tracker.bytesReceived, self.tracker.bytesSent), (5, 6))
+        self.assertLessEqual(transport.lastActive, time.monotonic())
         client.settimeout(5)
         self.assertEqual(client.recv(6), b"world!")
 

@@ -99,6 +99,20 @@ class BadValueTests(SynchronousTestCase):
         self.assertIn("at least 1", self.assertRejected("--workers", "--workers", "-1"))
         self.assertIn("'abc'", self.assertRejected("--workers", "--workers", "abc"))
 
+    def test_armor(self) -> None:
+        """
+        C{--max-concurrent} must be a positive integer and C{--idle-timeout}
+        a number of seconds, zero or more.
+        """
+        self.assertIn(
+            "at least 1", self.assertRejected("--max-concurrent", "--max-concurrent", "0")
+        )
+        self.assertIn("'x'", self.assertRejected("--max-concurrent", "--max-concurrent", "x"))
+        self.assertIn("-1", self.assertRejected("--idle-timeout", "--idle-timeout", "-1"))
+        self.assertIn("'soon'", self.assertRejected("--idle-timeout", "--idle-timeout", "soon"))
+        options = parsed("--max-concurrent", "10", "--idle-timeout", "2.5")
+        self.assertEqual((options["max-concurrent"], options["idle-timeout"]), (10, 2.5))
+
     def test_protocol(self) -> None:
         """
         An unknown name, a missing module and an attribute that is no
