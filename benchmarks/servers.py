@@ -7,7 +7,10 @@ is 50), from a chosen number of processes:
 
     - C{maccept}: C{twistd -n maccept --workers N}; C{maccept-greedy} adds
       C{--balance greedy} (Twisted's own accept loop), for comparison with
-      maccept's default even balancing.  Not run unless asked for.
+      maccept's default even balancing; C{maccept-epoll} and
+      C{maccept-asyncio} run the workers on Twisted's own epoll reactor or
+      its asyncio reactor (uvloop's loop where installed) instead of
+      maccept's default.  Not run unless asked for.
     - C{twisted}: one process, C{reactor.listenTCP}; the baseline every
       multi-process Twisted server has to beat.
     - C{recipe}: the naive Twisted recipe.  The parent listens, stops reading
@@ -47,7 +50,16 @@ import _procfs
 #: measures the queue rather than the server.
 BACKLOG = 1024
 HOST = "127.0.0.1"
-KINDS = ("maccept", "maccept-greedy", "twisted", "recipe", "asyncio", "uvloop")
+KINDS = (
+    "maccept",
+    "maccept-greedy",
+    "maccept-epoll",
+    "maccept-asyncio",
+    "twisted",
+    "recipe",
+    "asyncio",
+    "uvloop",
+)
 DEFAULT_KINDS = ("maccept", "twisted", "recipe", "asyncio", "uvloop")
 #: Kinds that serve from a single process whatever the worker count.
 SINGLE_PROCESS = ("twisted",)
@@ -97,6 +109,8 @@ class ServerSpec:
             command += ["--workers", str(self.processes), "--listen", listen]
             if self.kind == "maccept-greedy":
                 command += ["--balance", "greedy"]
+            elif self.kind in ("maccept-epoll", "maccept-asyncio"):
+                command += ["--worker-reactor", self.kind.removeprefix("maccept-")]
             return command
         options = {"--port": self.port, "--processes": self.processes, "--backlog": self.backlog}
         flags = [text for option, value in options.items() for text in (option, str(value))]

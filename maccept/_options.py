@@ -16,6 +16,7 @@ from twisted.python import usage
 
 from maccept._listening import ListenError, checkDescription
 from maccept._protocols import ProtocolSpecError, resolveProtocol
+from maccept._reactor import WORKER_REACTORS
 
 DEFAULT_LISTEN = "tcp:7007:interface=127.0.0.1"
 BALANCE_MODES = ("even", "greedy")
@@ -159,6 +160,14 @@ class Options(usage.Options):
             "(mode 0600; default: off).",
         ],
         [
+            "worker-reactor",
+            None,
+            "fast",
+            "The reactor every worker runs: 'fast' (epoll, dispatching events "
+            "without a logging context each), 'epoll' (Twisted's own) or 'asyncio' "
+            "(Twisted's asyncio reactor, on uvloop when installed).",
+        ],
+        [
             "balance",
             None,
             "even",
@@ -185,6 +194,11 @@ class Options(usage.Options):
         if self["balance"] not in BALANCE_MODES:
             raise usage.UsageError(
                 f"--balance: expected one of {', '.join(BALANCE_MODES)}, got {self['balance']!r}"
+            )
+        if self["worker-reactor"] not in WORKER_REACTORS:
+            raise usage.UsageError(
+                f"--worker-reactor: expected one of {', '.join(WORKER_REACTORS)}, "
+                f"got {self['worker-reactor']!r}"
             )
         self["graceful-timeout"] = parseNumber(
             "graceful-timeout", self["graceful-timeout"], integer=False, minimum=0

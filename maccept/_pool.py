@@ -60,6 +60,8 @@ class PoolSettings:
     maxConcurrent: int | None = None
     #: Seconds of silence after which a connection is closed (0: never).
     idleTimeout: float = 0.0
+    #: The reactor every worker runs.
+    reactor: str = "fast"
 
 
 def residentBytes(pid: int) -> int | None:
@@ -245,6 +247,7 @@ class WorkerPool(Service):
             recycleAfter=recycleAfter,
             maxConcurrent=settings.maxConcurrent,
             idleTimeout=settings.idleTimeout,
+            reactor=settings.reactor,
         )
         return spec, childFDs
 

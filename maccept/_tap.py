@@ -70,6 +70,7 @@ def makeService(options: CommandLineOptions) -> IService:
         maxMemory=options["max-memory"] * 2**20 if options["max-memory"] else None,
         maxConcurrent=options["max-concurrent"],
         idleTimeout=options["idle-timeout"],
+        reactor=options["worker-reactor"],
     )
 
     def onFatal(message: str) -> None:

@@ -79,6 +79,8 @@ class WorkerSpec:
     maxConcurrent: int | None = None
     #: Close connections silent for this many seconds (0: never).
     idleTimeout: float = 0.0
+    #: The reactor to run (see L{maccept._reactor.WORKER_REACTORS}).
+    reactor: str = "fast"
 
     def toArgument(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

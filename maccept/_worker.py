@@ -363,12 +363,14 @@ def main(argv: list[str]) -> int:
     faulthandler.enable()
     setTitle(f"maccept: worker {spec.number}")
 
-    from twisted.internet import reactor
+    from maccept._reactor import install
+
+    reactor = install(spec.reactor)
 
     forwarder = ForwardingObserver()
     globalLogBeginner.beginLoggingTo([forwarder], redirectStandardIO=False)
     worker = Worker(reactor, spec)
-    reactor.adoptStreamConnection(  # type: ignore[attr-defined]
+    reactor.adoptStreamConnection(
         CONTROL_FD,
         socket.AF_UNIX,
         Factory.forProtocol(lambda: WorkerControl(worker, forwarder)),

@@ -113,6 +113,15 @@ class BadValueTests(SynchronousTestCase):
         options = parsed("--max-concurrent", "10", "--idle-timeout", "2.5")
         self.assertEqual((options["max-concurrent"], options["idle-timeout"]), (10, 2.5))
 
+    def test_workerReactor(self) -> None:
+        """
+        An unknown worker reactor is refused, naming the known ones.
+        """
+        self.assertEqual(
+            self.assertRejected("--worker-reactor", "--worker-reactor", "kqueue"),
+            "--worker-reactor: expected one of fast, epoll, asyncio, got 'kqueue'",
+        )
+
     def test_protocol(self) -> None:
         """
         An unknown name, a missing module and an attribute that is no

@@ -58,6 +58,25 @@ class EchoTests(SynchronousTestCase):
         results = asyncio.run(_manyClients("127.0.0.1", server.port, 120))
         self.assertEqual(results.count(True), 120)
 
+    def test_everyWorkerReactor(self) -> None:
+        """
+        Workers on Twisted's own epoll reactor and on its asyncio reactor
+        serve the same byte-exact echo as on the default one.
+        """
+        for name in ("epoll", "asyncio"):
+            server = startServer(
+                self,
+                "--workers",
+                "2",
+                "--worker-reactor",
+                name,
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+            )
+            results = asyncio.run(_manyClients("127.0.0.1", server.port, 20))
+            self.assertEqual(results.count(True), 20, name)
+            self.assertEqual(server.stop(), 0, name)
+
     def test_workersServeEveryConnectionParentNone(self) -> None:
         """
         Each of 100 open connections is held by a worker process and none
