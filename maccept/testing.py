@@ -1,0 +1,215 @@
+"""
+A testing kit for protocols served by maccept: start a real pool on an
+ephemeral loopback port from a test, talk to it, stop it.
+
+With trial::
+
+    from maccept.testing import startPool
+
+    class EchoTests(TestCase):
+        @inlineCallbacks
+        def test_echo(self):
+            pool = yield startPool(protocol="myapp.protocols:factory", workers=2)
+            self.addCleanup(pool.stop)
+            ...  # connect to pool.address.host, pool.address.port
+
+With pytest and pytest-twisted, the C{maccept_pool} fixture (registered
+through the C{pytest11} entry point, see L{maccept.pytest_plugin}) takes the
+same arguments and stops its pools at teardown.
+
+The pool is the real C{twistd -n maccept} in a child process, so what a
+test sees is what production sees: worker processes, signals, reloads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer, protocol
+from twisted.internet.address import IPv4Address
+from twisted.python.failure import Failure
+
+#: The parent's log line once every worker accepts.
+_READY = re.compile(r"all (\d+) workers ready on (\S+)")
+#: twistd in a session (and process group) of its own, so that a kill of
+#: that group reaches its workers too.
+_TWISTD = "import os; os.setsid(); from twisted.scripts.twistd import run; run()"
+
+
+class PoolStartError(Exception):
+    """
+    The pool exited, or did not become ready in time; the message ends with
+    the end of its log.
+    """
+
+
+class RunningPool:
+    """
+    A pool started by L{startPool}.
+
+    @ivar address: where it listens (C{.host}, C{.port}).
+    @ivar pid: the parent's pid.
+    """
+
+    def __init__(self, process: _PoolProcess, address: IPv4Address) -> None:
+        self._process = process
+        self.address = address
+        self.pid: int = process.transport.pid  # type: ignore[union-attr]
+
+    @property
+    def pids(self) -> list[int]:
+        """
+        The live worker pids, read from C{/proc} at each call.
+        """
+        return _childrenOf(self.pid)
+
+    @property
+    def log(self) -> str:
+        """
+        Everything the pool has logged so far.
+        """
+        return self._process.output()
+
+    def signal(self, signum: int) -> None:
+        """
+        Send C{signum} to the parent (C{SIGHUP} reloads, C{SIGTTIN} adds a
+        worker...).
+        """
+        if self._process.ended is None:
+            os.kill(self.pid, signum)
+
+    def stop(self, timeout: float = 30.0) -> defer.Deferred[None]:
+        """
+        Stop gracefully (SIGTERM); kill after C{timeout} seconds.  Fires
+        once the parent has exited, and with it every worker.
+        """
+        return self._process.stop(timeout)
+
+
+class _PoolProcess(protocol.ProcessProtocol):
+    def __init__(self, reactor: Any, workers: int) -> None:
+        self.reactor = reactor
+        self.workers = workers
+        self.chunks: list[bytes] = []
+        self.ready: defer.Deferred[IPv4Address] = defer.Deferred()
+        self.ended: Failure | None = None
+        self._endWaiters: list[defer.Deferred[None]] = []
+
+    def output(self) -> str:
+        return b"".join(self.chunks).decode("utf-8", "replace")
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self.chunks.append(data)
+        if self.ready.called:
+            return
+        match = _READY.search(self.output())
+        if match:
+            host, port = match.group(2).rsplit(":", 1)
+            self.ready.callback(IPv4Address("TCP", host, int(port)))
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended = reason
+        if not self.ready.called:
+            self.ready.errback(
+                PoolStartError(f"maccept exited before it was ready:\n{self._tail()}")
+            )
+        waiters, self._endWaiters = self._endWaiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def _tail(self) -> str:
+        return "\n".join(self.output().splitlines()[-20:])
+
+    def whenEnded(self) -> defer.Deferred[None]:
+        if self.ended is not None:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._endWaiters.append(d)
+        return d
+
+    def stop(self, timeout: float) -> defer.Deferred[None]:
+        if self.ended is None:
+            self.transport.signalProcess("TERM")  # type: ignore[union-attr]
+            killer = self.reactor.callLater(timeout, self._kill)
+            d = self.whenEnded()
+            d.addBoth(lambda result: (killer.active() and killer.cancel(), result)[1])
+            return d
+        return defer.succeed(None)
+
+    def _kill(self) -> None:
+        if self.ended is None:
+            # The parent's own process group holds its workers too.
+            os.killpg(self.transport.pid, signal.SIGKILL)  # type: ignore[union-attr]
+
+
+def startPool(
+    protocol: str = "echo",
+    workers: int = 1,
+    extraArgs: Sequence[str] = (),
+    reactor: Any = None,
+    timeout: float = 30.0,
+) -> defer.Deferred[RunningPool]:
+    """
+    Start C{twistd -n maccept} serving C{protocol} with C{workers} workers
+    on an ephemeral port of 127.0.0.1; fire with a L{RunningPool} once
+    every worker accepts, or fail with L{PoolStartError}.
+
+    C{extraArgs} are more C{maccept} options (C{--timeout}, C{--balance},
+    ...).  The child sees this process's C{sys.path}, so a protocol module
+    the test can import, the pool can import too.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as installed
+
+        reactor = installed
+    process = _PoolProcess(reactor, workers)
+    args = [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "maccept"]
+    args += ["--listen", "tcp:0:interface=127.0.0.1", "--workers", str(workers)]
+    args += ["--protocol", protocol, *extraArgs]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [p for p in sys.path if p] + [env.get("PYTHONPATH", "")]
+    ).rstrip(os.pathsep)
+    env["PYTHONUNBUFFERED"] = "1"
+    reactor.spawnProcess(process, sys.executable, args, env=env, childFDs={0: "w", 1: "r", 2: "r"})
+
+    def timedOut() -> None:
+        if not process.ready.called:
+            process.ready.errback(
+                PoolStartError(f"not ready within {timeout:.0f}s:\n{process._tail()}")
+            )
+            process.stop(0)
+
+    timer = reactor.callLater(timeout, timedOut)
+
+    def started(address: IPv4Address) -> RunningPool:
+        timer.cancel()
+        return RunningPool(process, address)
+
+    def failed(failure: Failure) -> defer.Deferred[RunningPool]:
+        if timer.active():
+            timer.cancel()
+        # Wait for the process to be gone, so nothing is left behind.
+        return process.whenEnded().addCallback(lambda _: failure)
+
+    return process.ready.addCallbacks(started, failed)
+
+
+def _childrenOf(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return sorted(found)

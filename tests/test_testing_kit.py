@@ -1,0 +1,108 @@
+"""
+The testing kit as its users write tests with it: the C{maccept_pool}
+fixture under pytest-twisted, and L{startPool} under trial's asynchronous
+C{TestCase} (in C{trial_kit_example.py}, run by trial).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+from maccept.testing import RunningPool
+from tests.server import alive
+
+
+class EchoClient(protocol.Protocol):
+    """
+    Sends one message, half-closes, and fires with everything echoed back.
+    """
+
+    def __init__(self, message: bytes) -> None:
+        self.message = message
+        self.received = b""
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.message)  # type: ignore[union-attr]
+        self.transport.loseWriteConnection()  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any) -> None:
+        self.done.callback(self.received)
+
+
+@defer.inlineCallbacks
+def echo(pool: RunningPool, message: bytes) -> Any:
+    endpoint = TCP4ClientEndpoint(reactor, pool.address.host, pool.address.port)
+    client = EchoClient(message)
+    yield connectProtocol(endpoint, client)
+    received = yield client.done
+    return received
+
+
+@pytest_twisted.inlineCallbacks
+def test_fixtureServesAndStops(maccept_pool: Any) -> Any:
+    """
+    The fixture's pool listens on loopback with the workers asked for and
+    echoes; stopping it leaves no worker behind.
+    """
+    pool = yield maccept_pool(protocol="echo", workers=2)
+    assert pool.address.host == "127.0.0.1"
+    assert len(pool.pids) == 2
+    received = yield echo(pool, b"hello kit")
+    assert received == b"hello kit"
+    workers = pool.pids
+    yield pool.stop()
+    assert not any(alive(pid) for pid in workers)
+
+
+@pytest.fixture
+def workersAfterTeardown() -> Iterator[list[int]]:
+    """
+    Set up before C{maccept_pool} when named first, so torn down after it:
+    checks that the pids a test put in the list are gone by then.
+    """
+    pids: list[int] = []
+    yield pids
+    assert pids and not any(alive(pid) for pid in pids)
+
+
+@pytest_twisted.inlineCallbacks
+def test_fixtureStopsAtTeardown(workersAfterTeardown: list[int], maccept_pool: Any) -> Any:
+    """
+    A pool the test leaves running is stopped by the fixture, workers and
+    all.
+    """
+    pool = yield maccept_pool(workers=2, extraArgs=["--timeout", "10"])
+    received = yield echo(pool, b"left running")
+    assert received == b"left running"
+    workersAfterTeardown.extend(pool.pids)
+
+
+def test_trialStyle() -> None:
+    """
+    The same kit under trial's asynchronous C{TestCase}: its tests live in
+    C{tests/trial_kit_example.py} and run under trial itself, since trial's
+    C{TestCase} spins the reactor on its own.
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", "twisted.trial", "tests.trial_kit_example"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "PASSED (successes=2)" in done.stdout, done.stdout
