@@ -65,7 +65,13 @@ class ConnectionTracker:
         nothing: slowloris); return how many.
         """
         cutoff = (time.monotonic() if now is None else now) - timeout
-        idle = [t for t in self.open if t.lastActive <= cutoff]  # type: ignore[attr-defined]
+        idle = [
+            t
+            for t in self.open
+            if t.lastActive <= cutoff  # type: ignore[attr-defined]
+            and not getattr(t, "_aborting", False)
+            and not getattr(t, "disconnecting", False)
+        ]
         for transport in idle:
             transport.abortConnection()  # type: ignore[attr-defined]
         self.idleClosed += len(idle)
@@ -126,7 +132,10 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
                 and self.connected
                 and not self.disconnecting
                 and not self._writeDisconnected
+                and not getattr(self, "_aborting", False)
                 and not getattr(self, "TLS", False)
+                # A pull producer is asked for more only from doWrite.
+                and (self.producer is None or self.streamingProducer)
             ):
                 written = self.writeSomeData(data)
                 if isinstance(written, int):

@@ -96,8 +96,10 @@ class Options(usage.Options):
             "protocol",
             "p",
             "echo",
-            "'echo', or module:attribute naming a protocol factory, a factory or "
-            "protocol class, or a callable returning a factory.",
+            "A protocol plugin's name (echo, discard, chargen, daytime, web, or "
+            "your own: see --help-protocols), or module:attribute naming a "
+            "protocol factory, a factory or protocol class, or a callable "
+            "returning a factory.",
         ],
         [
             "graceful-timeout",
@@ -179,6 +181,24 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["protocol-option"] = []
+
+    def opt_protocol_option(self, item: str) -> None:
+        """
+        KEY=VALUE for the protocol plugin's own options (repeatable), e.g.
+        --protocol web --protocol-option path=/srv/www.
+        """
+        self["protocol-option"].append(item)
+
+    def opt_help_protocols(self) -> None:
+        """
+        List the protocol plugins installed, and exit.
+        """
+        from maccept._plugins import protocolPlugins
+
+        for name, plugin in sorted(protocolPlugins().items()):
+            print(f"{name:12} {plugin.description}")
+        raise SystemExit(0)
 
     def opt_listen(self, description: str) -> None:
         """
@@ -235,7 +255,7 @@ class Options(usage.Options):
             except ListenError as e:
                 raise usage.UsageError(f"--metrics {self['metrics']}: {e}") from None
         try:
-            resolveProtocol(self["protocol"])
+            resolveProtocol(self["protocol"], self["protocol-option"])
         except ProtocolSpecError as e:
             raise usage.UsageError(f"--protocol: {e}") from None
 

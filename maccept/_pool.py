@@ -62,6 +62,8 @@ class PoolSettings:
     idleTimeout: float = 0.0
     #: The reactor every worker runs.
     reactor: str = "fast"
+    #: C{--protocol-option KEY=VALUE}s, for a protocol plugin.
+    protocolOptions: tuple[str, ...] = ()
 
 
 def residentBytes(pid: int) -> int | None:
@@ -239,6 +241,7 @@ class WorkerPool(Service):
         spec = WorkerSpec(
             number=number,
             protocol=settings.protocol,
+            protocolOptions=settings.protocolOptions,
             parentPid=os.getpid(),
             listeners=tuple(handles),
             board=board,

@@ -12,11 +12,12 @@ starts; every worker resolves it again, so a reload picks up new code.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python import usage
 
 
 class ProtocolSpecError(ValueError):
@@ -78,6 +79,14 @@ def echoFactory() -> IProtocolFactory:
     return Factory.forProtocol(Echo)
 
 
+def echoPlugin(options: object) -> IProtocolFactory:
+    """
+    The echo plugin's factory (it has no options).
+    """
+    return echoFactory()
+
+
+#: Served even where plugin discovery finds nothing (a broken install).
 BUILTIN_PROTOCOLS: dict[str, Callable[[], IProtocolFactory]] = {
     "echo": echoFactory,
 }
@@ -85,20 +94,32 @@ BUILTIN_PROTOCOLS: dict[str, Callable[[], IProtocolFactory]] = {
 FactoryMaker = Callable[[], IProtocolFactory]
 
 
-def resolveProtocol(spec: str) -> FactoryMaker:
+def resolveProtocol(spec: str, protocolOptions: Sequence[str] = ()) -> FactoryMaker:
     """
-    Turn a C{--protocol} value into a callable that builds the factory.
+    Turn a C{--protocol} value (and its C{--protocol-option}s) into a
+    callable that builds the factory.
 
-    @raise ProtocolSpecError: if C{spec} names no module, no attribute, or
-        something that is neither a factory nor a callable.
+    @raise ProtocolSpecError: if C{spec} names no plugin, no module, no
+        attribute, or something that is neither a factory nor a callable;
+        or if the plugin refuses its options.
     """
-    if spec in BUILTIN_PROTOCOLS:
-        return BUILTIN_PROTOCOLS[spec]
     if ":" not in spec:
-        known = ", ".join(sorted(BUILTIN_PROTOCOLS))
+        from maccept._plugins import pluginFactoryMaker, protocolPlugins
+
+        plugins = protocolPlugins()
+        if spec in plugins:
+            try:
+                return pluginFactoryMaker(plugins[spec], protocolOptions)
+            except usage.UsageError as e:
+                raise ProtocolSpecError(f"{spec}: {e}") from None
+        if spec in BUILTIN_PROTOCOLS and not protocolOptions:
+            return BUILTIN_PROTOCOLS[spec]
+        known = ", ".join(sorted(set(plugins) | set(BUILTIN_PROTOCOLS)))
         raise ProtocolSpecError(
             f"unknown protocol {spec!r}: use one of {known} or module:attribute"
         )
+    if protocolOptions:
+        raise ProtocolSpecError(f"{spec!r} takes no --protocol-option (only protocol plugins do)")
     moduleName, _, attributeName = spec.partition(":")
     if not moduleName or not attributeName:
         raise ProtocolSpecError(f"{spec!r} is not of the form module:attribute")

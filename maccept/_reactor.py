@@ -40,6 +40,8 @@ class WorkerReactor(epollreactor.EPollReactor):
                 continue
             try:
                 doReadOrWrite(selectable, fd, event)
+            except KeyboardInterrupt:
+                raise
             except BaseException:
                 log.err()
 

@@ -62,6 +62,7 @@ def makeService(options: CommandLineOptions) -> IService:
     settings = PoolSettings(
         size=options["workers"],
         protocol=options["protocol"],
+        protocolOptions=tuple(options["protocol-option"]),
         balance=options["balance"] == "even",
         gracefulTimeout=options["graceful-timeout"],
         watchdogTimeout=options["timeout"],

@@ -81,6 +81,8 @@ class WorkerSpec:
     idleTimeout: float = 0.0
     #: The reactor to run (see L{maccept._reactor.WORKER_REACTORS}).
     reactor: str = "fast"
+    #: C{--protocol-option} values, for a protocol plugin.
+    protocolOptions: tuple[str, ...] = ()
 
     def toArgument(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -90,7 +92,13 @@ class WorkerSpec:
         raw = json.loads(text)
         listeners = tuple(ListenerHandle(**each) for each in raw.pop("listeners"))
         board = raw.pop("board", None)
-        return cls(listeners=listeners, board=BoardHandle(**board) if board else None, **raw)
+        protocolOptions = tuple(raw.pop("protocolOptions", ()))
+        return cls(
+            listeners=listeners,
+            board=BoardHandle(**board) if board else None,
+            protocolOptions=protocolOptions,
+            **raw,
+        )
 
 
 # Worker to parent.

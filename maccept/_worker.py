@@ -99,7 +99,7 @@ class Worker:
         return d
 
     def _adoptAll(self) -> None:
-        self.factory = resolveProtocol(self.spec.protocol)()
+        self.factory = resolveProtocol(self.spec.protocol, self.spec.protocolOptions)()
         board, slot = None, 0
         if self.spec.board is not None:
             board, slot = LoadBoard.attach(self.spec.board.fd), self.spec.board.slot
@@ -124,8 +124,9 @@ class Worker:
             self.governor.start()
         self._heartbeat.start(self.spec.heartbeatInterval, now=False)
         if self.spec.idleTimeout > 0:
-            # A connection is closed between 1 and 1.25 timeouts after its last byte.
-            self._idleReaper.start(self.spec.idleTimeout / 4, now=False)
+            # A connection is closed between 1 and 1.25 timeouts after its
+            # last byte (for timeouts of 0.4 s and more).
+            self._idleReaper.start(max(0.1, self.spec.idleTimeout / 4), now=False)
         self.lag.start()
         self._call(WorkerReady, pid=os.getpid())
 
@@ -148,7 +149,12 @@ class Worker:
         """
         Close the connections that stayed silent for C{--idle-timeout}.
         """
-        closed = self.tracker.closeIdle(self.spec.idleTimeout)
+        try:
+            closed = self.tracker.closeIdle(self.spec.idleTimeout)
+        except Exception:
+            # Never let one bad transport stop the reaper for good.
+            self.log.failure("closing idle connections failed")
+            return
         if closed:
             self.log.info(
                 "closed {count} connection(s) silent for {timeout}s",
@@ -202,7 +208,13 @@ class Worker:
         """
         if not getattr(port, "connected", False):
             return
-        port.numberAccepts = _SWEEP
+        limit = _SWEEP
+        if self.spec.maxConcurrent is not None:
+            # Never beyond --max-concurrent, not even on the way out.
+            limit = self.spec.maxConcurrent - len(self.tracker.open)
+        if limit <= 0:
+            return
+        port.numberAccepts = limit
         type(port).doRead(port)
 
     def _drained(self, deadline: Any) -> None:

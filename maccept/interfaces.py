@@ -6,9 +6,36 @@ from __future__ import annotations
 
 from typing import Any
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
-__all__ = ["IWorkerLifecycle"]
+__all__ = ["IProtocolPlugin", "IWorkerLifecycle"]
+
+
+class IProtocolPlugin(Interface):
+    """
+    A protocol that C{--protocol NAME} picks by name.  Provide it (and
+    L{twisted.plugin.IPlugin}) on an object in a module under
+    C{twisted/plugins/}; C{twistd maccept --help-protocols} lists every one
+    found.  Keep that module cheap to import: plugin discovery imports it.
+    """
+
+    name = Attribute("What --protocol calls it.")
+    description = Attribute("One line for --help-protocols.")
+
+    def options() -> Any:
+        """
+        A new L{twisted.python.usage.Options} for the protocol's own
+        options, given as C{--protocol-option KEY=VALUE} (C{--KEY VALUE} to
+        these options).  Its C{postOptions} may reject values with
+        L{twisted.python.usage.UsageError}: the parent checks them at
+        start-up, before any worker starts.
+        """
+
+    def makeFactory(options: Any) -> Any:
+        """
+        Build the protocol factory from the parsed C{options}; called in
+        every worker (and once in the parent, to check).
+        """
 
 
 class IWorkerLifecycle(Interface):

@@ -83,6 +83,18 @@ class TrackerTests(SynchronousTestCase):
         self.assertEqual((old.aborted, fresh.aborted), (True, False))
         self.assertEqual(self.tracker.idleClosed, 1)
 
+    def test_closeIdleSkipsClosing(self) -> None:
+        """
+        A connection already being aborted is neither aborted again nor
+        counted again.
+        """
+        closing = FakeServerTransport()
+        closing.lastActive = 0.0  # type: ignore[attr-defined]
+        closing._aborting = True  # type: ignore[attr-defined]
+        self.tracker.opened(closing)  # type: ignore[arg-type]
+        self.assertEqual(self.tracker.closeIdle(5.0, now=110.0), 0)
+        self.assertFalse(closing.aborted)
+
     def test_closeAll(self) -> None:
         """
         C{closeAll} aborts every open connection (and only those).
@@ -301,6 +313,53 @@ class RealPortTests(SynchronousTestCase):
         self.assertEqual(received, expected)
         self.assertEqual(self.tracker.bytesSent, len(expected))
         self.assertIs(paused[-1], False)
+
+    def test_pullProducerKeptAsking(self) -> None:
+        """
+        A pull producer (C{FileSender}, chargen) is asked for more each time
+        its last chunk has gone, although write-through sends that chunk at
+        once: its writes are queued, so the transport's C{doWrite} asks.
+        """
+        client, transport = self.accepted()
+        asked: list[int] = []
+
+        class Pull:
+            def resumeProducing(self) -> None:
+                asked.append(1)
+                transport.write(b"p" * 1000)
+                if len(asked) == 5:
+                    transport.unregisterProducer()
+
+            def stopProducing(self) -> None:
+                pass
+
+        transport.registerProducer(Pull(), False)
+        received = b""
+        for _ in range(500):
+            if len(received) >= 5000:
+                break
+            # As the reactor would: only while the transport waits to write.
+            if transport in self.reactor.getWriters():
+                transport.doWrite()
+            readable, _, _ = select.select([client], [], [], 0.01)
+            if readable:
+                received += client.recv(65536)
+        self.assertEqual((len(asked), received), (5, b"p" * 5000))
+
+    def test_nothingSentAfterAbort(self) -> None:
+        """
+        A write in the same reactor turn as C{abortConnection} never
+        reaches the client.
+        """
+        client, transport = self.accepted()
+        transport.abortConnection()
+        transport.write(b"secret")
+        self.reactor.advance(0)
+        try:
+            data = client.recv(100)
+        except ConnectionResetError:
+            data = b""
+        self.assertEqual(data, b"")
 
     def test_noWriteThroughWhileDisconnecting(self) -> None:
         """

@@ -1,0 +1,92 @@
+# -*- test-case-name: tests.test_plugins -*-
+"""
+Protocol plugins: found with L{twisted.plugin.getPlugins}, picked by
+C{--protocol NAME}, configured by C{--protocol-option KEY=VALUE}.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.plugin import IPlugin, getPlugins
+from twisted.python import usage
+from zope.interface import implementer
+
+from maccept.interfaces import IProtocolPlugin
+
+
+class NoOptions(usage.Options):
+    """
+    The options of a protocol that has none.
+    """
+
+
+def _load(path: str) -> Any:
+    moduleName, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(moduleName), attribute)
+
+
+@implementer(IPlugin, IProtocolPlugin)
+class ProtocolPlugin:
+    """
+    An L{IProtocolPlugin} that names its code by C{module:attribute}
+    strings, so that discovering it imports nothing else.
+
+    @param factory: C{module:attribute} of a callable that takes the parsed
+        options and returns the protocol factory.
+    @param options: C{module:attribute} of the options class, if any.
+    """
+
+    def __init__(
+        self, name: str, description: str, factory: str, options: str | None = None
+    ) -> None:
+        self.name = name
+        self.description = description
+        self._factory = factory
+        self._options = options
+
+    def options(self) -> usage.Options:
+        optionsClass = _load(self._options) if self._options else NoOptions
+        options: usage.Options = optionsClass()
+        return options
+
+    def makeFactory(self, options: usage.Options) -> IProtocolFactory:
+        made: IProtocolFactory = _load(self._factory)(options)
+        return made
+
+
+def protocolPlugins() -> dict[str, IProtocolPlugin]:
+    """
+    Every protocol plugin installed, by name.
+    """
+    import twisted.plugins
+
+    return {plugin.name: plugin for plugin in getPlugins(IProtocolPlugin, twisted.plugins)}
+
+
+def optionArguments(protocolOptions: Sequence[str]) -> list[str]:
+    """
+    C{KEY=VALUE} to C{--KEY VALUE}; a bare C{KEY} is a flag.
+    """
+    argv: list[str] = []
+    for item in protocolOptions:
+        key, equals, value = item.partition("=")
+        argv += [f"--{key}", value] if equals else [f"--{key}"]
+    return argv
+
+
+def pluginFactoryMaker(
+    plugin: IProtocolPlugin, protocolOptions: Sequence[str]
+) -> Callable[[], IProtocolFactory]:
+    """
+    Parse C{protocolOptions} with the plugin's options now (so a bad value
+    fails here), and return what builds the factory from them.
+
+    @raise usage.UsageError: the plugin refused its options.
+    """
+    options = plugin.options()
+    options.parseOptions(optionArguments(protocolOptions))
+    return lambda: plugin.makeFactory(options)

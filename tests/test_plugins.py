@@ -1,0 +1,224 @@
+"""
+Protocol plugins: discovery, options, the built-in protocols served by a
+real pool, a third party's plugin, and bad input.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from maccept._builtins import Chargen
+from maccept._plugins import optionArguments, protocolPlugins
+from maccept._protocols import ProtocolSpecError, resolveProtocol
+from maccept.interfaces import IProtocolPlugin
+from tests.server import MacceptServer, runMaccept
+
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+BUILT_IN = {"echo", "discard", "chargen", "daytime", "web"}
+
+
+class DiscoveryTests(SynchronousTestCase):
+    def test_builtInsFound(self) -> None:
+        """
+        Every built-in protocol is found as an L{IProtocolPlugin}.
+        """
+        plugins = protocolPlugins()
+        self.assertLessEqual(BUILT_IN, set(plugins))
+        for name in BUILT_IN:
+            self.assertTrue(verifyObject(IProtocolPlugin, plugins[name]))
+            self.assertEqual(plugins[name].name, name)
+
+    def test_optionArguments(self) -> None:
+        """
+        C{KEY=VALUE} becomes C{--KEY VALUE}; a bare C{KEY} is a flag; the
+        value keeps any further C{=}.
+        """
+        self.assertEqual(
+            optionArguments(["path=/srv", "verbose", "q=a=b"]),
+            ["--path", "/srv", "--verbose", "--q", "a=b"],
+        )
+
+    def test_pluginOptionsChecked(self) -> None:
+        """
+        A plugin's options are checked when the protocol is resolved, with
+        the plugin's name in the message.
+        """
+        e = self.assertRaises(ProtocolSpecError, resolveProtocol, "web", ["path=/no/such/dir"])
+        self.assertEqual(str(e), "web: path: no such directory: /no/such/dir")
+        e = self.assertRaises(ProtocolSpecError, resolveProtocol, "echo", ["speed=9"])
+        self.assertEqual(str(e), "echo: option --speed not recognized")
+
+    def test_moduleAttributeTakesNoOptions(self) -> None:
+        """
+        C{--protocol-option} goes with plugins only.
+        """
+        e = self.assertRaises(
+            ProtocolSpecError, resolveProtocol, "tests.sample_protocols:Sleepy", ["a=1"]
+        )
+        self.assertIn("takes no --protocol-option", str(e))
+
+
+class ChargenTests(SynchronousTestCase):
+    def test_pullsRfc864Lines(self) -> None:
+        """
+        Chargen is a pull producer: it writes one chunk each time the
+        transport asks; the text is RFC 864's 72-character lines, each
+        starting one character after the last.
+        """
+        transport = StringTransport()
+        chargen = Chargen()
+        chargen.makeConnection(transport)
+        self.assertIs(transport.producer, chargen)
+        self.assertFalse(transport.streaming)
+        chargen.resumeProducing()
+        lines = transport.value().split(b"\r\n")[:96]
+        self.assertTrue(all(len(line) == 72 for line in lines))
+        self.assertEqual(lines[0][:3], b' !"')
+        self.assertEqual(lines[1][:3], b'!"#')
+        self.assertEqual(lines[95], lines[0])
+
+
+class BuiltInServingTests(SynchronousTestCase):
+    def start(self, *args: str, env: dict[str, str] | None = None) -> MacceptServer:
+        server = MacceptServer(["--listen", LOOPBACK, "--workers", "1", *args], env=env)
+        self.addCleanup(server.cleanup)
+        return server.waitReady()
+
+    def test_discard(self) -> None:
+        """
+        Discard reads everything and answers nothing; the connection stays
+        open until the client closes it.
+        """
+        server = self.start("--protocol", "discard")
+        with server.connect() as client:
+            client.sendall(b"x" * 100_000)
+            client.settimeout(0.2)
+            self.assertRaises(TimeoutError, client.recv, 1)
+
+    def test_chargen(self) -> None:
+        """
+        Chargen streams RFC 864 lines for as long as the client reads.
+        """
+        server = self.start("--protocol", "chargen")
+        with server.connect() as client:
+            client.settimeout(10)
+            received = b""
+            while len(received) < 300_000:
+                chunk = client.recv(65536)
+                self.assertTrue(chunk)
+                received += chunk
+        lines = received.split(b"\r\n")[:-1]
+        self.assertGreater(len(lines), 3000)
+        self.assertTrue(all(len(line) == 72 for line in lines))
+
+    def test_daytime(self) -> None:
+        """
+        Daytime sends one line with the date and closes.
+        """
+        server = self.start("--protocol", "daytime")
+        with server.connect() as client:
+            client.settimeout(10)
+            received = b""
+            while chunk := client.recv(100):
+                received += chunk
+        self.assertTrue(received.endswith(b"\r\n"))
+        self.assertIn(str(time.gmtime().tm_year).encode(), received)
+
+    def test_web(self) -> None:
+        """
+        The web plugin serves the directory named by its path option.
+        """
+        root = tempfile.mkdtemp(prefix="maccept-web-")
+        self.addCleanup(shutil.rmtree, root, True)
+        Path(root, "hello.txt").write_text("hello from the web plugin\n")
+        server = self.start("--protocol", "web", "--protocol-option", f"path={root}")
+        url = f"http://127.0.0.1:{server.port}/hello.txt"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            self.assertEqual(response.read(), b"hello from the web plugin\n")
+
+    def test_thirdPartyPlugin(self) -> None:
+        """
+        A plugin in another distribution's C{twisted/plugins/} is found and
+        served, with its own options.
+        """
+        top = tempfile.mkdtemp(prefix="maccept-plugin-")
+        plugins = Path(top, "twisted", "plugins")
+        plugins.mkdir(parents=True)
+        Path(top, "shout.py").write_text(
+            textwrap.dedent(
+                """
+                from twisted.internet.protocol import Factory, Protocol
+                from twisted.python import usage
+
+                class ShoutOptions(usage.Options):
+                    optParameters = [["suffix", None, "!", "added to each answer"]]
+
+                def factory(options):
+                    suffix = options["suffix"].encode()
+
+                    class Shout(Protocol):
+                        def dataReceived(self, data):
+                            self.transport.write(data.upper() + suffix)
+
+                    return Factory.forProtocol(Shout)
+                """
+            )
+        )
+        (plugins / "shout_plugin.py").write_text(
+            "from maccept._plugins import ProtocolPlugin\n"
+            "shout = ProtocolPlugin('shout', 'answers in capitals', 'shout:factory',"
+            " options='shout:ShoutOptions')\n"
+        )
+        env = {"PYTHONPATH": top}
+        self.addCleanup(shutil.rmtree, top, True)
+        server = self.start("--protocol", "shout", "--protocol-option", "suffix=?!", env=env)
+        with server.connect() as client:
+            client.settimeout(10)
+            client.sendall(b"hi")
+            self.assertEqual(client.recv(10), b"HI?!")
+
+
+class PluginCommandLineTests(SynchronousTestCase):
+    def test_helpProtocols(self) -> None:
+        """
+        C{--help-protocols} lists every plugin with its description, and
+        exits 0.
+        """
+        result = runMaccept(["--help-protocols"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        names = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
+        self.assertLessEqual(BUILT_IN, names)
+
+    def assertOneLine(self, args: list[str], expected: str) -> None:
+        result = runMaccept(args)
+        self.assertEqual(result.returncode, 2)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+        self.assertEqual(result.stderr.strip().splitlines(), [f"maccept: error: {expected}"])
+
+    def test_unknownPluginListsKnown(self) -> None:
+        self.assertOneLine(
+            ["--protocol", "gopher"],
+            "--protocol: unknown protocol 'gopher': use one of chargen, daytime, discard, "
+            "echo, web or module:attribute",
+        )
+
+    def test_wrongPluginOption(self) -> None:
+        self.assertOneLine(
+            ["--protocol", "echo", "--protocol-option", "loud=yes"],
+            "--protocol: echo: option --loud not recognized",
+        )
+
+    def test_webRootMissing(self) -> None:
+        self.assertOneLine(
+            ["--protocol", "web", "--protocol-option", "path=/no/such/root"],
+            "--protocol: web: path: no such directory: /no/such/root",
+        )
