@@ -1,0 +1,12 @@
+"""
+Makes the key-value service available as C{twistd maccept --protocol kv}.
+"""
+
+from maccept._plugins import ProtocolPlugin
+
+kv = ProtocolPlugin(
+    "kv",
+    "a line-based key-value service over a shared directory (--protocol-option dir=PATH)",
+    "kvstore.protocol:kvFactory",
+    options="kvstore.protocol:KVOptions",
+)
