@@ -125,6 +125,8 @@ class WorkerPool(Service):
         self.workers: list[WorkerProcess] = []
         self.restarts: Counter[str] = Counter({reason: 0 for reason in RESTART_REASONS})
         self.departedTotals: Counter[str] = Counter({name: 0 for name in COUNTERS})
+        #: Called with the new state after every change of the pool's state.
+        self.stateObservers: list[Callable[[PoolState], None]] = []
         self.nextRestartDelay = self.minRestartDelay
         self.board: LoadBoard | None = None
         self._boardFd: int | None = None
@@ -166,7 +168,10 @@ class WorkerPool(Service):
         return [w for w in self.workers if w.generation == generation]
 
     def transition(self, event: str) -> PoolState:
-        self.state = nextPoolState(self.state, event)
+        before, self.state = self.state, nextPoolState(self.state, event)
+        if self.state is not before:
+            for observer in list(self.stateObservers):
+                observer(self.state)
         return self.state
 
     # Service.

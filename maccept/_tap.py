@@ -81,6 +81,11 @@ def makeService(options: CommandLineOptions) -> IService:
     pool = WorkerPool(reactor, listeners, settings, onFatal)
     service = MacceptService(reactor, listeners, pool)
     service.servicePorts = listenServicePorts(reactor, options, service)
+    from maccept._systemd import SystemdNotifier
+
+    notifier = SystemdNotifier.fromEnvironment(reactor)
+    if notifier is not None:
+        notifier.follow(pool)
     return service
 
 

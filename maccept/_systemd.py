@@ -1,0 +1,93 @@
+# -*- test-case-name: tests.test_systemd -*-
+"""
+Telling systemd how the pool is doing (C{Type=notify}): C{READY=1} once
+every worker accepts, C{RELOADING=1} while a new generation starts,
+C{STOPPING=1} when the stop begins, and C{WATCHDOG=1} keep-alives when the
+unit sets C{WatchdogSec=}.
+
+The protocol is one datagram per message to the UNIX socket named by
+C{NOTIFY_SOCKET} (see sd_notify(3)); where that variable is unset, as
+outside systemd, nothing is sent.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from maccept._pool import WorkerPool
+from maccept._states import PoolState
+
+
+class SystemdNotifier:
+    """
+    Follows the pool's state and reports it to systemd.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, address: str, watchdogSeconds: float | None = None) -> None:
+        self.reactor = reactor
+        # A leading "@" names the abstract namespace.
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.watchdog: LoopingCall | None = None
+        if watchdogSeconds:
+            self.watchdog = LoopingCall(self.notify, "WATCHDOG=1")
+            self.watchdog.clock = reactor
+            # Twice per period, as sd_watchdog_enabled(3) advises.
+            self.watchdog.start(watchdogSeconds / 2, now=True)
+
+    @classmethod
+    def fromEnvironment(
+        cls, reactor: Any, environ: Mapping[str, str] = os.environ
+    ) -> SystemdNotifier | None:
+        """
+        A notifier if systemd asked for one (C{NOTIFY_SOCKET}), with its
+        watchdog if C{WATCHDOG_USEC} is set for this process.
+        """
+        address = environ.get("NOTIFY_SOCKET")
+        if not address:
+            return None
+        watchdog = None
+        usec = environ.get("WATCHDOG_USEC")
+        pid = environ.get("WATCHDOG_PID")
+        if usec and usec.isdigit() and (not pid or pid == str(os.getpid())):
+            watchdog = int(usec) / 1e6
+        return cls(reactor, address, watchdog)
+
+    def follow(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        pool.stateObservers.append(self.poolChanged)
+
+    def poolChanged(self, state: PoolState) -> None:
+        """
+        Report a change of the pool's state.  The watchdog keeps beating
+        while the pool drains: a drain may take the whole graceful timeout.
+        """
+        if state is PoolState.RUNNING:
+            self.notify("READY=1", f"STATUS=serving with {self.pool.size} workers")
+        elif state is PoolState.RELOADING:
+            monotonic = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            self.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic}", "STATUS=reloading")
+        elif state is PoolState.STOPPING:
+            self.notify("STOPPING=1", "STATUS=draining")
+
+    def notify(self, *lines: str) -> None:
+        try:
+            self.socket.sendto("\n".join(lines).encode(), self.address)
+        except OSError as e:
+            self.log.warn(
+                "cannot notify systemd at {address}: {error}", address=self.address, error=e
+            )
+
+    def close(self) -> None:
+        if self.watchdog is not None and self.watchdog.running:
+            self.watchdog.stop()
+        self.socket.close()

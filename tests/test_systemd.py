@@ -1,0 +1,123 @@
+"""
+C{Type=notify}: the parent tells systemd READY, RELOADING, STOPPING and
+watchdog keep-alives, checked on a notify socket the test listens on, as
+systemd would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import tempfile
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from maccept._states import PoolState
+from maccept._systemd import SystemdNotifier
+from tests.server import MacceptServer, waitFor
+
+
+class NotifySocket:
+    """
+    A datagram socket standing in for systemd's.
+    """
+
+    def __init__(self, test: SynchronousTestCase) -> None:
+        directory = tempfile.mkdtemp(prefix="maccept-notify-")
+        test.addCleanup(shutil.rmtree, directory, True)
+        self.path = os.path.join(directory, "notify")
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(self.path)
+        self.socket.settimeout(30)
+        test.addCleanup(self.socket.close)
+
+    def next(self) -> dict[str, str]:
+        message = self.socket.recv(4096).decode()
+        return dict(line.split("=", 1) for line in message.splitlines())
+
+    def until(self, key: str) -> dict[str, str]:
+        """
+        Read messages until one carries C{key} (skipping keep-alives).
+        """
+        while True:
+            message = self.next()
+            if key in message:
+                return message
+
+
+class FakePool:
+    def __init__(self) -> None:
+        self.size = 3
+        self.stateObservers: list[object] = []
+
+
+class NotifierTests(SynchronousTestCase):
+    def test_notInSystemd(self) -> None:
+        """
+        Without C{NOTIFY_SOCKET} there is no notifier.
+        """
+        self.assertIsNone(SystemdNotifier.fromEnvironment(Clock(), {}))
+
+    def test_watchdogOnlyForThisProcess(self) -> None:
+        """
+        The watchdog runs when C{WATCHDOG_USEC} is set, at half its period,
+        unless C{WATCHDOG_PID} names another process.
+        """
+        notify = NotifySocket(self)
+        clock = Clock()
+        other = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}
+        notifier = SystemdNotifier.fromEnvironment(clock, other)
+        assert notifier is not None
+        self.addCleanup(notifier.close)
+        self.assertIsNone(notifier.watchdog)
+        mine = {**other, "WATCHDOG_PID": str(os.getpid())}
+        notifier = SystemdNotifier.fromEnvironment(clock, mine)
+        assert notifier is not None
+        self.addCleanup(notifier.close)
+        self.assertEqual(notify.next(), {"WATCHDOG": "1"})
+        clock.advance(2)
+        self.assertEqual(notify.next(), {"WATCHDOG": "1"})
+
+    def test_states(self) -> None:
+        """
+        Running is READY, reloading is RELOADING with the monotonic time,
+        stopping is STOPPING.
+        """
+        notify = NotifySocket(self)
+        notifier = SystemdNotifier(Clock(), notify.path)
+        self.addCleanup(notifier.close)
+        notifier.follow(FakePool())  # type: ignore[arg-type]
+        notifier.poolChanged(PoolState.RUNNING)
+        self.assertEqual(notify.next()["READY"], "1")
+        notifier.poolChanged(PoolState.RELOADING)
+        reloading = notify.next()
+        self.assertEqual(reloading["RELOADING"], "1")
+        self.assertTrue(reloading["MONOTONIC_USEC"].isdigit())
+        notifier.poolChanged(PoolState.STOPPING)
+        self.assertEqual(notify.next()["STOPPING"], "1")
+
+
+class UnderNotifySocketTests(SynchronousTestCase):
+    def test_readyReloadingStopping(self) -> None:
+        """
+        The real server sends READY=1 once all workers accept, RELOADING=1
+        then READY=1 around a reload, and STOPPING=1 when it stops; with a
+        watchdog period it sends keep-alives.
+        """
+        notify = NotifySocket(self)
+        env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"}
+        server = MacceptServer(["--listen", "tcp:0:interface=127.0.0.1", "--workers", "2"], env=env)
+        self.addCleanup(server.cleanup)
+        self.assertEqual(notify.until("READY")["STATUS"], "serving with 2 workers")
+        waitFor(lambda: "all 2 workers ready" in server.log(), what="the ready line")
+        notify.until("WATCHDOG")
+        os.kill(server.pid, signal.SIGHUP)
+        notify.until("RELOADING")
+        notify.until("READY")
+        waitFor(lambda: "generation 2 ready" in server.log(), what="the reload line")
+        os.kill(server.pid, signal.SIGTERM)
+        notify.until("STOPPING")
+        self.assertEqual(server.process.wait(30), 0)
