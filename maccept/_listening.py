@@ -21,7 +21,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.python.failure import Failure
 
 from maccept._wire import ListenerHandle
@@ -32,6 +32,9 @@ DEFAULT_BACKLOG = 1024
 
 #: Endpoint types whose sockets a worker can adopt as stream ports.
 STREAM_TYPES = ("tcp", "tcp6", "unix")
+#: ... and as datagram ports (C{udp:PORT[:interface=ADDR]}; Twisted has no
+#: UDP endpoint, so maccept parses these itself).
+DATAGRAM_TYPES = ("udp",)
 
 
 class ListenError(Exception):
@@ -47,6 +50,9 @@ def checkDescription(description: str) -> None:
     @raise ListenError: naming the problem in one line.
     """
     kind = description.split(":", 1)[0].lower()
+    if kind in DATAGRAM_TYPES:
+        parseUDP(description)
+        return
     try:
         # Parsing only stores the reactor; nothing runs on it.
         serverFromString(None, description)
@@ -56,8 +62,31 @@ def checkDescription(description: str) -> None:
         if kind in STREAM_TYPES:
             raise ListenError(_parseProblem(e)) from None
     if kind not in STREAM_TYPES:
-        known = ", ".join(STREAM_TYPES)
+        known = ", ".join(STREAM_TYPES + DATAGRAM_TYPES)
         raise ListenError(f"endpoint type {kind!r} is not supported (use one of {known})")
+
+
+def parseUDP(description: str) -> tuple[int, str]:
+    """
+    C{udp:PORT[:interface=ADDR]} to C{(port, interface)}.
+
+    @raise ListenError: naming the problem in one line.
+    """
+    _, _, rest = description.partition(":")
+    fields = rest.split(":", 1)
+    try:
+        port = int(fields[0])
+    except ValueError:
+        raise ListenError(f"expected a number, got {fields[0]!r}") from None
+    if not 0 <= port <= 65535:
+        raise ListenError(f"port {port} is out of range (0-65535)")
+    interface = ""
+    if len(fields) > 1:
+        key, equals, value = fields[1].partition("=")
+        if key != "interface" or not equals:
+            raise ListenError(f"unknown option {fields[1]!r} (udp takes interface=ADDR)")
+        interface = value.replace("\\:", ":")
+    return port, interface
 
 
 def _parseProblem(e: Exception) -> str:
@@ -88,6 +117,8 @@ class ListeningSocket:
     description: str
     port: IListeningPort
     family: str
+    #: C{stream} or C{datagram}.
+    kind: str = "stream"
 
     @property
     def address(self) -> str:
@@ -109,7 +140,9 @@ class ListeningSocket:
         """
         Describe this socket to a worker that finds it at descriptor C{fd}.
         """
-        return ListenerHandle(fd=fd, family=self.family, description=self.description)
+        return ListenerHandle(
+            fd=fd, family=self.family, description=self.description, kind=self.kind
+        )
 
     def close(self) -> None:
         """
@@ -140,6 +173,8 @@ def listen(reactor: Any, description: str) -> ListeningSocket:
         bound (address in use, permission denied, missing directory).
     """
     checkDescription(description)
+    if description.split(":", 1)[0].lower() in DATAGRAM_TYPES:
+        return _listenUDP(reactor, description)
     port = listenNow(serverFromString(reactor, description), _NeverAccepts())
     port.stopReading()  # type: ignore[attr-defined]
     if "backlog=" not in description:
@@ -148,6 +183,17 @@ def listen(reactor: Any, description: str) -> ListeningSocket:
         port.socket.listen(DEFAULT_BACKLOG)  # type: ignore[attr-defined]
     family = socket.AddressFamily(port.socket.family).name  # type: ignore[attr-defined]
     return ListeningSocket(description=description, port=port, family=family)
+
+
+def _listenUDP(reactor: Any, description: str) -> ListeningSocket:
+    portNumber, interface = parseUDP(description)
+    try:
+        port = reactor.listenUDP(portNumber, DatagramProtocol(), interface=interface)
+    except CannotListenError as e:
+        raise ListenError(_listenProblem(e)) from None
+    port.stopReading()
+    family = socket.AddressFamily(port.socket.family).name
+    return ListeningSocket(description=description, port=port, family=family, kind="datagram")
 
 
 def listenNow(endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> IListeningPort:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Any, cast
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IProtocolFactory
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.python import usage
 
 
@@ -70,6 +70,22 @@ class Echo(Protocol):
 
     def writeConnectionLost(self) -> None:
         self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class DatagramEcho(DatagramProtocol):
+    """
+    RFC 862 echo over UDP: each datagram goes back to where it came from.
+    C{counts} (the worker's connection tracker) adds up the bytes.
+    """
+
+    def __init__(self, counts: Any = None) -> None:
+        self.counts = counts
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.transport.write(datagram, addr)  # type: ignore[union-attr]
+        if self.counts is not None:
+            self.counts.bytesReceived += len(datagram)
+            self.counts.bytesSent += len(datagram)
 
 
 def echoFactory() -> IProtocolFactory:

@@ -40,6 +40,8 @@ class ListenerHandle:
     fd: int
     family: str
     description: str
+    #: C{stream} (TCP, UNIX) or C{datagram} (UDP).
+    kind: str = "stream"
 
     @property
     def addressFamily(self) -> socket.AddressFamily:

@@ -30,7 +30,7 @@ from maccept._board import LoadBoard
 from maccept._connections import ConnectionTracker, trackConnections
 from maccept._listening import adopt, release
 from maccept._logforward import ForwardingObserver
-from maccept._protocols import resolveProtocol
+from maccept._protocols import DatagramEcho, resolveProtocol
 from maccept._titles import setTitle
 from maccept._wire import (
     CONTROL_FD,
@@ -74,6 +74,8 @@ class Worker:
         self.governor: AcceptGovernor | None = None
         self.factory: IProtocolFactory | None = None
         self.ports: list[IListeningPort] = []
+        #: UDP ports: served by RFC 862 echo, whatever --protocol says.
+        self.datagramPorts: list[Any] = []
         self.control: amp.AMP | None = None
         self.exitCode = 0
         self.draining = False
@@ -108,6 +110,14 @@ class Worker:
                 self.reactor, board, slot, os.getpid(), self.spec.maxConcurrent
             )
         for handle in self.spec.listeners:
+            if handle.kind == "datagram":
+                datagramPort = self.reactor.adoptDatagramPort(
+                    handle.fd, handle.addressFamily, DatagramEcho(self.tracker)
+                )
+                datagramPort.stopReading()
+                self.datagramPorts.append(datagramPort)
+                os.close(handle.fd)
+                continue
             port = adopt(self.reactor, handle, self.factory)
             # Accept nothing before the start hook has run.
             port.stopReading()  # type: ignore[attr-defined]
@@ -118,8 +128,8 @@ class Worker:
             os.close(handle.fd)
 
     def _startAccepting(self) -> None:
-        for port in self.ports:
-            port.startReading()  # type: ignore[attr-defined]
+        for port in [*self.ports, *self.datagramPorts]:
+            port.startReading()
         if self.governor is not None:
             self.governor.start()
         self._heartbeat.start(self.spec.heartbeatInterval, now=False)
@@ -195,6 +205,8 @@ class Worker:
         for port in self.ports:
             self._sweep(port)
             release(port)
+        for datagramPort in self.datagramPorts:
+            release(datagramPort)
         self.log.info("draining {count} open connections", count=len(self.tracker.open))
         hook = defer.maybeDeferred(self._hook, "workerDraining")
         hook.addErrback(lambda f: self.log.failure("workerDraining hook failed", f))
