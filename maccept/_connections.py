@@ -31,6 +31,7 @@ class ConnectionTracker:
         self.bytesReceived = 0
         self.bytesSent = 0
         self.idleClosed = 0
+        self.proxyRejectedCount = 0
         self.onChange = onChange
         self._idleWaiters: list[Callable[[], None]] = []
 
@@ -57,6 +58,12 @@ class ConnectionTracker:
             self._idleWaiters.append(callback)
         else:
             callback()
+
+    def proxyRejected(self) -> None:
+        """
+        A connection was dropped for a malformed PROXY protocol header.
+        """
+        self.proxyRejectedCount += 1
 
     def closeIdle(self, timeout: float, now: float | None = None) -> int:
         """

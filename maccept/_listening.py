@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.python.failure import Failure
 
+from maccept._proxy import splitProxy
 from maccept._wire import ListenerHandle
 
 #: The listen backlog when a description names none (the kernel caps it at
@@ -49,6 +50,12 @@ def checkDescription(description: str) -> None:
 
     @raise ListenError: naming the problem in one line.
     """
+    proxied, inner = splitProxy(description)
+    if proxied:
+        if inner.split(":", 1)[0].lower() in DATAGRAM_TYPES:
+            raise ListenError("the PROXY protocol (haproxy:) needs a stream listener, not udp")
+        checkDescription(inner)
+        return
     kind = description.split(":", 1)[0].lower()
     if kind in DATAGRAM_TYPES:
         parseUDP(description)
@@ -62,7 +69,7 @@ def checkDescription(description: str) -> None:
         if kind in STREAM_TYPES:
             raise ListenError(_parseProblem(e)) from None
     if kind not in STREAM_TYPES:
-        known = ", ".join(STREAM_TYPES + DATAGRAM_TYPES)
+        known = ", ".join(STREAM_TYPES + DATAGRAM_TYPES) + ", and haproxy: before a stream type"
         raise ListenError(f"endpoint type {kind!r} is not supported (use one of {known})")
 
 
@@ -175,9 +182,12 @@ def listen(reactor: Any, description: str) -> ListeningSocket:
     checkDescription(description)
     if description.split(":", 1)[0].lower() in DATAGRAM_TYPES:
         return _listenUDP(reactor, description)
-    port = listenNow(serverFromString(reactor, description), _NeverAccepts())
+    # haproxy:INNER: the parent makes INNER's socket; workers add the PROXY
+    # protocol when they adopt it (they read the prefix from the description).
+    _, inner = splitProxy(description)
+    port = listenNow(serverFromString(reactor, inner), _NeverAccepts())
     port.stopReading()  # type: ignore[attr-defined]
-    if "backlog=" not in description:
+    if "backlog=" not in inner:
         # Twisted's default backlog (50) overflows under a burst of
         # connections; an overflowing SYN waits a second to be retried.
         port.socket.listen(DEFAULT_BACKLOG)  # type: ignore[attr-defined]

@@ -107,6 +107,11 @@ class PoolCollector(Collector):
             "Connections closed after --idle-timeout seconds of silence.",
             value=totals["idleClosed"],
         )
+        yield CounterMetricFamily(
+            "maccept_proxy_headers_rejected",
+            "Connections dropped for a malformed PROXY protocol header.",
+            value=totals["proxyRejected"],
+        )
         restarts = CounterMetricFamily(
             "maccept_worker_restarts",
             "Workers that left the pool, by reason.",

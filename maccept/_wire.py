@@ -142,6 +142,7 @@ STATS = [
     (b"bytesReceived", amp.Integer()),
     (b"bytesSent", amp.Integer()),
     (b"idleClosed", amp.Integer()),
+    (b"proxyRejected", amp.Integer()),
     (b"lag", amp.Float()),
 ]
 

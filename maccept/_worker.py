@@ -31,6 +31,7 @@ from maccept._connections import ConnectionTracker, trackConnections
 from maccept._listening import adopt, release
 from maccept._logforward import ForwardingObserver
 from maccept._protocols import DatagramEcho, resolveProtocol
+from maccept._proxy import ProxyWrappingFactory, splitProxy
 from maccept._titles import setTitle
 from maccept._wire import (
     CONTROL_FD,
@@ -118,7 +119,10 @@ class Worker:
                 self.datagramPorts.append(datagramPort)
                 os.close(handle.fd)
                 continue
-            port = adopt(self.reactor, handle, self.factory)
+            factory = self.factory
+            if splitProxy(handle.description)[0]:
+                factory = ProxyWrappingFactory(factory, self.tracker.proxyRejected)
+            port = adopt(self.reactor, handle, factory)
             # Accept nothing before the start hook has run.
             port.stopReading()  # type: ignore[attr-defined]
             trackConnections(port, self.tracker)
@@ -183,6 +187,7 @@ class Worker:
             "bytesReceived": tracker.bytesReceived,
             "bytesSent": tracker.bytesSent,
             "idleClosed": tracker.idleClosed,
+            "proxyRejected": tracker.proxyRejectedCount,
             "lag": self.lag.worstSinceLastAsked(),
         }
 

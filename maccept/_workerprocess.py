@@ -83,6 +83,7 @@ class WorkerProcess(ProcessProtocol):
             "bytesReceived": 0,
             "bytesSent": 0,
             "idleClosed": 0,
+            "proxyRejected": 0,
             "lag": 0.0,
         }
         self.lastWords: deque[str] = deque(maxlen=self.lastWordsKept)

@@ -135,3 +135,21 @@ class Hog(Protocol):
     def dataReceived(self, data: bytes) -> None:
         _hoard.append(bytearray(100 * 2**20))
         self.transport.write(data)
+
+
+class PeerReporter(Protocol):
+    """
+    Says who it thinks the client is (C{getPeer()} in C{connectionMade}),
+    then echoes.
+    """
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self.transport.write(f"{peer.host} {peer.port}\n".encode())  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+
+def peerReporter() -> Factory:
+    return Factory.forProtocol(PeerReporter)
