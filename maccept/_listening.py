@@ -32,7 +32,7 @@ from maccept._wire import ListenerHandle
 DEFAULT_BACKLOG = 1024
 
 #: Endpoint types whose sockets a worker can adopt as stream ports.
-STREAM_TYPES = ("tcp", "tcp6", "unix")
+STREAM_TYPES = ("tcp", "tcp6", "unix", "systemd")
 #: ... and as datagram ports (C{udp:PORT[:interface=ADDR]}; Twisted has no
 #: UDP endpoint, so maccept parses these itself).
 DATAGRAM_TYPES = ("udp",)
@@ -64,6 +64,8 @@ def checkDescription(description: str) -> None:
         # Parsing only stores the reactor; nothing runs on it.
         serverFromString(None, description)
     except Exception as e:
+        if kind == "systemd":
+            raise ListenError(_systemdProblem(e)) from None
         if "Unknown endpoint type" in str(e):
             raise ListenError(f"unknown endpoint type {kind!r}") from None
         if kind in STREAM_TYPES:
@@ -94,6 +96,24 @@ def parseUDP(description: str) -> tuple[int, str]:
             raise ListenError(f"unknown option {fields[1]!r} (udp takes interface=ADDR)")
         interface = value.replace("\\:", ":")
     return port, interface
+
+
+def _systemdProblem(e: Exception) -> str:
+    if isinstance(e, IndexError):
+        if os.environ.get("LISTEN_FDS") and not os.environ.get("LISTEN_FDNAMES"):
+            # Twisted takes descriptors only with their names (systemd 227+).
+            return "systemd passed descriptors without names (systemd-socket-activate: --fdname)"
+        return (
+            "systemd passed no descriptor at that index "
+            f"(LISTEN_FDS={os.environ.get('LISTEN_FDS', 'unset')}; run under socket activation)"
+        )
+    if isinstance(e, KeyError):
+        return (
+            f"systemd passed no descriptor named {e} (see FileDescriptorName= and LISTEN_FDNAMES)"
+        )
+    if isinstance(e, AttributeError):
+        return "unknown domain (use domain=INET, INET6 or UNIX)"
+    return _parseProblem(e)
 
 
 def _parseProblem(e: Exception) -> str:
@@ -162,7 +182,9 @@ class ListeningSocket:
         this way, the socket lives until the last draining worker closes
         its own copy, and only then refuses new connections.
         """
-        path = self.address if self.family == "AF_UNIX" else None
+        # A systemd socket's path belongs to systemd.
+        fromSystemd = splitProxy(self.description)[1].startswith("systemd:")
+        path = self.address if self.family == "AF_UNIX" and not fromSystemd else None
         release(self.port)
         if path and not path.startswith("\0"):
             with contextlib.suppress(FileNotFoundError):
@@ -187,7 +209,7 @@ def listen(reactor: Any, description: str) -> ListeningSocket:
     _, inner = splitProxy(description)
     port = listenNow(serverFromString(reactor, inner), _NeverAccepts())
     port.stopReading()  # type: ignore[attr-defined]
-    if "backlog=" not in inner:
+    if "backlog=" not in inner and not inner.startswith("systemd:"):
         # Twisted's default backlog (50) overflows under a burst of
         # connections; an overflowing SYN waits a second to be retried.
         port.socket.listen(DEFAULT_BACKLOG)  # type: ignore[attr-defined]

@@ -10,14 +10,24 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
+from pathlib import Path
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._states import PoolState
 from maccept._systemd import SystemdNotifier
-from tests.server import MacceptServer, waitFor
+from tests.server import (
+    HERE,
+    TWISTD,
+    MacceptServer,
+    childrenOf,
+    echoRoundTrip,
+    runMaccept,
+    waitFor,
+)
 
 
 class NotifySocket:
@@ -121,3 +131,92 @@ class UnderNotifySocketTests(SynchronousTestCase):
         os.kill(server.pid, signal.SIGTERM)
         notify.until("STOPPING")
         self.assertEqual(server.process.wait(30), 0)
+
+
+SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
+
+
+def connectOrNone(port: int) -> socket.socket | None:
+    try:
+        return socket.create_connection(("127.0.0.1", port), timeout=10)
+    except ConnectionRefusedError:
+        return None
+
+
+class SocketActivationTests(SynchronousTestCase):
+    """
+    C{--listen systemd:...} under the real C{systemd-socket-activate}: the
+    parent adopts the socket systemd passed and hands it to its workers.
+    """
+
+    def activate(self, port: int, *args: str) -> subprocess.Popen[str]:
+        if SOCKET_ACTIVATE is None:
+            self.skipTest("systemd-socket-activate is not installed (Debian package systemd)")
+        log = tempfile.NamedTemporaryFile(prefix="maccept-sd-", suffix=".log", delete=False)  # noqa: SIM115
+        self.addCleanup(os.unlink, log.name)
+        self.addCleanup(log.close)
+        process = subprocess.Popen(
+            [
+                SOCKET_ACTIVATE,
+                "--fdname=echo",
+                "-l",
+                f"127.0.0.1:{port}",
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "maccept",
+                *args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=tempfile.gettempdir(),
+            env={**os.environ, "PYTHONPATH": str(HERE.parent)},
+            start_new_session=True,
+        )
+        self.addCleanup(self.stop, process)
+        self.log = log.name
+        return process
+
+    def stop(self, process: subprocess.Popen[str]) -> None:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    def test_servesTheActivatedSocket(self) -> None:
+        """
+        Workers accept on the socket systemd made; a TERM stops everything
+        with status 0.
+        """
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        process = self.activate(port, "--workers", "2", "--listen", "systemd:domain=INET:name=echo")
+        # systemd-socket-activate binds, then starts the server at the
+        # first connection.
+        client = waitFor(lambda: connectOrNone(port), what="systemd-socket-activate to listen")
+        assert isinstance(client, socket.socket)
+        self.addCleanup(client.close)
+        self.assertEqual(echoRoundTrip(client, b"activated"), b"activated")
+        waitFor(lambda: "all 2 workers ready" in Path(self.log).read_text(), what="the workers")
+        self.assertEqual(len(childrenOf(process.pid)), 2)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as second:
+            self.assertEqual(echoRoundTrip(second, b"again"), b"again")
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(30), 0)
+
+    def test_withoutSystemd(self) -> None:
+        """
+        C{systemd:} without socket activation is one line at start-up.
+        """
+        result = runMaccept(["--listen", "systemd:domain=INET:index=0"])
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(
+            result.stderr.strip(),
+            "maccept: error: --listen systemd:domain=INET:index=0: systemd passed no "
+            "descriptor at that index (LISTEN_FDS=unset; run under socket activation)",
+        )
