@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ from maccept._wire import ListenerHandle
 DEFAULT_BACKLOG = 1024
 
 #: Endpoint types whose sockets a worker can adopt as stream ports.
-STREAM_TYPES = ("tcp", "tcp6", "unix", "systemd")
+STREAM_TYPES = ("tcp", "tcp6", "unix", "ssl", "systemd")
 #: ... and as datagram ports (C{udp:PORT[:interface=ADDR]}; Twisted has no
 #: UDP endpoint, so maccept parses these itself).
 DATAGRAM_TYPES = ("udp",)
@@ -66,6 +67,9 @@ def checkDescription(description: str) -> None:
     except Exception as e:
         if kind == "systemd":
             raise ListenError(_systemdProblem(e)) from None
+        if kind == "ssl" and isinstance(e, OSError):
+            # The certificate and key are read here, in the parent, at start-up.
+            raise ListenError(f"cannot read the certificate or key: {e}") from None
         if "Unknown endpoint type" in str(e):
             raise ListenError(f"unknown endpoint type {kind!r}") from None
         if kind in STREAM_TYPES:
@@ -255,10 +259,29 @@ def _listenProblem(error: BaseException) -> str:
     return f"cannot listen: {error}"
 
 
-def adopt(reactor: Any, handle: ListenerHandle, factory: IProtocolFactory) -> IListeningPort:
+def adopt(
+    reactor: Any,
+    handle: ListenerHandle,
+    factory: IProtocolFactory,
+    onProxyRejected: Callable[[], None] = lambda: None,
+) -> IListeningPort:
     """
-    Adopt the parent's socket in a worker and start accepting on it.
+    Adopt the parent's socket in a worker and start accepting on it,
+    re-applying the wrapping its description asks for: TLS for C{ssl:}
+    (the worker loads the certificate itself; the parent checked it at
+    start-up), and outside that the PROXY protocol for C{haproxy:}, whose
+    header comes before the TLS handshake.
     """
+    proxied, inner = splitProxy(handle.description)
+    if inner.split(":", 1)[0].lower() == "ssl":
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        contextFactory = serverFromString(reactor, inner)._sslContextFactory
+        factory = TLSMemoryBIOFactory(contextFactory, False, factory)
+    if proxied:
+        from maccept._proxy import ProxyWrappingFactory
+
+        factory = ProxyWrappingFactory(factory, onProxyRejected)
     port: IListeningPort = reactor.adoptStreamPort(handle.fd, handle.addressFamily, factory)
     return port
 

@@ -203,7 +203,8 @@ class Options(usage.Options):
     def opt_listen(self, description: str) -> None:
         """
         A server endpoint description to accept on (repeatable; default
-        tcp:7007:interface=127.0.0.1).  Supported: tcp, tcp6, unix, haproxy:
+        tcp:7007:interface=127.0.0.1).  Supported: tcp, tcp6, unix, ssl,
+        systemd, haproxy:
         before any of them (PROXY protocol), and udp:PORT[:interface=ADDR]
         (UDP echo).
         """

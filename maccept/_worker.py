@@ -31,7 +31,6 @@ from maccept._connections import ConnectionTracker, trackConnections
 from maccept._listening import adopt, release
 from maccept._logforward import ForwardingObserver
 from maccept._protocols import DatagramEcho, resolveProtocol
-from maccept._proxy import ProxyWrappingFactory, splitProxy
 from maccept._titles import setTitle
 from maccept._wire import (
     CONTROL_FD,
@@ -119,10 +118,7 @@ class Worker:
                 self.datagramPorts.append(datagramPort)
                 os.close(handle.fd)
                 continue
-            factory = self.factory
-            if splitProxy(handle.description)[0]:
-                factory = ProxyWrappingFactory(factory, self.tracker.proxyRejected)
-            port = adopt(self.reactor, handle, factory)
+            port = adopt(self.reactor, handle, self.factory, self.tracker.proxyRejected)
             # Accept nothing before the start hook has run.
             port.stopReading()  # type: ignore[attr-defined]
             trackConnections(port, self.tracker)

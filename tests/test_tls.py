@@ -1,0 +1,110 @@
+"""
+TLS on C{--listen ssl:...}: the parent checks the certificate at start-up,
+every worker loads it and serves TLS on the shared socket.
+"""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import socket
+import ssl
+import tempfile
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.server import MacceptServer, runMaccept
+from tests.test_proxy import v1Header
+
+
+def selfSignedCertificate(directory: Path) -> tuple[Path, Path]:
+    """
+    A key and a certificate for C{localhost}, valid for a day.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    keyPath, certificatePath = directory / "key.pem", directory / "cert.pem"
+    keyPath.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    certificatePath.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return keyPath, certificatePath
+
+
+class TLSTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        directory = Path(tempfile.mkdtemp(prefix="maccept-tls-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.key, self.certificate = selfSignedCertificate(directory)
+        self.context = ssl.create_default_context(cafile=str(self.certificate))
+
+    def description(self, prefix: str = "") -> str:
+        return f"{prefix}ssl:0:interface=127.0.0.1:privateKey={self.key}:certKey={self.certificate}"
+
+    def roundTrips(self, server: MacceptServer, header: bytes = b"") -> None:
+        for n in range(10):
+            raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            if header:
+                raw.sendall(header)
+            with self.context.wrap_socket(raw, server_hostname="localhost") as client:
+                message = f"secret {n} ".encode() * 1000
+                client.sendall(message)
+                received = b""
+                while len(received) < len(message):
+                    received += client.recv(65536)
+                self.assertEqual(received, message)
+
+    def test_echoOverTLS(self) -> None:
+        """
+        Clients that verify the certificate get a byte-exact echo from any
+        of the workers.
+        """
+        server = MacceptServer(["--workers", "2", "--listen", self.description()])
+        self.addCleanup(server.cleanup)
+        server.waitReady()
+        self.roundTrips(server)
+
+    def test_tlsBehindProxyHeader(self) -> None:
+        """
+        With C{haproxy:ssl:...} the PROXY header comes first, in the clear,
+        then the TLS handshake.
+        """
+        server = MacceptServer(["--workers", "1", "--listen", self.description("haproxy:")])
+        self.addCleanup(server.cleanup)
+        server.waitReady()
+        self.roundTrips(server, v1Header("192.0.2.5", 999, server.port))
+
+    def test_missingCertificate(self) -> None:
+        """
+        A certificate that cannot be read is one line at start-up.
+        """
+        description = f"ssl:0:privateKey={self.key}:certKey=/no/such/cert.pem"
+        result = runMaccept(["--listen", description])
+        self.assertEqual(result.returncode, 2)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+        self.assertEqual(
+            result.stderr.strip(),
+            f"maccept: error: --listen {description}: cannot read the certificate or key: "
+            "[Errno 2] No such file or directory: '/no/such/cert.pem'",
+        )
