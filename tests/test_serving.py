@@ -117,6 +117,19 @@ class EchoTests(SynchronousTestCase):
         self.assertEqual(server.stop(), 0)
         self.assertFalse(os.path.exists(path))
 
+    def test_ipv6(self) -> None:
+        """
+        A tcp6 listener on ::1 serves IPv6 clients.
+        """
+        try:
+            socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+        except OSError:
+            self.skipTest("no ::1 on this machine")
+        server = startServer(self, "--workers", "2", "--listen", "tcp6:0:interface=\\:\\:1")
+        self.assertTrue(server.addresses[0].startswith("[::1]:"))
+        with socket.create_connection(("::1", server.port), timeout=10) as client:
+            self.assertEqual(echoRoundTrip(client, b"over IPv6"), b"over IPv6")
+
     def test_backpressure(self) -> None:
         """
         A client that sends without reading fills the buffers and then
