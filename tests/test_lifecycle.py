@@ -122,7 +122,8 @@ class LifecycleTests(SynchronousTestCase):
         self.addCleanup(os.unlink, marker)
         os.kill(server.pid, signal.SIGHUP)
         waitFor(lambda: "reload failed, keeping the old workers" in server.log(), what="failure")
-        self.assertEqual(server.workers(), old)
+        # The abandoned new workers are killed; only the old ones remain.
+        waitFor(lambda: server.workers() == old, what="only the old workers")
         with server.connect() as s:
             s.sendall(b"still")
             self.assertEqual(s.recv(5), b"still")
