@@ -66,7 +66,7 @@ class RunningPool:
         """
         The live worker pids, read from C{/proc} at each call.
         """
-        return _childrenOf(self.pid)
+        return childrenOf(self.pid)
 
     @property
     def log(self) -> str:
@@ -200,7 +200,10 @@ def startPool(
     return process.ready.addCallbacks(started, failed)
 
 
-def _childrenOf(pid: int) -> list[int]:
+def childrenOf(pid: int) -> list[int]:
+    """
+    Live processes whose parent is C{pid} (zombies excluded), from C{/proc}.
+    """
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

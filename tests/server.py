@@ -20,6 +20,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from maccept.testing import childrenOf
+
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 READY = re.compile(r"all (\d+) workers ready on (.+)$", re.M)
 HERE = Path(__file__).resolve().parent
@@ -49,24 +53,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def childrenOf(pid: int) -> list[int]:
-    """
-    Live processes whose parent is C{pid}.
-    """
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return sorted(found)
 
 
 def socketInodes(pid: int) -> set[int]:
@@ -264,3 +250,24 @@ def echoRoundTrip(sock: socket.socket, payload: bytes) -> bytes:
         if not data:
             return b"".join(chunks)
         chunks.append(data)
+
+
+METRICS_AT = re.compile(r"--metrics \S+: listening on (http://\S+/)")
+
+
+def metric(server: MacceptServer, name: str) -> float:
+    """
+    The value of the sample C{name} on the server's C{/metrics} (started
+    with C{--metrics}).
+    """
+    import urllib.request
+
+    match = METRICS_AT.search(server.log())
+    assert match is not None, "the server has no --metrics"
+    with urllib.request.urlopen(match.group(1) + "metrics", timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise AssertionError(f"no {name} in /metrics")

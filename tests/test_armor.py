@@ -6,33 +6,13 @@ worker leaves new ones waiting in the backlog, and none is dropped.
 
 from __future__ import annotations
 
-import re
 import socket
-import urllib.request
 
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.server import MacceptServer, serverSideInodes, socketInodes, waitFor
+from tests.server import MacceptServer, metric, serverSideInodes, socketInodes, waitFor
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
-METRICS_AT = re.compile(r"--metrics \S+: listening on (http://\S+/)")
-
-
-def waitingInBacklog(server: MacceptServer) -> float:
-    """
-    The kernel's count of connections waiting to be accepted, from the
-    server's C{/metrics}.
-    """
-    match = METRICS_AT.search(server.log())
-    assert match is not None
-    with urllib.request.urlopen(match.group(1) + "metrics", timeout=10) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "maccept_listen_backlog":
-                return sample.value
-    raise AssertionError("no maccept_listen_backlog in /metrics")
 
 
 def peerClosed(client: socket.socket) -> bool:
@@ -99,10 +79,13 @@ class ArmorTests(SynchronousTestCase):
             return len(set(serverSideInodes(server.port).values()) & socketInodes(worker))
 
         # The third connection is established by the kernel but not accepted.
-        waitFor(lambda: waitingInBacklog(server) == 1, what="one connection in the backlog")
+        waitFor(
+            lambda: metric(server, "maccept_listen_backlog") == 1,
+            what="one connection in the backlog",
+        )
         self.assertEqual(held(), 2)
         first.close()
         third.settimeout(10)
         self.assertEqual(third.recv(7), b"waiting")
         self.assertEqual(held(), 2)
-        self.assertEqual(waitingInBacklog(server), 0)
+        self.assertEqual(metric(server, "maccept_listen_backlog"), 0)

@@ -10,12 +10,10 @@ import contextlib
 import ipaddress
 import socket
 import struct
-import urllib.request
 
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.server import MacceptServer, echoRoundTrip, runMaccept, waitFor
+from tests.server import MacceptServer, echoRoundTrip, metric, runMaccept, waitFor
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -99,17 +97,9 @@ class ProxyProtocolTests(SynchronousTestCase):
             client.sendall(v1Header("192.0.2.1", 1000, server.port))
             self.assertEqual(echoRoundTrip(client, b"fine"), b"fine")
         self.assertEqual(server.workers(), [worker])
-        waitFor(lambda: self.rejectedCount(server) == 2, what="the counter")
-
-    def rejectedCount(self, server: MacceptServer) -> float:
-        url = server.log().split("--metrics tcp:0:interface=127.0.0.1: listening on ")[1].split()[0]
-        with urllib.request.urlopen(url + "metrics", timeout=10) as response:
-            text = response.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "maccept_proxy_headers_rejected_total":
-                    return sample.value
-        raise AssertionError("no maccept_proxy_headers_rejected_total")
+        waitFor(
+            lambda: metric(server, "maccept_proxy_headers_rejected_total") == 2, what="the counter"
+        )
 
     def test_halfCloseBehindProxy(self) -> None:
         """
