@@ -156,10 +156,10 @@ class LifecycleTests(SynchronousTestCase):
         client.sendall(b"sleep")
         waitFor(lambda: not alive(hung), 30, "the hung worker to be killed")
         waitFor(lambda: len(server.workers()) == 1, what="a replacement")
+        waitFor(lambda: "left (watchdog)" in server.log(), what="the departure logged")
         log = server.log()
         self.assertIn("silent for", log)
         self.assertIn("in dataReceived", log)
-        self.assertIn("left (watchdog)", log)
 
     def test_stoppedWorkerCountsAsHung(self) -> None:
         """
@@ -201,9 +201,10 @@ class LifecycleTests(SynchronousTestCase):
             s.sendall(b"grow")
             self.assertEqual(s.recv(4), b"grow")
         waitFor(lambda: not alive(hog), what="the grown worker to go")
+        # The parent logs the departure once it has reaped the worker.
+        waitFor(lambda: "left (recycle)" in server.log(), what="the departure logged")
         log = server.log()
         self.assertIn("over --max-memory 80 MiB", log)
-        self.assertIn("left (recycle)", log)
         self.assertLess(
             log.index("started worker 1 (pid", log.index("over --max-memory")),
             log.index("left (recycle)"),
