@@ -95,7 +95,7 @@ class LifecycleTests(SynchronousTestCase):
         new = server.workers()
         self.assertEqual(len(new), 2)
         self.assertFalse(set(new) & set(old))
-        self.assertIn("left (reload)", server.log())
+        waitFor(lambda: "left (reload)" in server.log(), what="the departures logged")
 
     def test_failedReloadKeepsOldWorkers(self) -> None:
         """
