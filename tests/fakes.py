@@ -360,6 +360,9 @@ class FakeAdoptedPort:
     """
 
     transport: type[Any] = FakeServerTransport
+    #: Whether a drain sweeps this port (C{tcp.Port} sets it while it listens).
+    connected = False
+    numberAccepts = 100
 
     def __init__(self, fileno: int, addressFamily: int, factory: Any) -> None:
         self.fd = fileno
@@ -375,6 +378,12 @@ class FakeAdoptedPort:
         """
         transport: FakeServerTransport = self.transport()
         return transport
+
+    def doRead(self) -> None:
+        """
+        Accept as C{tcp.Port.doRead} would: record how many it may take.
+        """
+        self.sweeps = [*getattr(self, "sweeps", []), self.numberAccepts]
 
     def stopReading(self) -> None:
         self.reading = False

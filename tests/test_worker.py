@@ -71,6 +71,7 @@ class WorkerTestCase(SynchronousTestCase):
         families: tuple[str, ...] = ("AF_INET",),
         control: FakeControl | None = None,
         recycleAfter: int | None = None,
+        maxConcurrent: int | None = None,
     ) -> Worker:
         """
         A worker on a running fake reactor, with real descriptors for its
@@ -88,6 +89,7 @@ class WorkerTestCase(SynchronousTestCase):
             parentPid=os.getppid(),
             listeners=handles,
             recycleAfter=recycleAfter,
+            maxConcurrent=maxConcurrent,
         )
         worker = Worker(self.reactor, spec)
         self.events: list[LogEvent] = []
@@ -326,6 +328,33 @@ class DrainTests(WorkerTestCase):
         for connection in connections:
             connection.lose()
         self.assertExited(worker, 0)
+
+    def test_sweepTakesTheBacklog(self) -> None:
+        """
+        Before letting go of a listener, a draining worker accepts what
+        waits in its backlog (a large batch), so the last close resets none.
+        """
+        worker = self.makeWorker()
+        worker.start()
+        [port] = self.reactor.ports
+        port.connected = True  # type: ignore[attr-defined]
+        worker.drain(30.0)
+        self.assertEqual(port.sweeps, [10000])  # type: ignore[attr-defined]
+
+    def test_sweepWithinMaxConcurrent(self) -> None:
+        """
+        With --max-concurrent the sweep takes only the room left, and none
+        when the worker is full.
+        """
+        for held, expected in [(1, [2]), (3, None)]:
+            worker = self.makeWorker(maxConcurrent=3)
+            worker.start()
+            [port] = self.reactor.ports
+            port.connected = True  # type: ignore[attr-defined]
+            for _ in range(held):
+                port.accept()
+            worker.drain(30.0)
+            self.assertEqual(getattr(port, "sweeps", None), expected)
 
     def test_drainTwice(self) -> None:
         """
