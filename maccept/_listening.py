@@ -175,10 +175,11 @@ class ListeningSocket:
             fd=fd, family=self.family, description=self.description, kind=self.kind
         )
 
-    def close(self) -> None:
+    def close(self, keepPath: bool = False) -> None:
         """
         Close the parent's copy of the socket, and for a UNIX socket remove
-        its path, which only the parent may do.
+        its path, which only the parent may do (unless C{keepPath}: the
+        parent handed the socket to a new parent on an upgrade).
 
         Not C{stopListening}: on a TCP port Twisted created, that calls
         C{shutdown(2)}, which would stop every worker's accept on the shared
@@ -188,7 +189,9 @@ class ListeningSocket:
         """
         # A systemd socket's path belongs to systemd.
         fromSystemd = splitProxy(self.description)[1].startswith("systemd:")
-        path = self.address if self.family == "AF_UNIX" and not fromSystemd else None
+        path = None
+        if self.family == "AF_UNIX" and not fromSystemd and not keepPath:
+            path = self.address
         release(self.port)
         if path and not path.startswith("\0"):
             with contextlib.suppress(FileNotFoundError):
@@ -230,6 +233,30 @@ def _listenUDP(reactor: Any, description: str) -> ListeningSocket:
     port.stopReading()
     family = socket.AddressFamily(port.socket.family).name
     return ListeningSocket(description=description, port=port, family=family, kind="datagram")
+
+
+def adoptListener(reactor: Any, description: str, fd: int) -> ListeningSocket:
+    """
+    In a new parent after an upgrade: take over the socket the old parent
+    made for C{description}, inherited at C{fd}, instead of making one.
+    """
+    probe = socket.socket(fileno=os.dup(fd))
+    family, datagram = probe.family, probe.type == socket.SOCK_DGRAM
+    probe.close()
+    try:
+        if datagram:
+            port = reactor.adoptDatagramPort(fd, family, DatagramProtocol())
+        else:
+            port = reactor.adoptStreamPort(fd, family, _NeverAccepts())
+        port.stopReading()
+    finally:
+        os.close(fd)
+    return ListeningSocket(
+        description=description,
+        port=port,
+        family=socket.AddressFamily(family).name,
+        kind="datagram" if datagram else "stream",
+    )
 
 
 def listenNow(endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> IListeningPort:

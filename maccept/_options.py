@@ -87,7 +87,8 @@ class Options(usage.Options):
         "the same listening sockets, which this parent process creates.  "
         "Signals to the parent: TERM or INT stop gracefully (a second one kills "
         "the workers at once), HUP reloads every worker without refusing a "
-        "connection, TTIN adds a worker, TTOU removes one.  See also maccept-ctl."
+        "connection, TTIN adds a worker, TTOU removes one, USR2 upgrades maccept "
+        "itself (a new parent takes the sockets over).  See also maccept-ctl."
     )
 
     optParameters = [

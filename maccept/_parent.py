@@ -19,6 +19,7 @@ from maccept._listening import ListeningSocket
 from maccept._pool import WorkerPool
 from maccept._signals import installHandlers
 from maccept._titles import setTitle
+from maccept._upgrade import Upgrade
 
 
 class MacceptService(Service):
@@ -38,6 +39,8 @@ class MacceptService(Service):
         self.stopRequested = False
         #: The parent's own ports (metrics, control), closed after the pool.
         self.servicePorts: list[IListeningPort] = []
+        #: Upgrading maccept itself on SIGUSR2 (see L{maccept._upgrade}).
+        self.upgrade: Upgrade | None = None
 
     def signalHandlers(self) -> dict[signal.Signals, Callable[[], None]]:
         """
@@ -49,6 +52,7 @@ class MacceptService(Service):
             signal.SIGHUP: self.pool.reload,
             signal.SIGTTIN: self.pool.scaleUp,
             signal.SIGTTOU: self.pool.scaleDown,
+            signal.SIGUSR2: self.upgrade.start if self.upgrade else lambda: None,
         }
 
     def startService(self) -> None:
@@ -77,8 +81,10 @@ class MacceptService(Service):
         """
         super().stopService()
         stopped = self.pool.stopService()
+        # Stopped by a new parent that took the sockets over: its paths now.
+        handedOver = self.upgrade is not None and self.upgrade.newParent is not None
         for listener in self.listeners:
-            listener.close()
+            listener.close(keepPath=handedOver)
         stopped.addCallback(lambda _: self._closeServicePorts())
         return stopped
 

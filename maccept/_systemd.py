@@ -72,7 +72,11 @@ class SystemdNotifier:
         while the pool drains: a drain may take the whole graceful timeout.
         """
         if state is PoolState.RUNNING:
-            self.notify("READY=1", f"STATUS=serving with {self.pool.size} workers")
+            # MAINPID: after an upgrade (SIGUSR2) this parent is the new main
+            # process (systemd takes it with NotifyAccess=all).
+            self.notify(
+                "READY=1", f"MAINPID={os.getpid()}", f"STATUS=serving with {self.pool.size} workers"
+            )
         elif state is PoolState.RELOADING:
             monotonic = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             self.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic}", "STATUS=reloading")

@@ -21,10 +21,12 @@ from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from maccept._listening import ListenError, ListeningSocket, listen, listenNow
+from maccept._listening import ListenError, ListeningSocket, adoptListener, listen, listenNow
 from maccept._options import CommandLineOptions, fail
 from maccept._parent import MacceptService
 from maccept._pool import PoolSettings, WorkerPool
+from maccept._states import PoolState
+from maccept._upgrade import UPGRADE_FROM
 
 _log = Logger(namespace="maccept")
 
@@ -50,14 +52,23 @@ def exitWithStatus(code: int) -> None:
 def makeService(options: CommandLineOptions) -> IService:
     from twisted.internet import reactor
 
+    from maccept._upgrade import Upgrade, inheritedListeners, takeOver
+
+    # After an upgrade (SIGUSR2), the old parent's sockets, by description.
+    inherited = inheritedListeners()
     listeners: list[ListeningSocket] = []
     for description in options["listen"]:
         try:
-            listeners.append(listen(reactor, description))
+            if description in inherited:
+                listeners.append(adoptListener(reactor, description, inherited.pop(description)))
+            else:
+                listeners.append(listen(reactor, description))
         except ListenError as e:
             for listener in listeners:
                 listener.close()
             fail(f"--listen {description}: {e}")
+    for fd in inherited.values():
+        os.close(fd)  # the old parent listened on more than we were asked to
 
     settings = PoolSettings(
         size=options["workers"],
@@ -80,6 +91,17 @@ def makeService(options: CommandLineOptions) -> IService:
 
     pool = WorkerPool(reactor, listeners, settings, onFatal)
     service = MacceptService(reactor, listeners, pool)
+    twistdConfig = getattr(options, "parent", None)
+    service.upgrade = Upgrade(
+        reactor, listeners, twistdConfig, lambda: pool.state is PoolState.RUNNING
+    )
+
+    def tookOver(state: PoolState) -> None:
+        if state is PoolState.RUNNING and UPGRADE_FROM in os.environ:
+            takeOver(os.environ, _log)
+            del os.environ[UPGRADE_FROM]
+
+    pool.stateObservers.append(tookOver)
     service.servicePorts = listenServicePorts(reactor, options, service)
     from maccept._systemd import SystemdNotifier
 

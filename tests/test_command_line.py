@@ -95,5 +95,11 @@ class HelpTests(SynchronousTestCase):
         for option in ("--listen", "--workers", "--protocol", "--metrics", "--control"):
             self.assertIn(option, result.stdout)
         text = " ".join(result.stdout.split())
-        for signal in ("TERM or INT stop gracefully", "HUP reloads", "TTIN adds", "TTOU removes"):
+        for signal in (
+            "TERM or INT stop gracefully",
+            "HUP reloads",
+            "TTIN adds",
+            "TTOU removes",
+            "USR2 upgrades",
+        ):
             self.assertIn(signal, text)

@@ -1,0 +1,168 @@
+# -*- test-case-name: tests.test_upgrade -*-
+"""
+Upgrading maccept itself (SIGUSR2), as nginx and unicorn do: the parent
+starts a new parent from the code now on disk, handing it the listening
+sockets; once the new parent's workers all accept, it tells the old parent
+to stop, and the old one drains as on SIGTERM.  The sockets never close, so
+no connection is refused.
+
+The pidfile follows the parent that serves: the old parent renames its
+pidfile to C{PIDFILE.oldbin} (and will remove that one when it exits), so
+that the new twistd can write C{PIDFILE}.  If the new parent fails before
+it is ready, the old one renames the pidfile back and keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
+
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from maccept._listening import ListeningSocket
+
+#: What the old parent tells the new one: the inherited sockets...
+INHERIT = "MACCEPT_INHERIT"
+#: ... and its own pid, to stop once the new workers all accept.
+UPGRADE_FROM = "MACCEPT_UPGRADE_FROM"
+_TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+def commandLine(argv: Sequence[str] = sys.argv) -> list[str]:
+    """
+    The command that starts this same twistd again.
+    """
+    if argv[0] == "-c":
+        return [sys.executable, "-c", _TWISTD, *argv[1:]]
+    return [sys.executable, *argv]
+
+
+class _NewParent(ProcessProtocol):
+    def __init__(self, upgrade: Upgrade) -> None:
+        self.upgrade = upgrade
+
+    def processEnded(self, reason: Failure) -> None:
+        self.upgrade.newParentEnded(reason)
+
+
+class Upgrade:
+    """
+    The old parent's side of an upgrade.
+
+    @param twistdConfig: twistd's own options (C{pidfile} is read and, for
+        the rename, changed there, so twistd removes the right file).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        listeners: Sequence[ListeningSocket],
+        twistdConfig: MutableMapping[str, Any] | None,
+        isServing: Any,
+    ) -> None:
+        self.reactor = reactor
+        self.listeners = listeners
+        self.twistdConfig = twistdConfig
+        self.isServing = isServing
+        self.newParent: Any = None
+        self.finished = False
+
+    def start(self) -> None:
+        if self.newParent is not None:
+            self.log.warn("upgrade ignored: one is already under way")
+            return
+        if not self.isServing():
+            self.log.warn("upgrade ignored: the pool is not serving")
+            return
+        inherited: list[dict[str, Any]] = []
+        childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
+        for listener in self.listeners:
+            fd = os.dup(listener.fileno())
+            inherited.append({"fd": fd, "description": listener.description})
+            childFDs[fd] = fd
+        env = dict(os.environ)
+        env[INHERIT] = json.dumps(inherited)
+        env[UPGRADE_FROM] = str(os.getpid())
+        self._movePidfile(".oldbin")
+        command = commandLine()
+        try:
+            self.newParent = self.reactor.spawnProcess(
+                _NewParent(self), command[0], command, env=env, path=os.getcwd(), childFDs=childFDs
+            )
+        except Exception:
+            self.log.failure("upgrade failed: cannot start a new parent")
+            self._movePidfile("")
+        finally:
+            for each in inherited:
+                os.close(each["fd"])
+        if self.newParent is not None:
+            self.log.info(
+                "upgrade: started a new parent (pid {pid}) from the code on disk",
+                pid=self.newParent.pid,
+            )
+
+    def newParentEnded(self, reason: Failure) -> None:
+        """
+        A new parent that exits while we still serve failed to take over.
+        """
+        if self.isServing() and not self.finished:
+            self.log.error(
+                "upgrade failed, keeping this parent: the new one exited ({why})",
+                why=reason.getErrorMessage(),
+            )
+            self._movePidfile("")
+        self.newParent = None
+
+    def _movePidfile(self, suffix: str) -> None:
+        """
+        Rename the pidfile to C{BASE + suffix} and make twistd remove that
+        name when this parent exits.
+        """
+        if not self.twistdConfig or not self.twistdConfig.get("pidfile"):
+            return
+        current = self.twistdConfig["pidfile"]
+        base = current.removesuffix(".oldbin")
+        wanted = base + suffix
+        if wanted == current:
+            return
+        try:
+            os.rename(current, wanted)
+        except OSError as e:
+            self.log.warn("cannot rename the pidfile {pidfile}: {error}", pidfile=current, error=e)
+            return
+        self.twistdConfig["pidfile"] = wanted
+
+
+def inheritedListeners(environ: MutableMapping[str, str] = os.environ) -> dict[str, int]:
+    """
+    In a new parent: the sockets the old parent handed over, by description
+    (and forget them, so that this parent's own children do not inherit
+    the claim).
+    """
+    raw = environ.pop(INHERIT, None)
+    if not raw:
+        return {}
+    return {each["description"]: int(each["fd"]) for each in json.loads(raw)}
+
+
+def takeOver(environ: Mapping[str, str], log: Logger) -> None:
+    """
+    In a new parent whose workers all accept: stop the old parent.
+    """
+    old = environ.get(UPGRADE_FROM)
+    if not old or not old.isdigit():
+        return
+    try:
+        os.kill(int(old), signal.SIGTERM)
+    except OSError as e:
+        log.warn("upgrade: cannot stop the old parent (pid {pid}): {error}", pid=old, error=e)
+        return
+    log.info("upgrade: serving; the old parent (pid {pid}) drains and exits", pid=old)
