@@ -26,7 +26,8 @@ from maccept._options import CommandLineOptions, fail
 from maccept._parent import MacceptService
 from maccept._pool import PoolSettings, WorkerPool
 from maccept._states import PoolState
-from maccept._upgrade import UPGRADE_FROM
+from maccept._systemd import SystemdNotifier
+from maccept._upgrade import UPGRADE_FROM, Upgrade, inheritedListeners, takeOver
 
 _log = Logger(namespace="maccept")
 
@@ -51,8 +52,6 @@ def exitWithStatus(code: int) -> None:
 
 def makeService(options: CommandLineOptions) -> IService:
     from twisted.internet import reactor
-
-    from maccept._upgrade import Upgrade, inheritedListeners, takeOver
 
     # After an upgrade (SIGUSR2), the old parent's sockets, by description.
     inherited = inheritedListeners()
@@ -103,8 +102,6 @@ def makeService(options: CommandLineOptions) -> IService:
 
     pool.stateObservers.append(tookOver)
     service.servicePorts = listenServicePorts(reactor, options, service)
-    from maccept._systemd import SystemdNotifier
-
     notifier = SystemdNotifier.fromEnvironment(reactor)
     if notifier is not None:
         notifier.follow(pool)

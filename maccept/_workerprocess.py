@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from maccept._logforward import LineLogger, reemit, workerSystem
 from maccept._states import WorkerState, nextWorkerState
 from maccept._wire import (
+    STATS,
     Drain,
     Farewell,
     Heartbeat,
@@ -77,14 +78,9 @@ class WorkerProcess(ProcessProtocol):
         self.replaces: WorkerProcess | None = None
         self.lastHeartbeat = startedAt
         self.declaredHung = False
+        # Zero for every counter a worker reports (see L{STATS}).
         self.stats: dict[str, Any] = {
-            "accepted": 0,
-            "open": 0,
-            "bytesReceived": 0,
-            "bytesSent": 0,
-            "idleClosed": 0,
-            "proxyRejected": 0,
-            "lag": 0.0,
+            name.decode(): 0.0 if isinstance(argument, amp.Float) else 0 for name, argument in STATS
         }
         self.lastWords: deque[str] = deque(maxlen=self.lastWordsKept)
         self._killCall: Any = None

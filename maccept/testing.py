@@ -200,9 +200,10 @@ def startPool(
     return process.ready.addCallbacks(started, failed)
 
 
-def childrenOf(pid: int) -> list[int]:
+def _liveProcesses() -> list[tuple[int, int, int]]:
     """
-    Live processes whose parent is C{pid} (zombies excluded), from C{/proc}.
+    C{(pid, parent pid, process group)} of every live process (zombies
+    excluded), from C{/proc}.
     """
     found = []
     for entry in os.listdir("/proc"):
@@ -213,6 +214,20 @@ def childrenOf(pid: int) -> list[int]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return sorted(found)
+        if fields[0] != "Z":
+            found.append((int(entry), int(fields[1]), int(fields[2])))
+    return found
+
+
+def childrenOf(pid: int) -> list[int]:
+    """
+    Live processes whose parent is C{pid}.
+    """
+    return sorted(child for child, parent, _ in _liveProcesses() if parent == pid)
+
+
+def groupMembers(pgid: int) -> list[int]:
+    """
+    Live processes in process group C{pgid}.
+    """
+    return sorted(member for member, _, group in _liveProcesses() if group == pgid)

@@ -19,10 +19,11 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from maccept.testing import childrenOf
+from maccept.testing import childrenOf, groupMembers
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 READY = re.compile(r"all (\d+) workers ready on (.+)$", re.M)
@@ -212,30 +213,12 @@ def runMaccept(
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     finally:
-        leftovers = _groupMembers(process.pid)
+        leftovers = groupMembers(process.pid)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     assert not leftovers, f"processes left behind: {leftovers}"
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-def _groupMembers(pgid: int) -> list[int]:
-    """
-    Live processes in process group C{pgid}.
-    """
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry))
-    return members
 
 
 def echoRoundTrip(sock: socket.socket, payload: bytes) -> bytes:
@@ -271,3 +254,16 @@ def metric(server: MacceptServer, name: str) -> float:
             if sample.name == name:
                 return float(sample.value)
     raise AssertionError(f"no {name} in /metrics")
+
+
+def takenPort(test: Any) -> int:
+    """
+    A loopback TCP port some other socket listens on, for the duration of
+    C{test}.
+    """
+    taken = socket.socket()
+    test.addCleanup(taken.close)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port: int = taken.getsockname()[1]
+    return port

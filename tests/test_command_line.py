@@ -5,12 +5,11 @@ exit, no traceback and no process left behind.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.server import runMaccept, withoutBindCapability
+from tests.server import runMaccept, takenPort, withoutBindCapability
 
 
 class BadInputTests(SynchronousTestCase):
@@ -56,12 +55,7 @@ class BadInputTests(SynchronousTestCase):
         self.check(["--no-such-option"], "--no-such-option", "not recognized")
 
     def test_portInUse(self) -> None:
-        taken = socket.socket()
-        self.addCleanup(taken.close)
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        description = f"tcp:{port}:interface=127.0.0.1"
+        description = f"tcp:{takenPort(self)}:interface=127.0.0.1"
         self.check(["--listen", description], f"--listen {description}", "address already in use")
 
     def test_unixPathInMissingDirectory(self) -> None:

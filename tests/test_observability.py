@@ -23,7 +23,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.server import MacceptServer, alive, echoRoundTrip, runMaccept, waitFor
+from tests.server import MacceptServer, alive, echoRoundTrip, runMaccept, takenPort, waitFor
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 METRICS_AT = re.compile(r"--metrics \S+: listening on (http://\S+/)")
@@ -273,12 +273,7 @@ class ObservabilityTests(SynchronousTestCase):
         C{--metrics} on a port already taken fails start-up with one line
         naming the option, and no traceback.
         """
-        taken = socket.socket()
-        self.addCleanup(taken.close)
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        description = f"tcp:{port}:interface=127.0.0.1"
+        description = f"tcp:{takenPort(self)}:interface=127.0.0.1"
         done = runMaccept(["--listen", LOOPBACK, "--metrics", description])
         self.assertNotEqual(done.returncode, 0)
         self.assertNotIn("Traceback", done.stdout + done.stderr)
