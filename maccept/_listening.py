@@ -18,11 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet import tcp, unix
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from maccept._proxy import splitProxy
@@ -31,6 +34,8 @@ from maccept._wire import ListenerHandle
 #: The listen backlog when a description names none (the kernel caps it at
 #: net.core.somaxconn).
 DEFAULT_BACKLOG = 1024
+
+_log = Logger()
 
 #: Endpoint types whose sockets a worker can adopt as stream ports.
 STREAM_TYPES = ("tcp", "tcp6", "unix", "ssl", "systemd")
@@ -194,11 +199,24 @@ class ListeningSocket:
             path = self.address
         release(self.port)
         if path and not path.startswith("\0"):
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                # Typically twistd --uid: root made the path, the parent no
+                # longer may remove it.  Stopping goes on regardless.
+                _log.warn(
+                    "--listen {description}: cannot remove {path}: {reason}"
+                    " (the parent's user needs write access to its directory)",
+                    description=self.description,
+                    path=path,
+                    reason=e.strerror,
+                )
         lockFile = getattr(self.port, "lockFile", None)
         if lockFile is not None:
-            lockFile.unlock()
+            with contextlib.suppress(OSError):
+                lockFile.unlock()
 
 
 def listen(reactor: Any, description: str) -> ListeningSocket:
@@ -309,8 +327,45 @@ def adopt(
         from maccept._proxy import ProxyWrappingFactory
 
         factory = ProxyWrappingFactory(factory, onProxyRejected)
+    if handle.addressFamily == socket.AF_UNIX and isinstance(reactor, PosixReactorBase):
+        unixPort: AdoptedUNIXPort = AdoptedUNIXPort._fromListeningDescriptor(
+            reactor, handle.fd, factory
+        )
+        unixPort.startListening()
+        return unixPort
     port: IListeningPort = reactor.adoptStreamPort(handle.fd, handle.addressFamily, factory)
     return port
+
+
+class AdoptedUNIXPort(unix.Port):
+    """
+    A UNIX port adopted from the parent, left as the parent made it (for
+    the reactors built on Twisted's posix base, whose C{adoptStreamPort}
+    makes a L{unix.Port}).
+
+    Twisted's C{startListening} on an adopted UNIX socket chmods the path to
+    its default 0666 and calls C{listen} again with its default backlog of
+    50: that widens a C{mode=} the user asked for, shrinks the backlog the
+    parent set, and fails with EPERM in a worker that runs as another user
+    than the one that made the path (C{twistd --uid}).
+    """
+
+    def startListening(self) -> None:
+        factory: Any = self.factory
+        adopted: Any = self._preexistingSocket
+        _log.info(
+            "{factory} starting on {path!r}",
+            factory=self._getLogPrefix(factory),
+            path=os.fsdecode(self._bindPath),
+        )
+        tcp._reservedFD.reserve()  # what the accept loop closes on EMFILE
+        factory.doStart()
+        self._preexistingSocket = None
+        self.socket = adopted
+        self.fileno = adopted.fileno  # type: ignore[method-assign]
+        self.connected = True
+        self.numberAccepts = 100
+        self.startReading()
 
 
 def release(port: IListeningPort) -> None:

@@ -103,15 +103,23 @@ class MacceptServer:
         twistdArgs: Sequence[str] = (),
         env: dict[str, str] | None = None,
         passFds: Sequence[int] = (),
+        twistd: Sequence[str] = (TWISTD,),
     ) -> None:
+        """
+        C{twistd} is the command that runs twistd; the repository goes on the
+        front of C{PYTHONPATH} unless C{env} sets C{PYTHONPATH} itself.
+        """
         self.args = list(args)
         self.logFile = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in cleanup)
             prefix="maccept-", suffix=".log", delete=False
         )
         fullEnv = {**os.environ, **(env or {})}
-        fullEnv["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), fullEnv.get("PYTHONPATH", "")])
+        if "PYTHONPATH" not in (env or {}):
+            fullEnv["PYTHONPATH"] = os.pathsep.join(
+                [str(HERE.parent), fullEnv.get("PYTHONPATH", "")]
+            )
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", *twistdArgs, "maccept", *self.args],
+            [*twistd, "-n", "--pidfile=", *twistdArgs, "maccept", *self.args],
             stdout=self.logFile,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -9,6 +9,8 @@ import asyncio
 import os
 import random
 import socket
+import stat
+import subprocess
 import tempfile
 import time
 
@@ -116,6 +118,24 @@ class EchoTests(SynchronousTestCase):
                 self.assertEqual(echoRoundTrip(s, b"both ways\n" * 100), b"both ways\n" * 100)
         self.assertEqual(server.stop(), 0)
         self.assertFalse(os.path.exists(path))
+
+    def test_unixModeAndBacklogKept(self) -> None:
+        """
+        The mode and backlog a unix: description asks for are what the socket
+        has once workers adopted it (Twisted's own adoption would chmod it
+        to 0666 and listen again with a backlog of 50).
+        """
+        path = os.path.join(tempfile.mkdtemp(), "private.sock")
+        server = startServer(
+            self, "--workers", "2", "--listen", f"unix:{path}:mode=600:backlog=321"
+        )
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        listening = subprocess.run(
+            ["ss", "-xlnH", "src", path], capture_output=True, text=True, check=True
+        ).stdout.split()
+        self.assertEqual(listening[:4], ["u_str", "LISTEN", "0", "321"])
+        with server.connect(path) as client:
+            self.assertEqual(echoRoundTrip(client, b"private"), b"private")
 
     def test_ipv6(self) -> None:
         """
