@@ -14,10 +14,14 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from errno import EWOULDBLOCK
 from typing import Any
 
 from twisted.internet.interfaces import IListeningPort, ITransport
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.python.failure import Failure
+
+monotonic = time.monotonic
 
 
 class ConnectionTracker:
@@ -108,7 +112,7 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             #: When a byte last moved either way (monotonic seconds).
-            self.lastActive = time.monotonic()
+            self.lastActive = monotonic()
             if isTCP:
                 self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tracker.opened(self)
@@ -117,20 +121,39 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
             tracker.closed(self)
             super().connectionLost(reason)
 
-        # Byte counts: one call and one addition per read and per write.
+        # Byte counts: one addition per read and per write.
 
-        def _dataReceived(self, data: bytes | None) -> Any:
-            if data:
+        if isTCP:
+
+            def doRead(self) -> Any:
+                # tcp.Connection.doRead and _dataReceived in one call, with
+                # the count: this runs for every message a client sends.
+                try:
+                    data = self.socket.recv(self.bufferSize)
+                except OSError as e:
+                    return None if e.args[0] == EWOULDBLOCK else CONNECTION_LOST
+                if not data:
+                    return CONNECTION_DONE
                 tracker.bytesReceived += len(data)
-                self.lastActive = time.monotonic()
-            return super()._dataReceived(data)
+                self.lastActive = monotonic()
+                self.protocol.dataReceived(data)
+                return None
+
+        else:
+            # UNIX: its doRead (recvmsg, for passed descriptors) stays.
+            def _dataReceived(self, data: bytes | None) -> Any:
+                if data:
+                    tracker.bytesReceived += len(data)
+                    self.lastActive = monotonic()
+                return super()._dataReceived(data)
 
         def write(self, data: bytes) -> None:
             # Write-through: with nothing queued, send now rather than queue
             # and wait a reactor turn for writability (two epoll_ctl calls
             # and a loop iteration per response).  What the kernel does not
             # take, and every write behind it, is queued as usual, so order
-            # and producer pausing are unchanged.
+            # and producer pausing are unchanged; an error is left for the
+            # queued write to report, as Twisted would.
             if (
                 type(data) is bytes
                 and data
@@ -139,13 +162,15 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
                 and self.connected
                 and not self.disconnecting
                 and not self._writeDisconnected
-                and not getattr(self, "_aborting", False)
-                and not getattr(self, "TLS", False)
+                and not self._aborting
+                and not self.TLS
                 # A pull producer is asked for more only from doWrite.
                 and (self.producer is None or self.streamingProducer)
             ):
-                written = self.writeSomeData(data)
-                if isinstance(written, int):
+                written = sendNow(self, data)
+                if written:
+                    tracker.bytesSent += written
+                    self.lastActive = monotonic()
                     if written == len(data):
                         return
                     data = data[written:]
@@ -155,8 +180,26 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
             written = super().writeSomeData(data)
             if isinstance(written, int) and written:
                 tracker.bytesSent += written
-                self.lastActive = time.monotonic()
+                self.lastActive = monotonic()
             return written
 
+    def sendThroughTransport(transport: Any, data: bytes) -> int:
+        # A UNIX socket's own writeSomeData sends passed descriptors too.
+        written = base.writeSomeData(transport, data)
+        return written if isinstance(written, int) else 0
+
+    sendNow = _sendTCP if isTCP else sendThroughTransport
     TrackedTransport.__name__ = f"Tracked{base.__name__}"
     port.transport = TrackedTransport  # type: ignore[attr-defined]
+
+
+def _sendTCP(transport: Any, data: bytes) -> int:
+    """
+    Send on a TCP socket directly (Linux takes what fits, so Twisted's
+    C{SEND_LIMIT} slice and C{untilConcludes} add nothing here).
+    """
+    try:
+        sent: int = transport.socket.send(data)
+    except OSError:
+        return 0
+    return sent

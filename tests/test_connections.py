@@ -5,12 +5,16 @@ it, both a fake port and a real TCP port driven by a memory reactor.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
+import struct
+import tempfile
 import time
 
-from twisted.internet import tcp
+from twisted.internet import tcp, unix
 from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -374,6 +378,54 @@ class RealPortTests(SynchronousTestCase):
         self.assertIsNotNone(transport.doWrite())
         self.assertEqual(self.receive(client, 4), b"late")
 
+    def test_readOutcomes(self) -> None:
+        """
+        A read with nothing waiting reports nothing; a clean close is
+        C{CONNECTION_DONE}; a reset is C{CONNECTION_LOST}; data goes to the
+        protocol and is counted.
+        """
+        client, transport = self.accepted()
+        [protocol] = self.protocols
+        received: list[bytes] = []
+        protocol.dataReceived = received.append  # type: ignore[method-assign]
+        self.assertIsNone(transport.doRead())
+        client.sendall(b"abc")
+        select.select([transport.socket], [], [], 5)
+        self.assertIsNone(transport.doRead())
+        self.assertEqual((received, self.tracker.bytesReceived), ([b"abc"], 3))
+        client.shutdown(socket.SHUT_WR)
+        select.select([transport.socket], [], [], 5)
+        self.assertIs(transport.doRead(), CONNECTION_DONE)
+
+    def reset(self, client: socket.socket, transport: tcp.Server) -> None:
+        """
+        Reset the connection from the client's side, and wait for the
+        server's socket to hear it.
+        """
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        select.select([transport.socket], [], [], 5)
+
+    def test_resetIsConnectionLost(self) -> None:
+        """
+        A read on a connection the client reset is C{CONNECTION_LOST}.
+        """
+        client, transport = self.accepted()
+        self.reset(client, transport)
+        self.assertIs(transport.doRead(), CONNECTION_LOST)
+
+    def test_writeThroughAfterReset(self) -> None:
+        """
+        A write to a connection the peer reset is queued, not raised: the
+        queued write reports the loss, as Twisted's own would.
+        """
+        client, transport = self.accepted()
+        self.reset(client, transport)
+        transport.write(b"x" * 10)
+        transport.write(b"y" * 10)
+        self.assertEqual(self.tracker.bytesSent, 0)
+        self.assertIs(transport.doWrite(), CONNECTION_LOST)
+
     def test_closeAllClosesRealConnections(self) -> None:
         """
         C{closeAll} aborts real connections: once the reactor delivers the
@@ -399,3 +451,41 @@ class RealPortTests(SynchronousTestCase):
             except ConnectionResetError:
                 data = b""
             self.assertEqual(data, b"")
+
+
+class UNIXPortTests(SynchronousTestCase):
+    """
+    A real C{unix.Port}: its own read (C{recvmsg}) and send are kept, and
+    still counted.
+    """
+
+    def test_bytesCountedAndWrittenThrough(self) -> None:
+        reactor = WorkerMemoryReactor()
+        protocols: list[Protocol] = []
+
+        def protocol() -> Protocol:
+            protocols.append(Protocol())
+            return protocols[-1]
+
+        factory = Factory.forProtocol(protocol)
+        factory.noisy = False
+        path = os.path.join(tempfile.mkdtemp(), "s.sock")
+        port = unix.Port(path, factory, reactor=reactor)
+        port.startListening()
+        self.addCleanup(port.stopListening)
+        tracker = ConnectionTracker()
+        trackConnections(port, tracker)
+        client = socket.socket(socket.AF_UNIX)
+        self.addCleanup(client.close)
+        client.connect(path)
+        client.settimeout(5)
+        port.doRead()
+        [transport] = tracker.open
+        self.assertIsInstance(transport, unix.Server)
+        client.sendall(b"hello")
+        select.select([transport.socket], [], [], 5)
+        transport.doRead()
+        protocols[0].transport.write(b"world!")  # type: ignore[union-attr]
+        self.assertEqual(client.recv(6), b"world!")
+        self.assertEqual((tracker.bytesReceived, tracker.bytesSent), (5, 6))
+        self.assertFalse(transport.dataBuffer or transport._tempDataLen)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import socket
 
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.error import ConnectionDone
+from twisted.internet.main import CONNECTION_DONE
 from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._reactor import WorkerReactor
@@ -19,14 +21,23 @@ class Reader(FileDescriptor):
         self.sock = sock
         self.fail = fail
         self.reads: list[bytes] = []
+        self.lost: list[object] = []
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def doRead(self) -> None:
-        self.reads.append(self.sock.recv(100))
+    def doRead(self) -> object:
+        data = self.sock.recv(100)
+        if not data:
+            return CONNECTION_DONE
+        self.reads.append(data)
         if self.fail:
             raise RuntimeError("handler broke")
+        return None
+
+    def connectionLost(self, reason: object) -> None:
+        self.lost.append(reason)
+        super().connectionLost(reason)
 
 
 class WorkerReactorTests(SynchronousTestCase):
@@ -64,3 +75,33 @@ class WorkerReactorTests(SynchronousTestCase):
         self.reactor.doPoll(1)
         self.assertEqual((broken.reads, fine.reads), ([b"a"], [b"b"]))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_failingHandlerDisconnects(self) -> None:
+        """
+        As with Twisted's own reactors, a descriptor whose handler raised is
+        disconnected with that error, and no longer read.
+        """
+        peer, reader = self.pair(fail=True)
+        peer.sendall(b"a")
+        self.reactor.doPoll(1)
+        self.flushLoggedErrors(RuntimeError)
+        [reason] = reader.lost
+        self.assertTrue(reason.check(RuntimeError))  # type: ignore[attr-defined]
+        self.assertNotIn(reader, self.reactor.getReaders())
+
+    def test_readReturningReasonDisconnects(self) -> None:
+        """
+        A C{doRead} that returns a reason (the peer closed) has its
+        descriptor disconnected with that reason, as a read, and no longer
+        read; the other ready descriptors are still served.
+        """
+        closedPeer, closed = self.pair()
+        openPeer, stillOpen = self.pair()
+        closedPeer.shutdown(socket.SHUT_WR)
+        openPeer.sendall(b"more")
+        self.reactor.doPoll(1)
+        [reason] = closed.lost
+        self.assertTrue(reason.check(ConnectionDone))  # type: ignore[attr-defined]
+        self.assertNotIn(closed, self.reactor.getReaders())
+        self.assertEqual((stillOpen.reads, stillOpen.lost), ([b"more"], []))
+        self.assertIn(stillOpen, self.reactor.getReaders())
