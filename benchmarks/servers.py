@@ -10,7 +10,8 @@ is 50), from a chosen number of processes:
       maccept's default even balancing; C{maccept-epoll} and
       C{maccept-asyncio} run the workers on Twisted's own epoll reactor or
       its asyncio reactor (uvloop's loop where installed) instead of
-      maccept's default.  Not run unless asked for.
+      maccept's default; C{maccept-pinned} adds C{--cpu-affinity auto}
+      (each worker on one of the server CPUs).  Not run unless asked for.
     - C{twisted}: one process, C{reactor.listenTCP}; the baseline every
       multi-process Twisted server has to beat.
     - C{recipe}: the naive Twisted recipe.  The parent listens, stops reading
@@ -55,6 +56,7 @@ KINDS = (
     "maccept-greedy",
     "maccept-epoll",
     "maccept-asyncio",
+    "maccept-pinned",
     "twisted",
     "recipe",
     "asyncio",
@@ -111,6 +113,8 @@ class ServerSpec:
                 command += ["--balance", "greedy"]
             elif self.kind in ("maccept-epoll", "maccept-asyncio"):
                 command += ["--worker-reactor", self.kind.removeprefix("maccept-")]
+            elif self.kind == "maccept-pinned":
+                command += ["--cpu-affinity", "auto"]
             return command
         options = {"--port": self.port, "--processes": self.processes, "--backlog": self.backlog}
         flags = [text for option, value in options.items() for text in (option, str(value))]

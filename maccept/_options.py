@@ -14,22 +14,13 @@ import sys
 
 from twisted.python import usage
 
+from maccept._affinity import availableCPUs, parseCPUs
 from maccept._listening import ListenError, checkDescription
 from maccept._protocols import ProtocolSpecError, resolveProtocol
 from maccept._reactor import WORKER_REACTORS
 
 DEFAULT_LISTEN = "tcp:7007:interface=127.0.0.1"
 BALANCE_MODES = ("even", "greedy")
-
-
-def availableCPUs() -> int:
-    """
-    The CPUs this process may run on, which is what C{--workers auto} means.
-    """
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def parseNumber(option: str, value: str, integer: bool, minimum: float) -> float:
@@ -64,7 +55,8 @@ def parseWorkers(value: str) -> int:
     C{auto} or a positive integer.
     """
     if value == "auto":
-        return availableCPUs()
+        # The CPUs this process may run on.
+        return len(availableCPUs())
     try:
         count = int(value)
     except ValueError:
@@ -177,6 +169,13 @@ class Options(usage.Options):
             "How workers share new connections: 'even' (a worker ahead of the "
             "others pauses accepting) or 'greedy' (Twisted's own accept loop).",
         ],
+        [
+            "cpu-affinity",
+            None,
+            None,
+            "Pin each worker to one CPU: 'auto' (the CPUs maccept may run on, "
+            "one per worker in turn) or a list such as 0-3,8 (default: off).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -246,6 +245,11 @@ class Options(usage.Options):
             self["max-memory"] = int(
                 parseNumber("max-memory", self["max-memory"], True, startupMiB() + 1)
             )
+        if self["cpu-affinity"] is not None:
+            try:
+                self["cpu-affinity"] = parseCPUs(self["cpu-affinity"], availableCPUs())
+            except ValueError as e:
+                raise usage.UsageError(f"--cpu-affinity: {e}") from None
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         for description in self["listen"]:

@@ -27,6 +27,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from maccept._affinity import cpuForWorker
 from maccept._board import MAX_SLOTS, LoadBoard
 from maccept._listening import ListeningSocket
 from maccept._states import PoolState, WorkerState, nextPoolState
@@ -64,6 +65,8 @@ class PoolSettings:
     reactor: str = "fast"
     #: C{--protocol-option KEY=VALUE}s, for a protocol plugin.
     protocolOptions: tuple[str, ...] = ()
+    #: C{--cpu-affinity}: worker N runs on the N-th of these, in turn.
+    cpus: tuple[int, ...] = ()
 
 
 def residentBytes(pid: int) -> int | None:
@@ -256,6 +259,7 @@ class WorkerPool(Service):
             maxConcurrent=settings.maxConcurrent,
             idleTimeout=settings.idleTimeout,
             reactor=settings.reactor,
+            cpu=cpuForWorker(number, settings.cpus),
         )
         return spec, childFDs
 

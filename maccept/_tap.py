@@ -82,6 +82,7 @@ def makeService(options: CommandLineOptions) -> IService:
         maxConcurrent=options["max-concurrent"],
         idleTimeout=options["idle-timeout"],
         reactor=options["worker-reactor"],
+        cpus=options["cpu-affinity"] or (),
     )
 
     def onFatal(message: str) -> None:

@@ -85,6 +85,8 @@ class WorkerSpec:
     reactor: str = "fast"
     #: C{--protocol-option} values, for a protocol plugin.
     protocolOptions: tuple[str, ...] = ()
+    #: The CPU to run on (C{--cpu-affinity}; None: wherever the parent may).
+    cpu: int | None = None
 
     def toArgument(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

@@ -26,6 +26,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from maccept._accepting import AcceptGovernor
+from maccept._affinity import pinTo
 from maccept._board import LoadBoard
 from maccept._connections import ConnectionTracker, trackConnections
 from maccept._listening import adopt, release
@@ -395,6 +396,17 @@ def main(argv: list[str]) -> int:
     forwarder = ForwardingObserver()
     globalLogBeginner.beginLoggingTo([forwarder], redirectStandardIO=False)
     worker = Worker(reactor, spec)
+    if spec.cpu is not None:
+        try:
+            pinTo(spec.cpu)
+        except OSError as e:  # the CPU was taken away since the parent checked
+            worker.log.warn(
+                "--cpu-affinity: worker {number} cannot run on CPU {cpu}: {reason}; "
+                "it runs where the parent may",
+                number=spec.number,
+                cpu=spec.cpu,
+                reason=e.strerror,
+            )
     reactor.adoptStreamConnection(
         CONTROL_FD,
         socket.AF_UNIX,

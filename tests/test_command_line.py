@@ -51,6 +51,11 @@ class BadInputTests(SynchronousTestCase):
     def test_listenUnknownType(self) -> None:
         self.check(["--listen", "bogus:1"], "--listen bogus:1", "unknown endpoint type")
 
+    def test_cpuAffinityUnavailable(self) -> None:
+        self.check(
+            ["--cpu-affinity", "100000"], "--cpu-affinity", "CPU 100000 is not one this process"
+        )
+
     def test_unknownOption(self) -> None:
         self.check(["--no-such-option"], "--no-such-option", "not recognized")
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
+from maccept._affinity import availableCPUs
 from maccept._options import DEFAULT_LISTEN, CommandLineOptions, Options
 
 
@@ -90,6 +91,19 @@ class BadValueTests(SynchronousTestCase):
         self.assertTrue(message.startswith(option), message)
         self.assertNotIn("\n", message)
         return message
+
+    def test_cpuAffinity(self) -> None:
+        """
+        A CPU list that does not parse, or names a CPU this process may not
+        run on, is refused; C{auto} and a good list are kept as CPUs.
+        """
+        self.assertIn("'x'", self.assertRejected("--cpu-affinity", "--cpu-affinity", "x"))
+        message = self.assertRejected("--cpu-affinity", "--cpu-affinity", "100000")
+        self.assertIn("CPU 100000 is not one this process may run on", message)
+        self.assertEqual(parsed("--cpu-affinity", "auto")["cpu-affinity"], availableCPUs())
+        first = availableCPUs()[0]
+        self.assertEqual(parsed("--cpu-affinity", str(first))["cpu-affinity"], (first,))
+        self.assertIsNone(parsed()["cpu-affinity"])
 
     def test_workers(self) -> None:
         """

@@ -184,6 +184,16 @@ class SpawnTests(PoolTestCase):
             self.assertTrue(100 <= limit <= 110, limits)
         self.assertGreater(len(set(limits)), 1)
 
+    def test_cpuPerWorker(self) -> None:
+        """
+        With C{cpus}, worker N is told the N-th, in turn; without, none.
+        """
+        self.startPool(3, cpus=(6, 7))
+        self.assertEqual([self.specOf(p).cpu for p in self.reactor.processes], [6, 7, 6])
+        self.reactor.processes.clear()
+        self.startPool(1)
+        self.assertEqual([self.specOf(p).cpu for p in self.reactor.processes], [None])
+
     def test_childFDs(self) -> None:
         """
         A worker of an unbalanced pool gets stdio, its control socket at

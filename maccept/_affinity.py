@@ -1,0 +1,88 @@
+# -*- test-case-name: tests.test_affinity -*-
+"""
+C{--cpu-affinity}: one CPU per worker, as nginx's C{worker_cpu_affinity}.
+
+Left to the scheduler, a worker that sleeps in C{epoll_wait} may wake on
+another CPU than the one whose caches hold its connections, and two busy
+workers may share a CPU for a while.  Pinned, worker N always runs on the
+N-th CPU of the list, in turn: the pool's workers spread over the CPUs
+whatever the scheduler would have done.  A replacement keeps its slot's
+CPU, so a reload or a recycle does not move the load.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+
+def availableCPUs() -> tuple[int, ...]:
+    """
+    The CPUs this process may run on (its affinity, as C{taskset} or a
+    cgroup left it), in order.
+    """
+    try:
+        return tuple(sorted(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return tuple(range(os.cpu_count() or 1))
+
+
+def parseCPUs(value: str, available: Iterable[int]) -> tuple[int, ...]:
+    """
+    C{auto} or a CPU list such as C{0-3,8} (as C{taskset -c} takes), in the
+    order given; every CPU must be one this process may run on.
+
+    @raise ValueError: with the line to show the user.
+    """
+    allowed = sorted(set(available))
+    if value == "auto":
+        return tuple(allowed)
+    cpus: list[int] = []
+    for part in value.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            low = int(first)
+            high = int(last) if dash else low
+        except ValueError:
+            raise ValueError(
+                f"expected 'auto' or a CPU list such as 0-3,8, got {value!r}"
+            ) from None
+        if low < 0 or high < low:
+            raise ValueError(f"{part.strip()!r} is not a CPU range")
+        cpus.extend(cpu for cpu in range(low, high + 1) if cpu not in cpus)
+    missing = [cpu for cpu in cpus if cpu not in allowed]
+    if missing:
+        raise ValueError(
+            f"CPU {missing[0]} is not one this process may run on "
+            f"(those are {describeCPUs(allowed)})"
+        )
+    return tuple(cpus)
+
+
+def describeCPUs(cpus: Sequence[int]) -> str:
+    """
+    C{[0, 1, 2, 5]} as C{0-2,5}.
+    """
+    ranges: list[str] = []
+    for cpu in sorted(cpus):
+        if ranges and cpu == int(ranges[-1].rpartition("-")[2]) + 1:
+            ranges[-1] = f"{ranges[-1].partition('-')[0]}-{cpu}"
+        else:
+            ranges.append(str(cpu))
+    return ",".join(ranges)
+
+
+def cpuForWorker(number: int, cpus: Sequence[int]) -> int | None:
+    """
+    The CPU worker C{number} (counting from 1) runs on: the list in turn.
+    """
+    if not cpus:
+        return None
+    return cpus[(number - 1) % len(cpus)]
+
+
+def pinTo(cpu: int) -> None:
+    """
+    Run the calling process on C{cpu} only.
+    """
+    os.sched_setaffinity(0, {cpu})
