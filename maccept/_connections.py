@@ -139,6 +139,38 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
                 self.protocol.dataReceived(data)
                 return None
 
+            def write(self, data: bytes) -> None:
+                # Write-through: with nothing queued, send now rather than
+                # queue and wait a reactor turn for writability (two
+                # epoll_ctl calls and a loop iteration per response).  What
+                # the kernel does not take, and every write behind it, is
+                # queued as usual, so order and producer pausing are
+                # unchanged; an error is left for the queued write to
+                # report, as Twisted would.  (TCP only: on a UNIX socket a
+                # descriptor passed after a write must travel with that
+                # write's bytes, so its writes stay queued.)
+                if (
+                    type(data) is bytes
+                    and data
+                    and not self.dataBuffer
+                    and not self._tempDataLen
+                    and self.connected
+                    and not self.disconnecting
+                    and not self._writeDisconnected
+                    and not self._aborting
+                    and not self.TLS
+                    # A pull producer is asked for more only from doWrite.
+                    and (self.producer is None or self.streamingProducer)
+                ):
+                    written = _sendTCP(self, data)
+                    if written:
+                        tracker.bytesSent += written
+                        self.lastActive = monotonic()
+                        if written == len(data):
+                            return
+                        data = data[written:]
+                super().write(data)
+
         else:
             # UNIX: its doRead (recvmsg, for passed descriptors) stays.
             def _dataReceived(self, data: bytes | None) -> Any:
@@ -147,35 +179,6 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
                     self.lastActive = monotonic()
                 return super()._dataReceived(data)
 
-        def write(self, data: bytes) -> None:
-            # Write-through: with nothing queued, send now rather than queue
-            # and wait a reactor turn for writability (two epoll_ctl calls
-            # and a loop iteration per response).  What the kernel does not
-            # take, and every write behind it, is queued as usual, so order
-            # and producer pausing are unchanged; an error is left for the
-            # queued write to report, as Twisted would.
-            if (
-                type(data) is bytes
-                and data
-                and not self.dataBuffer
-                and not self._tempDataLen
-                and self.connected
-                and not self.disconnecting
-                and not self._writeDisconnected
-                and not self._aborting
-                and not self.TLS
-                # A pull producer is asked for more only from doWrite.
-                and (self.producer is None or self.streamingProducer)
-            ):
-                written = sendNow(self, data)
-                if written:
-                    tracker.bytesSent += written
-                    self.lastActive = monotonic()
-                    if written == len(data):
-                        return
-                    data = data[written:]
-            super().write(data)
-
         def writeSomeData(self, data: bytes) -> Any:
             written = super().writeSomeData(data)
             if isinstance(written, int) and written:
@@ -183,12 +186,6 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
                 self.lastActive = monotonic()
             return written
 
-    def sendThroughTransport(transport: Any, data: bytes) -> int:
-        # A UNIX socket's own writeSomeData sends passed descriptors too.
-        written = base.writeSomeData(transport, data)
-        return written if isinstance(written, int) else 0
-
-    sendNow = _sendTCP if isTCP else sendThroughTransport
     TrackedTransport.__name__ = f"Tracked{base.__name__}"
     port.transport = TrackedTransport  # type: ignore[attr-defined]
 

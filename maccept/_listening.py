@@ -11,7 +11,6 @@ adopt the same descriptor with C{adoptStreamPort}.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from collections.abc import Callable
@@ -215,8 +214,15 @@ class ListeningSocket:
                 )
         lockFile = getattr(self.port, "lockFile", None)
         if lockFile is not None:
-            with contextlib.suppress(OSError):
+            try:
                 lockFile.unlock()
+            except OSError as e:
+                _log.warn(
+                    "--listen {description}: cannot remove the lock {path}: {reason}",
+                    description=self.description,
+                    path=os.fsdecode(lockFile.name),
+                    reason=e.strerror,
+                )
 
 
 def listen(reactor: Any, description: str) -> ListeningSocket:
@@ -349,6 +355,14 @@ class AdoptedUNIXPort(unix.Port):
     parent set, and fails with EPERM in a worker that runs as another user
     than the one that made the path (C{twistd --uid}).
     """
+
+    #: Closing the port must not shut down the socket every process shares.
+    _shouldShutdown = False
+
+    def connectionLost(self, reason: Failure) -> None:
+        # Not unix.Port's, which unlinks the parent's path: a worker whose
+        # reactor stops while it still accepts closes its own copy only.
+        tcp.Port.connectionLost(self, reason)
 
     def startListening(self) -> None:
         factory: Any = self.factory

@@ -46,11 +46,11 @@ class WorkerReactor(epollreactor.EPollReactor):
                     # what _doReadOrWrite does for it, less its checks for
                     # hang-ups, writability and a closed descriptor (which
                     # the selectable's own read reports).
+                    # (Every maccept and Twisted selectable stops reading
+                    # before it closes, so none is here with a closed fd.)
                     try:
                         why = selectable.doRead()
-                    except KeyboardInterrupt:
-                        raise
-                    except BaseException as e:
+                    except BaseException as e:  # as _doReadOrWrite: log, drop
                         why = e
                         log.err()
                     if why:

@@ -455,11 +455,11 @@ class RealPortTests(SynchronousTestCase):
 
 class UNIXPortTests(SynchronousTestCase):
     """
-    A real C{unix.Port}: its own read (C{recvmsg}) and send are kept, and
-    still counted.
+    A real C{unix.Port}: its own read (C{recvmsg}) and queued writes (which
+    carry passed descriptors) are kept, and still counted.
     """
 
-    def test_bytesCountedAndWrittenThrough(self) -> None:
+    def test_bytesCountedAndDescriptorsPassed(self) -> None:
         reactor = WorkerMemoryReactor()
         protocols: list[Protocol] = []
 
@@ -485,7 +485,18 @@ class UNIXPortTests(SynchronousTestCase):
         client.sendall(b"hello")
         select.select([transport.socket], [], [], 5)
         transport.doRead()
+        # A descriptor passed after a write travels with that write's bytes,
+        # as in Twisted: UNIX writes are queued, not written through.
+        passed, kept = socket.socketpair()
+        self.addCleanup(passed.close)
+        self.addCleanup(kept.close)
         protocols[0].transport.write(b"world!")  # type: ignore[union-attr]
-        self.assertEqual(client.recv(6), b"world!")
+        protocols[0].transport.sendFileDescriptor(passed.fileno())  # type: ignore[union-attr]
+        while transport.doWrite() is None and (transport.dataBuffer or transport._sendmsgQueue):
+            pass
+        data, fds, _, _ = socket.recv_fds(client, 6, 1)
+        self.addCleanup(os.close, fds[0])
+        while len(data) < 6:
+            data += client.recv(6 - len(data))
+        self.assertEqual((data, len(fds)), (b"world!", 1))
         self.assertEqual((tracker.bytesReceived, tracker.bytesSent), (5, 6))
-        self.assertFalse(transport.dataBuffer or transport._tempDataLen)

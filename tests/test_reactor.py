@@ -16,7 +16,12 @@ from maccept._reactor import WorkerReactor
 
 
 class Reader(FileDescriptor):
-    def __init__(self, sock: socket.socket, reactor: WorkerReactor, fail: bool = False) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        reactor: WorkerReactor,
+        fail: type[BaseException] | None = None,
+    ) -> None:
         super().__init__(reactor)
         self.sock = sock
         self.fail = fail
@@ -31,8 +36,8 @@ class Reader(FileDescriptor):
         if not data:
             return CONNECTION_DONE
         self.reads.append(data)
-        if self.fail:
-            raise RuntimeError("handler broke")
+        if self.fail is not None:
+            raise self.fail("handler broke")
         return None
 
     def connectionLost(self, reason: object) -> None:
@@ -45,7 +50,7 @@ class WorkerReactorTests(SynchronousTestCase):
         self.reactor = WorkerReactor()
         self.addCleanup(self.reactor._poller.close)
 
-    def pair(self, fail: bool = False) -> tuple[socket.socket, Reader]:
+    def pair(self, fail: type[BaseException] | None = None) -> tuple[socket.socket, Reader]:
         ours, theirs = socket.socketpair()
         self.addCleanup(ours.close)
         self.addCleanup(theirs.close)
@@ -68,7 +73,7 @@ class WorkerReactorTests(SynchronousTestCase):
         A handler that raises is logged; the other ready descriptors are
         still served in the same poll.
         """
-        brokenPeer, broken = self.pair(fail=True)
+        brokenPeer, broken = self.pair(fail=RuntimeError)
         finePeer, fine = self.pair()
         brokenPeer.sendall(b"a")
         finePeer.sendall(b"b")
@@ -81,12 +86,26 @@ class WorkerReactorTests(SynchronousTestCase):
         As with Twisted's own reactors, a descriptor whose handler raised is
         disconnected with that error, and no longer read.
         """
-        peer, reader = self.pair(fail=True)
+        peer, reader = self.pair(fail=RuntimeError)
         peer.sendall(b"a")
         self.reactor.doPoll(1)
         self.flushLoggedErrors(RuntimeError)
         [reason] = reader.lost
         self.assertTrue(reason.check(RuntimeError))  # type: ignore[attr-defined]
+        self.assertNotIn(reader, self.reactor.getReaders())
+
+    def test_keyboardInterruptFromHandlerDisconnects(self) -> None:
+        """
+        Even a handler raising C{KeyboardInterrupt} is logged and its
+        descriptor dropped, as Twisted's own dispatch does; it does not
+        escape the poll.
+        """
+        peer, reader = self.pair(fail=KeyboardInterrupt)
+        peer.sendall(b"a")
+        self.reactor.doPoll(1)
+        self.assertEqual(len(self.flushLoggedErrors(KeyboardInterrupt)), 1)
+        [reason] = reader.lost
+        self.assertTrue(reason.check(KeyboardInterrupt))  # type: ignore[attr-defined]
         self.assertNotIn(reader, self.reactor.getReaders())
 
     def test_readReturningReasonDisconnects(self) -> None:
