@@ -12,11 +12,11 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from maccept._listening import ListeningSocket
 from maccept._pool import WorkerPool
+from maccept._serviceports import ServicePort
 from maccept._signals import installHandlers
 from maccept._titles import setTitle
 from maccept._upgrade import Upgrade
@@ -38,7 +38,7 @@ class MacceptService(Service):
         self.pool = pool
         self.stopRequested = False
         #: The parent's own ports (metrics, control), closed after the pool.
-        self.servicePorts: list[IListeningPort] = []
+        self.servicePorts: list[ServicePort] = []
         #: Upgrading maccept itself on SIGUSR2 (see L{maccept._upgrade}).
         self.upgrade: Upgrade | None = None
 
@@ -81,14 +81,16 @@ class MacceptService(Service):
         """
         super().stopService()
         stopped = self.pool.stopService()
-        # Stopped by a new parent that took the sockets over: its paths now.
+        # Stopped by a new parent that took the sockets over: its paths now,
+        # and its metrics and control from now on.
         handedOver = self.upgrade is not None and self.upgrade.newParent is not None
         for listener in self.listeners:
             listener.close(keepPath=handedOver)
-        stopped.addCallback(lambda _: self._closeServicePorts())
+        if handedOver:
+            self._closeServicePorts(handedOver=True)
+        else:
+            stopped.addCallback(lambda _: self._closeServicePorts())
         return stopped
 
-    def _closeServicePorts(self) -> defer.Deferred[Any]:
-        return defer.gatherResults(
-            [defer.maybeDeferred(port.stopListening) for port in self.servicePorts]
-        )
+    def _closeServicePorts(self, handedOver: bool = False) -> defer.Deferred[Any]:
+        return defer.gatherResults([port.close(handedOver) for port in self.servicePorts])

@@ -13,18 +13,15 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-from typing import Any
 
 from twisted.application.service import IService
-from twisted.internet.address import UNIXAddress
-from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
-from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from maccept._listening import ListenError, ListeningSocket, adoptListener, listen, listenNow
+from maccept._listening import ListenError, ListeningSocket, adoptListener, listen
 from maccept._options import CommandLineOptions, fail
 from maccept._parent import MacceptService
 from maccept._pool import PoolSettings, WorkerPool
+from maccept._serviceports import openServicePorts
 from maccept._states import PoolState
 from maccept._systemd import SystemdNotifier
 from maccept._upgrade import UPGRADE_FROM, Upgrade, inheritedListeners, takeOver
@@ -66,8 +63,6 @@ def makeService(options: CommandLineOptions) -> IService:
             for listener in listeners:
                 listener.close()
             fail(f"--listen {description}: {e}")
-    for fd in inherited.values():
-        os.close(fd)  # the old parent listened on more than we were asked to
 
     settings = PoolSettings(
         size=options["workers"],
@@ -102,54 +97,18 @@ def makeService(options: CommandLineOptions) -> IService:
             del os.environ[UPGRADE_FROM]
 
     pool.stateObservers.append(tookOver)
-    service.servicePorts = listenServicePorts(reactor, options, service)
+    try:
+        service.servicePorts = openServicePorts(
+            reactor, options, pool, service.requestStop, inherited
+        )
+    except ListenError as e:
+        for listener in listeners:
+            listener.close()
+        fail(str(e))
+    service.upgrade.servicePorts = service.servicePorts
+    for fd in inherited.values():
+        os.close(fd)  # the old parent listened on more than we were asked to
     notifier = SystemdNotifier.fromEnvironment(reactor)
     if notifier is not None:
         notifier.follow(pool)
     return service
-
-
-def listenServicePorts(
-    reactor: Any, options: CommandLineOptions, service: MacceptService
-) -> list[IListeningPort]:
-    """
-    The parent's own ports: metrics and health over HTTP, and the control
-    socket.  Failing to listen on one fails start-up with one line.
-    """
-    wanted: list[tuple[str, Any, Any]] = []
-    if options["metrics"] is not None:
-        from maccept._http import metricsSite
-
-        endpoint = serverFromString(reactor, options["metrics"])
-        wanted.append((f"--metrics {options['metrics']}", endpoint, metricsSite(service.pool)))
-    if options["control"] is not None:
-        from maccept._control import controlFactory
-
-        path = options["control"]
-        endpoint = UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=True)
-        wanted.append(
-            (f"--control {path}", endpoint, controlFactory(service.pool, service.requestStop))
-        )
-    ports: list[IListeningPort] = []
-    for option, endpoint, factory in wanted:
-        try:
-            port = listenNow(endpoint, factory)
-        except ListenError as e:
-            for listener in service.listeners:
-                listener.close()
-            for port in ports:
-                port.stopListening()
-            fail(f"{option}: {e}")
-        ports.append(port)
-        _log.info("{option}: listening on {address}", option=option, address=describe(port))
-    return ports
-
-
-def describe(port: IListeningPort) -> str:
-    """
-    Where a service port listens, as an operator would type it.
-    """
-    address = port.getHost()
-    if isinstance(address, UNIXAddress):
-        return str(address.name.decode() if isinstance(address.name, bytes) else address.name)
-    return f"http://{address.host}:{address.port}/"  # type: ignore[attr-defined]

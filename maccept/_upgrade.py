@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from maccept._listening import ListeningSocket
+from maccept._serviceports import ServicePort
 
 #: What the old parent tells the new one: the inherited sockets...
 INHERIT = "MACCEPT_INHERIT"
@@ -34,13 +35,25 @@ UPGRADE_FROM = "MACCEPT_UPGRADE_FROM"
 _TWISTD = "from twisted.scripts.twistd import run; run()"
 
 
-def commandLine(argv: Sequence[str] = sys.argv) -> list[str]:
+def commandLine(
+    argv: Sequence[str] = sys.argv, twistdConfig: Mapping[str, Any] | None = None
+) -> list[str]:
     """
     The command that starts this same twistd again.
+
+    A daemon's new parent runs with C{--nodaemon} (and the log file twistd
+    would have chosen), as nginx's new master does not daemonise again: it
+    stays this parent's child, so that its exit tells a failed upgrade
+    rather than the end of daemonising.
     """
+    extra: list[str] = []
+    if twistdConfig is not None and not twistdConfig.get("nodaemon"):
+        extra.append("--nodaemon")
+        if not twistdConfig.get("logfile"):
+            extra.append("--logfile=twistd.log")
     if argv[0] == "-c":
-        return [sys.executable, "-c", _TWISTD, *argv[1:]]
-    return [sys.executable, *argv]
+        return [sys.executable, "-c", _TWISTD, *extra, *argv[1:]]
+    return [sys.executable, argv[0], *extra, *argv[1:]]
 
 
 class _NewParent(ProcessProtocol):
@@ -73,7 +86,8 @@ class Upgrade:
         self.twistdConfig = twistdConfig
         self.isServing = isServing
         self.newParent: Any = None
-        self.finished = False
+        #: The parent's own ports (L{maccept._serviceports}), handed over too.
+        self.servicePorts: Sequence[ServicePort] = ()
 
     def start(self) -> None:
         if self.newParent is not None:
@@ -84,15 +98,17 @@ class Upgrade:
             return
         inherited: list[dict[str, Any]] = []
         childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
-        for listener in self.listeners:
-            fd = os.dup(listener.fileno())
-            inherited.append({"fd": fd, "description": listener.description})
+        handOver = [(each.description, each.fileno()) for each in self.listeners]
+        handOver += [(each.label, each.fileno()) for each in self.servicePorts]
+        for description, fileno in handOver:
+            fd = os.dup(fileno)
+            inherited.append({"fd": fd, "description": description})
             childFDs[fd] = fd
         env = dict(os.environ)
         env[INHERIT] = json.dumps(inherited)
         env[UPGRADE_FROM] = str(os.getpid())
         self._movePidfile(".oldbin")
-        command = commandLine()
+        command = commandLine(sys.argv, self.twistdConfig)
         try:
             self.newParent = self.reactor.spawnProcess(
                 _NewParent(self), command[0], command, env=env, path=os.getcwd(), childFDs=childFDs
@@ -113,7 +129,7 @@ class Upgrade:
         """
         A new parent that exits while we still serve failed to take over.
         """
-        if self.isServing() and not self.finished:
+        if self.isServing():
             self.log.error(
                 "upgrade failed, keeping this parent: the new one exited ({why})",
                 why=reason.getErrorMessage(),
@@ -144,7 +160,8 @@ class Upgrade:
 def inheritedListeners(environ: MutableMapping[str, str] = os.environ) -> dict[str, int]:
     """
     In a new parent: the sockets the old parent handed over, by description
-    (and forget them, so that this parent's own children do not inherit
+    (a listener's, or a service port's label such as C{--metrics DESC}; and
+    forget them, so that this parent's own children do not inherit
     the claim).
     """
     raw = environ.pop(INHERIT, None)

@@ -7,18 +7,25 @@ fails leaves the old one serving.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
 import signal
+import socket
+import subprocess
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from maccept.testing import childrenOf
 from tests.load import Churn, Stream
-from tests.server import MacceptServer, alive, echoRoundTrip, waitFor
+from tests.server import HERE, READY, TWISTD, MacceptServer, alive, echoRoundTrip, waitFor
+from tests.test_observability import MACCEPT_CTL
 
 NEW_PARENT = re.compile(r"started a new parent \(pid (\d+)\)")
 
@@ -115,3 +122,107 @@ class UpgradeTests(SynchronousTestCase):
         self.assertEqual(len(server.workers()), 2)
         with server.connect() as client:
             self.assertEqual(echoRoundTrip(client, b"still old"), b"still old")
+
+    def test_metricsAndControlFollow(self) -> None:
+        """
+        A fixed C{--metrics} port and the C{--control} socket are handed
+        over too: once the old parent has exited, the new one answers on
+        both, with its own workers, and removes the control socket's path
+        when it stops.
+        """
+        port = freePort()
+        controlDirectory = tempfile.mkdtemp(prefix="maccept-upgrade-ctl-")
+        self.addCleanup(shutil.rmtree, controlDirectory, True)
+        controlPath = os.path.join(controlDirectory, "ctl.sock")
+        server = self.start(
+            "--metrics", f"tcp:{port}:interface=127.0.0.1", "--control", controlPath
+        )
+        os.kill(server.pid, signal.SIGUSR2)
+        new = self.newParent(server)
+        self.assertEqual(server.process.wait(30), 0)
+        self.assertNotIn("cannot listen", server.log())
+        newWorkers = set(childrenOf(new))
+        status = subprocess.run(
+            [MACCEPT_CTL, controlPath, "status", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        pids = {worker["pid"] for worker in json.loads(status.stdout)["workers"]}
+        self.assertEqual(pids, newWorkers)
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            self.assertIn(b"maccept_workers", response.read())
+        self.stopNewParent(new)
+        self.assertFalse(os.path.exists(controlPath))
+
+
+class DaemonUpgradeTests(SynchronousTestCase):
+    def test_daemonUpgrade(self) -> None:
+        """
+        Under twistd without C{-n} (a daemon), the new parent takes over as
+        it does in the foreground: the pidfile names it, the UNIX socket's
+        path stays, both listeners serve; stopped, it removes both.
+        """
+        directory = Path(tempfile.mkdtemp(prefix="maccept-daemon-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        pidfile, logfile = directory / "maccept.pid", directory / "maccept.log"
+        socketPath = directory / "echo.sock"
+        started = subprocess.run(
+            [
+                TWISTD,
+                f"--pidfile={pidfile}",
+                f"--logfile={logfile}",
+                "maccept",
+                *("--workers", "1", "--listen", "tcp:0:interface=127.0.0.1"),
+                *("--listen", f"unix:{socketPath}"),
+            ],
+            cwd=directory,
+            env={**os.environ, "PYTHONPATH": str(HERE.parent)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        self.assertEqual(started.returncode, 0, started.stderr)
+        old = int(waitFor(lambda: pidfile.exists() and pidfile.read_text().strip()))  # type: ignore[arg-type]
+        self.addCleanup(killGroup, old)
+        log = lambda: logfile.read_text(errors="replace")  # noqa: E731
+        ready = waitFor(lambda: READY.search(log()), what="the daemon's workers")
+        tcpPort = int(ready.group(2).split()[0].rsplit(":", 1)[1])  # type: ignore[union-attr]
+
+        os.kill(old, signal.SIGUSR2)
+        waitFor(lambda: f"old parent (pid {old}) drains" in log(), what="the takeover")
+        waitFor(lambda: not alive(old), what="the old parent to exit")
+        new = int(pidfile.read_text().strip())
+        self.addCleanup(killGroup, new)
+        self.assertNotEqual(new, old)
+        self.assertTrue(alive(new))
+        self.assertNotIn("upgrade failed", log())
+        with socket.create_connection(("127.0.0.1", tcpPort), timeout=10) as client:
+            self.assertEqual(echoRoundTrip(client, b"tcp"), b"tcp")
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(10)
+            client.connect(str(socketPath))
+            self.assertEqual(echoRoundTrip(client, b"unix"), b"unix")
+
+        os.kill(new, signal.SIGTERM)
+        waitFor(lambda: not alive(new), what="the new parent to stop")
+        self.assertFalse(pidfile.exists())
+        self.assertFalse(socketPath.exists())
+
+
+def freePort() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def killGroup(pid: int) -> None:
+    """
+    Kill what is left of a daemon's process group (the daemon led it).
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)

@@ -35,6 +35,24 @@ class CommandLineTests(SynchronousTestCase):
         self.assertIn("twistd import run", command[2])
         self.assertEqual(command[3:], ["-n", "maccept"])
 
+    def test_daemonRunsInForeground(self) -> None:
+        """
+        A daemon's new parent runs with C{--nodaemon}, logging where the
+        daemon would have (its C{--logfile}, else twistd's default file).
+        """
+        argv = ["/venv/bin/twistd", "--pidfile=p", "maccept"]
+        daemon = {"nodaemon": False, "logfile": None}
+        self.assertEqual(
+            commandLine(argv, daemon),
+            [sys.executable, argv[0], "--nodaemon", "--logfile=twistd.log", *argv[1:]],
+        )
+        logged = {"nodaemon": False, "logfile": "/var/log/m.log"}
+        self.assertEqual(
+            commandLine(argv, logged), [sys.executable, argv[0], "--nodaemon", *argv[1:]]
+        )
+        foreground = {"nodaemon": True, "logfile": None}
+        self.assertEqual(commandLine(argv, foreground), [sys.executable, *argv])
+
 
 class PidfileTests(SynchronousTestCase):
     def test_renamedAndBack(self) -> None:

@@ -1,0 +1,180 @@
+# -*- test-case-name: tests.test_upgrade -*-
+"""
+The parent's own ports: C{--metrics} (HTTP) and C{--control} (AMP on a
+UNIX socket).
+
+They follow the listeners through an upgrade (SIGUSR2): the old parent
+hands the sockets to the new one, which adopts them instead of binding
+again (the old parent still holds the port, and the control socket's
+lock).  The old parent then closes its own copies at once, without
+C{shutdown(2)}, which would close them for the new parent too, and
+without removing the control socket's path, which is the new parent's now.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.address import UNIXAddress
+from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from maccept._listening import AdoptedUNIXPort, ListenError, listenNow, release
+
+_log = Logger(namespace="maccept")
+
+
+@dataclass
+class ServicePort:
+    """
+    One of the parent's own ports.
+
+    @ivar label: the option as given (C{--metrics DESC}, C{--control PATH}),
+        which also names the socket in an upgrade's hand-over.
+    @ivar path: the control socket's path, which the parent removes when it
+        stops (unless it handed the socket over).
+    @ivar adopted: whether this parent took the socket over from an old one.
+    """
+
+    label: str
+    port: IListeningPort
+    path: str | None = None
+    adopted: bool = False
+
+    def fileno(self) -> int:
+        fileno: int = self.port.fileno()  # type: ignore[attr-defined]
+        return fileno
+
+    def close(self, handedOver: bool = False) -> defer.Deferred[Any]:
+        """
+        Stop serving: for good (the path goes), or, C{handedOver}, only this
+        parent's copy.
+        """
+        if not handedOver and not self.adopted:
+            return defer.maybeDeferred(self.port.stopListening)
+        release(self.port)
+        lockFile = getattr(self.port, "lockFile", None)
+        if lockFile is not None:
+            lockFile.unlock()
+        if self.path and not handedOver:
+            try:
+                os.unlink(self.path)
+            except OSError as e:
+                _log.warn(
+                    "{label}: cannot remove {path}: {reason}",
+                    label=self.label,
+                    path=self.path,
+                    reason=e.strerror,
+                )
+        return defer.succeed(None)
+
+
+def wantedPorts(
+    options: Mapping[str, Any], pool: Any, requestStop: Any
+) -> list[tuple[str, Any, Any, str | None]]:
+    """
+    What the options ask for: C{(label, endpoint maker, factory, path)}.
+    """
+    wanted: list[tuple[str, Any, Any, str | None]] = []
+    if options["metrics"] is not None:
+        from maccept._http import metricsSite
+
+        description = options["metrics"]
+        wanted.append(
+            (
+                f"--metrics {description}",
+                lambda reactor: serverFromString(reactor, description),
+                metricsSite(pool),
+                None,
+            )
+        )
+    if options["control"] is not None:
+        from maccept._control import controlFactory
+
+        path = options["control"]
+        wanted.append(
+            (
+                f"--control {path}",
+                lambda reactor: UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=True),
+                controlFactory(pool, requestStop),
+                path,
+            )
+        )
+    return wanted
+
+
+def openServicePorts(
+    reactor: Any,
+    options: Mapping[str, Any],
+    pool: Any,
+    requestStop: Any,
+    inherited: dict[str, int],
+) -> list[ServicePort]:
+    """
+    Listen on the parent's own ports, or adopt those an old parent handed
+    over (taken out of C{inherited}).
+
+    @raise ListenError: naming the option that cannot listen (the ports
+        opened so far are closed again).
+    """
+    ports: list[ServicePort] = []
+    for label, makeEndpoint, factory, path in wantedPorts(options, pool, requestStop):
+        try:
+            if label in inherited:
+                servicePort = ServicePort(
+                    label, adoptServicePort(reactor, inherited.pop(label), factory), path, True
+                )
+            else:
+                servicePort = ServicePort(label, listenNow(makeEndpoint(reactor), factory), path)
+        except ListenError as e:
+            for opened in ports:
+                opened.close()
+            raise ListenError(f"{label}: {e}") from None
+        ports.append(servicePort)
+        _log.info(
+            "{option}: listening on {address}", option=label, address=describe(servicePort.port)
+        )
+    return ports
+
+
+def adoptServicePort(reactor: Any, fd: int, factory: Any) -> IListeningPort:
+    """
+    Serve the socket an old parent handed over at C{fd}, then close C{fd}
+    (the port holds its own copy).
+    """
+    try:
+        family = _family(fd)
+        if family == socket.AF_UNIX:
+            port: IListeningPort = AdoptedUNIXPort._fromListeningDescriptor(reactor, fd, factory)
+            port.startListening()
+        else:
+            port = reactor.adoptStreamPort(fd, family, factory)
+    except OSError as e:
+        raise ListenError(f"cannot adopt the inherited socket: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    return port
+
+
+def _family(fd: int) -> int:
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        return probe.family
+    finally:
+        probe.close()
+
+
+def describe(port: IListeningPort) -> str:
+    """
+    Where a service port listens, as an operator would type it.
+    """
+    address = port.getHost()
+    if isinstance(address, UNIXAddress):
+        return str(address.name.decode() if isinstance(address.name, bytes) else address.name)
+    return f"http://{address.host}:{address.port}/"  # type: ignore[attr-defined]
