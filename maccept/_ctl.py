@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from twisted.internet import defer, task
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.protocols import amp
 
 from maccept._control import ControlError, Reload, Scale, Status, Stop
@@ -35,6 +35,12 @@ def parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 done, 1 the pool refused the request, 2 no pool at PATH.",
     )
     p.add_argument("path", help="the control socket (twistd maccept --control PATH)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for the pool's answer (default 10)",
+    )
     commands = p.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_OneLineParser
     )
@@ -70,22 +76,42 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
         control = await connectProtocol(endpoint, amp.AMP())
     except ConnectError as e:
         return _unreachable(options.path, e)
+
+    def call(command: type[amp.Command], **arguments: Any) -> defer.Deferred[Any]:
+        # A parent whose reactor is blocked accepts (the kernel does) but
+        # never answers: give up rather than hang.
+        answer: defer.Deferred[Any] = control.callRemote(command, **arguments)
+        return answer.addTimeout(options.timeout, reactor)
+
     try:
         if options.command == "status":
-            status = await control.callRemote(Status)
+            status = await call(Status)
             print(json.dumps(status, indent=2) if options.json else formatStatus(status))
         elif options.command == "scale":
-            result = await control.callRemote(Scale, workers=options.workers)
+            result = await call(Scale, workers=options.workers)
             print(f"scaling to {result['size']} workers")
         elif options.command == "reload":
-            await control.callRemote(Reload)
+            await call(Reload)
             print("reloading")
         elif options.command == "stop":
-            await control.callRemote(Stop)
+            await call(Stop)
             print("stopping")
     except ControlError as e:
         print(f"maccept-ctl: {options.command}: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    except defer.TimeoutError:
+        print(
+            f"maccept-ctl: {options.path}: no answer within {options.timeout:g} s "
+            "(is the parent blocked?)",
+            file=sys.stderr,
+        )
+        return EXIT_UNREACHABLE
+    except ConnectionClosed as e:
+        print(
+            f"maccept-ctl: {options.path}: the connection closed before the answer ({e})",
+            file=sys.stderr,
+        )
+        return EXIT_UNREACHABLE
     finally:
         control.transport.loseConnection()
     return 0

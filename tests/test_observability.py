@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -232,6 +233,49 @@ class ObservabilityTests(SynchronousTestCase):
         self.assertEqual(done.returncode, 2)
         [line] = done.stderr.strip().splitlines()
         self.assertIn(self.controlPath, line)
+
+    def fakeControlSocket(self) -> socket.socket:
+        """
+        A control socket that takes connections but is not a pool.
+        """
+        directory = tempfile.mkdtemp(prefix="maccept-ctl-fake-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.controlPath = os.path.join(directory, "ctl.sock")
+        listening = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listening.close)
+        listening.bind(self.controlPath)
+        listening.listen(4)
+        return listening
+
+    def test_ctlNoAnswer(self) -> None:
+        """
+        A parent that never answers (its reactor blocked: the kernel still
+        takes the connection) makes maccept-ctl give up after --timeout:
+        exit 2, one line.
+        """
+        self.fakeControlSocket()
+        done = self.ctl("--timeout", "0.5", "status")
+        self.assertEqual(done.returncode, 2, done.stderr)
+        [line] = done.stderr.strip().splitlines()
+        self.assertIn("no answer within 0.5 s", line)
+
+    def test_ctlConnectionClosed(self) -> None:
+        """
+        A connection closed before the answer: exit 2, one line.
+        """
+        listening = self.fakeControlSocket()
+
+        def closeFirst() -> None:
+            connection, _ = listening.accept()
+            connection.close()
+
+        closer = threading.Thread(target=closeFirst)
+        closer.start()
+        done = self.ctl("status")
+        closer.join()
+        self.assertEqual(done.returncode, 2, done.stderr)
+        [line] = done.stderr.strip().splitlines()
+        self.assertIn("the connection closed before the answer", line)
 
     def test_controlGarbage(self) -> None:
         """
