@@ -23,6 +23,9 @@ _HEADER = struct.Struct("=I")
 _SLOT = struct.Struct("=iIq")
 
 MAX_SLOTS = 1024
+#: The most workers a pool runs: a reload runs two generations at once, and
+#: a worker draining for its graceful timeout still holds its slot.
+MAX_WORKERS = MAX_SLOTS // 2
 SIZE = _HEADER.size + _SLOT.size * MAX_SLOTS
 
 

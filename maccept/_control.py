@@ -12,6 +12,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from maccept._board import MAX_WORKERS
 from maccept._pool import WorkerPool, residentBytes
 from maccept._states import PoolState
 
@@ -115,6 +116,8 @@ class ControlProtocol(amp.AMP):
     def scale(self, workers: int) -> dict[str, Any]:
         if workers < 1:
             raise ControlError(f"the pool keeps at least one worker (asked for {workers})")
+        if workers > MAX_WORKERS:
+            raise ControlError(f"the pool runs at most {MAX_WORKERS} workers (asked for {workers})")
         if self.pool.state is not PoolState.RUNNING:
             raise ControlError(f"cannot scale while the pool is {self.pool.state.value}")
         self.pool.scaleTo(workers)

@@ -15,6 +15,7 @@ import sys
 from twisted.python import usage
 
 from maccept._affinity import availableCPUs, parseCPUs
+from maccept._board import MAX_WORKERS
 from maccept._listening import ListenError, checkDescription
 from maccept._protocols import ProtocolSpecError, resolveProtocol
 from maccept._reactor import WORKER_REACTORS
@@ -56,7 +57,7 @@ def parseWorkers(value: str) -> int:
     """
     if value == "auto":
         # The CPUs this process may run on.
-        return len(availableCPUs())
+        return min(len(availableCPUs()), MAX_WORKERS)
     try:
         count = int(value)
     except ValueError:
@@ -65,6 +66,8 @@ def parseWorkers(value: str) -> int:
         ) from None
     if count < 1:
         raise usage.UsageError(f"--workers: must be at least 1, got {count}")
+    if count > MAX_WORKERS:
+        raise usage.UsageError(f"--workers: at most {MAX_WORKERS}, got {count}")
     return count
 
 

@@ -216,13 +216,17 @@ class ObservabilityTests(SynchronousTestCase):
 
     def test_ctlRefusedScale(self) -> None:
         """
-        A request the pool refuses exits 1 with the reason on one line.
+        A request the pool refuses (fewer than one worker, more than it may
+        run) exits 1 with the reason on one line, and changes nothing.
         """
         self.start("--workers", "1", control=True)
-        done = self.ctl("scale", "0")
-        self.assertEqual(done.returncode, 1)
-        self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
-        self.assertNotIn("Traceback", done.stderr)
+        for workers, reason in [("0", "at least one"), ("100000", "at most 512")]:
+            done = self.ctl("scale", workers)
+            self.assertEqual(done.returncode, 1)
+            [line] = done.stderr.strip().splitlines()
+            self.assertIn(reason, line)
+            self.assertNotIn("Traceback", done.stderr)
+        self.assertEqual(self.statusJSON()["size"], 1)
 
     def test_ctlMissingSocket(self) -> None:
         """

@@ -15,6 +15,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._affinity import availableCPUs
+from maccept._board import MAX_WORKERS
 from maccept._options import DEFAULT_LISTEN, CommandLineOptions, Options
 
 
@@ -218,12 +219,21 @@ class CommandLineTests(SynchronousTestCase):
 
 
 class WorkersPropertyTests(SynchronousTestCase):
-    @given(st.integers(min_value=1, max_value=10**30))
+    @given(st.integers(min_value=1, max_value=MAX_WORKERS))
     def test_positiveAccepted(self, count: int) -> None:
         """
-        Any integer of at least 1 is that many workers.
+        Any integer from 1 to L{MAX_WORKERS} is that many workers.
         """
         self.assertEqual(parsed(f"--workers={count}")["workers"], count)
+
+    @given(st.integers(min_value=MAX_WORKERS + 1, max_value=10**30))
+    def test_tooManyRejected(self, count: int) -> None:
+        """
+        More than L{MAX_WORKERS} (half the load board's slots: a reload runs
+        two generations) is refused, naming C{--workers}.
+        """
+        e = self.assertRaises(usage.UsageError, parsed, f"--workers={count}")
+        self.assertEqual(str(e), f"--workers: at most {MAX_WORKERS}, got {count}")
 
     @given(st.integers(max_value=0, min_value=-(10**30)))
     def test_nonPositiveRejected(self, count: int) -> None:
