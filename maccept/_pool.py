@@ -28,7 +28,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from maccept._affinity import cpuForWorker
-from maccept._board import MAX_SLOTS, LoadBoard
+from maccept._board import MAX_SLOTS, MAX_WORKERS, LoadBoard
 from maccept._listening import ListeningSocket
 from maccept._states import PoolState, WorkerState, nextPoolState
 from maccept._wire import CONTROL_FD, FIRST_LISTENER_FD, BoardHandle, WorkerSpec
@@ -69,6 +69,20 @@ class PoolSettings:
     cpus: tuple[int, ...] = ()
 
 
+@dataclass
+class PendingRestart:
+    """
+    A worker that died and waits out its restart delay.  It is still one of
+    the pool's members: scaling counts it, and its number stays taken.
+    """
+
+    number: int
+    generation: int
+    #: The worker the restarted one takes over from once ready, if any.
+    replaces: WorkerProcess | None
+    call: Any = None
+
+
 def residentBytes(pid: int) -> int | None:
     """
     Resident set size of C{pid}, from C{/proc}; C{None} if it is gone.
@@ -85,11 +99,12 @@ class WorkerPool(Service):
     Keep C{settings.size} workers accepting on C{listeners}.
 
     Restart policy, after L{twisted.runner.procmon.ProcessMonitor} but for
-    the whole pool: a worker that crashed after living at least
-    C{threshold} seconds is replaced at once; one that died younger is
-    replaced after a delay that doubles with each young death, from
-    C{minRestartDelay} to C{maxRestartDelay}, so that a crash loop costs a
-    handful of spawns a minute whatever the pool's size.
+    the whole pool: a worker that crashed after being ready and living at
+    least C{threshold} seconds is replaced at once; one that died younger,
+    or before it was ever ready, is replaced after a delay that doubles
+    with each young death, from C{minRestartDelay} to C{maxRestartDelay},
+    so that a crash loop costs a handful of spawns a minute whatever the
+    pool's size.
 
     @ivar onFatal: called with one line when the pool cannot start at all.
     @ivar restarts: how many workers left the pool, by reason.
@@ -125,6 +140,9 @@ class WorkerPool(Service):
         self.state = PoolState.STARTING
         self.generation = 1
         self.pendingGeneration: int | None = None
+        # Generations are never reused, not even after a failed reload
+        # whose workers are still draining.
+        self._newestGeneration = self.generation
         self.workers: list[WorkerProcess] = []
         self.restarts: Counter[str] = Counter({reason: 0 for reason in RESTART_REASONS})
         self.departedTotals: Counter[str] = Counter({name: 0 for name in COUNTERS})
@@ -136,7 +154,9 @@ class WorkerPool(Service):
         if settings.balance:
             self.board, self._boardFd = LoadBoard.create()
         self._boardSlots: dict[WorkerProcess, int] = {}
-        self._restartCalls: list[Any] = []
+        self._restarts: list[PendingRestart] = []
+        #: Recycle requests that came while the pool was starting: why, by worker.
+        self._replaceWhenRunning: dict[WorkerProcess, tuple[str, str]] = {}
         self._timeoutCall: Any = None
         self._stopped: defer.Deferred[None] | None = None
         self._ticker = LoopingCall(self.tick)
@@ -154,6 +174,16 @@ class WorkerPool(Service):
             if w.generation == self.generation
             and w.state in (WorkerState.STARTING, WorkerState.READY)
             and w.stopReason is None
+        ]
+
+    def pendingRestarts(self) -> list[PendingRestart]:
+        """
+        Workers of the serving generation waiting out their restart delay.
+        """
+        return [
+            r
+            for r in self._restarts
+            if r.generation == self.generation and r.call is not None and r.call.active()
         ]
 
     def totals(self) -> dict[str, int]:
@@ -200,10 +230,9 @@ class WorkerPool(Service):
         return self._stopped
 
     def _cancelTimers(self) -> None:
-        for call in [self._timeoutCall, *self._restartCalls]:
-            if call is not None and call.active():
-                call.cancel()
-        self._restartCalls = []
+        self._cancelTimeout()
+        for restart in list(self._restarts):
+            self._cancelRestart(restart)
         if self._ticker.running:
             self._ticker.stop()
 
@@ -266,28 +295,48 @@ class WorkerPool(Service):
     def _spawn(
         self, number: int, generation: int, replaces: WorkerProcess | None = None
     ) -> WorkerProcess:
+        """
+        Start worker C{number} of C{generation}.
+
+        @raise OSError: no process could be started (out of descriptors,
+            processes or memory); the pool is left as it was.
+        """
         worker = WorkerProcess(self, number, generation, self.reactor.seconds())
         worker.replaces = replaces
         spec, childFDs = self.workerSpec(number, self._takeBoardSlot(worker))
-        parentEnd, childEnd = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            parentEnd, childEnd = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            self._freeBoardSlot(worker)
+            raise
         try:
             childFDs[CONTROL_FD] = childEnd.fileno()
-            self.reactor.spawnProcess(
-                worker,
-                self.executable,
-                [self.executable, "-m", "maccept._worker", spec.toArgument()],
-                env=os.environ.copy(),
-                childFDs=childFDs,
-            )
-            self.reactor.adoptStreamConnection(
-                parentEnd.fileno(),
-                socket.AF_UNIX,
-                Factory.forProtocol(lambda: ParentControl(worker)),
-            )
+            try:
+                self.reactor.spawnProcess(
+                    worker,
+                    self.executable,
+                    [self.executable, "-m", "maccept._worker", spec.toArgument()],
+                    env=os.environ.copy(),
+                    childFDs=childFDs,
+                )
+            except OSError:
+                self._freeBoardSlot(worker)
+                raise
+            self.workers.append(worker)
+            try:
+                self.reactor.adoptStreamConnection(
+                    parentEnd.fileno(),
+                    socket.AF_UNIX,
+                    Factory.forProtocol(lambda: ParentControl(worker)),
+                )
+            except OSError as e:
+                # The process runs but cannot be supervised: it ends as a
+                # crash, and is restarted as one.
+                worker.failureReason = f"no control channel: {e}"
+                worker.signal("KILL")
         finally:
             parentEnd.close()
             childEnd.close()
-        self.workers.append(worker)
         self.log.info(
             "started worker {number} (pid {pid}, generation {generation})",
             number=number,
@@ -331,6 +380,7 @@ class WorkerPool(Service):
                 count=len(self.serving()),
                 listen=" ".join(listener.address for listener in self.listeners),
             )
+            self._replaceRemembered()
         elif self.state is PoolState.RELOADING and self._allReady(self.pendingGeneration):
             self._finishReload()
 
@@ -357,9 +407,37 @@ class WorkerPool(Service):
             self._checkStopped()
             return
         if reason != "crash":
+            if worker.replaces is not None:
+                self._keepServing(worker.replaces)
+            replacement = self._replacementOf(worker)
+            if replacement is not None:
+                replacement.replaces = None  # it takes the place of one gone
             self._departed(worker, reason)
         else:
             self._crashed(worker)
+
+    def _keepServing(self, old: WorkerProcess) -> None:
+        """
+        The replacement of C{old} left before it was ready: C{old} serves on
+        as an ordinary member, and may be replaced again later.
+        """
+        if old.state is WorkerState.READY and old.stopReason == "recycle":
+            old.stopReason = None
+            self.log.info(
+                "worker {number} (pid {pid}) keeps serving: its replacement left",
+                number=old.number,
+                pid=old.pid,
+            )
+
+    def _replacementOf(self, worker: WorkerProcess) -> WorkerProcess | PendingRestart | None:
+        """
+        The worker, or the pending restart, that is to take over from C{worker}.
+        """
+        others: list[WorkerProcess | PendingRestart] = [*self.workers, *self._restarts]
+        for other in others:
+            if other.replaces is worker:
+                return other
+        return None
 
     def _departed(self, worker: WorkerProcess, reason: str) -> None:
         self.log.info(
@@ -370,7 +448,7 @@ class WorkerPool(Service):
             how=worker.exitDescription,
         )
         if reason == "watchdog" and worker.generation == self.generation:
-            self._spawn(worker.number, worker.generation)
+            self._respawn(worker.number, worker.generation, None)
 
     def _crashed(self, worker: WorkerProcess) -> None:
         why = worker.failureReason or worker.exitDescription or "unknown"
@@ -388,38 +466,75 @@ class WorkerPool(Service):
         if worker.generation == self.pendingGeneration:
             self._abandonReload(f"worker {worker.number} died: {why}")
             return
-        for other in self.workers:
-            if other.replaces is worker:
-                other.replaces = None  # it is already on its way
-                return
+        replacement = self._replacementOf(worker)
+        if replacement is not None:
+            replacement.replaces = None  # it is already on its way
+            return
         if worker.generation != self.generation:
             return
         self._scheduleRestart(worker)
 
     def _scheduleRestart(self, worker: WorkerProcess) -> None:
+        # A worker that never got ready is young however long its start
+        # took: a start hook that fails slowly is still a crash loop.
         lifetime = self.reactor.seconds() - worker.startedAt
-        if lifetime < self.threshold:
-            delay = self.nextRestartDelay
-            self.nextRestartDelay = min(self.nextRestartDelay * 2, self.maxRestartDelay)
+        young = worker.readyAt is None or lifetime < self.threshold
+        delay = self._restartDelay(young)
+        if young:
             self.log.warn(
                 "worker {number} died young: restarting it in {delay:.0f}s",
                 number=worker.number,
                 delay=delay,
             )
-        else:
-            delay = 0.0
-            self.nextRestartDelay = self.minRestartDelay
-        self._restartCalls = [c for c in self._restartCalls if c.active()]
-        self._restartCalls.append(
-            self.reactor.callLater(
-                delay, self._restart, worker.number, worker.generation, worker.replaces
-            )
-        )
+        self._addRestart(worker.number, worker.generation, worker.replaces, delay)
 
-    def _restart(self, number: int, generation: int, replaces: WorkerProcess | None) -> None:
-        if self.state is PoolState.STOPPING or generation != self.generation:
+    def _restartDelay(self, young: bool) -> float:
+        """
+        How long to wait before the next restart: at once after a long
+        life, otherwise the pool-wide delay, which then doubles.
+        """
+        if not young:
+            self.nextRestartDelay = self.minRestartDelay
+            return 0.0
+        delay = self.nextRestartDelay
+        self.nextRestartDelay = min(delay * 2, self.maxRestartDelay)
+        return delay
+
+    def _addRestart(
+        self, number: int, generation: int, replaces: WorkerProcess | None, delay: float
+    ) -> None:
+        restart = PendingRestart(number, generation, replaces)
+        restart.call = self.reactor.callLater(delay, self._restart, restart)
+        self._restarts.append(restart)
+
+    def _cancelRestart(self, restart: PendingRestart) -> None:
+        if restart.call is not None and restart.call.active():
+            restart.call.cancel()
+        if restart in self._restarts:
+            self._restarts.remove(restart)
+
+    def _restart(self, restart: PendingRestart) -> None:
+        self._restarts.remove(restart)
+        if self.state is PoolState.STOPPING or restart.generation != self.generation:
             return
-        self._spawn(number, generation, replaces)
+        self._respawn(restart.number, restart.generation, restart.replaces)
+
+    def _respawn(self, number: int, generation: int, replaces: WorkerProcess | None) -> None:
+        """
+        Start worker C{number} again; if no process can be started, try
+        again later, backing off as for a crash loop.
+        """
+        try:
+            self._spawn(number, generation, replaces)
+        except OSError as e:
+            delay = self._restartDelay(young=True)
+            self.log.error(
+                "cannot restart worker {number}: {why}; trying again in {delay:.0f}s",
+                number=number,
+                why=e,
+                delay=delay,
+            )
+            self._addRestart(number, generation, replaces, delay)
 
     # Lifecycle requests.
 
@@ -429,7 +544,11 @@ class WorkerPool(Service):
         """
         if worker.state is not WorkerState.READY or worker.stopReason is not None:
             return
-        if any(other.replaces is worker for other in self.workers):
+        if self._replacementOf(worker) is not None:
+            return
+        if self.state is PoolState.STARTING:
+            # A sibling is still starting: act once the pool runs.
+            self._replaceWhenRunning[worker] = (reason, why)
             return
         if self.state not in (PoolState.RUNNING, PoolState.RELOADING):
             return
@@ -440,7 +559,18 @@ class WorkerPool(Service):
             why=why or reason,
         )
         worker.stopReason = reason
-        self._spawn(worker.number, worker.generation, replaces=worker)
+        try:
+            self._spawn(worker.number, worker.generation, replaces=worker)
+        except OSError as e:
+            worker.stopReason = None
+            self.log.error(
+                "cannot replace worker {number}: {why}; it serves on", number=worker.number, why=e
+            )
+
+    def _replaceRemembered(self) -> None:
+        remembered, self._replaceWhenRunning = self._replaceWhenRunning, {}
+        for worker, (reason, why) in remembered.items():
+            self.replace(worker, reason, why)
 
     def reload(self) -> None:
         """
@@ -451,17 +581,22 @@ class WorkerPool(Service):
             self.log.warn("reload ignored: the pool is {state}", state=self.state.value)
             return
         self.transition("reload")
-        self.pendingGeneration = self.generation + 1
+        self._newestGeneration += 1
+        self.pendingGeneration = self._newestGeneration
         self.log.info(
             "reloading: starting generation {generation}", generation=self.pendingGeneration
         )
-        for number in range(1, self.size + 1):
-            self._spawn(number, self.pendingGeneration)
         self._timeoutCall = self.reactor.callLater(
             self.startTimeout,
             self._abandonReload,
             f"not all workers were ready within {self.startTimeout:.0f}s",
         )
+        for number in range(1, self.size + 1):
+            try:
+                self._spawn(number, self.pendingGeneration)
+            except OSError as e:
+                self._abandonReload(f"cannot start worker {number}: {e}")
+                return
 
     def _finishReload(self) -> None:
         self._cancelTimeout()
@@ -469,6 +604,8 @@ class WorkerPool(Service):
         assert self.pendingGeneration is not None
         self.generation, self.pendingGeneration = self.pendingGeneration, None
         self.transition("generation ready")
+        for restart in [r for r in self._restarts if r.generation != self.generation]:
+            self._cancelRestart(restart)
         self.log.info(
             "reload: generation {generation} ready; draining {count} old workers",
             generation=self.generation,
@@ -484,44 +621,106 @@ class WorkerPool(Service):
             why=why,
         )
         for worker in self.ofGeneration(self.pendingGeneration):
-            worker.kill("abandoned")
+            # A ready worker already serves clients: let it finish them.
+            if worker.state is WorkerState.STARTING:
+                worker.kill("abandoned")
+            else:
+                worker.drain("abandoned", self.settings.gracefulTimeout, self.killTime)
         self.pendingGeneration = None
         self.transition("generation failed")
 
     def scaleUp(self) -> None:
+        """
+        Add one worker.
+        """
+        self._grow()
+
+    def scaleDown(self) -> None:
+        """
+        Take one member out of the pool.
+        """
+        self._shrink()
+
+    def _grow(self) -> bool:
+        """
+        Add one worker; say whether one was added.
+        """
         if self.state is not PoolState.RUNNING:
             self.log.warn("scaling ignored: the pool is {state}", state=self.state.value)
-            return
+            return False
+        if self.size >= MAX_WORKERS:
+            self.log.warn("scaling ignored: the pool runs at most {most} workers", most=MAX_WORKERS)
+            return False
+        taken = {w.number for w in self.serving()} | {r.number for r in self.pendingRestarts()}
+        number = next(n for n in range(1, len(taken) + 2) if n not in taken)
+        self.log.info("scaling up to {size} workers", size=self.size + 1)
+        try:
+            self._spawn(number, self.generation)
+        except OSError as e:
+            self.log.error("cannot scale up: {why}", why=e)
+            return False
         self.size += 1
-        taken = {w.number for w in self.serving()}
-        number = next(n for n in range(1, self.size + 2) if n not in taken)
-        self.log.info("scaling up to {size} workers", size=self.size)
-        self._spawn(number, self.generation)
+        return True
 
     def scaleTo(self, size: int) -> None:
         """
         Add or drain workers until the pool has C{size}.
         """
-        while self.size < size and self.state is PoolState.RUNNING:
-            self.scaleUp()
-        while self.size > max(1, size) and self.state is PoolState.RUNNING:
-            self.scaleDown()
+        while self.size < size and self.state is PoolState.RUNNING and self._grow():
+            pass
+        while self.size > max(1, size) and self.state is PoolState.RUNNING and self._shrink():
+            pass
 
-    def scaleDown(self) -> None:
+    def _shrink(self) -> bool:
+        """
+        Take one member out of the pool: a pending restart if there is one,
+        as it costs nothing, otherwise the highest-numbered worker, drained.
+        Say whether one was taken out.
+        """
         if self.state is not PoolState.RUNNING:
             self.log.warn("scaling ignored: the pool is {state}", state=self.state.value)
-            return
+            return False
         if self.size <= 1:
             self.log.warn("not scaling down: the pool keeps at least one worker")
-            return
+            return False
+        restarts = [r for r in self.pendingRestarts() if r.replaces is None]
+        if restarts:
+            restart = max(restarts, key=lambda r: r.number)
+            self._cancelRestart(restart)
+            self.size -= 1
+            self.log.info(
+                "scaling down to {size} workers: worker {number} is not restarted",
+                size=self.size,
+                number=restart.number,
+            )
+            return True
+        # A replacement is never the victim: the worker it replaces is.
+        candidates = [
+            w
+            for w in self.ofGeneration(self.generation)
+            if w.state in (WorkerState.STARTING, WorkerState.READY)
+            and w.replaces is None
+            and (w.stopReason is None or self._replacementOf(w) is not None)
+        ]
+        if not candidates:
+            self.log.warn("not scaling down: no worker to drain")
+            return False
+        victim = max(candidates, key=lambda w: w.number)
         self.size -= 1
-        victim = max(self.serving(), key=lambda w: w.number)
         self.log.info(
             "scaling down to {size} workers: draining worker {number}",
             size=self.size,
             number=victim.number,
         )
+        replacement = self._replacementOf(victim)
+        victim.stopReason = "scale"
         victim.drain("scale", self.settings.gracefulTimeout, self.killTime)
+        if isinstance(replacement, PendingRestart):
+            self._cancelRestart(replacement)
+        elif replacement is not None:
+            replacement.replaces = None
+            replacement.drain("scale", self.settings.gracefulTimeout, self.killTime)
+        return True
 
     # Periodic checks.
 
@@ -563,7 +762,7 @@ class WorkerPool(Service):
         # A draining worker keeps its reason: it is not to be replaced.
         worker.stopReason = worker.stopReason or "watchdog"
         worker.signal("USR1")
-        self.reactor.callLater(self.stackDumpGrace, worker.signal, "KILL")
+        worker.killAfter(self.stackDumpGrace)
         return True
 
     def _checkMemory(self, worker: WorkerProcess) -> None:

@@ -80,6 +80,9 @@ class Worker:
         self.control: amp.AMP | None = None
         self.exitCode = 0
         self.draining = False
+        #: Whether the start hook has finished and the ports accept.
+        self.accepting = False
+        self._drainTimeout = 0.0
         self._askedForReplacement = False
         self._heartbeat = LoopingCall(self.sendHeartbeat)
         self._heartbeat.clock = reactor
@@ -129,6 +132,13 @@ class Worker:
             os.close(handle.fd)
 
     def _startAccepting(self) -> None:
+        if self.draining:
+            # Asked to drain while the start hook ran: serve nothing, and
+            # let go of any port adopted since.
+            self._releasePorts()
+            self._finishDraining()
+            return
+        self.accepting = True
         for port in [*self.ports, *self.datagramPorts]:
             port.startReading()
         if self.governor is not None:
@@ -198,21 +208,35 @@ class Worker:
         Stop accepting (after taking whatever already waits in the backlog),
         let open connections finish, then exit when none is left or when
         C{timeout} seconds have passed.
+
+        Before the start hook has finished the factory may not serve yet:
+        the ports close without a sweep, and the drain goes on once the
+        hook is done.
         """
         if self.draining:
             return
         self.draining = True
+        self._drainTimeout = timeout
         if self.governor is not None:
             self.governor.stop()
-        for port in self.ports:
-            self._sweep(port)
+        if self.accepting:
+            for port in self.ports:
+                self._sweep(port)
+        self._releasePorts()
+        if not self.accepting:
+            self.log.info("draining before the start hook has finished")
+            return
+        self._finishDraining()
+
+    def _releasePorts(self) -> None:
+        for port in [*self.ports, *self.datagramPorts]:
             release(port)
-        for datagramPort in self.datagramPorts:
-            release(datagramPort)
+
+    def _finishDraining(self) -> None:
         self.log.info("draining {count} open connections", count=len(self.tracker.open))
         hook = defer.maybeDeferred(self._hook, "workerDraining")
         hook.addErrback(lambda f: self.log.failure("workerDraining hook failed", f))
-        deadline = self.reactor.callLater(timeout, self._drainTimedOut)
+        deadline = self.reactor.callLater(self._drainTimeout, self._drainTimedOut)
         self.tracker.whenIdle(lambda: self._drained(deadline))
 
     def _sweep(self, port: Any) -> None:

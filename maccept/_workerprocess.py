@@ -57,6 +57,7 @@ class WorkerProcess(ProcessProtocol):
         C{scale}, C{recycle}, C{watchdog}, C{stop}), or C{None} while it
         has not: a worker that exits with no stop reason crashed.
     @ivar replaces: the worker this one takes over from once ready.
+    @ivar readyAt: when it reported ready, or C{None} while it has not.
     """
 
     log = Logger()
@@ -77,13 +78,14 @@ class WorkerProcess(ProcessProtocol):
         self.stopReason: str | None = None
         self.replaces: WorkerProcess | None = None
         self.lastHeartbeat = startedAt
+        self.readyAt: float | None = None
         self.declaredHung = False
         # Zero for every counter a worker reports (see L{STATS}).
         self.stats: dict[str, Any] = {
             name.decode(): 0.0 if isinstance(argument, amp.Float) else 0 for name, argument in STATS
         }
         self.lastWords: deque[str] = deque(maxlen=self.lastWordsKept)
-        self._killCall: Any = None
+        self._killCalls: list[Any] = []
         self._stdout = LineLogger(lambda line: self._emitLine(line, "info"))
         self._stderr = LineLogger(self._stderrLine)
 
@@ -116,8 +118,10 @@ class WorkerProcess(ProcessProtocol):
     def processEnded(self, reason: Failure) -> None:
         self._stdout.flush()
         self._stderr.flush()
-        if self._killCall is not None and self._killCall.active():
-            self._killCall.cancel()
+        for call in self._killCalls:
+            if call.active():
+                call.cancel()
+        self._killCalls = []
         self.exitDescription = describeExit(reason)
         self.handle("exit")
         self.pool.workerEnded(self)
@@ -134,7 +138,7 @@ class WorkerProcess(ProcessProtocol):
 
     def ready(self) -> None:
         if self.handle("ready") is WorkerState.READY:
-            self.lastHeartbeat = self.pool.reactor.seconds()
+            self.lastHeartbeat = self.readyAt = self.pool.reactor.seconds()
             self.pool.workerReady(self)
 
     def failed(self, reason: str) -> None:
@@ -162,11 +166,19 @@ class WorkerProcess(ProcessProtocol):
             self.control.callRemote(Drain, timeout=timeout).addErrback(lambda _: None)
         else:
             self.signal("TERM")
-        self._killCall = self.pool.reactor.callLater(timeout + killAfter, self.signal, "KILL")
+        self.killAfter(timeout + killAfter)
 
     def kill(self, reason: str) -> None:
         self.stopReason = self.stopReason or reason
         self.signal("KILL")
+
+    def killAfter(self, delay: float) -> None:
+        """
+        Kill the worker C{delay} seconds from now unless it has exited by
+        then; the timer goes with the process.
+        """
+        self._killCalls = [call for call in self._killCalls if call.active()]
+        self._killCalls.append(self.pool.reactor.callLater(delay, self.signal, "KILL"))
 
     def signal(self, name: str) -> None:
         """

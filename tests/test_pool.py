@@ -415,6 +415,7 @@ class RestartTests(PoolTestCase):
         """
         pool = self.readyPool(1)
         self.assertEqual([self.dieAndRespawn(pool, 1) for _ in range(3)], [1.0, 2.0, 4.0])
+        self.workerIn(pool, 1).ready()
         self.reactor.advance(pool.threshold)
         self.assertEqual(self.dieAndRespawn(pool, 1), 0.0)
         self.assertEqual(self.dieAndRespawn(pool, 1), 1.0)

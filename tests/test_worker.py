@@ -356,6 +356,29 @@ class DrainTests(WorkerTestCase):
             worker.drain(30.0)
             self.assertEqual(getattr(port, "sweeps", None), expected)
 
+    def test_drainDuringStartHook(self) -> None:
+        """
+        A drain that comes while the start hook still runs takes nothing
+        from the backlog and closes the ports: the factory is not ready to
+        serve.  Once the hook is done the worker neither accepts nor says
+        it is ready, and exits.
+        """
+        starting: defer.Deferred[None] = defer.Deferred()
+        self.patch(HOOKED, "starting", starting)
+        worker = self.makeWorker(protocol="tests.test_worker:HOOKED")
+        worker.start()
+        [port] = self.reactor.ports
+        port.connected = True  # type: ignore[attr-defined]
+        worker.drain(30.0)
+        self.assertFalse(hasattr(port, "sweeps"))
+        self.assertFalse(port.reading)
+        self.assertTrue(port.socket.closed)
+        self.assertTrue(self.reactor.running)
+        starting.callback(None)
+        self.assertFalse(port.reading)
+        self.assertNotIn(WorkerReady, self.control.commands())
+        self.assertExited(worker, 0)
+
     def test_drainTwice(self) -> None:
         """
         A second drain request changes nothing: one deadline, one release.

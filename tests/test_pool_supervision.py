@@ -1,0 +1,387 @@
+"""
+The pool's supervision in its corners: reloads that fail, scaling while a
+restart is pending, replacements that go wrong, processes that cannot be
+started, and the timers that go with a worker; driven by a fake reactor
+and clock, as in L{tests.test_pool}.
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+from typing import Any
+
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+from maccept._board import MAX_WORKERS
+from maccept._pool import WorkerPool
+from maccept._states import PoolState, WorkerState
+from tests.test_pool import PoolTestCase, texts
+
+
+class SupervisionTestCase(PoolTestCase):
+    def failSpawns(self, count: int = 1, after: int = 0) -> None:
+        """
+        Make C{count} calls to C{spawnProcess}, after the next C{after},
+        fail as they do in a parent out of descriptors.
+        """
+        spawnProcess = self.reactor.spawnProcess
+        calls = iter(range(after + count))
+
+        def failing(*args: Any, **kwargs: Any) -> Any:
+            if next(calls, None) in range(after, after + count):
+                raise OSError(errno.EMFILE, "Too many open files")
+            return spawnProcess(*args, **kwargs)
+
+        self.reactor.spawnProcess = failing  # type: ignore[method-assign]
+
+    def crashPending(self, pool: WorkerPool, number: int) -> None:
+        """
+        End worker C{number} as a young crash, so its restart waits.
+        """
+        self.process(self.workerIn(pool, number)).end(1)
+        self.assertIn(number, [r.number for r in pool.pendingRestarts()])
+
+    def numbers(self, pool: WorkerPool) -> list[int]:
+        return sorted(w.number for w in pool.workers)
+
+
+class AbandonedReloadTests(SupervisionTestCase):
+    def test_readyNewWorkersDrained(self) -> None:
+        """
+        When a reload fails, new workers that are already ready (and may
+        hold clients) drain gracefully; only those still starting are
+        killed.
+        """
+        pool = self.readyPool(3)
+        pool.reload()
+        first, second, third = pool.ofGeneration(2)
+        first.ready()
+        self.process(second).end(1)
+        self.assertEqual(self.process(first).signals, [signal.SIGTERM])
+        self.assertIs(first.state, WorkerState.DRAINING)
+        self.assertEqual(self.process(third).signals, [signal.SIGKILL])
+        self.assertIs(pool.state, PoolState.RUNNING)
+
+    def test_generationNotReused(self) -> None:
+        """
+        The next reload starts a generation of its own: a worker of the
+        failed one, still draining, plays no part in it.
+        """
+        pool = self.readyPool(2)
+        pool.reload()
+        ready, dying = pool.ofGeneration(2)
+        ready.ready()
+        self.process(dying).end(1)
+        pool.reload()
+        self.assertEqual(pool.pendingGeneration, 3)
+        self.process(ready).end(1)
+        self.assertIs(pool.state, PoolState.RELOADING)
+        for worker in pool.ofGeneration(3):
+            worker.ready()
+        self.assertIs(pool.state, PoolState.RUNNING)
+        self.assertEqual(pool.generation, 3)
+
+
+class ScaleDownTests(SupervisionTestCase):
+    def test_pendingRestartCancelledFirst(self) -> None:
+        """
+        A worker waiting out its restart delay is a member of the pool and
+        the cheapest to take out: the restart is cancelled, and the worker
+        that serves is left alone.
+        """
+        pool = self.readyPool(2)
+        first = self.workerIn(pool, 1)
+        self.crashPending(pool, 2)
+        pool.scaleDown()
+        self.assertEqual(pool.size, 1)
+        self.assertIs(first.state, WorkerState.READY)
+        self.assertEqual(self.process(first).signals, [])
+        self.assertEqual(self.delays(), [])
+        self.reactor.advance(pool.maxRestartDelay)
+        self.assertEqual(len(self.reactor.processes), 2)
+
+    def test_nothingServing(self) -> None:
+        """
+        With every worker waiting for its restart, scaling down cancels one
+        restart: one worker comes back, for a pool of one.
+        """
+        pool = self.readyPool(2)
+        self.crashPending(pool, 1)
+        self.crashPending(pool, 2)
+        pool.scaleDown()
+        self.assertEqual(pool.size, 1)
+        self.reactor.advance(pool.maxRestartDelay)
+        self.assertEqual(self.numbers(pool), [1])
+
+    def test_noVictim(self) -> None:
+        """
+        With no worker that may be drained, scaling down is refused and the
+        size stays as it was.
+        """
+        pool = self.readyPool(2, watchdogTimeout=3.0)
+        self.reactor.advance(4.0)
+        self.assertEqual([w.stopReason for w in pool.workers], ["watchdog"] * 2)
+        with capturedLogs() as events:
+            pool.scaleDown()
+        self.assertEqual(pool.size, 2)
+        self.assertIn("not scaling down: no worker to drain", texts(events))
+
+    def test_scaleToStopsWhenRefused(self) -> None:
+        """
+        C{scaleTo} gives up once a step is refused, instead of trying for
+        ever.
+        """
+        pool = self.readyPool(2, watchdogTimeout=3.0)
+        self.reactor.advance(4.0)
+        pool.scaleTo(1)
+        self.assertEqual(pool.size, 2)
+
+    def test_recycledWorkerIsTheVictim(self) -> None:
+        """
+        A replacement is never the victim: the worker it replaces is
+        drained, and the replacement with it, leaving no worker behind that
+        serves outside the pool's count.
+        """
+        pool = self.readyPool(2)
+        first, old = self.workerIn(pool, 1), self.workerIn(pool, 2)
+        old.askedToBeReplaced("accepted 100 connections")
+        [new] = [w for w in pool.workers if w.replaces is old]
+        pool.scaleDown()
+        self.assertEqual(pool.size, 1)
+        self.assertIs(old.state, WorkerState.DRAINING)
+        self.assertIs(new.state, WorkerState.DRAINING)
+        self.assertIs(first.state, WorkerState.READY)
+        self.assertEqual(pool.serving(), [first])
+
+    def test_recycledWorkerWithPendingReplacement(self) -> None:
+        """
+        When the replacement of the victim is waiting for its restart, that
+        restart is cancelled with it.
+        """
+        pool = self.readyPool(2)
+        old = self.workerIn(pool, 2)
+        old.askedToBeReplaced("accepted 100 connections")
+        [new] = [w for w in pool.workers if w.replaces is old]
+        self.process(new).end(1)
+        pool.scaleDown()
+        self.assertIs(old.state, WorkerState.DRAINING)
+        self.assertEqual(self.delays(), [pool.settings.gracefulTimeout + pool.killTime])
+        self.process(old).end(0)
+        self.reactor.advance(pool.maxRestartDelay)
+        self.assertEqual(self.numbers(pool), [1])
+
+
+class ScaleLimitTests(SupervisionTestCase):
+    def test_scaleUpStopsAtMaxWorkers(self) -> None:
+        """
+        TTIN at L{MAX_WORKERS} is refused with a warning: no process starts
+        and the size stays.
+        """
+        pool = self.readyPool(1)
+        pool.size = MAX_WORKERS
+        with capturedLogs() as events:
+            pool.scaleUp()
+        self.assertEqual((pool.size, len(self.reactor.processes)), (MAX_WORKERS, 1))
+        self.assertIn(
+            f"scaling ignored: the pool runs at most {MAX_WORKERS} workers", texts(events)
+        )
+
+
+class ReplacementTests(SupervisionTestCase):
+    def test_replacementLeftBeforeReady(self) -> None:
+        """
+        If a replacement leaves, not crashing, before it is ready, the old
+        worker serves on as a member and can be replaced again.
+        """
+        pool = self.readyPool(2)
+        old = self.workerIn(pool, 2)
+        old.askedToBeReplaced("accepted 100 connections")
+        [new] = [w for w in pool.workers if w.replaces is old]
+        new.drain("scale", 1.0, 1.0)
+        self.process(new).end(0)
+        self.assertIsNone(old.stopReason)
+        self.assertIn(old, pool.serving())
+        old.askedToBeReplaced("accepted 100 connections")
+        self.assertEqual(next(w for w in pool.workers if w.replaces is old).number, 2)
+
+    def test_recycledWorkerDiesWhileReplacementWaits(self) -> None:
+        """
+        A worker whose replacement waits for its restart and that dies in
+        the meantime is not restarted a second time: the replacement takes
+        its place, replacing nobody.
+        """
+        pool = self.readyPool(2)
+        old = self.workerIn(pool, 2)
+        old.askedToBeReplaced("accepted 100 connections")
+        [new] = [w for w in pool.workers if w.replaces is old]
+        self.process(new).end(1)
+        self.process(old).end(1)
+        self.assertEqual(len(self.delays()), 1)
+        self.reactor.advance(pool.maxRestartDelay)
+        self.assertEqual(self.numbers(pool), [1, 2])
+        self.assertIsNone(self.workerIn(pool, 2).replaces)
+
+    def test_requestWhileStartingKept(self) -> None:
+        """
+        A worker that asks to be replaced while a sibling is still starting
+        is replaced once the pool runs.
+        """
+        pool = self.startPool(2, maxConnections=10)
+        first, second = pool.workers
+        first.ready()
+        first.askedToBeReplaced("accepted 10 connections")
+        self.assertEqual(len(self.reactor.processes), 2)
+        second.ready()
+        self.assertIs(pool.state, PoolState.RUNNING)
+        [new] = [w for w in pool.workers if w.replaces is first]
+        self.assertEqual(new.number, 1)
+        self.assertEqual(first.stopReason, "recycle")
+
+    def test_scaleUpSkipsPendingNumber(self) -> None:
+        """
+        A worker added while another waits for its restart does not take
+        that one's number.
+        """
+        pool = self.readyPool(2)
+        self.crashPending(pool, 2)
+        pool.scaleUp()
+        self.reactor.advance(pool.maxRestartDelay)
+        self.assertEqual(self.numbers(pool), [1, 2, 3])
+
+
+class SpawnFailureTests(SupervisionTestCase):
+    def test_reloadAbandoned(self) -> None:
+        """
+        A reload whose workers cannot all be started is abandoned at once,
+        with one line saying why; the old generation serves on, and the
+        next reload is not refused.
+        """
+        pool = self.readyPool(2)
+        spawned = len(self.reactor.processes)
+        self.failSpawns(1, after=1)
+        with capturedLogs() as events:
+            pool.reload()
+        self.assertIs(pool.state, PoolState.RUNNING)
+        self.assertIsNone(pool.pendingGeneration)
+        [started] = self.reactor.processes[spawned:]
+        self.assertEqual(started.signals, [signal.SIGKILL])
+        errors = [formatEvent(e) for e in events if e["log_level"] is LogLevel.error]
+        self.assertEqual(
+            errors,
+            [
+                "reload failed, keeping the old workers: "
+                "cannot start worker 2: [Errno 24] Too many open files"
+            ],
+        )
+        self.assertEqual(self.delays(), [])
+        pool.reload()
+        self.assertIs(pool.state, PoolState.RELOADING)
+
+    def test_restartRetried(self) -> None:
+        """
+        A restart that cannot start a process is tried again later, with
+        the crash-loop backoff: the worker is not lost.
+        """
+        pool = self.readyPool(1)
+        self.process(pool.workers[0]).end(1)
+        self.failSpawns(1)
+        with capturedLogs() as events:
+            self.reactor.advance(pool.minRestartDelay)
+        self.assertEqual(pool.workers, [])
+        self.assertIn(
+            "cannot restart worker 1: [Errno 24] Too many open files; trying again in 2s",
+            texts(events),
+        )
+        self.reactor.advance(2.0)
+        self.assertEqual(self.numbers(pool), [1])
+
+    def test_watchdogRespawnRetried(self) -> None:
+        """
+        So is the restart of a worker killed by the watchdog.
+        """
+        pool = self.readyPool(1, watchdogTimeout=3.0)
+        self.reactor.advance(4.0 + pool.stackDumpGrace)
+        self.failSpawns(1)
+        self.process(pool.workers[0]).end(signal=signal.SIGKILL)
+        self.assertEqual(pool.workers, [])
+        self.reactor.advance(pool.minRestartDelay)
+        self.assertEqual(self.numbers(pool), [1])
+
+    def test_scaleUpKeepsSize(self) -> None:
+        """
+        Scaling up counts the new worker only once it is started, and frees
+        the load-board slot taken for it.
+        """
+        pool = self.readyPool(2, balance=True)
+        self.failSpawns(1)
+        pool.scaleUp()
+        self.assertEqual(pool.size, 2)
+        assert pool.board is not None
+        self.assertEqual(pool.board.slotsInUse, 2)
+        pool.scaleUp()
+        self.assertEqual(pool.size, 3)
+        self.assertEqual(self.numbers(pool), [1, 2, 3])
+
+    def test_scaleToStopsOnFailure(self) -> None:
+        """
+        C{scaleTo} stops at the first worker it cannot start.
+        """
+        pool = self.readyPool(1)
+        self.failSpawns(100)
+        pool.scaleTo(5)
+        self.assertEqual(pool.size, 1)
+
+    def test_replaceKeepsTheOld(self) -> None:
+        """
+        A worker whose replacement cannot be started serves on, and may be
+        replaced later.
+        """
+        pool = self.readyPool(1)
+        [old] = pool.workers
+        self.failSpawns(1)
+        old.askedToBeReplaced("accepted 100 connections")
+        self.assertIsNone(old.stopReason)
+        old.askedToBeReplaced("accepted 100 connections")
+        self.assertEqual(len(self.reactor.processes), 2)
+
+
+class CrashLoopTests(SupervisionTestCase):
+    def test_neverReadyCountsAsYoung(self) -> None:
+        """
+        A worker that dies before it was ever ready is young, however long
+        its start took: the delay still doubles.
+        """
+        pool = self.readyPool(1)
+        self.process(pool.workers[0]).end(1)
+        self.assertEqual(self.delays(), [1.0])
+        self.reactor.advance(1.0)
+        self.reactor.advance(pool.threshold * 5)
+        self.process(pool.workers[0]).end(1)
+        self.assertEqual(self.delays(), [2.0])
+
+
+class WatchdogTimerTests(SupervisionTestCase):
+    def test_killCancelledOnExit(self) -> None:
+        """
+        A hung worker that exits before its stack dump grace is over
+        leaves no kill pending.
+        """
+        pool = self.readyPool(1, watchdogTimeout=3.0)
+        [worker] = pool.workers
+        self.reactor.advance(4.0)
+        self.assertEqual(self.process(worker).signals, [signal.SIGUSR1])
+        self.process(worker).end(signal=signal.SIGABRT)
+        self.assertNotIn(pool.stackDumpGrace, self.delays())
+
+    def test_nothingPendingAfterStop(self) -> None:
+        """
+        Once a pool with hung workers has stopped, no timer is left.
+        """
+        pool = self.readyPool(2, watchdogTimeout=3.0)
+        self.reactor.advance(4.0)
+        d = pool.stopService()
+        for worker in list(pool.workers):
+            self.process(worker).end(0)
+        self.successResultOf(d)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
