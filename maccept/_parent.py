@@ -72,7 +72,8 @@ class MacceptService(Service):
             return
         self.stopRequested = True
         self.log.info("stopping: draining every worker")
-        self.reactor.stop()
+        if self.reactor.running:  # not after a failed start, which stopped it already
+            self.reactor.stop()
 
     def stopService(self) -> defer.Deferred[Any]:
         """

@@ -1,0 +1,62 @@
+"""
+The parent service's stop requests (SIGTERM, SIGINT, C{maccept-ctl stop}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import SynchronousTestCase
+
+from maccept._parent import MacceptService
+
+
+class RecordingPool:
+    def __init__(self) -> None:
+        self.killed = 0
+
+    def killAll(self) -> None:
+        self.killed += 1
+
+
+class StoppingReactor(MemoryReactor):
+    def __init__(self, running: bool) -> None:
+        super().__init__()
+        self.running = running
+        self.stops = 0
+
+    def stop(self) -> None:
+        if not self.running:
+            raise AssertionError("ReactorNotRunning: stop() on a stopped reactor")
+        self.stops += 1
+
+
+class RequestStopTests(SynchronousTestCase):
+    def service(self, running: bool) -> tuple[MacceptService, StoppingReactor, RecordingPool]:
+        reactor, pool = StoppingReactor(running), RecordingPool()
+        standIn: Any = pool
+        return MacceptService(reactor, [], standIn), reactor, pool
+
+    def test_firstStopsSecondKills(self) -> None:
+        """
+        The first request stops the reactor (the pool then drains); a second
+        one kills every worker.
+        """
+        service, reactor, pool = self.service(running=True)
+        service.requestStop()
+        self.assertEqual((reactor.stops, pool.killed), (1, 0))
+        service.requestStop()
+        self.assertEqual((reactor.stops, pool.killed), (1, 1))
+
+    def test_afterAFailedStart(self) -> None:
+        """
+        After a start-up failure, which stopped the reactor already, a stop
+        request does not stop it again (Twisted would raise
+        C{ReactorNotRunning}); a second one still kills the workers.
+        """
+        service, reactor, pool = self.service(running=False)
+        service.requestStop()
+        self.assertEqual(reactor.stops, 0)
+        service.requestStop()
+        self.assertEqual(pool.killed, 1)
