@@ -37,7 +37,9 @@ def parseCPUs(value: str, available: Iterable[int]) -> tuple[int, ...]:
     allowed = sorted(set(available))
     if value == "auto":
         return tuple(allowed)
+    allowedSet = set(allowed)
     cpus: list[int] = []
+    seen: set[int] = set()
     for part in value.split(","):
         first, dash, last = part.strip().partition("-")
         try:
@@ -49,13 +51,17 @@ def parseCPUs(value: str, available: Iterable[int]) -> tuple[int, ...]:
             ) from None
         if low < 0 or high < low:
             raise ValueError(f"{part.strip()!r} is not a CPU range")
-        cpus.extend(cpu for cpu in range(low, high + 1) if cpu not in cpus)
-    missing = [cpu for cpu in cpus if cpu not in allowed]
-    if missing:
-        raise ValueError(
-            f"CPU {missing[0]} is not one this process may run on "
-            f"(those are {describeCPUs(allowed)})"
-        )
+        # Check before listing: a typo such as 0-99999999 must not take long.
+        missing = next((cpu for cpu in range(low, high + 1) if cpu not in allowedSet), None)
+        if missing is not None:
+            raise ValueError(
+                f"CPU {missing} is not one this process may run on "
+                f"(those are {describeCPUs(allowed)})"
+            )
+        for cpu in range(low, high + 1):
+            if cpu not in seen:
+                seen.add(cpu)
+                cpus.append(cpu)
     return tuple(cpus)
 
 

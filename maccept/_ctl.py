@@ -28,6 +28,19 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"maccept-ctl: {message} (see maccept-ctl --help)\n")
 
 
+def seconds(text: str) -> float:
+    """
+    A positive number of seconds, for C{--timeout}.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = _OneLineParser(
         prog="maccept-ctl",
@@ -37,9 +50,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="the control socket (twistd maccept --control PATH)")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=seconds,
         default=10.0,
-        help="seconds to wait for the pool's answer (default 10)",
+        help="seconds to wait to connect, and for the pool's answer (default 10); "
+        "before the command",
     )
     commands = p.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_OneLineParser
@@ -71,7 +85,7 @@ def formatStatus(status: dict[str, Any]) -> str:
 
 
 async def run(reactor: Any, options: argparse.Namespace) -> int:
-    endpoint = UNIXClientEndpoint(reactor, options.path, timeout=10)
+    endpoint = UNIXClientEndpoint(reactor, options.path, timeout=options.timeout)
     try:
         control = await connectProtocol(endpoint, amp.AMP())
     except ConnectError as e:

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from maccept._proxy import splitProxy
+from maccept._socketpath import SocketPath
 from maccept._wire import ListenerHandle
 
 #: The listen backlog when a description names none (the kernel caps it at
@@ -154,6 +155,8 @@ class ListeningSocket:
     family: str
     #: C{stream} or C{datagram}.
     kind: str = "stream"
+    #: A UNIX socket's path and lock, which the owning parent removes.
+    socketPath: SocketPath | None = None
 
     @property
     def address(self) -> str:
@@ -182,8 +185,9 @@ class ListeningSocket:
     def close(self, keepPath: bool = False) -> None:
         """
         Close the parent's copy of the socket, and for a UNIX socket remove
-        its path, which only the parent may do (unless C{keepPath}: the
-        parent handed the socket to a new parent on an upgrade).
+        its path and lock, which only the parent may do: the one that owns
+        them (see L{SocketPath}), and not when C{keepPath} (it handed the
+        socket to a new parent on an upgrade).
 
         Not C{stopListening}: on a TCP port Twisted created, that calls
         C{shutdown(2)}, which would stop every worker's accept on the shared
@@ -191,38 +195,9 @@ class ListeningSocket:
         this way, the socket lives until the last draining worker closes
         its own copy, and only then refuses new connections.
         """
-        # A systemd socket's path belongs to systemd.
-        fromSystemd = splitProxy(self.description)[1].startswith("systemd:")
-        path = None
-        if self.family == "AF_UNIX" and not fromSystemd and not keepPath:
-            path = self.address
         release(self.port)
-        if path and not path.startswith("\0"):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                # Typically twistd --uid: root made the path, the parent no
-                # longer may remove it.  Stopping goes on regardless.
-                _log.warn(
-                    "--listen {description}: cannot remove {path}: {reason}"
-                    " (the parent's user needs write access to its directory)",
-                    description=self.description,
-                    path=path,
-                    reason=e.strerror,
-                )
-        lockFile = getattr(self.port, "lockFile", None)
-        if lockFile is not None:
-            try:
-                lockFile.unlock()
-            except OSError as e:
-                _log.warn(
-                    "--listen {description}: cannot remove the lock {path}: {reason}",
-                    description=self.description,
-                    path=os.fsdecode(lockFile.name),
-                    reason=e.strerror,
-                )
+        if self.socketPath is not None and not keepPath:
+            self.socketPath.remove()
 
 
 def listen(reactor: Any, description: str) -> ListeningSocket:
@@ -245,7 +220,9 @@ def listen(reactor: Any, description: str) -> ListeningSocket:
         # connections; an overflowing SYN waits a second to be retried.
         port.socket.listen(DEFAULT_BACKLOG)  # type: ignore[attr-defined]
     family = socket.AddressFamily(port.socket.family).name  # type: ignore[attr-defined]
-    return ListeningSocket(description=description, port=port, family=family)
+    # A systemd socket's path belongs to systemd.
+    path = None if inner.startswith("systemd:") else SocketPath.of(f"--listen {description}", port)
+    return ListeningSocket(description=description, port=port, family=family, socketPath=path)
 
 
 def _listenUDP(reactor: Any, description: str) -> ListeningSocket:
@@ -270,16 +247,23 @@ def adoptListener(reactor: Any, description: str, fd: int) -> ListeningSocket:
     try:
         if datagram:
             port = reactor.adoptDatagramPort(fd, family, DatagramProtocol())
+        elif family == socket.AF_UNIX and isinstance(reactor, PosixReactorBase):
+            port = AdoptedUNIXPort._fromListeningDescriptor(reactor, fd, _NeverAccepts())
+            port.startListening()
         else:
             port = reactor.adoptStreamPort(fd, family, _NeverAccepts())
         port.stopReading()
     finally:
         os.close(fd)
+    # Its path and lock are the old parent's until this one takes over.
+    fromSystemd = splitProxy(description)[1].startswith("systemd:")
+    path = None if fromSystemd else SocketPath.of(f"--listen {description}", port, owned=False)
     return ListeningSocket(
         description=description,
         port=port,
         family=socket.AddressFamily(family).name,
         kind="datagram" if datagram else "stream",
+        socketPath=path,
     )
 
 

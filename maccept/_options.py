@@ -19,6 +19,7 @@ from maccept._board import MAX_WORKERS
 from maccept._listening import ListenError, checkDescription
 from maccept._protocols import ProtocolSpecError, resolveProtocol
 from maccept._reactor import WORKER_REACTORS
+from maccept._upgrade import inheritedDescriptions
 
 DEFAULT_LISTEN = "tcp:7007:interface=127.0.0.1"
 BALANCE_MODES = ("even", "greedy")
@@ -255,7 +256,12 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--cpu-affinity: {e}") from None
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        # After an upgrade the old parent's sockets come ready-made: a
+        # systemd: description, for one, no longer finds LISTEN_FDS.
+        inherited = set(inheritedDescriptions())
         for description in self["listen"]:
+            if description in inherited:
+                continue
             try:
                 checkDescription(description)
             except ListenError as e:

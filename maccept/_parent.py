@@ -18,6 +18,7 @@ from maccept._listening import ListeningSocket
 from maccept._pool import WorkerPool
 from maccept._serviceports import ServicePort
 from maccept._signals import installHandlers
+from maccept._socketpath import SocketPath
 from maccept._titles import setTitle
 from maccept._upgrade import Upgrade
 
@@ -55,8 +56,26 @@ class MacceptService(Service):
             signal.SIGUSR2: self.upgrade.start if self.upgrade else lambda: None,
         }
 
+    def socketPaths(self) -> list[SocketPath]:
+        """
+        The paths and locks of this parent's UNIX sockets.
+        """
+        owners: list[Any] = [*self.listeners, *self.servicePorts]
+        return [each.socketPath for each in owners if each.socketPath is not None]
+
+    def takeOwnership(self, adopted: bool = False) -> None:
+        """
+        Point the sockets' locks at this process: those it made, once twistd
+        has daemonised (a new pid); with C{adopted}, those an old parent
+        handed over too, once this one has taken over.
+        """
+        for socketPath in self.socketPaths():
+            if adopted or socketPath.owned:
+                socketPath.claim()
+
     def startService(self) -> None:
         super().startService()
+        self.takeOwnership()
         addresses = " ".join(listener.description for listener in self.listeners)
         setTitle(f"maccept: master {addresses}")
         self.pool.startService()

@@ -8,7 +8,8 @@ hands the sockets to the new one, which adopts them instead of binding
 again (the old parent still holds the port, and the control socket's
 lock).  The old parent then closes its own copies at once, without
 C{shutdown(2)}, which would close them for the new parent too, and
-without removing the control socket's path, which is the new parent's now.
+without removing the control socket's path and lock, which become the new
+parent's once it takes over (L{maccept._socketpath}).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from maccept._listening import AdoptedUNIXPort, ListenError, listenNow, release
+from maccept._socketpath import SocketPath
 
 _log = Logger(namespace="maccept")
 
@@ -37,15 +39,13 @@ class ServicePort:
 
     @ivar label: the option as given (C{--metrics DESC}, C{--control PATH}),
         which also names the socket in an upgrade's hand-over.
-    @ivar path: the control socket's path, which the parent removes when it
-        stops (unless it handed the socket over).
-    @ivar adopted: whether this parent took the socket over from an old one.
+    @ivar socketPath: a UNIX socket's path and lock, removed by the parent
+        that owns them when it stops.
     """
 
     label: str
     port: IListeningPort
-    path: str | None = None
-    adopted: bool = False
+    socketPath: SocketPath | None = None
 
     def fileno(self) -> int:
         fileno: int = self.port.fileno()  # type: ignore[attr-defined]
@@ -53,35 +53,23 @@ class ServicePort:
 
     def close(self, handedOver: bool = False) -> defer.Deferred[Any]:
         """
-        Stop serving: for good (the path goes), or, C{handedOver}, only this
-        parent's copy.
+        Stop serving: close this parent's copy (never C{shutdown(2)}, which
+        would close a handed-over socket for the new parent too), and
+        remove the path unless it was C{handedOver}.
         """
-        if not handedOver and not self.adopted:
-            return defer.maybeDeferred(self.port.stopListening)
         release(self.port)
-        lockFile = getattr(self.port, "lockFile", None)
-        if lockFile is not None:
-            lockFile.unlock()
-        if self.path and not handedOver:
-            try:
-                os.unlink(self.path)
-            except OSError as e:
-                _log.warn(
-                    "{label}: cannot remove {path}: {reason}",
-                    label=self.label,
-                    path=self.path,
-                    reason=e.strerror,
-                )
+        if self.socketPath is not None and not handedOver:
+            self.socketPath.remove()
         return defer.succeed(None)
 
 
 def wantedPorts(
     options: Mapping[str, Any], pool: Any, requestStop: Any
-) -> list[tuple[str, Any, Any, str | None]]:
+) -> list[tuple[str, Any, Any]]:
     """
-    What the options ask for: C{(label, endpoint maker, factory, path)}.
+    What the options ask for: C{(label, endpoint maker, factory)}.
     """
-    wanted: list[tuple[str, Any, Any, str | None]] = []
+    wanted: list[tuple[str, Any, Any]] = []
     if options["metrics"] is not None:
         from maccept._http import metricsSite
 
@@ -91,7 +79,6 @@ def wantedPorts(
                 f"--metrics {description}",
                 lambda reactor: serverFromString(reactor, description),
                 metricsSite(pool),
-                None,
             )
         )
     if options["control"] is not None:
@@ -103,7 +90,6 @@ def wantedPorts(
                 f"--control {path}",
                 lambda reactor: UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=True),
                 controlFactory(pool, requestStop),
-                path,
             )
         )
     return wanted
@@ -124,14 +110,15 @@ def openServicePorts(
         opened so far are closed again).
     """
     ports: list[ServicePort] = []
-    for label, makeEndpoint, factory, path in wantedPorts(options, pool, requestStop):
+    for label, makeEndpoint, factory in wantedPorts(options, pool, requestStop):
         try:
             if label in inherited:
-                servicePort = ServicePort(
-                    label, adoptServicePort(reactor, inherited.pop(label), factory), path, True
-                )
+                # The path and lock stay the old parent's until we take over.
+                port = adoptServicePort(reactor, inherited.pop(label), factory)
+                servicePort = ServicePort(label, port, SocketPath.of(label, port, owned=False))
             else:
-                servicePort = ServicePort(label, listenNow(makeEndpoint(reactor), factory), path)
+                port = listenNow(makeEndpoint(reactor), factory)
+                servicePort = ServicePort(label, port, SocketPath.of(label, port))
         except ListenError as e:
             for opened in ports:
                 opened.close()

@@ -93,6 +93,7 @@ def makeService(options: CommandLineOptions) -> IService:
 
     def tookOver(state: PoolState) -> None:
         if state is PoolState.RUNNING and UPGRADE_FROM in os.environ:
+            service.takeOwnership(adopted=True)
             takeOver(os.environ, _log)
             del os.environ[UPGRADE_FROM]
 

@@ -105,6 +105,9 @@ class Upgrade:
             inherited.append({"fd": fd, "description": description})
             childFDs[fd] = fd
         env = dict(os.environ)
+        for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            # systemd's descriptors are among those handed over, by name.
+            env.pop(name, None)
         env[INHERIT] = json.dumps(inherited)
         env[UPGRADE_FROM] = str(os.getpid())
         self._movePidfile(".oldbin")
@@ -168,6 +171,15 @@ def inheritedListeners(environ: MutableMapping[str, str] = os.environ) -> dict[s
     if not raw:
         return {}
     return {each["description"]: int(each["fd"]) for each in json.loads(raw)}
+
+
+def inheritedDescriptions(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """
+    In a new parent, before L{inheritedListeners} takes them: what the old
+    parent handed over.
+    """
+    raw = environ.get(INHERIT)
+    return [each["description"] for each in json.loads(raw)] if raw else []
 
 
 def takeOver(environ: Mapping[str, str], log: Logger) -> None:

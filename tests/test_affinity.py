@@ -42,6 +42,7 @@ class ParseTests(SynchronousTestCase):
             ("3-1", "'3-1' is not a CPU range"),
             ("-1", "expected 'auto' or a CPU list"),
             ("0-2,9", "CPU 9 is not one this process may run on (those are 0-3,6)"),
+            ("0-99999999", "CPU 4 is not one this process may run on (those are 0-3,6)"),
         ]:
             e = self.assertRaises(ValueError, parseCPUs, value, [0, 1, 2, 3, 6])
             self.assertIn(problem, str(e), value)

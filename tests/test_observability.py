@@ -263,6 +263,17 @@ class ObservabilityTests(SynchronousTestCase):
         [line] = done.stderr.strip().splitlines()
         self.assertIn("no answer within 0.5 s", line)
 
+    def test_ctlBadTimeout(self) -> None:
+        """
+        A --timeout that is not a positive number: exit 2, one line naming it.
+        """
+        self.controlPath = os.path.join(tempfile.gettempdir(), "maccept-no-such.sock")
+        for value in ("-1", "0", "nan", "soon"):
+            done = self.ctl("--timeout", value, "status")
+            self.assertEqual(done.returncode, 2, done.stderr)
+            [line] = done.stderr.strip().splitlines()
+            self.assertIn("--timeout", line)
+
     def test_ctlConnectionClosed(self) -> None:
         """
         A connection closed before the answer: exit 2, one line.

@@ -6,7 +6,9 @@ systemd would.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +25,7 @@ from tests.server import (
     HERE,
     TWISTD,
     MacceptServer,
+    alive,
     childrenOf,
     echoRoundTrip,
     runMaccept,
@@ -187,27 +190,56 @@ class SocketActivationTests(SynchronousTestCase):
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
 
-    def test_servesTheActivatedSocket(self) -> None:
+    def activated(self, workers: int) -> tuple[subprocess.Popen[str], int]:
         """
-        Workers accept on the socket systemd made; a TERM stops everything
-        with status 0.
+        maccept under systemd-socket-activate on a free port, started (by
+        a first connection, echoed) and with all its workers ready.
         """
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        process = self.activate(port, "--workers", "2", "--listen", "systemd:domain=INET:name=echo")
+            port: int = probe.getsockname()[1]
+        process = self.activate(
+            port, "--workers", str(workers), "--listen", "systemd:domain=INET:name=echo"
+        )
         # systemd-socket-activate binds, then starts the server at the
         # first connection.
         client = waitFor(lambda: connectOrNone(port), what="systemd-socket-activate to listen")
         assert isinstance(client, socket.socket)
         self.addCleanup(client.close)
         self.assertEqual(echoRoundTrip(client, b"activated"), b"activated")
-        waitFor(lambda: "all 2 workers ready" in Path(self.log).read_text(), what="the workers")
+        ready = f"all {workers} workers ready"
+        waitFor(lambda: ready in Path(self.log).read_text(), what="the workers")
+        return process, port
+
+    def test_servesTheActivatedSocket(self) -> None:
+        """
+        Workers accept on the socket systemd made; a TERM stops everything
+        with status 0.
+        """
+        process, port = self.activated(2)
         self.assertEqual(len(childrenOf(process.pid)), 2)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as second:
             self.assertEqual(echoRoundTrip(second, b"again"), b"again")
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(30), 0)
+
+    def test_upgradeUnderSocketActivation(self) -> None:
+        """
+        SIGUSR2 works under socket activation: the new parent takes the
+        systemd socket over with the others (not from LISTEN_FDS, which
+        name the old parent), and serves once the old one has exited.
+        """
+        process, port = self.activated(1)
+        process.send_signal(signal.SIGUSR2)
+        self.assertEqual(process.wait(30), 0)
+        log = Path(self.log).read_text()
+        self.assertNotIn("upgrade failed", log)
+        [newParent] = re.findall(r"started a new parent \(pid (\d+)\)", log)
+        self.addCleanup(killGroup, os.getpgid(int(newParent)))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as second:
+            self.assertEqual(echoRoundTrip(second, b"upgraded"), b"upgraded")
+        os.kill(int(newParent), signal.SIGTERM)
+        waitFor(lambda: not alive(int(newParent)), what="the new parent to stop")
 
     def test_withoutSystemd(self) -> None:
         """
@@ -220,3 +252,12 @@ class SocketActivationTests(SynchronousTestCase):
             "maccept: error: --listen systemd:domain=INET:index=0: systemd passed no "
             "descriptor at that index (LISTEN_FDS=unset; run under socket activation)",
         )
+
+
+def killGroup(pgid: int) -> None:
+    """
+    Kill what is left of process group C{pgid} (the test's own session: a
+    new parent stays in its old parent's group).
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)

@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -28,6 +29,20 @@ from tests.server import HERE, READY, TWISTD, MacceptServer, alive, echoRoundTri
 from tests.test_observability import MACCEPT_CTL
 
 NEW_PARENT = re.compile(r"started a new parent \(pid (\d+)\)")
+#: Stand-ins in L{UpgradeTests.start}'s arguments for paths in the test's directory.
+CONTROL = "<control socket>"
+METRICS_UNIX = "<unix metrics socket>"
+
+
+def ctl(path: str, *args: str) -> dict[str, Any]:
+    """
+    Run C{maccept-ctl PATH ARGS} and return its JSON answer.
+    """
+    done = subprocess.run(
+        [MACCEPT_CTL, path, *args], capture_output=True, text=True, timeout=30, check=True
+    )
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
 
 
 class UpgradeTests(SynchronousTestCase):
@@ -36,6 +51,10 @@ class UpgradeTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, directory, True)
         self.pidfile = Path(directory, "maccept.pid")
         self.socketPath = os.path.join(directory, "echo.sock")
+        self.controlPath = os.path.join(directory, "ctl.sock")
+        self.metricsPath = os.path.join(directory, "m.sock")
+        placeholders = {CONTROL: self.controlPath, METRICS_UNIX: f"unix:{self.metricsPath}"}
+        args = tuple(placeholders.get(arg, arg) for arg in args)
         server = MacceptServer(
             [
                 "--workers",
@@ -110,8 +129,13 @@ class UpgradeTests(SynchronousTestCase):
         """
         marker = os.path.join(tempfile.gettempdir(), f"maccept-break-upgrade-{os.getpid()}")
         server = self.start(
-            "--protocol", "tests.sample_protocols:breakableEcho", env={"MACCEPT_TEST_BREAK": marker}
+            "--protocol",
+            "tests.sample_protocols:breakableEcho",
+            "--control",
+            CONTROL,
+            env={"MACCEPT_TEST_BREAK": marker},
         )
+        controlPath = self.controlPath
         Path(marker).touch()
         self.addCleanup(os.unlink, marker)
         os.kill(server.pid, signal.SIGUSR2)
@@ -122,6 +146,11 @@ class UpgradeTests(SynchronousTestCase):
         self.assertEqual(len(server.workers()), 2)
         with server.connect() as client:
             self.assertEqual(echoRoundTrip(client, b"still old"), b"still old")
+        # The new parent that failed left the old one's paths and locks.
+        self.assertTrue(os.path.exists(self.socketPath))
+        self.assertEqual(os.readlink(controlPath + ".lock"), str(server.pid))
+        status = ctl(controlPath, "status", "--json")
+        self.assertEqual({w["pid"] for w in status["workers"]}, set(server.workers()))
 
     def test_metricsAndControlFollow(self) -> None:
         """
@@ -131,31 +160,37 @@ class UpgradeTests(SynchronousTestCase):
         when it stops.
         """
         port = freePort()
-        controlDirectory = tempfile.mkdtemp(prefix="maccept-upgrade-ctl-")
-        self.addCleanup(shutil.rmtree, controlDirectory, True)
-        controlPath = os.path.join(controlDirectory, "ctl.sock")
-        server = self.start(
-            "--metrics", f"tcp:{port}:interface=127.0.0.1", "--control", controlPath
-        )
+        server = self.start("--metrics", f"tcp:{port}:interface=127.0.0.1", "--control", CONTROL)
+        controlPath = self.controlPath
         os.kill(server.pid, signal.SIGUSR2)
         new = self.newParent(server)
         self.assertEqual(server.process.wait(30), 0)
         self.assertNotIn("cannot listen", server.log())
-        newWorkers = set(childrenOf(new))
-        status = subprocess.run(
-            [MACCEPT_CTL, controlPath, "status", "--json"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        pids = {worker["pid"] for worker in json.loads(status.stdout)["workers"]}
-        self.assertEqual(pids, newWorkers)
+        status = ctl(controlPath, "status", "--json")
+        self.assertEqual({w["pid"] for w in status["workers"]}, set(childrenOf(new)))
+        # The lock names the new parent, so that no other start takes the path.
+        self.assertEqual(os.readlink(controlPath + ".lock"), str(new))
         url = f"http://127.0.0.1:{port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             self.assertIn(b"maccept_workers", response.read())
         self.stopNewParent(new)
         self.assertFalse(os.path.exists(controlPath))
+        self.assertFalse(os.path.lexists(controlPath + ".lock"))
+
+    def test_unixMetricsRemovedAfterUpgrade(self) -> None:
+        """
+        A UNIX --metrics socket is handed over, and the new parent removes
+        its path and lock when it stops, so that the next start can bind.
+        """
+        server = self.start("--metrics", METRICS_UNIX)
+        metricsPath = self.metricsPath
+        os.kill(server.pid, signal.SIGUSR2)
+        new = self.newParent(server)
+        self.assertEqual(server.process.wait(30), 0)
+        self.assertTrue(os.path.exists(metricsPath))
+        self.stopNewParent(new)
+        self.assertFalse(os.path.exists(metricsPath))
+        self.assertFalse(os.path.lexists(metricsPath + ".lock"))
 
 
 class DaemonUpgradeTests(SynchronousTestCase):
@@ -168,7 +203,7 @@ class DaemonUpgradeTests(SynchronousTestCase):
         directory = Path(tempfile.mkdtemp(prefix="maccept-daemon-"))
         self.addCleanup(shutil.rmtree, directory, True)
         pidfile, logfile = directory / "maccept.pid", directory / "maccept.log"
-        socketPath = directory / "echo.sock"
+        socketPath, controlPath = directory / "echo.sock", directory / "ctl.sock"
         started = subprocess.run(
             [
                 TWISTD,
@@ -176,7 +211,7 @@ class DaemonUpgradeTests(SynchronousTestCase):
                 f"--logfile={logfile}",
                 "maccept",
                 *("--workers", "1", "--listen", "tcp:0:interface=127.0.0.1"),
-                *("--listen", f"unix:{socketPath}"),
+                *("--listen", f"unix:{socketPath}", "--control", str(controlPath)),
             ],
             cwd=directory,
             env={**os.environ, "PYTHONPATH": str(HERE.parent)},
@@ -187,16 +222,25 @@ class DaemonUpgradeTests(SynchronousTestCase):
         )
         self.assertEqual(started.returncode, 0, started.stderr)
         old = int(waitFor(lambda: pidfile.exists() and pidfile.read_text().strip()))  # type: ignore[arg-type]
-        self.addCleanup(killGroup, old)
+        # The daemon, its workers and any new parent share one process group.
+        self.addCleanup(killGroup, os.getpgid(old))
         log = lambda: logfile.read_text(errors="replace")  # noqa: E731
         ready = waitFor(lambda: READY.search(log()), what="the daemon's workers")
         tcpPort = int(ready.group(2).split()[0].rsplit(":", 1)[1])  # type: ignore[union-attr]
 
+        # twistd made the lock before daemonising; the daemon took it.
+        self.assertEqual(os.readlink(f"{controlPath}.lock"), str(old))
+        held = socket.create_connection(("127.0.0.1", tcpPort), timeout=10)
+        self.addCleanup(held.close)
+        self.assertEqual(echoOnce(held, b"before"), b"before")
+
         os.kill(old, signal.SIGUSR2)
         waitFor(lambda: f"old parent (pid {old}) drains" in log(), what="the takeover")
+        # The old parent drains: its open connection is still served.
+        self.assertEqual(echoOnce(held, b"during"), b"during")
+        held.close()
         waitFor(lambda: not alive(old), what="the old parent to exit")
         new = int(pidfile.read_text().strip())
-        self.addCleanup(killGroup, new)
         self.assertNotEqual(new, old)
         self.assertTrue(alive(new))
         self.assertNotIn("upgrade failed", log())
@@ -207,10 +251,16 @@ class DaemonUpgradeTests(SynchronousTestCase):
             client.connect(str(socketPath))
             self.assertEqual(echoRoundTrip(client, b"unix"), b"unix")
 
+        self.assertEqual(os.readlink(f"{controlPath}.lock"), str(new))
+        status = ctl(str(controlPath), "status", "--json")
+        self.assertEqual({w["pid"] for w in status["workers"]}, set(childrenOf(new)))
+
         os.kill(new, signal.SIGTERM)
         waitFor(lambda: not alive(new), what="the new parent to stop")
         self.assertFalse(pidfile.exists())
         self.assertFalse(socketPath.exists())
+        self.assertFalse(controlPath.exists())
+        self.assertEqual(sorted(p.name for p in directory.iterdir()), ["maccept.log"])
 
 
 def freePort() -> int:
@@ -220,9 +270,23 @@ def freePort() -> int:
         return port
 
 
-def killGroup(pid: int) -> None:
+def killGroup(pgid: int) -> None:
     """
-    Kill what is left of a daemon's process group (the daemon led it).
+    Kill what is left of process group C{pgid}.
     """
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def echoOnce(client: socket.socket, payload: bytes) -> bytes:
+    """
+    Send C{payload} on an open connection and read as many bytes back.
+    """
+    client.sendall(payload)
+    received = b""
+    while len(received) < len(payload):
+        chunk = client.recv(len(payload) - len(received))
+        if not chunk:
+            break
+        received += chunk
+    return received

@@ -1,0 +1,115 @@
+# -*- test-case-name: tests.test_socketpath -*-
+"""
+The filesystem side of a UNIX listening socket: its path, and the lock
+Twisted may keep beside it (C{PATH.lock}, a symlink to the owner's pid; see
+L{twisted.python.lockfile.FilesystemLock}).
+
+The parent that owns them removes them when it stops.  Ownership moves
+twice in a parent's life.  twistd daemonises after the sockets are made,
+so the lock names a pid that is gone: the parent points it at itself once
+it runs.  And an upgrade (SIGUSR2) hands the sockets to a new parent,
+which owns them only once it has taken over: a new parent that fails
+before then must leave the old one's path and lock alone.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from twisted.internet.address import UNIXAddress
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+_log = Logger(namespace="maccept")
+
+
+@dataclass
+class SocketPath:
+    """
+    @ivar label: the option that asked for the socket, for log lines.
+    @ivar lockName: C{PATH.lock} where the socket has a lock.
+    @ivar owned: whether this parent removes them when it stops.
+    """
+
+    label: str
+    path: str
+    lockName: str | None = None
+    owned: bool = True
+
+    @classmethod
+    def of(cls, label: str, port: IListeningPort, owned: bool = True) -> SocketPath | None:
+        """
+        The path and lock of C{port}, if it is a UNIX socket with a path
+        (not one in the abstract namespace).
+        """
+        address = port.getHost()
+        if not isinstance(address, UNIXAddress) or not address.name:
+            return None
+        path = os.fsdecode(address.name)
+        if path.startswith("\0"):
+            return None
+        # Twisted's own lock on a port it made; on an adopted one, the lock
+        # the old parent left beside the path.
+        lockFile = getattr(port, "lockFile", None)
+        lockName: str | None = path + ".lock"
+        if lockFile is not None:
+            lockName = os.fsdecode(lockFile.name)
+        elif not os.path.islink(path + ".lock"):
+            lockName = None
+        return cls(label, path, lockName, owned)
+
+    def claim(self) -> None:
+        """
+        Own the path, and point the lock at this process (atomically: a
+        rival start never sees no lock).
+        """
+        self.owned = True
+        if self.lockName is None:
+            return
+        pid = str(os.getpid())
+        try:
+            if os.readlink(self.lockName) == pid:
+                return
+            temporary = f"{self.lockName}.{pid}"
+            os.symlink(pid, temporary)
+            os.replace(temporary, self.lockName)
+        except OSError as e:
+            self._warn(f"cannot take the lock {self.lockName}", e)
+
+    def remove(self) -> None:
+        """
+        Remove the path and the lock, if this parent owns them; a failure is
+        one log line (typically twistd --uid: root made them, and the
+        parent no longer may remove them), and stopping goes on.
+        """
+        if not self.owned:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            self._warn(
+                f"cannot remove {self.path}",
+                e,
+                " (the parent's user needs write access to its directory)",
+            )
+        if self.lockName is None:
+            return
+        try:
+            if os.readlink(self.lockName) == str(os.getpid()):
+                os.unlink(self.lockName)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            self._warn(f"cannot remove the lock {self.lockName}", e)
+
+    def _warn(self, what: str, error: OSError, hint: str = "") -> None:
+        _log.warn(
+            "{label}: {what}: {reason}{hint}",
+            label=self.label,
+            what=what,
+            reason=error.strerror,
+            hint=hint,
+        )

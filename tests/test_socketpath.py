@@ -1,0 +1,92 @@
+"""
+A UNIX socket's path and lock: who removes them, and taking the lock over.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+
+from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from maccept._socketpath import SocketPath
+
+
+class FakeUNIXPort:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def getHost(self) -> object:
+        from twisted.internet.address import UNIXAddress
+
+        return UNIXAddress(self.path.encode())
+
+
+class SocketPathTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="maccept-socketpath-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+        self.path = os.path.join(self.directory, "s.sock")
+        self.lock = self.path + ".lock"
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.addCleanup(self.sock.close)
+        self.sock.bind(self.path)
+
+    def test_ofFindsLeftLock(self) -> None:
+        """
+        Of an adopted port (no lock object), the lock is the one beside the
+        path, if there is one.
+        """
+        port = FakeUNIXPort(self.path)
+        self.assertIsNone(SocketPath.of("--listen x", port, owned=False).lockName)  # type: ignore[arg-type, union-attr]
+        os.symlink("1", self.lock)
+        found = SocketPath.of("--listen x", port, owned=False)  # type: ignore[arg-type]
+        self.assertEqual((found.path, found.lockName, found.owned), (self.path, self.lock, False))  # type: ignore[union-attr]
+
+    def test_notOwnedLeftAlone(self) -> None:
+        """
+        A parent that does not own them (it adopted the socket and has not
+        taken over) removes neither path nor lock.
+        """
+        os.symlink("12345", self.lock)
+        SocketPath("--control p", self.path, self.lock, owned=False).remove()
+        self.assertTrue(os.path.exists(self.path))
+        self.assertEqual(os.readlink(self.lock), "12345")
+
+    def test_claimThenRemove(self) -> None:
+        """
+        Claiming points the lock at this process; then the owner removes
+        both.
+        """
+        os.symlink("12345", self.lock)
+        socketPath = SocketPath("--control p", self.path, self.lock, owned=False)
+        socketPath.claim()
+        self.assertTrue(socketPath.owned)
+        self.assertEqual(os.readlink(self.lock), str(os.getpid()))
+        self.assertEqual([n for n in os.listdir(self.directory) if n != "s.sock"], ["s.sock.lock"])
+        socketPath.remove()
+        self.assertFalse(os.path.exists(self.path))
+        self.assertFalse(os.path.lexists(self.lock))
+
+    def test_someoneElsesLockKept(self) -> None:
+        """
+        A lock that names another process (a rival took it) is not removed.
+        """
+        os.symlink("12345", self.lock)
+        SocketPath("--control p", self.path, self.lock).remove()
+        self.assertFalse(os.path.exists(self.path))
+        self.assertEqual(os.readlink(self.lock), "12345")
+
+    def test_cannotRemoveIsOneLine(self) -> None:
+        """
+        A path that cannot be removed is one warning naming the option.
+        """
+        socketPath = SocketPath("--control p", os.path.join(self.path, "under-a-socket"))
+        with capturedLogs() as events:
+            socketPath.remove()
+        [event] = events
+        self.assertIn("--control p: cannot remove", formatEvent(event))
+
