@@ -12,12 +12,15 @@ packages the server imports into a directory that user can read.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -26,7 +29,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.server import HERE, MacceptServer, echoRoundTrip, waitFor
+from maccept.testing import childrenOf
+from tests.server import HERE, MacceptServer, alive, echoRoundTrip, waitFor
 
 #: What a parent and a worker serving C{echo} on TCP import.
 SERVER_MODULES = (
@@ -166,6 +170,24 @@ class PrivilegesTests(SynchronousTestCase):
         copyServerPackages(self.packages)
         os.chmod(self.packages, 0o755)
 
+    @property
+    def nobody(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (self.uid,) * 4, (self.gid,) * 4
+
+    def startAsNobody(self, *args: str) -> MacceptServer:
+        """
+        Start C{twistd --uid nobody --gid nogroup -n maccept ARGS} with two
+        workers, as root, and wait until they are ready.
+        """
+        server = MacceptServer(
+            [*args, "--workers", "2"],
+            twistdArgs=[f"--uid={self.uid}", f"--gid={self.gid}"],
+            env={"PYTHONPATH": str(self.packages)},
+            twistd=[self.python, "-c", "from twisted.scripts.twistd import run; run()"],
+        )
+        self.addCleanup(server.stop)
+        return server.waitReady()
+
     def test_rootBindsWorkersNeverRoot(self) -> None:
         """
         C{twistd --uid nobody --gid nogroup -n maccept --listen tcp:PORT}
@@ -184,20 +206,12 @@ class PrivilegesTests(SynchronousTestCase):
         (sockets / "nobody").mkdir()
         os.chown(sockets / "nobody", self.uid, self.gid)
         removable, stuck = sockets / "nobody" / "echo.sock", sockets / "echo.sock"
-        server = MacceptServer(
-            [
-                *("--listen", f"tcp:{port}:interface=127.0.0.1"),
-                *("--listen", f"unix:{removable}:lockfile=0"),
-                *("--listen", f"unix:{stuck}:lockfile=0"),
-                *("--workers", "2"),
-            ],
-            twistdArgs=[f"--uid={self.uid}", f"--gid={self.gid}"],
-            env={"PYTHONPATH": str(self.packages)},
-            twistd=[self.python, "-c", "from twisted.scripts.twistd import run; run()"],
+        server = self.startAsNobody(
+            *("--listen", f"tcp:{port}:interface=127.0.0.1"),
+            *("--listen", f"unix:{removable}:lockfile=0"),
+            *("--listen", f"unix:{stuck}:lockfile=0"),
         )
-        self.addCleanup(server.stop)
-        server.waitReady()
-        nobody = ((self.uid,) * 4, (self.gid,) * 4)
+        nobody = self.nobody
 
         first = server.workers()
         self.assertEqual(len(first), 2)
@@ -229,3 +243,47 @@ class PrivilegesTests(SynchronousTestCase):
             f"--listen unix:{stuck}:lockfile=0: cannot remove {stuck}: Permission denied", log()
         )
         self.assertNotIn("Traceback", log())
+
+    def test_upgradeAsNobody(self) -> None:
+        """
+        SIGUSR2 to a parent that shed root: the new parent, started by
+        nobody, takes the privileged port and a UNIX socket over without
+        binding anything (it could not), serves, runs nobody's workers, and
+        removes the UNIX path when it stops.
+        """
+        port = freePrivilegedPort()
+        sockets = Path(tempfile.mkdtemp(prefix="maccept-sockets-"))
+        self.addCleanup(shutil.rmtree, sockets, True)
+        os.chmod(sockets, 0o755)
+        os.chown(sockets, self.uid, self.gid)
+        path = sockets / "echo.sock"
+        server = self.startAsNobody(
+            "--listen", f"tcp:{port}:interface=127.0.0.1", "--listen", f"unix:{path}"
+        )
+        old = server.pid
+        os.kill(old, signal.SIGUSR2)
+        waitFor(lambda: f"old parent (pid {old}) drains" in server.log(), what="the takeover")
+        self.assertEqual(server.process.wait(30), 0)
+        [new] = [
+            int(pid) for pid in re.findall(r"started a new parent \(pid (\d+)\)", server.log())
+        ]
+        self.addCleanup(killGroup, os.getpgid(new))
+        self.assertEqual(identities(new), self.nobody)
+        workers = childrenOf(new)
+        self.assertEqual(len(workers), 2)
+        for pid in workers:
+            self.assertEqual(identities(pid), self.nobody)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            self.assertEqual(echoRoundTrip(client, b"upgraded"), b"upgraded")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o666)
+        self.assertEqual(os.readlink(f"{path}.lock"), str(new))
+        os.kill(new, signal.SIGTERM)
+        waitFor(lambda: not alive(new), what="the new parent to stop")
+        self.assertFalse(path.exists())
+        self.assertFalse(os.path.lexists(f"{path}.lock"))
+        self.assertNotIn("Traceback", server.log())
+
+
+def killGroup(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
