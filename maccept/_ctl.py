@@ -88,7 +88,7 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
     endpoint = UNIXClientEndpoint(reactor, options.path, timeout=options.timeout)
     try:
         control = await connectProtocol(endpoint, amp.AMP())
-    except ConnectError as e:
+    except (ConnectError, ConnectionClosed) as e:
         return _unreachable(options.path, e)
 
     def call(command: type[amp.Command], **arguments: Any) -> defer.Deferred[Any]:
