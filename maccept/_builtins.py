@@ -82,9 +82,22 @@ class WebOptions(usage.Options):
 
 
 def webFactory(options: usage.Options) -> Any:
+    from twisted.web.resource import NoResource
     from twisted.web.server import Site
     from twisted.web.static import File
 
-    site = Site(File(options["path"]))
+    class Files(File):
+        """
+        Twisted's L{File}, answering 404 to a path segment with a NUL byte
+        (C{GET /%00}), on which C{stat} raises: a 500 and a traceback per
+        request otherwise.
+        """
+
+        def getChild(self, path: bytes, request: Any) -> Any:
+            if b"\0" in path:
+                return NoResource()
+            return super().getChild(path, request)
+
+    site = Site(Files(options["path"]))
     site.noisy = False
     return site

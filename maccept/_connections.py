@@ -76,12 +76,13 @@ class ConnectionTracker:
         nothing: slowloris); return how many.
         """
         cutoff = (time.monotonic() if now is None else now) - timeout
+        # A closing connection counts too: one whose client never reads
+        # what is left to send would hold its descriptor for ever.
         idle = [
             t
             for t in self.open
             if t.lastActive <= cutoff  # type: ignore[attr-defined]
             and not getattr(t, "_aborting", False)
-            and not getattr(t, "disconnecting", False)
         ]
         for transport in idle:
             transport.abortConnection()  # type: ignore[attr-defined]

@@ -29,8 +29,10 @@ class ProtocolSpecError(ValueError):
 def hasPendingOutput(transport: object) -> bool:
     """
     Whether C{transport} still holds bytes it has not handed to the kernel;
-    C{True} where it cannot tell.
+    C{True} where it cannot tell (a wrapper's), C{False} with no transport.
     """
+    if transport is None:
+        return False
     try:
         return bool(transport.dataBuffer or transport._tempDataLen)  # type: ignore[attr-defined]
     except AttributeError:

@@ -9,13 +9,15 @@ worker; and a client's half-close still reaches the protocol.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolFactory
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+from twisted.protocols.haproxy._info import ProxyInfo
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
@@ -26,56 +28,128 @@ from zope.interface import directlyProvides, providedBy
 PREFIX = "haproxy:"
 
 
+#: Seconds a client may take to send its whole PROXY header: a proxy sends
+#: it at once, so a connection that has not is dropped (and counted) even
+#: without C{--idle-timeout}.
+HEADER_TIMEOUT = 10.0
+_V2_SIGNATURE = V2Parser.PREFIX
+_V1_SIGNATURE = V1Parser.PROXYSTR + b" "
+
+
+def headerKind(start: bytes) -> type[V1Parser] | type[V2Parser] | bool | None:
+    """
+    Which parser the first bytes of a connection call for: the parser's
+    class; L{None} while they are still the start of either signature (a
+    header may arrive in pieces); C{False} if they are neither.
+    """
+    if start.startswith(_V2_SIGNATURE):
+        if len(start) > len(_V2_SIGNATURE) and start[len(_V2_SIGNATURE)] & 0xF0 != 0x20:
+            return False
+        # Twisted's v2 parser wants the 16 bytes before the length.
+        return V2Parser if len(start) >= 16 else None
+    if start.startswith(_V1_SIGNATURE):
+        return _V1Parser
+    if _V2_SIGNATURE.startswith(start) or _V1_SIGNATURE.startswith(start):
+        return None
+    return False
+
+
+class _V1Parser(V1Parser):
+    """
+    Twisted's v1 parser, plus the bare C{PROXY UNKNOWN} line the
+    specification allows (HAProxy sends it), and addresses and ports
+    checked: Twisted takes C{PROXY TCP4 notanip x 99999 -5} as given, and
+    raises bare C{ValueError}s for a port that is not a number.
+    """
+
+    @classmethod
+    def parse(cls, line: bytes) -> ProxyInfo:
+        if line.rstrip(b"\r") == b"PROXY UNKNOWN":
+            return ProxyInfo(line, None, None)
+        try:
+            info = super().parse(line)
+            ends: list[Any] = [info.source, info.destination]
+            for end in ends:
+                if end is not None:
+                    ipaddress.ip_address(end.host)
+                    if not 0 <= end.port <= 65535:
+                        raise ValueError(end.port)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidProxyHeader() from e
+        return info
+
+
 class _ProxyProtocolWrapper(HAProxyProtocolWrapper):
     """
     Unlike Twisted's wrapper, connects the wrapped protocol only once the
     header is read, so that C{getPeer()} in its C{connectionMade} is
     already the original client; a connection dropped before that never
-    reaches the protocol at all.
+    reaches the protocol at all.  A header may arrive in pieces, but must
+    arrive within L{HEADER_TIMEOUT}.
     """
 
     factory: ProxyWrappingFactory
     _innerConnected = False
+    _start = b""
+    _deadline: Any = None
+    _conforming = False
 
     def makeConnection(self, transport: Any) -> None:
         directlyProvides(self, providedBy(transport))
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
+        self._deadline = self.factory.clock.callLater(self.factory.headerTimeout, self._tooSlow)
 
     def dataReceived(self, data: bytes) -> None:
         if self._proxyInfo is not None:
             self.wrappedProtocol.dataReceived(data)
             return
         if self._parser is None:
-            if len(data) >= 16 and data[:12] == V2Parser.PREFIX and data[12] & 0xF0 == 0x20:
-                self._parser = V2Parser()
-            elif len(data) >= 8 and data[:5] == V1Parser.PROXYSTR:
-                self._parser = V1Parser()
-            else:
-                self._reject()
+            data, self._start = self._start + data, b""
+            kind = headerKind(data)
+            if kind is None:
+                self._start = data
                 return
+            if kind is False:
+                self._reject("malformed PROXY protocol header")
+                return
+            self._parser = kind()  # type: ignore[operator]
         try:
             self._proxyInfo, remaining = self._parser.feed(data)
         except InvalidProxyHeader:
-            self._reject()
+            self._reject("malformed PROXY protocol header")
             return
         if self._proxyInfo is not None:
+            self._cancelDeadline()
             self._innerConnected = True
             self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]
             if remaining and self.connected:
                 self.wrappedProtocol.dataReceived(remaining)
 
-    def _reject(self) -> None:
-        self.factory.rejected(self)
+    def _tooSlow(self) -> None:
+        self._deadline = None
+        self._reject(f"no complete PROXY protocol header within {self.factory.headerTimeout:g} s")
+
+    def _cancelDeadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _reject(self, why: str) -> None:
+        self._cancelDeadline()
+        self.factory.rejected(self, why)
         self.transport.abortConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancelDeadline()
         if self._innerConnected:
             super().connectionLost(reason)
         else:
             self.factory.unregisterProtocol(self)
 
-    # Half-close, which Twisted's ProtocolWrapper does not pass on.
+    # Half-close, which Twisted's ProtocolWrapper does not pass on: only to
+    # a connected protocol, and without asking twice (a TLS protocol passes
+    # the question back to its transport, which is this wrapper).
 
     def __conform__(self, interface: object) -> object:
         if interface is IHalfCloseableProtocol and self._halfCloseable() is not None:
@@ -83,7 +157,13 @@ class _ProxyProtocolWrapper(HAProxyProtocolWrapper):
         return None
 
     def _halfCloseable(self) -> Any:
-        return IHalfCloseableProtocol(self.wrappedProtocol, None)
+        if not self._innerConnected or self._conforming:
+            return None
+        self._conforming = True
+        try:
+            return IHalfCloseableProtocol(self.wrappedProtocol, None)
+        finally:
+            self._conforming = False
 
     def readConnectionLost(self) -> None:
         inner = self._halfCloseable()
@@ -100,20 +180,31 @@ class ProxyWrappingFactory(HAProxyWrappingFactory):
     """
     Reads the PROXY header before the wrapped factory's protocol sees a
     byte; C{onRejected} is called for each connection dropped for a
-    malformed header.
+    malformed header, or for one that did not come in time.
     """
 
     protocol = _ProxyProtocolWrapper  # type: ignore[assignment]
     log = Logger()
 
-    def __init__(self, wrappedFactory: IProtocolFactory, onRejected: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        wrappedFactory: IProtocolFactory,
+        onRejected: Callable[[], None],
+        clock: IReactorTime | None = None,
+        headerTimeout: float = HEADER_TIMEOUT,
+    ) -> None:
         super().__init__(wrappedFactory)
         self.onRejected = onRejected
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock: Any = clock
+        self.headerTimeout = headerTimeout
 
-    def rejected(self, wrapper: HAProxyProtocolWrapper) -> None:
+    def rejected(self, wrapper: HAProxyProtocolWrapper, why: str) -> None:
         self.log.warn(
-            "dropped a connection from {peer}: malformed PROXY protocol header",
+            "dropped a connection from {peer}: {why}",
             peer=wrapper.transport.getPeer() if wrapper.transport else None,
+            why=why,
         )
         self.onRejected()
 

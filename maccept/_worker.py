@@ -115,8 +115,10 @@ class Worker:
             )
         for handle in self.spec.listeners:
             if handle.kind == "datagram":
+                # The largest datagram, not Twisted's 8192: RFC 862 echoes
+                # it whole.
                 datagramPort = self.reactor.adoptDatagramPort(
-                    handle.fd, handle.addressFamily, DatagramEcho(self.tracker)
+                    handle.fd, handle.addressFamily, DatagramEcho(self.tracker), 65535
                 )
                 datagramPort.stopReading()
                 self.datagramPorts.append(datagramPort)

@@ -87,6 +87,18 @@ class TrackerTests(SynchronousTestCase):
         self.assertEqual((old.aborted, fresh.aborted), (True, False))
         self.assertEqual(self.tracker.idleClosed, 1)
 
+    def test_closeIdleTakesSilentClosing(self) -> None:
+        """
+        A connection that is closing but cannot finish (its client reads
+        nothing of what is left to send) is aborted once silent too.
+        """
+        stuck = FakeServerTransport()
+        stuck.lastActive = 0.0  # type: ignore[attr-defined]
+        stuck.disconnecting = True  # type: ignore[attr-defined]
+        self.tracker.opened(stuck)  # type: ignore[arg-type]
+        self.assertEqual(self.tracker.closeIdle(5.0, now=110.0), 1)
+        self.assertTrue(stuck.aborted)
+
     def test_closeIdleSkipsClosing(self) -> None:
         """
         A connection already being aborted is neither aborted again nor

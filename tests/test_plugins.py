@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -135,7 +136,8 @@ class BuiltInServingTests(SynchronousTestCase):
 
     def test_web(self) -> None:
         """
-        The web plugin serves the directory named by its path option.
+        The web plugin serves the directory named by its path option, and
+        answers 404 to a path it cannot look up.
         """
         root = tempfile.mkdtemp(prefix="maccept-web-")
         self.addCleanup(shutil.rmtree, root, True)
@@ -144,6 +146,12 @@ class BuiltInServingTests(SynchronousTestCase):
         url = f"http://127.0.0.1:{server.port}/hello.txt"
         with urllib.request.urlopen(url, timeout=10) as response:
             self.assertEqual(response.read(), b"hello from the web plugin\n")
+        # A NUL in the path is a 404, not a 500 and a traceback.
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/%00", timeout=10)
+        self.assertEqual(caught.exception.code, 404)
+        caught.exception.close()
+        self.assertNotIn("Traceback", server.log())
 
     def test_thirdPartyPlugin(self) -> None:
         """

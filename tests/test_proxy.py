@@ -10,10 +10,22 @@ import contextlib
 import ipaddress
 import socket
 import struct
+from typing import Any
 
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from maccept._proxy import HEADER_TIMEOUT, ProxyWrappingFactory
 from tests.server import MacceptServer, echoRoundTrip, metric, runMaccept, waitFor
+from tests.test_pool import texts
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
@@ -123,3 +135,152 @@ class ProxyProtocolTests(SynchronousTestCase):
             "maccept: error: --listen haproxy:udp:7007: the PROXY protocol (haproxy:) "
             "needs a stream listener, not udp",
         )
+
+
+class Recorder(Protocol):
+    """
+    Records what reaches the protocol behind the PROXY wrapper.
+    """
+
+    def __init__(self) -> None:
+        self.peers: list[object] = []
+        self.received = b""
+        self.lost: list[Failure] = []
+
+    def connectionMade(self) -> None:
+        self.peers.append(self.transport.getPeer())  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.append(reason)
+
+
+class ForwardsEverything(ProtocolWrapper):
+    """
+    Like Twisted's TLS protocol: a wrapper whose unknown attributes,
+    C{__conform__} included, come from its transport.
+    """
+
+
+class WrapperTests(SynchronousTestCase):
+    """
+    The PROXY wrapper on its own, with a clock and a string transport.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.rejections = 0
+        self.recorders: list[Recorder] = []
+
+        def recorder() -> Recorder:
+            self.recorders.append(Recorder())
+            return self.recorders[-1]
+
+        self.factory = ProxyWrappingFactory(
+            Factory.forProtocol(recorder), self.rejected, clock=self.clock
+        )
+
+    def rejected(self) -> None:
+        self.rejections += 1
+
+    def connect(self) -> tuple[Any, StringTransport]:
+        wrapper = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.9.8.7", 1234))
+        wrapper.makeConnection(transport)
+        return wrapper, transport
+
+    def test_headerInPieces(self) -> None:
+        """
+        A v1 or v2 header that arrives a byte at a time is read whole: the
+        protocol sees the client it names, and the bytes after it.
+        """
+        for header in [v1Header("203.0.113.7", 5555, 80), v2Header("198.51.100.9", 4444, 80)]:
+            wrapper, transport = self.connect()
+            for n in range(len(header)):
+                wrapper.dataReceived(header[n : n + 1])
+            wrapper.dataReceived(b"after")
+            recorder = self.recorders[-1]
+            self.assertEqual(recorder.received, b"after")
+            self.assertFalse(transport.disconnecting)
+        self.assertEqual(
+            [(peer.host, peer.port) for r in self.recorders for peer in r.peers],  # type: ignore[attr-defined]
+            [("203.0.113.7", 5555), ("198.51.100.9", 4444)],
+        )
+        self.assertEqual(self.rejections, 0)
+
+    def test_unknown(self) -> None:
+        """
+        The bare C{PROXY UNKNOWN} line (allowed by the specification, sent
+        by HAProxy) connects the protocol, whose peer is then the proxy.
+        """
+        wrapper, _ = self.connect()
+        wrapper.dataReceived(b"PROXY UNKNOWN\r\nhello")
+        [recorder] = self.recorders
+        self.assertEqual(
+            (recorder.received, recorder.peers), (b"hello", [IPv4Address("TCP", "10.9.8.7", 1234)])
+        )
+
+    def test_badValuesRejected(self) -> None:
+        """
+        A v1 header whose addresses or ports are not addresses and ports is
+        malformed: dropped, counted, and the protocol never connected.
+        """
+        for header in [
+            b"PROXY TCP4 1.2.3.4 127.0.0.1 abc 80\r\n",
+            b"PROXY TCP4 \xff\xfe 127.0.0.1 1 80\r\n",
+            b"PROXY TCP4 notanip alsonot 1 80\r\n",
+            b"PROXY TCP4 1.2.3.4 127.0.0.1 99999 80\r\n",
+            b"PROXY TCP4 1.2.3.4 127.0.0.1 -5 80\r\n",
+            b"GET / HTTP/1.0\r\n",
+        ]:
+            with capturedLogs() as events:
+                wrapper, transport = self.connect()
+                wrapper.dataReceived(header)
+            self.assertTrue(transport.disconnecting, header)
+            self.assertIn("malformed PROXY protocol header", " ".join(texts(events)))
+        self.assertEqual(self.rejections, 6)
+        self.assertEqual([r.peers for r in self.recorders], [[]] * len(self.recorders))
+
+    def test_headerDeadline(self) -> None:
+        """
+        A client that sends part of a header, or nothing, is dropped and
+        counted after L{HEADER_TIMEOUT}; one whose header came is not.
+        """
+        slow, slowTransport = self.connect()
+        slow.dataReceived(b"PROXY TCP4 1.2")
+        _, silentTransport = self.connect()
+        fine, fineTransport = self.connect()
+        fine.dataReceived(v1Header("192.0.2.1", 1, 80))
+        with capturedLogs() as events:
+            self.clock.advance(HEADER_TIMEOUT)
+        self.assertEqual((slowTransport.disconnecting, silentTransport.disconnecting), (True, True))
+        self.assertFalse(fineTransport.disconnecting)
+        self.assertEqual(self.rejections, 2)
+        self.assertIn("no complete PROXY protocol header within 10 s", " ".join(texts(events)))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_closedBeforeHeader(self) -> None:
+        """
+        A connection closed before its header (a health check's connect and
+        close) is neither half-closed into a protocol that never connected,
+        nor counted, and leaves no timer.
+        """
+        wrapper, _ = self.connect()
+        self.assertIsNone(IHalfCloseableProtocol(wrapper, None))
+        wrapper.connectionLost(Failure(ConnectionDone()))
+        [recorder] = self.recorders
+        self.assertEqual((self.rejections, recorder.peers, recorder.lost), (0, [], []))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_wrappedWrapperNotAskedForever(self) -> None:
+        """
+        Behind a wrapper that asks its transport (TLS does), the half-close
+        question is answered, not passed round and round.
+        """
+        self.factory.wrappedFactory = WrappingFactory(Factory.forProtocol(Recorder))
+        self.factory.wrappedFactory.protocol = ForwardsEverything
+        wrapper, _ = self.connect()
+        wrapper.dataReceived(v1Header("192.0.2.1", 1, 80))
+        self.assertIsNone(IHalfCloseableProtocol(wrapper, None))

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.server import MacceptServer, runMaccept
+from tests.server import MacceptServer, metric, runMaccept, waitFor
 from tests.test_proxy import v1Header
 
 
@@ -88,12 +88,22 @@ class TLSTests(SynchronousTestCase):
     def test_tlsBehindProxyHeader(self) -> None:
         """
         With C{haproxy:ssl:...} the PROXY header comes first, in the clear,
-        then the TLS handshake.
+        then the TLS handshake; closed connections are gone from the
+        worker.
         """
-        server = MacceptServer(["--workers", "1", "--listen", self.description("haproxy:")])
+        server = MacceptServer(
+            [
+                *("--workers", "1", "--listen", self.description("haproxy:")),
+                *("--metrics", "tcp:0:interface=127.0.0.1"),
+            ]
+        )
         self.addCleanup(server.cleanup)
         server.waitReady()
         self.roundTrips(server, v1Header("192.0.2.5", 999, server.port))
+        # Each closed connection is let go of (the half-close question once
+        # went round between the TLS protocol and the PROXY wrapper).
+        waitFor(lambda: metric(server, "maccept_connections_open") == 0, what="all closed")
+        self.assertNotIn("Traceback", server.log())
 
     def test_missingCertificate(self) -> None:
         """
