@@ -40,29 +40,50 @@ def workerSystem(number: int, pid: int) -> str:
 
 def encodeEvent(event: dict[str, Any]) -> str:
     """
-    Serialise C{event}; one that would not fit in an AMP value is flattened
-    to its formatted text, cut to size.
+    Serialise C{event}.  Sent as text instead: a failure (Twisted's JSON
+    keeps its type but not its message, so the whole traceback goes), an
+    event whose format does not format (the text says so, as twistd would
+    write it), and one that would not fit in an AMP value (cut in the
+    middle, keeping the end, where a traceback names the error).
     """
-    text = eventAsJSON(event)
-    if len(text.encode("utf-8")) < MAX_VALUE_LENGTH:
-        return text
-    whole = formatEvent(event) or ""
-    # JSON may spend up to 12 bytes on one character, and the text appears
-    # more than once in the event: halve until it fits.  Each try builds a
-    # fresh event, since eventAsJSON records its flattened fields in place.
+    failure = event.get("log_failure")
+    if failure is None:
+        try:
+            text = eventAsJSON(event)
+        except Exception:
+            text = ""
+        if text and len(text.encode("utf-8")) < MAX_VALUE_LENGTH:
+            return text
+        whole = formatEvent(event) or ""
+    else:
+        whole = (formatEvent(event) or "") + "\n" + _traceback(failure)
+    # JSON may spend up to 12 bytes on one character: halve until it fits.
+    # Each try builds a fresh event, since eventAsJSON records its flattened
+    # fields in place.
     keep = MAX_VALUE_LENGTH // 8
     while True:
+        if len(whole) > keep:
+            cut = whole[: keep // 2] + "\n[... truncated ...]\n" + whole[-(keep // 2) :]
+        else:
+            cut = whole
         flat = {
             "log_level": event.get("log_level", LogLevel.info),
             "log_namespace": event.get("log_namespace", "maccept"),
             "log_time": event.get("log_time"),
             "log_format": "{text}",
-            "text": whole[:keep] + " [truncated]",
+            "text": cut,
         }
         text = eventAsJSON(flat)
         if len(text.encode("utf-8")) < MAX_VALUE_LENGTH or keep == 0:
             return text
         keep //= 2
+
+
+def _traceback(failure: Any) -> str:
+    try:
+        return str(failure.getTraceback()).rstrip("\n")
+    except Exception:
+        return repr(failure)
 
 
 def reemit(

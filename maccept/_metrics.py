@@ -160,8 +160,9 @@ class PoolCollector(Collector):
         for listener in self.pool.listeners:
             queue = listenQueue(listener)
             if queue is not None:
-                waiting.add_metric([listener.description], queue[0])
-                limit.add_metric([listener.description], queue[1])
+                # By address: two descriptions can be the same (tcp:0 twice).
+                waiting.add_metric([listener.address], queue[0])
+                limit.add_metric([listener.address], queue[1])
         yield from (waiting, limit)
 
 

@@ -388,6 +388,17 @@ class WorkerPool(Service):
         workers = [w for w in self.ofGeneration(generation) if w.stopReason is None]
         return len(workers) >= self.size and all(w.state is WorkerState.READY for w in workers)
 
+    def lateReport(self, worker: WorkerProcess, stats: dict[str, Any]) -> None:
+        """
+        A report from a worker already folded into the totals (its process
+        ended while the parent was behind on its control channel): what it
+        counted since still adds up.
+        """
+        for name in COUNTERS:
+            increase = int(stats.get(name, 0)) - int(worker.stats[name])
+            if increase > 0:
+                self.departedTotals[name] += increase
+
     def workerEnded(self, worker: WorkerProcess) -> None:
         self._freeBoardSlot(worker)
         if worker in self.workers:

@@ -146,6 +146,9 @@ class WorkerProcess(ProcessProtocol):
 
     def heartbeat(self, **stats: Any) -> None:
         self.lastHeartbeat = self.pool.reactor.seconds()
+        if self not in self.pool.workers:
+            # The process ended before the parent read its last reports.
+            self.pool.lateReport(self, stats)
         self.stats.update(stats)
 
     def askedToBeReplaced(self, reason: str) -> None:
@@ -229,5 +232,7 @@ class ParentControl(amp.AMP):
 
     @LogEvent.responder
     def logEvent(self, event: str) -> dict[str, Any]:
+        # A sign of life too: heartbeats queue behind a busy worker's logs.
+        self.worker.lastHeartbeat = self.worker.pool.reactor.seconds()
         reemit(event, self.worker.system)
         return {}

@@ -37,8 +37,18 @@ from twisted.python.failure import Failure
 #: The parent's log line once every worker accepts.
 _READY = re.compile(r"all (\d+) workers ready on (\S+)")
 #: twistd in a session (and process group) of its own, so that a kill of
-#: that group reaches its workers too.
-_TWISTD = "import os; os.setsid(); from twisted.scripts.twistd import run; run()"
+#: that group reaches its workers too; and sent SIGTERM if the test process
+#: dies first (a test runner's timeout, say), so that no pool outlives it.
+#: (The test process's pid comes in L{TEST_PROCESS}: had it died before the
+#: signal was asked for, twistd exits at once.)
+TEST_PROCESS = "MACCEPT_TEST_PROCESS"
+_TWISTD = (
+    "import ctypes, os, signal, sys; os.setsid(); "
+    "ctypes.CDLL(None).prctl(1, signal.SIGTERM); "  # PR_SET_PDEATHSIG
+    f"parent = os.environ.pop({TEST_PROCESS!r}, None); "
+    "parent is None or int(parent) == os.getppid() or sys.exit(1); "
+    "from twisted.scripts.twistd import run; run()"
+)
 
 
 class PoolStartError(Exception):
@@ -176,6 +186,7 @@ def startPool(
         [p for p in sys.path if p] + [env.get("PYTHONPATH", "")]
     ).rstrip(os.pathsep)
     env["PYTHONUNBUFFERED"] = "1"
+    env[TEST_PROCESS] = str(os.getpid())
     reactor.spawnProcess(process, sys.executable, args, env=env, childFDs={0: "w", 1: "r", 2: "r"})
 
     def timedOut() -> None:

@@ -98,8 +98,9 @@ class RoundTripTests(SynchronousTestCase):
 
     def test_failure(self) -> None:
         """
-        A logged failure arrives as a failure of the same type with its
-        traceback.
+        A logged failure arrives at its level with its message, and the
+        whole traceback as text: the exception's type, its message (which
+        Twisted's JSON would lose) and the frames.
         """
         events: list[LogEvent] = []
         log = Logger(namespace="app.db", observer=events.append)
@@ -109,10 +110,40 @@ class RoundTripTests(SynchronousTestCase):
             log.failure("query {query} failed", query="select 1")
         result = roundTrip(events[0])
         self.assertIs(result["log_level"], LogLevel.critical)
-        self.assertEqual(formatEvent(result), "query select 1 failed")
-        failure = result["log_failure"]
-        self.assertTrue(failure.check(ZeroDivisionError))
-        self.assertIn("test_failure", failure.getTraceback())
+        text = formatEvent(result)
+        self.assertTrue(text.startswith("query select 1 failed\nTraceback"), text)
+        self.assertIn("test_failure", text)
+        self.assertTrue(text.endswith("ZeroDivisionError: division by zero"), text)
+
+    def test_formatThatDoesNotFormat(self) -> None:
+        """
+        An event whose format names a field it lacks (an f-string with
+        braces in it, say) still arrives, saying so, as twistd would print
+        it.
+        """
+        event = logged("error", "bad fmt {nope}")
+        result = roundTrip(event)
+        self.assertIs(result["log_level"], LogLevel.error)
+        self.assertIn("Unable to format event", formatEvent(result))
+        self.assertIn("bad fmt {nope}", formatEvent(result))
+
+    def test_hugeFailureKeepsItsEnd(self) -> None:
+        """
+        A failure too big for one AMP value is cut in the middle: the start
+        and the exception at the end of the traceback are kept.
+        """
+        events: list[LogEvent] = []
+        log = Logger(namespace="app.db", observer=events.append)
+        try:
+            raise ValueError("the reason " + "x" * (MAX_VALUE_LENGTH * 2))
+        except ValueError:
+            log.failure("handler failed")
+        text = encodeEvent(events[0])
+        self.assertTrue(fitsInAmp(text))
+        formatted = formatEvent(roundTrip(events[0]))
+        self.assertTrue(formatted.startswith("handler failed\nTraceback"), formatted[:80])
+        self.assertIn("[... truncated ...]", formatted)
+        self.assertTrue(formatted.endswith("x" * 20), formatted[-80:])
 
     def test_reemitToGlobalPublisher(self) -> None:
         """
@@ -143,12 +174,12 @@ class TooBigTests(SynchronousTestCase):
         self.assertEqual(result["log_system"], SYSTEM)
         formatted = formatEvent(result)
         self.assertTrue(formatted.startswith(start), formatted[:80])
-        self.assertTrue(formatted.endswith(" [truncated]"), formatted[-80:])
+        self.assertIn("\n[... truncated ...]\n", formatted)
 
     def test_tooBigIsTruncated(self) -> None:
         """
-        An event too big for one AMP value is flattened to its text, cut
-        short, marked as truncated, and keeps its level and namespace.
+        An event too big for one AMP value is flattened to its text, cut in
+        the middle, marked as truncated, and keeps its level and namespace.
         """
         event = logged("error", "dump: {data}", data="x" * (MAX_VALUE_LENGTH * 2))
         self.assertFalse(fitsInAmp(eventAsJSON(event)))

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.python.log import addObserver, removeObserver
 from twisted.trial.unittest import SynchronousTestCase
 
+from maccept._logforward import encodeEvent
 from maccept._pool import PoolSettings, WorkerPool
 from maccept._states import PoolState, WorkerState
 from maccept._wire import CONTROL_FD, Drain, ListenerHandle, WorkerSpec
@@ -750,6 +751,34 @@ class WatchdogTests(PoolTestCase):
             self.reactor.advance(1.0)
             worker.heartbeat(accepted=5, open=2)
         self.assertEqual(self.process(worker).signals, [])
+
+    def test_logEventsAreSignsOfLife(self) -> None:
+        """
+        A worker whose heartbeats wait behind its log events is not taken
+        for hung while those events keep coming.
+        """
+        pool = self.readyPool(1, watchdogTimeout=3.0)
+        [worker] = pool.workers
+        control = ParentControl(worker)
+        event = encodeEvent({"log_format": "busy", "log_level": LogLevel.info, "log_time": 0.0})
+        with capturedLogs():
+            for _ in range(10):
+                self.reactor.advance(1.0)
+                control.logEvent(event)
+        self.assertEqual(self.process(worker).signals, [])
+
+    def test_lateReportCounts(self) -> None:
+        """
+        A report the parent reads after the worker's process ended (it was
+        behind on the control channel) still adds what it counted.
+        """
+        pool = self.readyPool(1)
+        [worker] = pool.workers
+        worker.heartbeat(accepted=5, bytesReceived=50)
+        self.process(worker).end(0)
+        self.assertEqual(pool.totals()["accepted"], 5)
+        worker.heartbeat(accepted=301, bytesReceived=3010)
+        self.assertEqual((pool.totals()["accepted"], pool.totals()["bytesReceived"]), (301, 3010))
 
     def test_noWatchdog(self) -> None:
         """

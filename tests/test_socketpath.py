@@ -89,4 +89,3 @@ class SocketPathTests(SynchronousTestCase):
             socketPath.remove()
         [event] = events
         self.assertIn("--control p: cannot remove", formatEvent(event))
-

@@ -6,6 +6,9 @@ C{TestCase} (in C{trial_kit_example.py}, run by trial).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,7 +21,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from maccept.testing import RunningPool
-from tests.server import alive
+from tests.server import alive, waitFor
 
 
 class EchoClient(protocol.Protocol):
@@ -106,3 +109,35 @@ def test_trialStyle() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PASSED (successes=2)" in done.stdout, done.stdout
+
+
+def test_poolDiesWithTheTestProcess() -> None:
+    """
+    A pool whose test process dies (a runner's timeout kills it before the
+    test stops the pool) stops too: no pool outlives the tests.
+    """
+    launcher = (
+        "import os, subprocess, sys, time\n"
+        "from maccept.testing import _TWISTD, TEST_PROCESS\n"
+        "child = subprocess.Popen([sys.executable, '-c', _TWISTD, '-n', '--pidfile=', 'maccept',"
+        " '--listen', 'tcp:0:interface=127.0.0.1', '--workers', '1'],"
+        " env={**os.environ, TEST_PROCESS: str(os.getpid())},"
+        " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    test = subprocess.Popen(
+        [sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert test.stdout is not None
+        pool = int(test.stdout.readline())
+        test.kill()
+        test.wait()
+        waitFor(lambda: not alive(pool), what="the orphaned pool to stop")
+    finally:
+        if test.poll() is None:
+            test.kill()
+            test.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(test.pid, signal.SIGKILL)  # the pool's own session otherwise

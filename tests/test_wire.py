@@ -174,11 +174,18 @@ class ControlChannelTests(SynchronousTestCase):
         self.connect("tests.test_wire:brokenFactory")
         self.worker.start()
         self.assertEqual(self.worker.exitCode, 0)
-        self.pump.flush()
+        with capturedLogs() as events:
+            self.pump.flush()
         self.assertEqual(self.workerProcess.failureReason, "RuntimeError: no database")
         self.assertEqual(self.worker.exitCode, EXIT_START_FAILED)
         self.assertFalse(self.workerReactor.running)
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        [traceback] = [
+            formatEvent(e)
+            for e in events
+            if e.get("log_system") == "worker 1 pid 1000" and "Traceback" in formatEvent(e)
+        ]
+        self.assertIn("brokenFactory", traceback)
+        self.assertTrue(traceback.endswith("RuntimeError: no database"), traceback)
         self.fakeProcess.end(EXIT_START_FAILED)
         self.assertEqual(self.fatal, ["worker 1 failed to start: RuntimeError: no database"])
 

@@ -13,7 +13,8 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python import usage
 
-KEY = re.compile(rb"^[A-Za-z0-9_.-]{1,200}$")
+#: Not starting with a dot: neither C{.} nor C{..}, nor the temporary files.
+KEY = re.compile(rb"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
 
 
 class KVOptions(usage.Options):
@@ -40,7 +41,10 @@ class KVProtocol(LineOnlyReceiver):
         if handler is None:
             self.answer(b"ERROR unknown command")
             return
-        self.answer(handler(rest))
+        try:
+            self.answer(handler(rest))
+        except OSError as e:  # a key that names a directory, a full disk...
+            self.answer(b"ERROR " + (e.strerror or "cannot").encode())
 
     def answer(self, line: bytes) -> None:
         self.sendLine(line)
@@ -58,9 +62,13 @@ class KVProtocol(LineOnlyReceiver):
         # Write then rename: a reader in another worker sees the old value
         # or the new one, never half of one.
         fd, temporary = tempfile.mkstemp(dir=self.directory, prefix=".set-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(value)
-        os.replace(temporary, path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(value)
+            os.replace(temporary, path)
+        except OSError:
+            os.unlink(temporary)
+            raise
         return b"OK"
 
     def do_GET(self, key: bytes) -> bytes:

@@ -56,5 +56,11 @@ def test_setGetDelAcrossConnections(maccept_pool: Any, tmp_path: Any) -> Any:
     assert (yield readers[1].ask(b"GET colour")) == b"NOT_FOUND"
     assert (yield writer.ask(b"FLY away")) == b"ERROR unknown command"
     assert (yield writer.ask(b"GET ../etc/passwd")) == b"ERROR bad key"
+    for line in [b"GET .", b"SET .. x", b"DEL ..", b"SET .set-x y"]:
+        assert (yield writer.ask(line)) == b"ERROR bad key"
+    (tmp_path / "adirectory").mkdir()
+    assert (yield writer.ask(b"SET adirectory x")) == b"ERROR Is a directory"
+    assert (yield writer.ask(b"GET adirectory")) == b"ERROR Is a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adirectory"]
     for client in [writer, *readers]:
         client.transport.loseConnection()
