@@ -105,13 +105,25 @@ class ForwardingObserver:
     stderr when there is no parent to send to.
     """
 
+    #: Bytes queued to the parent beyond which events are dropped (and
+    #: counted): a worker that logs faster than the parent can write must
+    #: not grow without bound, nor hold its heartbeats back for ever.
+    maxQueued = 4 * 2**20
+
     def __init__(self, limit: int = 1000) -> None:
         self._send: Callable[[str], None] | None = None
+        self._queued: Callable[[], int] = lambda: 0
         self._pending: list[str] = []
         self._limit = limit
+        self.dropped = 0
 
-    def attach(self, send: Callable[[str], None]) -> None:
+    def attach(self, send: Callable[[str], None], queued: Callable[[], int] | None = None) -> None:
+        """
+        Send events with C{send} from now on; C{queued} says how many bytes
+        wait to go to the parent.
+        """
         self._send = send
+        self._queued = queued or (lambda: 0)
         pending, self._pending = self._pending, []
         for text in pending:
             send(text)
@@ -120,13 +132,31 @@ class ForwardingObserver:
         self._send = None
 
     def __call__(self, event: dict[str, Any]) -> None:
-        text = encodeEvent(event)
         if self._send is not None:
-            self._send(text)
-        elif len(self._pending) < self._limit:
+            if self._queued() > self.maxQueued:
+                self.dropped += 1
+                return
+            if self.dropped:
+                self._send(self._droppedNotice(event))
+                self.dropped = 0
+            self._send(encodeEvent(event))
+            return
+        text = encodeEvent(event)
+        if len(self._pending) < self._limit:
             self._pending.append(text)
         else:
             sys.stderr.write((formatEvent(event) or "") + "\n")
+
+    def _droppedNotice(self, event: dict[str, Any]) -> str:
+        return eventAsJSON(
+            {
+                "log_level": LogLevel.warn,
+                "log_namespace": "maccept",
+                "log_time": event.get("log_time"),
+                "log_format": "dropped {count} log events: the parent could not keep up",
+                "count": self.dropped,
+            }
+        )
 
 
 class LineLogger:

@@ -367,7 +367,9 @@ class WorkerControl(amp.AMP):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.worker.control = self
-        self.forwarder.attach(lambda text: self.callRemote(LogEvent, event=text))
+        self.forwarder.attach(
+            lambda text: self.callRemote(LogEvent, event=text), lambda: queuedBytes(self.transport)
+        )
 
     @Drain.responder
     def drain(self, timeout: float) -> dict[str, Any]:
@@ -392,6 +394,13 @@ def _dieWithParent(parentPid: int) -> None:
         pass
     if os.getppid() != parentPid:
         sys.exit(0)
+
+
+def queuedBytes(transport: Any) -> int:
+    """
+    How many bytes C{transport} holds that the kernel has not taken yet.
+    """
+    return len(getattr(transport, "dataBuffer", b"")) + getattr(transport, "_tempDataLen", 0)
 
 
 def _handleSignals(reactor: Any, worker: Worker) -> None:

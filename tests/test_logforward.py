@@ -213,6 +213,29 @@ class ForwardingObserverTests(SynchronousTestCase):
         observer(third)
         self.assertEqual(sent[2:], [encodeEvent(third)])
 
+    def test_dropsWhileTheParentIsBehind(self) -> None:
+        """
+        While more than C{maxQueued} bytes wait to go to the parent, events
+        are dropped and counted; the next one sent is preceded by a warning
+        saying how many were lost.
+        """
+        observer = ForwardingObserver()
+        queued = [0]
+        sent: list[str] = []
+        observer.attach(sent.append, lambda: queued[0])
+        events = self.events(5)
+        observer(events[0])
+        queued[0] = observer.maxQueued + 1
+        observer(events[1])
+        observer(events[2])
+        self.assertEqual((len(sent), observer.dropped), (1, 2))
+        queued[0] = 0
+        observer(events[3])
+        notice = eventFromJSON(sent[1])
+        self.assertIs(notice["log_level"], LogLevel.warn)
+        self.assertEqual(formatEvent(notice), "dropped 2 log events: the parent could not keep up")
+        self.assertEqual((sent[2], observer.dropped), (encodeEvent(events[3]), 0))
+
     def test_detachBuffersAgain(self) -> None:
         """
         After a detach, events wait for the next attach.
