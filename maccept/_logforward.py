@@ -12,6 +12,7 @@ for one) is captured line by line.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -63,7 +64,8 @@ def encodeEvent(event: dict[str, Any]) -> str:
     keep = MAX_VALUE_LENGTH // 8
     while True:
         if len(whole) > keep:
-            cut = whole[: keep // 2] + "\n[... truncated ...]\n" + whole[-(keep // 2) :]
+            half = keep // 2
+            cut = whole[:half] + "\n[... truncated ...]\n" + whole[len(whole) - half :]
         else:
             cut = whole
         flat = {
@@ -133,12 +135,12 @@ class ForwardingObserver:
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self._send is not None:
-            if self._queued() > self.maxQueued:
+            # Errors always go: there are few of them, and they matter.
+            important = event.get("log_level") in (LogLevel.error, LogLevel.critical)
+            if self._queued() > self.maxQueued and not important:
                 self.dropped += 1
                 return
-            if self.dropped:
-                self._send(self._droppedNotice(event))
-                self.dropped = 0
+            self.reportDropped(event.get("log_time"))
             self._send(encodeEvent(event))
             return
         text = encodeEvent(event)
@@ -147,16 +149,23 @@ class ForwardingObserver:
         else:
             sys.stderr.write((formatEvent(event) or "") + "\n")
 
-    def _droppedNotice(self, event: dict[str, Any]) -> str:
-        return eventAsJSON(
-            {
-                "log_level": LogLevel.warn,
-                "log_namespace": "maccept",
-                "log_time": event.get("log_time"),
-                "log_format": "dropped {count} log events: the parent could not keep up",
-                "count": self.dropped,
-            }
-        )
+    def reportDropped(self, when: float | None = None) -> None:
+        """
+        Say how many events were dropped, if any and if there is room (also
+        from the worker's heartbeat, so that a worker that goes quiet
+        still says it).
+        """
+        if not self.dropped or self._send is None or self._queued() > self.maxQueued:
+            return
+        notice = {
+            "log_level": LogLevel.warn,
+            "log_namespace": "maccept",
+            "log_time": when if when is not None else time.time(),
+            "log_format": "dropped {count} log events: the parent could not keep up",
+            "count": self.dropped,
+        }
+        self.dropped = 0
+        self._send(eventAsJSON(notice))
 
 
 class LineLogger:

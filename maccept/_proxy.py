@@ -10,6 +10,7 @@ worker; and a client's half-close still reaches the protocol.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ PREFIX = "haproxy:"
 #: it at once, so a connection that has not is dropped (and counted) even
 #: without C{--idle-timeout}.
 HEADER_TIMEOUT = 10.0
+_PORT = re.compile(rb"^[0-9]{1,5}$")
 _V2_SIGNATURE = V2Parser.PREFIX
 _V1_SIGNATURE = V1Parser.PROXYSTR + b" "
 
@@ -58,23 +60,32 @@ class _V1Parser(V1Parser):
     """
     Twisted's v1 parser, plus the bare C{PROXY UNKNOWN} line the
     specification allows (HAProxy sends it), and addresses and ports
-    checked: Twisted takes C{PROXY TCP4 notanip x 99999 -5} as given, and
-    raises bare C{ValueError}s for a port that is not a number.
+    checked: Twisted takes C{PROXY TCP4 notanip ::1 99999 +5} as given, and
+    raises bare C{ValueError}s for a port that is not a number; and the
+    107-byte limit on any line, not only on one without its CRLF yet.
     """
+
+    #: The longest v1 line the specification allows, CRLF included.
+    MAX_LINE = 107
 
     @classmethod
     def parse(cls, line: bytes) -> ProxyInfo:
+        if len(line) + 2 > cls.MAX_LINE:
+            raise InvalidProxyHeader()
         if line.rstrip(b"\r") == b"PROXY UNKNOWN":
             return ProxyInfo(line, None, None)
         try:
             info = super().parse(line)
-            ends: list[Any] = [info.source, info.destination]
-            for end in ends:
-                if end is not None:
-                    ipaddress.ip_address(end.host)
-                    if not 0 <= end.port <= 65535:
-                        raise ValueError(end.port)
-        except (ValueError, UnicodeDecodeError) as e:
+            fields = line.split(b" ")
+            if fields[1] != cls.UNKNOWN_PROTO:
+                version = 4 if fields[1] == cls.TCP4_PROTO else 6
+                for host in fields[2:4]:
+                    if ipaddress.ip_address(host.decode("ascii")).version != version:
+                        raise ValueError(host)
+                for port in fields[4:6]:
+                    if not _PORT.match(port) or int(port) > 65535:
+                        raise ValueError(port)
+        except (ValueError, UnicodeDecodeError, IndexError) as e:
             raise InvalidProxyHeader() from e
         return info
 
@@ -128,6 +139,9 @@ class _ProxyProtocolWrapper(HAProxyProtocolWrapper):
 
     def _tooSlow(self) -> None:
         self._deadline = None
+        transport: Any = self.transport
+        if transport is None or transport.disconnecting or getattr(transport, "_aborting", False):
+            return  # already on its way out (the idle reaper, a drain)
         self._reject(f"no complete PROXY protocol header within {self.factory.headerTimeout:g} s")
 
     def _cancelDeadline(self) -> None:

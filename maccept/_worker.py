@@ -202,6 +202,8 @@ class Worker:
 
     def sendHeartbeat(self) -> None:
         self._call(Heartbeat, **self.stats())
+        if isinstance(self.control, WorkerControl):
+            self.control.forwarder.reportDropped()
 
     # Draining.
 

@@ -236,6 +236,28 @@ class ForwardingObserverTests(SynchronousTestCase):
         self.assertEqual(formatEvent(notice), "dropped 2 log events: the parent could not keep up")
         self.assertEqual((sent[2], observer.dropped), (encodeEvent(events[3]), 0))
 
+    def test_errorsNeverDropped(self) -> None:
+        """
+        Errors go even while the parent is behind; a heartbeat reports what
+        was dropped once there is room, though nothing else is logged.
+        """
+        observer = ForwardingObserver()
+        queued = [observer.maxQueued + 1]
+        sent: list[str] = []
+        observer.attach(sent.append, lambda: queued[0])
+        observer(logged("info", "chatter"))
+        error = logged("error", "disk full")
+        observer(error)
+        self.assertEqual((sent, observer.dropped), ([encodeEvent(error)], 1))
+        observer.reportDropped()
+        self.assertEqual(len(sent), 1)
+        queued[0] = 0
+        observer.reportDropped()
+        self.assertEqual(
+            formatEvent(eventFromJSON(sent[1])),
+            "dropped 1 log events: the parent could not keep up",
+        )
+
     def test_detachBuffersAgain(self) -> None:
         """
         After a detach, events wait for the next attach.

@@ -224,8 +224,9 @@ class WrapperTests(SynchronousTestCase):
 
     def test_badValuesRejected(self) -> None:
         """
-        A v1 header whose addresses or ports are not addresses and ports is
-        malformed: dropped, counted, and the protocol never connected.
+        A v1 header whose addresses or ports are not addresses and ports (of
+        the version it names), or longer than 107 bytes, is malformed:
+        dropped, counted, and the protocol never connected.
         """
         for header in [
             b"PROXY TCP4 1.2.3.4 127.0.0.1 abc 80\r\n",
@@ -233,6 +234,11 @@ class WrapperTests(SynchronousTestCase):
             b"PROXY TCP4 notanip alsonot 1 80\r\n",
             b"PROXY TCP4 1.2.3.4 127.0.0.1 99999 80\r\n",
             b"PROXY TCP4 1.2.3.4 127.0.0.1 -5 80\r\n",
+            b"PROXY TCP4 1.2.3.4 127.0.0.1 +5 80\r\n",
+            b"PROXY TCP4 1.2.3.4 127.0.0.1 1_0 80\r\n",
+            b"PROXY TCP4 ::1 ::2 1 2\r\n",
+            b"PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY TCP4 1.2.3.4 127.0.0.1 1 80 " + b"x" * 100 + b"\r\n",
             b"GET / HTTP/1.0\r\n",
         ]:
             with capturedLogs() as events:
@@ -240,7 +246,7 @@ class WrapperTests(SynchronousTestCase):
                 wrapper.dataReceived(header)
             self.assertTrue(transport.disconnecting, header)
             self.assertIn("malformed PROXY protocol header", " ".join(texts(events)))
-        self.assertEqual(self.rejections, 6)
+        self.assertEqual(self.rejections, 11)
         self.assertEqual([r.peers for r in self.recorders], [[]] * len(self.recorders))
 
     def test_headerDeadline(self) -> None:
@@ -260,6 +266,16 @@ class WrapperTests(SynchronousTestCase):
         self.assertEqual(self.rejections, 2)
         self.assertIn("no complete PROXY protocol header within 10 s", " ".join(texts(events)))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_deadlineAfterAbort(self) -> None:
+        """
+        A connection already being closed (by the idle reaper, say) when
+        its header deadline comes is not dropped and counted a second time.
+        """
+        _, transport = self.connect()
+        transport.abortConnection()
+        self.clock.advance(HEADER_TIMEOUT)
+        self.assertEqual(self.rejections, 0)
 
     def test_closedBeforeHeader(self) -> None:
         """
