@@ -14,6 +14,7 @@ before then must leave the old one's path and lock alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -72,6 +73,8 @@ class SocketPath:
             if os.readlink(self.lockName) == pid:
                 return
             temporary = f"{self.lockName}.{pid}"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)  # left by a process that had our pid
             os.symlink(pid, temporary)
             os.replace(temporary, self.lockName)
         except OSError as e:
