@@ -129,6 +129,7 @@ def test_poolDiesWithTheTestProcess() -> None:
     test = subprocess.Popen(
         [sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True, start_new_session=True
     )
+    pool = None
     try:
         assert test.stdout is not None
         pool = int(test.stdout.readline())
@@ -139,5 +140,8 @@ def test_poolDiesWithTheTestProcess() -> None:
         if test.poll() is None:
             test.kill()
             test.wait()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(test.pid, signal.SIGKILL)  # the pool's own session otherwise
+        # The pool leads a session of its own (the kit's setsid).
+        for group in (test.pid, pool):
+            if group is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
