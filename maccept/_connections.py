@@ -36,6 +36,7 @@ class ConnectionTracker:
         self.bytesSent = 0
         self.idleClosed = 0
         self.proxyRejectedCount = 0
+        self.handshakesFailedCount = 0
         self.onChange = onChange
         self._idleWaiters: list[Callable[[], None]] = []
 
@@ -68,6 +69,12 @@ class ConnectionTracker:
         A connection was dropped for a malformed PROXY protocol header.
         """
         self.proxyRejectedCount += 1
+
+    def handshakeFailed(self) -> None:
+        """
+        A connection was dropped for a failed TLS handshake.
+        """
+        self.handshakesFailedCount += 1
 
     def closeIdle(self, timeout: float, now: float | None = None) -> int:
         """

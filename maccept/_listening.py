@@ -299,6 +299,7 @@ def adopt(
     handle: ListenerHandle,
     factory: IProtocolFactory,
     onProxyRejected: Callable[[], None] = lambda: None,
+    onHandshakeFailed: Callable[[], None] = lambda: None,
 ) -> IListeningPort:
     """
     Adopt the parent's socket in a worker and start accepting on it,
@@ -309,10 +310,10 @@ def adopt(
     """
     proxied, inner = splitProxy(handle.description)
     if inner.split(":", 1)[0].lower() == "ssl":
-        from twisted.protocols.tls import TLSMemoryBIOFactory
+        from maccept._tls import HandshakeCountingFactory
 
         contextFactory = serverFromString(reactor, inner)._sslContextFactory
-        factory = TLSMemoryBIOFactory(contextFactory, False, factory)
+        factory = HandshakeCountingFactory(contextFactory, factory, onHandshakeFailed)
     if proxied:
         from maccept._proxy import ProxyWrappingFactory
 

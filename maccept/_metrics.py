@@ -112,6 +112,11 @@ class PoolCollector(Collector):
             "Connections dropped for a malformed PROXY protocol header.",
             value=totals["proxyRejected"],
         )
+        yield CounterMetricFamily(
+            "maccept_tls_handshakes_failed",
+            "Connections dropped for a failed TLS handshake.",
+            value=totals["handshakesFailed"],
+        )
         restarts = CounterMetricFamily(
             "maccept_worker_restarts",
             "Workers that left the pool, by reason.",

@@ -38,7 +38,14 @@ from maccept._workerprocess import ParentControl, WorkerProcess
 RESTART_REASONS = ("crash", "recycle", "watchdog", "reload", "scale")
 
 #: Worker counters that only grow, summed over every worker there ever was.
-COUNTERS = ("accepted", "bytesReceived", "bytesSent", "idleClosed", "proxyRejected")
+COUNTERS = (
+    "accepted",
+    "bytesReceived",
+    "bytesSent",
+    "idleClosed",
+    "proxyRejected",
+    "handshakesFailed",
+)
 
 
 @dataclass

@@ -145,6 +145,8 @@ STATS = [
     (b"bytesSent", amp.Integer()),
     (b"idleClosed", amp.Integer()),
     (b"proxyRejected", amp.Integer()),
+    # Optional: a worker started from older code (a reload) does not send it.
+    (b"handshakesFailed", amp.Integer(optional=True)),
     (b"lag", amp.Float()),
 ]
 

@@ -124,7 +124,13 @@ class Worker:
                 self.datagramPorts.append(datagramPort)
                 os.close(handle.fd)
                 continue
-            port = adopt(self.reactor, handle, self.factory, self.tracker.proxyRejected)
+            port = adopt(
+                self.reactor,
+                handle,
+                self.factory,
+                self.tracker.proxyRejected,
+                self.tracker.handshakeFailed,
+            )
             # Accept nothing before the start hook has run.
             port.stopReading()  # type: ignore[attr-defined]
             trackConnections(port, self.tracker)
@@ -197,6 +203,7 @@ class Worker:
             "bytesSent": tracker.bytesSent,
             "idleClosed": tracker.idleClosed,
             "proxyRejected": tracker.proxyRejectedCount,
+            "handshakesFailed": tracker.handshakesFailedCount,
             "lag": self.lag.worstSinceLastAsked(),
         }
 

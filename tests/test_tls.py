@@ -85,6 +85,35 @@ class TLSTests(SynchronousTestCase):
         server.waitReady()
         self.roundTrips(server)
 
+    def test_badHandshakesCounted(self) -> None:
+        """
+        Clients that do not speak TLS (plain HTTP, random bytes) are
+        dropped, each logged in one line and counted; the same worker goes
+        on serving TLS clients.
+        """
+        server = MacceptServer(
+            [
+                *("--workers", "1", "--listen", self.description()),
+                *("--metrics", "tcp:0:interface=127.0.0.1"),
+            ]
+        )
+        self.addCleanup(server.cleanup)
+        server.waitReady()
+        [worker] = server.workers()
+        for garbage in [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", bytes(range(256)) * 4]:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+                client.sendall(garbage)
+                try:
+                    while client.recv(65536):
+                        pass
+                except ConnectionResetError:
+                    pass
+        waitFor(lambda: metric(server, "maccept_tls_handshakes_failed_total") == 2, what="count")
+        self.assertEqual(server.log().count("TLS handshake failed"), 2)
+        self.assertNotIn("Traceback", server.log())
+        self.roundTrips(server)
+        self.assertEqual(server.workers(), [worker])
+
     def test_tlsBehindProxyHeader(self) -> None:
         """
         With C{haproxy:ssl:...} the PROXY header comes first, in the clear,

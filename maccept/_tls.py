@@ -1,0 +1,65 @@
+# -*- test-case-name: tests.test_tls -*-
+"""
+TLS on C{ssl:} listeners: Twisted's L{TLSMemoryBIOFactory}, plus what a
+pre-fork server owes a bad client: a failed handshake (garbage, plain
+HTTP, no shared cipher) drops that connection, as Twisted does, and is
+also logged in one line and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+
+_log = Logger(namespace="maccept")
+
+
+class _HandshakeWatchingProtocol(TLSMemoryBIOProtocol):
+    factory: HandshakeCountingFactory
+
+    def _tlsShutdownFinished(self, reason: Failure | None) -> None:
+        if reason is not None and not self._handshakeDone and reason.check(SSL.Error):
+            self.factory.handshakeFailed(self, reason)
+        super()._tlsShutdownFinished(reason)
+
+
+class HandshakeCountingFactory(TLSMemoryBIOFactory):
+    """
+    Server-side TLS that calls C{onFailed} for each connection whose
+    handshake fails.
+    """
+
+    protocol = _HandshakeWatchingProtocol
+
+    def __init__(
+        self,
+        contextFactory: IOpenSSLServerConnectionCreator,
+        wrappedFactory: IProtocolFactory,
+        onFailed: Callable[[], None],
+    ) -> None:
+        super().__init__(contextFactory, False, wrappedFactory)
+        self.onFailed = onFailed
+
+    def handshakeFailed(self, protocol: Any, reason: Failure) -> None:
+        _log.warn(
+            "dropped a connection from {peer}: TLS handshake failed ({why})",
+            peer=protocol.transport.getPeer() if protocol.transport else None,
+            why=handshakeProblem(reason.value or Exception()),
+        )
+        self.onFailed()
+
+
+def handshakeProblem(error: BaseException) -> str:
+    """
+    OpenSSL's reason, short: C{wrong version number}, C{no shared cipher}.
+    """
+    details = error.args[0] if error.args else None
+    if isinstance(details, list) and details and isinstance(details[-1], tuple):
+        return str(details[-1][-1])
+    return str(error) or error.__class__.__name__
