@@ -241,17 +241,12 @@ def adoptListener(reactor: Any, description: str, fd: int) -> ListeningSocket:
     In a new parent after an upgrade: take over the socket the old parent
     made for C{description}, inherited at C{fd}, instead of making one.
     """
-    probe = socket.socket(fileno=os.dup(fd))
-    family, datagram = probe.family, probe.type == socket.SOCK_DGRAM
-    probe.close()
+    family, datagram = socketKind(fd)
     try:
         if datagram:
             port = reactor.adoptDatagramPort(fd, family, DatagramProtocol())
-        elif family == socket.AF_UNIX and isinstance(reactor, PosixReactorBase):
-            port = AdoptedUNIXPort._fromListeningDescriptor(reactor, fd, _NeverAccepts())
-            port.startListening()
         else:
-            port = reactor.adoptStreamPort(fd, family, _NeverAccepts())
+            port = adoptStream(reactor, fd, family, _NeverAccepts())
         port.stopReading()
     finally:
         os.close(fd)
@@ -318,13 +313,31 @@ def adopt(
         from maccept._proxy import ProxyWrappingFactory
 
         factory = ProxyWrappingFactory(factory, onProxyRejected)
-    if handle.addressFamily == socket.AF_UNIX and isinstance(reactor, PosixReactorBase):
-        unixPort: AdoptedUNIXPort = AdoptedUNIXPort._fromListeningDescriptor(
-            reactor, handle.fd, factory
-        )
+    return adoptStream(reactor, handle.fd, handle.addressFamily, factory)
+
+
+def socketKind(fd: int) -> tuple[int, bool]:
+    """
+    The address family of the socket at C{fd}, and whether it is a
+    datagram socket.
+    """
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        return probe.family, probe.type == socket.SOCK_DGRAM
+    finally:
+        probe.close()
+
+
+def adoptStream(reactor: Any, fd: int, family: int, factory: IProtocolFactory) -> IListeningPort:
+    """
+    C{reactor.adoptStreamPort}, except that a UNIX socket is adopted as
+    L{AdoptedUNIXPort}, left as its maker made it.
+    """
+    if family == socket.AF_UNIX and isinstance(reactor, PosixReactorBase):
+        unixPort: AdoptedUNIXPort = AdoptedUNIXPort._fromListeningDescriptor(reactor, fd, factory)
         unixPort.startListening()
         return unixPort
-    port: IListeningPort = reactor.adoptStreamPort(handle.fd, handle.addressFamily, factory)
+    port: IListeningPort = reactor.adoptStreamPort(fd, family, factory)
     return port
 
 

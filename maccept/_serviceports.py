@@ -15,7 +15,6 @@ parent's once it takes over (L{maccept._socketpath}).
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from maccept._listening import AdoptedUNIXPort, ListenError, listenNow, release
+from maccept._listening import ListenError, adoptStream, listenNow, release, socketKind
 from maccept._socketpath import SocketPath
 
 _log = Logger(namespace="maccept")
@@ -136,25 +135,12 @@ def adoptServicePort(reactor: Any, fd: int, factory: Any) -> IListeningPort:
     (the port holds its own copy).
     """
     try:
-        family = _family(fd)
-        if family == socket.AF_UNIX:
-            port: IListeningPort = AdoptedUNIXPort._fromListeningDescriptor(reactor, fd, factory)
-            port.startListening()
-        else:
-            port = reactor.adoptStreamPort(fd, family, factory)
+        port = adoptStream(reactor, fd, socketKind(fd)[0], factory)
     except OSError as e:
         raise ListenError(f"cannot adopt the inherited socket: {e.strerror}") from None
     finally:
         os.close(fd)
     return port
-
-
-def _family(fd: int) -> int:
-    probe = socket.socket(fileno=os.dup(fd))
-    try:
-        return probe.family
-    finally:
-        probe.close()
 
 
 def describe(port: IListeningPort) -> str:

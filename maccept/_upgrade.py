@@ -167,10 +167,7 @@ def inheritedListeners(environ: MutableMapping[str, str] = os.environ) -> dict[s
     forget them, so that this parent's own children do not inherit
     the claim).
     """
-    raw = environ.pop(INHERIT, None)
-    if not raw:
-        return {}
-    return {each["description"]: int(each["fd"]) for each in json.loads(raw)}
+    return _handedOver(environ.pop(INHERIT, None))
 
 
 def inheritedDescriptions(environ: Mapping[str, str] = os.environ) -> list[str]:
@@ -178,8 +175,14 @@ def inheritedDescriptions(environ: Mapping[str, str] = os.environ) -> list[str]:
     In a new parent, before L{inheritedListeners} takes them: what the old
     parent handed over.
     """
-    raw = environ.get(INHERIT)
-    return [each["description"] for each in json.loads(raw)] if raw else []
+    return list(_handedOver(environ.get(INHERIT)))
+
+
+def _handedOver(raw: str | None) -> dict[str, int]:
+    """
+    L{INHERIT}'s value: descriptors by description.
+    """
+    return {each["description"]: int(each["fd"]) for each in json.loads(raw)} if raw else {}
 
 
 def takeOver(environ: Mapping[str, str], log: Logger) -> None:

@@ -275,3 +275,22 @@ def takenPort(test: Any) -> int:
     taken.listen()
     port: int = taken.getsockname()[1]
     return port
+
+
+def freePort() -> int:
+    """
+    A loopback TCP port nothing listens on right now.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def killGroup(pgid: int) -> None:
+    """
+    Kill what is left of process group C{pgid} (a daemon's, or a new
+    parent's: it stays in its old parent's group).
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)

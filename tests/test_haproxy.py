@@ -20,7 +20,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.load import Churn
-from tests.server import MacceptServer, alive, echoRoundTrip, waitFor
+from tests.server import MacceptServer, alive, echoRoundTrip, freePort, waitFor
 
 HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
 METRICS_AT = re.compile(r"--metrics \S+: listening on http://[\d.]+:(\d+)/")
@@ -46,13 +46,6 @@ backend maccept
 SERVER = (
     "    server {name} {host}:{port} send-proxy-v2 check port {metrics} inter 200ms fall 2 rise 1"
 )
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class HAProxyTests(SynchronousTestCase):

@@ -12,7 +12,6 @@ packages the server imports into a directory that user can read.
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import os
 import pwd
@@ -30,7 +29,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from maccept.testing import childrenOf
-from tests.server import HERE, MacceptServer, alive, echoRoundTrip, waitFor
+from tests.server import HERE, MacceptServer, alive, echoRoundTrip, killGroup, waitFor
 
 #: What a parent and a worker serving C{echo} on TCP import.
 SERVER_MODULES = (
@@ -282,8 +281,3 @@ class PrivilegesTests(SynchronousTestCase):
         self.assertFalse(path.exists())
         self.assertFalse(os.path.lexists(f"{path}.lock"))
         self.assertNotIn("Traceback", server.log())
-
-
-def killGroup(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)

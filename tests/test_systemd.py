@@ -6,7 +6,6 @@ systemd would.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ from tests.server import (
     alive,
     childrenOf,
     echoRoundTrip,
+    killGroup,
     runMaccept,
     waitFor,
 )
@@ -252,12 +252,3 @@ class SocketActivationTests(SynchronousTestCase):
             "maccept: error: --listen systemd:domain=INET:index=0: systemd passed no "
             "descriptor at that index (LISTEN_FDS=unset; run under socket activation)",
         )
-
-
-def killGroup(pgid: int) -> None:
-    """
-    Kill what is left of process group C{pgid} (the test's own session: a
-    new parent stays in its old parent's group).
-    """
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)

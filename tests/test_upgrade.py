@@ -7,7 +7,6 @@ fails leaves the old one serving.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -25,7 +24,17 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from maccept.testing import childrenOf
 from tests.load import Churn, Stream
-from tests.server import HERE, READY, TWISTD, MacceptServer, alive, echoRoundTrip, waitFor
+from tests.server import (
+    HERE,
+    READY,
+    TWISTD,
+    MacceptServer,
+    alive,
+    echoRoundTrip,
+    freePort,
+    killGroup,
+    waitFor,
+)
 from tests.test_observability import MACCEPT_CTL
 
 NEW_PARENT = re.compile(r"started a new parent \(pid (\d+)\)")
@@ -261,21 +270,6 @@ class DaemonUpgradeTests(SynchronousTestCase):
         self.assertFalse(socketPath.exists())
         self.assertFalse(controlPath.exists())
         self.assertEqual(sorted(p.name for p in directory.iterdir()), ["maccept.log"])
-
-
-def freePort() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def killGroup(pgid: int) -> None:
-    """
-    Kill what is left of process group C{pgid}.
-    """
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
 
 
 def echoOnce(client: socket.socket, payload: bytes) -> bytes:
