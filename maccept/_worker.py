@@ -17,7 +17,7 @@ import socket
 import sys
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
@@ -26,6 +26,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from maccept._accepting import AcceptGovernor
+from maccept._acceptloop import acceptQuickly
 from maccept._affinity import pinTo
 from maccept._board import LoadBoard
 from maccept._connections import ConnectionTracker, trackConnections
@@ -133,6 +134,8 @@ class Worker:
             )
             # Accept nothing before the start hook has run.
             port.stopReading()  # type: ignore[attr-defined]
+            if isinstance(port, tcp.Port):
+                acceptQuickly(port)
             trackConnections(port, self.tracker)
             if self.governor is not None:
                 self.governor.govern(port)

@@ -1,0 +1,86 @@
+# -*- test-case-name: tests.test_acceptloop -*-
+"""
+A leaner accept loop for an adopted stream port.
+
+Every worker's epoll wakes for each new connection on the shared socket,
+and all but one find it already taken, so the cost of a wake-up that
+accepts nothing is paid W-1 times per connection.  Twisted's
+C{tcp.Port.doRead} spends more on each wake-up than the accept itself: a
+log-buffering context manager, a L{Logger}, a generator; and on each
+connection C{socket.accept} converts the listener's family and type to
+enums to build the new socket.  This loop does what C{doRead} does per
+connection (build the protocol and transport, count the session, adapt
+C{numberAccepts}) without those, and hands anything but "no connection
+waiting" back to Twisted's own loop, whose handling of C{EMFILE} (close
+what waits, with its reserved descriptor), C{EPERM} and the other accept
+errors it keeps.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.python import log
+
+
+def acceptQuickly(port: Any) -> None:
+    """
+    Give C{port} (a C{tcp.Port} or a subclass, listening) the lean accept
+    loop in place of its C{doRead}.  Call before anything else wraps
+    C{doRead}; the transport class is looked up on each accept, so
+    C{trackConnections} may replace it afterwards.
+    """
+    port.doRead = _leanDoRead(port, port.doRead)
+
+
+def _leanDoRead(port: Any, twistedDoRead: Callable[[], None]) -> Callable[[], None]:
+    listener: socket.socket = port.socket
+    family, kind, proto = int(listener.family), int(listener.type), listener.proto
+    rawAccept = listener._accept  # type: ignore[attr-defined]
+    ipv6 = family == socket.AF_INET6
+    makeSocket = socket.socket
+    buildAddr = port._buildAddr
+    reactor = port.reactor
+
+    def doRead() -> None:
+        limit = port.numberAccepts
+        accepted = 0
+        try:
+            while accepted < limit:
+                try:
+                    fd, addr = rawAccept()
+                except BlockingIOError:
+                    break
+                except OSError:
+                    # EMFILE, ECONNABORTED, EPERM...: Twisted's loop, which
+                    # meets the same error again, knows what to do.
+                    port.numberAccepts = limit - accepted
+                    twistedDoRead()
+                    return
+                accepted += 1
+                skt = makeSocket(family, kind, proto, fd)
+                if ipv6:
+                    # As Twisted: the scope ID goes into the host.
+                    host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+                    addr = (host[0], *addr[1:])
+                protocol = port.factory.buildProtocol(buildAddr(addr))
+                if protocol is None:
+                    skt.close()
+                    continue
+                session = port.sessionno
+                port.sessionno = session + 1
+                protocol.makeConnection(port.transport(skt, protocol, addr, port, session, reactor))
+            # Twisted's adaptation: reaching the limit means more may be
+            # waiting next time; otherwise ask for no more than came.
+            if accepted == limit:
+                port.numberAccepts = limit + 20
+            else:
+                port.numberAccepts = max(1, accepted)
+        except BaseException:
+            # As tcp.Port.doRead: a protocol that fails to build is logged,
+            # and the port goes on accepting.
+            log.deferr()
+
+    return doRead
