@@ -91,6 +91,7 @@ def _header(results: dict[str, Any]) -> list[str]:
         "(includes the run)",
         f"- Pinning: servers on CPUs {pin['server_cpus']}, load generator on CPUs "
         f"{pin['client_cpus']}, by {pin['method']}.{overlap}",
+        f"- CPU split: {pin.get('note', '?')}.",
         f"- Load: {s['connections']} connections, {s['threads']} client threads, "
         f"{s['duration']} s measured after {s['warmup']} s warm-up; churn over {s['sources']} "
         f"source addresses; burst of {s['burst_connections']} connections; accept backlog "
@@ -99,12 +100,18 @@ def _header(results: dict[str, Any]) -> list[str]:
     ]
 
 
+#: A client this busy may have set the pace rather than the server.
+CLIENT_BOUND = 0.9
+
+
 def _cell(run: dict[str, Any] | None, withBandwidth: bool) -> str:
     if run is None:
         return "-"
     text = _kilo(run["rps"])
     if withBandwidth:
         text += f" ({run['mib_s']:.0f} MiB/s)"
+    if run.get("client_busy", 0) >= CLIENT_BOUND:
+        text += " *"
     return text
 
 
@@ -141,13 +148,21 @@ def _throughputSection(r: Results, workload: str) -> list[str]:
         "",
         *_table(header, rows),
         "",
+        f"\\* the load generator used {CLIENT_BOUND:.0%} or more of its CPUs: the client, "
+        "not the server, may have set that number.",
+        "",
         "p50 / p99 / p99.9 latency in ms:",
         "",
         *_perWorkerCount(r, workload, _latency),
         "",
-        "Server CPU per request in µs (workers and parent, measured window):",
+        "Server CPU per request in µs (workers and parent, measured window), and the "
+        "kernel's share of it (system time: TCP on loopback, epoll, scheduling):",
         "",
         *_perWorkerCount(r, workload, _cpuPerRequest),
+        "",
+        "Load generator busy, as a share of its CPUs (whole run):",
+        "",
+        *_perWorkerCount(r, workload, _clientBusy),
         "",
     ]
 
@@ -168,7 +183,16 @@ def _perWorkerCount(
 def _cpuPerRequest(run: dict[str, Any] | None) -> str:
     if run is None or "server_cpu_us_per_request" not in run:
         return "-"
-    return f"{run['server_cpu_us_per_request']:.1f}"
+    text = f"{run['server_cpu_us_per_request']:.1f}"
+    if "server_kernel_share" in run:
+        text += f" ({run['server_kernel_share']:.0%} kernel)"
+    return text
+
+
+def _clientBusy(run: dict[str, Any] | None) -> str:
+    if run is None or "client_busy" not in run:
+        return "-"
+    return f"{run['client_busy']:.0%}"
 
 
 def _latency(run: dict[str, Any] | None) -> str:

@@ -54,6 +54,41 @@ def formatCpus(cpus: set[int] | list[int]) -> str:
     return ",".join(ranges)
 
 
+def smtSiblings(root: Path = Path("/sys/devices/system/cpu")) -> list[set[int]]:
+    """
+    The groups of CPUs that are hardware threads of one core, as the kernel
+    reports them (a VM may hide that its CPUs are such threads).
+    """
+    groups: list[set[int]] = []
+    for path in sorted(root.glob("cpu[0-9]*/topology/thread_siblings_list")):
+        try:
+            group = parseCpus(path.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if len(group) > 1 and group not in groups:
+            groups.append(group)
+    return groups
+
+
+def sharedCores(server: set[int], client: set[int], siblings: list[set[int]]) -> list[str]:
+    """
+    What the CPU split shares of a core: a server CPU whose sibling serves
+    the client, or two server CPUs on one core, cost scaling that no server
+    can win back.
+    """
+    notes = []
+    for group in siblings:
+        served, loaded = group & server, group & client
+        if served and loaded:
+            notes.append(
+                f"server CPUs {formatCpus(served)} share a core with client CPUs "
+                f"{formatCpus(loaded)}"
+            )
+        elif len(served) > 1:
+            notes.append(f"server CPUs {formatCpus(served)} are threads of one core")
+    return notes
+
+
 @dataclass(frozen=True)
 class Pinning:
     """
@@ -93,7 +128,7 @@ class Pinning:
     def overlap(self) -> set[int]:
         return self.server & self.client
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, siblings: list[set[int]] | None = None) -> dict[str, Any]:
         overlap = self.overlap
         if overlap:
             note = (
@@ -103,6 +138,13 @@ class Pinning:
             )
         else:
             note = "server and client sets are disjoint"
+        if siblings is None:
+            siblings = smtSiblings()
+        shared = sharedCores(self.server, self.client, siblings)
+        if shared:
+            note += "; hardware threads: " + "; ".join(shared)
+        elif not siblings:
+            note += "; the kernel reports one thread per core"
         return {
             "server_cpus": formatCpus(self.server),
             "client_cpus": formatCpus(self.client),
@@ -161,6 +203,7 @@ def environment() -> dict[str, Any]:
         "maccept_tree_dirty": bool(dirty) if dirty is not None else None,
         "cc": _loadgen.compilerVersion(),
         "loadavg_before": loadAverage(),
+        "smt_siblings": [formatCpus(group) for group in smtSiblings()],
     }
 
 

@@ -305,17 +305,26 @@ class Bench:
         running = _loadgen.Background(load, self.pinning.client)
         try:
             time.sleep(s.warmup)
-            before = [_procfs.cpuSeconds(p) for p in watched]
+            before = [_procfs.cpuTimes(p) for p in watched]
             time.sleep(s.duration)
-            spent = [_procfs.cpuSeconds(p) - b for p, b in zip(watched, before, strict=True)]
+            after = [_procfs.cpuTimes(p) for p in watched]
         finally:
             result = running.finish()
+        userTime = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
+        systemTime = [a[1] - b[1] for a, b in zip(after, before, strict=True)]
+        spent = [u + k for u, k in zip(userTime, systemTime, strict=True)]
         record = {**result, "worker_cpu_s": [round(x, 2) for x in spent[: len(pids)]]}
         if len(watched) > len(pids):
             # A supervising parent should cost nothing while workers serve.
             record["parent_cpu_s"] = round(spent[-1], 2)
+        if sum(spent) > 0:
+            record["server_kernel_share"] = round(sum(systemTime) / sum(spent), 3)
         if result["requests"]:
             record["server_cpu_us_per_request"] = round(sum(spent) * 1e6 / result["requests"], 1)
+        # The client's CPU over its whole run (warm-up included), as a share
+        # of what its threads could use: near 1, the client set the pace.
+        clientCapacity = min(s.threads, len(self.pinning.client)) * (s.warmup + s.duration)
+        record["client_busy"] = round(result["client_cpu_s"] / clientCapacity, 3)
         return record
 
     def measureBurst(self, server: servers.RunningServer) -> dict[str, Any]:
