@@ -409,6 +409,23 @@ class RealPortTests(SynchronousTestCase):
         select.select([transport.socket], [], [], 5)
         self.assertIs(transport.doRead(), CONNECTION_DONE)
 
+    def test_largeReads(self) -> None:
+        """
+        One read takes up to 256 KiB, not Twisted's 64 KiB: a large message
+        costs fewer reads.
+        """
+        client, transport = self.accepted()
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        [protocol] = self.protocols
+        received: list[bytes] = []
+        protocol.dataReceived = received.append  # type: ignore[method-assign]
+        message = b"x" * (200 * 1024)
+        client.sendall(message)
+        while sum(map(len, received)) < len(message):
+            select.select([transport.socket], [], [], 5)
+            transport.doRead()
+        self.assertGreater(max(map(len, received)), 64 * 1024)
+
     def reset(self, client: socket.socket, transport: tcp.Server) -> None:
         """
         Reset the connection from the client's side, and wait for the
