@@ -39,7 +39,6 @@ def _leanDoRead(port: Any, twistedDoRead: Callable[[], None]) -> Callable[[], No
     listener: socket.socket = port.socket
     family, kind, proto = int(listener.family), int(listener.type), listener.proto
     rawAccept = listener._accept  # type: ignore[attr-defined]
-    ipv6 = family == socket.AF_INET6
     makeSocket = socket.socket
     buildAddr = port._buildAddr
     reactor = port.reactor
@@ -61,8 +60,10 @@ def _leanDoRead(port: Any, twistedDoRead: Callable[[], None]) -> Callable[[], No
                     return
                 accepted += 1
                 skt = makeSocket(family, kind, proto, fd)
-                if ipv6:
-                    # As Twisted: the scope ID goes into the host.
+                if type(addr) is tuple and len(addr) == 4:
+                    # IPv6 (by the address: a dual-stack socket adopted as
+                    # INET still gives these); as Twisted, the scope ID goes
+                    # into the host.
                     host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
                     addr = (host[0], *addr[1:])
                 protocol = port.factory.buildProtocol(buildAddr(addr))

@@ -158,6 +158,37 @@ class LeanAcceptTests(SynchronousTestCase):
         self.assertIsInstance(factory.addresses[0], IPv6Address)
         self.assertEqual(factory.addresses[0].host, "::1")
 
+    def test_ipv6ByAddress(self) -> None:
+        """
+        An IPv6 address is recognised by its shape, not by the family the
+        listener was adopted with (a dual-stack socket adopted as INET, as
+        C{systemd:domain=INET} on systemd's default C{ListenStream=}):
+        its scope ID goes into the host, as Twisted's loop does it.
+        """
+        factory = RecordingFactory()
+        port = self.listen(factory, lean=False)
+        self.addCleanup(self.closeTransports, factory)
+        port._addressType = IPv6Address
+        server, client = socket.socketpair()
+        self.addCleanup(client.close)
+        peer = ("fe80::1", 4242, 0, 1)
+
+        class DualStack:
+            family, type, proto = socket.AF_INET, socket.SOCK_STREAM, 0
+            waiting = [(server.detach(), peer)]
+
+            def _accept(self) -> Any:
+                if not self.waiting:
+                    raise BlockingIOError()
+                return self.waiting.pop()
+
+        port.socket = DualStack()
+        acceptQuickly(port)
+        port.doRead()
+        expected = socket.getnameinfo(peer, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0]
+        self.assertIn("%", expected)
+        self.assertEqual(factory.addresses[0].host, expected)
+
     def test_acceptErrorGoesToTwisted(self) -> None:
         """
         An accept error other than "nothing waiting" (here EMFILE) is left

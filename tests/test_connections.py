@@ -14,10 +14,12 @@ import time
 
 from twisted.internet import tcp, unix
 from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from maccept._connections import ConnectionTracker, trackConnections
 from tests.fakes import FakeAdoptedPort, FakeServerTransport, WorkerMemoryReactor
@@ -425,6 +427,39 @@ class RealPortTests(SynchronousTestCase):
             select.select([transport.socket], [], [], 5)
             transport.doRead()
         self.assertGreater(max(map(len, received)), 64 * 1024)
+
+    def test_producerPausedAtTwistedsMark(self) -> None:
+        """
+        The larger reads leave backpressure as Twisted has it: a streaming
+        producer is paused once about 64 KiB (C{bufferSize}) waits in the
+        transport's queue, not 256 KiB.
+        """
+        client, transport = self.accepted()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        paused: list[bool] = []
+
+        @implementer(IPushProducer)
+        class Producer:
+            def pauseProducing(self) -> None:
+                paused.append(True)
+
+            def resumeProducing(self) -> None:
+                pass
+
+            def stopProducing(self) -> None:
+                pass
+
+        transport.registerProducer(Producer(), True)
+        chunk = b"x" * 4096
+        for _ in range(1000):
+            transport.write(chunk)
+            if paused:
+                break
+        self.assertEqual(paused, [True])
+        queued = len(transport.dataBuffer) + transport._tempDataLen
+        self.assertLessEqual(queued, 64 * 1024 + len(chunk))
+        transport.unregisterProducer()
 
     def reset(self, client: socket.socket, transport: tcp.Server) -> None:
         """
