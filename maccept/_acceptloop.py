@@ -25,14 +25,16 @@ from typing import Any
 from twisted.python import log
 
 
-def acceptQuickly(port: Any) -> None:
+def acceptQuickly(port: Any) -> Callable[[], None]:
     """
     Give C{port} (a C{tcp.Port} or a subclass, listening) the lean accept
-    loop in place of its C{doRead}.  Call before anything else wraps
-    C{doRead}; the transport class is looked up on each accept, so
-    C{trackConnections} may replace it afterwards.
+    loop in place of its C{doRead}, and return the loop (to call with no
+    governor around it, as a draining worker's last sweep does).  Call
+    before anything else wraps C{doRead}; the transport class is looked up
+    on each accept, so C{trackConnections} may replace it afterwards.
     """
     port.doRead = _leanDoRead(port, port.doRead)
+    return port.doRead  # type: ignore[no-any-return]
 
 
 def _leanDoRead(port: Any, twistedDoRead: Callable[[], None]) -> Callable[[], None]:

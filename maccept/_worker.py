@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, tcp
@@ -76,6 +77,8 @@ class Worker:
         self.governor: AcceptGovernor | None = None
         self.factory: IProtocolFactory | None = None
         self.ports: list[IListeningPort] = []
+        #: Each port's accept loop with no governor around it.
+        self._acceptLoops: dict[IListeningPort, Callable[[], None]] = {}
         #: UDP ports: served by RFC 862 echo, whatever --protocol says.
         self.datagramPorts: list[Any] = []
         self.control: amp.AMP | None = None
@@ -135,7 +138,7 @@ class Worker:
             # Accept nothing before the start hook has run.
             port.stopReading()  # type: ignore[attr-defined]
             if isinstance(port, tcp.Port):
-                acceptQuickly(port)
+                self._acceptLoops[port] = acceptQuickly(port)
             trackConnections(port, self.tracker)
             if self.governor is not None:
                 self.governor.govern(port)
@@ -267,7 +270,11 @@ class Worker:
         if limit <= 0:
             return
         port.numberAccepts = limit
-        type(port).doRead(port)
+        acceptLoop = self._acceptLoops.get(port)
+        if acceptLoop is None:
+            type(port).doRead(port)
+        else:
+            acceptLoop()
 
     def _drained(self, deadline: Any) -> None:
         if deadline.active():

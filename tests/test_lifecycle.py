@@ -55,6 +55,32 @@ class LifecycleTests(SynchronousTestCase):
         self.assertEqual(server.process.wait(30), 0)
         waitFor(lambda: not any(alive(pid) for pid in workers), 10, "the workers to exit")
 
+    def test_stopServesTheBacklog(self) -> None:
+        """
+        Connections that wait in the backlog when the stop comes are
+        accepted and served by the draining worker, not reset when the
+        socket closes.
+        """
+        server = self.start("--workers", "1")
+        [worker] = server.workers()
+        # Stopped, the worker reads its drain order before the connections
+        # that queue behind it: it must take them on its way out.
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            os.kill(server.pid, signal.SIGTERM)
+            waitFor(lambda: "drain" in server.log(), what="the parent to start the drain")
+            waiting = [server.connect() for _ in range(5)]
+            for number, client in enumerate(waiting):
+                self.addCleanup(client.close)
+                client.sendall(b"queued %d" % number)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        for number, client in enumerate(waiting):
+            client.settimeout(10)
+            self.assertEqual(client.recv(20), b"queued %d" % number)
+            client.close()
+        self.assertEqual(server.process.wait(30), 0)
+
     def test_secondSignalStopsAtOnce(self) -> None:
         """
         A second SIGTERM does not wait for open connections.
