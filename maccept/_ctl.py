@@ -37,7 +37,9 @@ def seconds(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number of seconds more than 0, got {text}"
+        )
     return value
 
 
@@ -123,6 +125,15 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
     except ConnectionClosed as e:
         print(
             f"maccept-ctl: {options.path}: the connection closed before the answer ({e})",
+            file=sys.stderr,
+        )
+        return EXIT_UNREACHABLE
+    except Exception as e:
+        # What answers there is not maccept's control protocol, or is
+        # garbled: an undecodable box, an unknown error code, a bad value.
+        print(
+            f"maccept-ctl: {options.path}: not an answer maccept gives "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})",
             file=sys.stderr,
         )
         return EXIT_UNREACHABLE

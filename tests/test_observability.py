@@ -6,6 +6,7 @@ socket with C{maccept-ctl}, against the real C{twistd -n maccept}.
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.server import MacceptServer, alive, echoRoundTrip, runMaccept, takenPort, waitFor
@@ -292,6 +294,38 @@ class ObservabilityTests(SynchronousTestCase):
         self.assertEqual(done.returncode, 2, done.stderr)
         [line] = done.stderr.strip().splitlines()
         self.assertIn("the connection closed before the answer", line)
+
+    def test_ctlGarbledAnswer(self) -> None:
+        """
+        Something that answers, but not as maccept does (garbage, an
+        unknown error, a box with a bad value): exit 2, one line, no
+        traceback.
+        """
+        answers = [
+            b"\xff" * 70000,
+            amp.AmpBox(
+                {b"_error": b"1", b"_error_code": b"BOOM", b"_error_description": b"boom"}
+            ).serialize(),
+            amp.AmpBox({b"_answer": b"1", b"size": b"abc"}).serialize(),
+        ]
+        for answer in answers:
+            listening = self.fakeControlSocket()
+
+            def answerOnce(listening: socket.socket = listening, answer: bytes = answer) -> None:
+                connection, _ = listening.accept()
+                # maccept-ctl may hang up in the middle of a garbled answer.
+                with connection, contextlib.suppress(OSError):
+                    connection.recv(4096)
+                    connection.sendall(answer)
+                    connection.recv(4096)
+
+            answering = threading.Thread(target=answerOnce)
+            answering.start()
+            done = self.ctl("--timeout", "5", "scale", "2")
+            answering.join()
+            self.assertEqual(done.returncode, 2, done.stderr)
+            [line] = done.stderr.strip().splitlines()
+            self.assertIn("not an answer maccept gives", line)
 
     def test_controlGarbage(self) -> None:
         """
