@@ -5,8 +5,8 @@ socket with C{maccept-ctl}, against the real C{twistd -n maccept}.
 
 from __future__ import annotations
 
-import json
 import contextlib
+import json
 import os
 import re
 import shutil
