@@ -49,8 +49,25 @@ class Status(amp.Command):
     ]
 
 
+class _Count(amp.Argument):
+    """
+    A whole number on the wire, as C{amp.Integer}; one that is missing or
+    is not a number arrives as C{None}, for the responder to refuse in one
+    line (a failed C{amp.Integer} is logged with a traceback).
+    """
+
+    def fromString(self, inString: bytes) -> int | None:
+        try:
+            return int(inString)
+        except ValueError:
+            return None
+
+    def toString(self, inObject: int) -> bytes:
+        return str(int(inObject)).encode("ascii")
+
+
 class Scale(amp.Command):
-    arguments = [(b"workers", amp.Integer())]
+    arguments = [(b"workers", _Count(optional=True))]
     response = [(b"size", amp.Integer())]
     errors = _ERRORS
 
@@ -113,7 +130,9 @@ class ControlProtocol(amp.AMP):
         return {"state": self.pool.state.value, "size": self.pool.size, "workers": workers}
 
     @Scale.responder
-    def scale(self, workers: int) -> dict[str, Any]:
+    def scale(self, workers: int | None = None) -> dict[str, Any]:
+        if workers is None:
+            raise ControlError("workers must be a whole number")
         if workers < 1:
             raise ControlError(f"the pool keeps at least one worker (asked for {workers})")
         if workers > MAX_WORKERS:

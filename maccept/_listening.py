@@ -11,7 +11,9 @@ adopt the same descriptor with C{adoptStreamPort}.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from maccept._proxy import splitProxy
-from maccept._socketpath import SocketPath
+from maccept._socketpath import SocketPath, dropOwnLock, pathProblem
 from maccept._wire import ListenerHandle
 
 #: The listen backlog when a description names none (the kernel caps it at
@@ -56,16 +58,24 @@ def checkDescription(description: str) -> None:
 
     @raise ListenError: naming the problem in one line.
     """
+    if any(character in description for character in "\r\n\0"):
+        raise ListenError("the description holds a line break or a NUL")
     proxied, inner = splitProxy(description)
     if proxied:
         if inner.split(":", 1)[0].lower() in DATAGRAM_TYPES:
             raise ListenError("the PROXY protocol (haproxy:) needs a stream listener, not udp")
+        if splitProxy(inner)[0]:
+            raise ListenError("haproxy: is given twice (one PROXY header per connection)")
         checkDescription(inner)
         return
     kind = description.split(":", 1)[0].lower()
     if kind in DATAGRAM_TYPES:
         parseUDP(description)
         return
+    if kind in STREAM_TYPES:
+        problem = _optionProblem(description)
+        if problem is not None:
+            raise ListenError(problem)
     try:
         # Parsing only stores the reactor; nothing runs on it.
         serverFromString(None, description)
@@ -84,14 +94,58 @@ def checkDescription(description: str) -> None:
         raise ListenError(f"endpoint type {kind!r} is not supported (use one of {known})")
 
 
+def _fields(description: str) -> list[str]:
+    """
+    The colon-separated fields after the type, split where a colon is not
+    escaped (C{\\:} inside an IPv6 address or a path).
+    """
+    return re.split(r"(?<!\\):", description)[1:]
+
+
+#: Options whose value names a file the parent must be able to read.
+_FILE_OPTIONS = ("privateKey", "certKey", "extraCertChain", "dhParameters", "caCertsDir")
+#: The largest backlog listen(2) takes (an int; the kernel caps it further).
+_MAX_BACKLOG = 2**31 - 1
+
+
+def _optionProblem(description: str) -> str | None:
+    """
+    What Twisted's parser would take silently or report in its own terms:
+    an option given twice, an empty interface (every address), a backlog
+    below 1 or too large, a file option naming no readable file.
+    """
+    seen: set[str] = set()
+    fields = _fields(description)
+    for index, field in enumerate(fields):
+        key, equals, value = field.partition("=")
+        if not equals:
+            continue
+        value = value.replace("\\:", ":")
+        if key in seen:
+            return f"{key}= is given twice"
+        seen.add(key)
+        if key == "interface" and not value:
+            if any("=" not in later for later in fields[index + 1 :]):
+                return "escape the colons of an IPv6 address in interface= (interface=\\:\\:1)"
+            return "interface= is empty (leave it out to listen on every address)"
+        if key == "backlog" and value.lstrip("-").isdigit():
+            backlog = int(value)
+            if backlog < 1:
+                return f"backlog must be at least 1, got {backlog}"
+            if backlog > _MAX_BACKLOG:
+                return f"backlog {backlog} is too large (at most {_MAX_BACKLOG})"
+        if key in _FILE_OPTIONS and not os.access(value, os.R_OK):
+            return f"cannot read {key}={value}"
+    return None
+
+
 def parseUDP(description: str) -> tuple[int, str]:
     """
     C{udp:PORT[:interface=ADDR]} to C{(port, interface)}.
 
     @raise ListenError: naming the problem in one line.
     """
-    _, _, rest = description.partition(":")
-    fields = rest.split(":", 1)
+    fields = _fields(description)
     try:
         port = int(fields[0])
     except ValueError:
@@ -99,11 +153,15 @@ def parseUDP(description: str) -> tuple[int, str]:
     if not 0 <= port <= 65535:
         raise ListenError(f"port {port} is out of range (0-65535)")
     interface = ""
-    if len(fields) > 1:
-        key, equals, value = fields[1].partition("=")
-        if key != "interface" or not equals:
-            raise ListenError(f"unknown option {fields[1]!r} (udp takes interface=ADDR)")
+    for field in fields[1:]:
+        key, equals, value = field.partition("=")
+        if key != "interface" or not equals or interface:
+            raise ListenError(f"unknown option {field!r} (udp takes one interface=ADDR)")
         interface = value.replace("\\:", ":")
+        try:
+            ipaddress.ip_address(interface)
+        except ValueError:
+            raise ListenError(f"interface {interface!r} is not an IP address") from None
     return port, interface
 
 
@@ -126,10 +184,43 @@ def _systemdProblem(e: Exception) -> str:
 
 
 def _parseProblem(e: Exception) -> str:
+    """
+    Twisted's parsers report in their own terms (a parser function's
+    arguments, OpenSSL's error stack): say it in the description's.
+    """
     text = str(e)
     if "invalid literal for int()" in text:
         return f"expected a number, got {text.rsplit(': ', 1)[-1]}"
+    if isinstance(e, TypeError):
+        missing = re.search(r"missing \d+ required positional argument: '(\w+)'", text)
+        if missing:
+            return f"{missing.group(1)} is missing"
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", text)
+        if unexpected:
+            return f"unknown option {unexpected.group(1)}="
+        if "multiple values for argument" in text or "positional argument" in text:
+            return (
+                "too many fields: escape the colons of an IPv6 address or a path "
+                "(interface=\\:\\:1)"
+            )
+    if isinstance(e, OverflowError):
+        return "a number in it is too large"
+    if type(e).__module__.startswith("OpenSSL"):
+        return f"cannot load the certificate or key: {_sslReason(e)}"
     return text or e.__class__.__name__
+
+
+def _sslReason(e: Exception) -> str:
+    """
+    The reason in OpenSSL's error stack (C{[(library, function, reason)]}).
+    """
+    stack = e.args[0] if e.args and isinstance(e.args[0], list) else []
+    reasons = [
+        f"{entry[0]}: {entry[-1]}" if entry[0] else entry[-1]
+        for entry in stack
+        if isinstance(entry, tuple) and entry and entry[-1]
+    ]
+    return "; ".join(reasons) or str(e) or "not a PEM certificate and key"
 
 
 class _NeverAccepts(Factory):
@@ -213,7 +304,16 @@ def listen(reactor: Any, description: str) -> ListeningSocket:
     # haproxy:INNER: the parent makes INNER's socket; workers add the PROXY
     # protocol when they adopt it (they read the prefix from the description).
     _, inner = splitProxy(description)
-    port = listenNow(serverFromString(reactor, inner), _NeverAccepts())
+    path = unixPath(inner)
+    problem = pathProblem(path) if path is not None else None
+    if problem is not None:
+        raise ListenError(problem)
+    try:
+        port = listenNow(serverFromString(reactor, inner), _NeverAccepts())
+    except ListenError:
+        if path is not None:
+            dropOwnLock(path)
+        raise
     port.stopReading()  # type: ignore[attr-defined]
     if "backlog=" not in inner and not inner.startswith("systemd:"):
         # Twisted's default backlog (50) overflows under a burst of
@@ -221,8 +321,25 @@ def listen(reactor: Any, description: str) -> ListeningSocket:
         port.socket.listen(DEFAULT_BACKLOG)  # type: ignore[attr-defined]
     family = socket.AddressFamily(port.socket.family).name  # type: ignore[attr-defined]
     # A systemd socket's path belongs to systemd.
-    path = None if inner.startswith("systemd:") else SocketPath.of(f"--listen {description}", port)
-    return ListeningSocket(description=description, port=port, family=family, socketPath=path)
+    owned = None if inner.startswith("systemd:") else SocketPath.of(f"--listen {description}", port)
+    return ListeningSocket(description=description, port=port, family=family, socketPath=owned)
+
+
+def unixPath(description: str) -> str | None:
+    """
+    The path of a C{unix:} description (C{unix:PATH} or
+    C{unix:address=PATH}); C{None} for other types.
+    """
+    fields = re.split(r"(?<!\\):", description)
+    if fields[0].lower() != "unix":
+        return None
+    for field in fields[1:]:
+        key, equals, value = field.partition("=")
+        if not equals:
+            return field.replace("\\:", ":")
+        if key == "address":
+            return value.replace("\\:", ":")
+    return None
 
 
 def _listenUDP(reactor: Any, description: str) -> ListeningSocket:

@@ -16,8 +16,9 @@ from twisted.python import usage
 
 from maccept._affinity import availableCPUs, parseCPUs
 from maccept._board import MAX_WORKERS
-from maccept._listening import ListenError, checkDescription
+from maccept._listening import DATAGRAM_TYPES, ListenError, checkDescription
 from maccept._protocols import ProtocolSpecError, resolveProtocol
+from maccept._proxy import splitProxy
 from maccept._reactor import WORKER_REACTORS
 from maccept._upgrade import inheritedDescriptions
 
@@ -192,6 +193,8 @@ class Options(usage.Options):
         KEY=VALUE for the protocol plugin's own options (repeatable), e.g.
         --protocol web --protocol-option path=/srv/www.
         """
+        if not item.partition("=")[0].strip():
+            raise usage.UsageError(f"--protocol-option: expected KEY=VALUE or KEY, got {item!r}")
         self["protocol-option"].append(item)
 
     def opt_help_protocols(self) -> None:
@@ -265,12 +268,15 @@ class Options(usage.Options):
             try:
                 checkDescription(description)
             except ListenError as e:
-                raise usage.UsageError(f"--listen {description}: {e}") from None
+                raise usage.UsageError(f"--listen {shown(description)}: {e}") from None
         if self["metrics"] is not None:
+            metrics = self["metrics"]
             try:
-                checkDescription(self["metrics"])
+                checkDescription(metrics)
+                if metrics.split(":", 1)[0].lower() in DATAGRAM_TYPES or splitProxy(metrics)[0]:
+                    raise ListenError("the metrics are served over HTTP: use tcp:, unix: or ssl:")
             except ListenError as e:
-                raise usage.UsageError(f"--metrics {self['metrics']}: {e}") from None
+                raise usage.UsageError(f"--metrics {shown(metrics)}: {e}") from None
         try:
             resolveProtocol(self["protocol"], self["protocol-option"])
         except ProtocolSpecError as e:
@@ -288,6 +294,14 @@ class CommandLineOptions(Options):
             super().parseOptions(options)
         except usage.UsageError as e:
             fail(str(e))
+
+
+def shown(value: str) -> str:
+    """
+    C{value} as an error line can show it: escaped if it holds a line
+    break or another unprintable character.
+    """
+    return value if value.isprintable() else repr(value)
 
 
 def fail(message: str) -> None:

@@ -12,6 +12,7 @@ starts; every worker resolves it again, so a reload picks up new code.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -169,6 +170,9 @@ def _asFactoryMaker(spec: str, target: object) -> FactoryMaker:
     if isinstance(target, type) and IProtocol.implementedBy(target):
         protocolClass = cast(type[Protocol], target)
         return lambda: Factory.forProtocol(protocolClass)
+    if inspect.isbuiltin(target):
+        # os:getpid, sys:exit...: callable, but never a factory maker.
+        raise ProtocolSpecError(f"{spec!r} is a built-in function, not a protocol factory")
     if callable(target) and not isinstance(target, type):
         return _checkedMaker(spec, target)
     raise ProtocolSpecError(f"{spec!r} is neither a protocol factory nor a callable returning one")

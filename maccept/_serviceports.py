@@ -25,8 +25,15 @@ from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from maccept._listening import ListenError, adoptStream, listenNow, release, socketKind
-from maccept._socketpath import SocketPath
+from maccept._listening import (
+    ListenError,
+    adoptStream,
+    listenNow,
+    release,
+    socketKind,
+    unixPath,
+)
+from maccept._socketpath import SocketPath, dropOwnLock, pathProblem
 
 _log = Logger(namespace="maccept")
 
@@ -116,7 +123,7 @@ def openServicePorts(
                 port = adoptServicePort(reactor, inherited.pop(label), factory)
                 servicePort = ServicePort(label, port, SocketPath.of(label, port, owned=False))
             else:
-                port = listenNow(makeEndpoint(reactor), factory)
+                port = _listenAt(reactor, label, makeEndpoint, factory)
                 servicePort = ServicePort(label, port, SocketPath.of(label, port))
         except ListenError as e:
             for opened in ports:
@@ -127,6 +134,25 @@ def openServicePorts(
             "{option}: listening on {address}", option=label, address=describe(servicePort.port)
         )
     return ports
+
+
+def _listenAt(reactor: Any, label: str, makeEndpoint: Any, factory: Any) -> IListeningPort:
+    """
+    Listen for C{label} (C{--metrics DESCRIPTION} or C{--control PATH});
+    a UNIX path that cannot be a socket is refused before Twisted locks
+    it, and a lock taken by a listen that failed is removed.
+    """
+    option, _, value = label.partition(" ")
+    path = value if option == "--control" else unixPath(value)
+    problem = pathProblem(path) if path is not None else None
+    if problem is not None:
+        raise ListenError(problem)
+    try:
+        return listenNow(makeEndpoint(reactor), factory)
+    except ListenError:
+        if path is not None:
+            dropOwnLock(path)
+        raise
 
 
 def adoptServicePort(reactor: Any, fd: int, factory: Any) -> IListeningPort:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from dataclasses import dataclass
 
 from twisted.internet.address import UNIXAddress
@@ -23,6 +24,38 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 _log = Logger(namespace="maccept")
+
+#: The longest path a UNIX socket address holds (C{sun_path}, less its NUL).
+MAX_PATH_BYTES = 107
+
+
+def pathProblem(path: str) -> str | None:
+    """
+    Why no UNIX socket can be made at C{path}, found before Twisted takes
+    the lock beside it (which a failed listen would leave behind), in
+    words that name the cause; C{None} if nothing is known to be wrong.
+    """
+    if not path or path.startswith("\0"):
+        return None  # the abstract namespace has no file
+    if len(os.fsencode(path)) > MAX_PATH_BYTES:
+        return f"the path is longer than the {MAX_PATH_BYTES} bytes a UNIX socket address holds"
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return f"directory {directory} does not exist"
+    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        return f"{path} exists and is not a socket"
+    return None
+
+
+def dropOwnLock(path: str) -> None:
+    """
+    Remove C{PATH.lock} if it names this process: what a listen that
+    failed after taking it leaves behind.
+    """
+    lock = path + ".lock"
+    with contextlib.suppress(OSError):
+        if os.readlink(lock) == str(os.getpid()):
+            os.unlink(lock)
 
 
 @dataclass

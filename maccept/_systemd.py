@@ -24,6 +24,9 @@ from twisted.logger import Logger
 from maccept._pool import WorkerPool
 from maccept._states import PoolState
 
+#: The shortest interval between watchdog pings, in seconds.
+MIN_WATCHDOG_PING = 0.1
+
 
 class SystemdNotifier:
     """
@@ -41,8 +44,10 @@ class SystemdNotifier:
         if watchdogSeconds:
             self.watchdog = LoopingCall(self.notify, "WATCHDOG=1")
             self.watchdog.clock = reactor
-            # Twice per period, as sd_watchdog_enabled(3) advises.
-            self.watchdog.start(watchdogSeconds / 2, now=True)
+            # Twice per period, as sd_watchdog_enabled(3) advises; no more
+            # often than MIN_WATCHDOG_PING (a period of a few microseconds
+            # would spin the parent: systemd's own floor is 1 s anyway).
+            self.watchdog.start(max(watchdogSeconds / 2, MIN_WATCHDOG_PING), now=True)
 
     @classmethod
     def fromEnvironment(

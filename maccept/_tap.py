@@ -11,6 +11,7 @@ before C{--uid} takes effect.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 
@@ -81,6 +82,10 @@ def makeService(options: CommandLineOptions) -> IService:
     )
 
     def onFatal(message: str) -> None:
+        # One line on the terminal too: under twistd -n the log goes to
+        # standard output, where the reason can scroll past unseen.
+        with contextlib.suppress(OSError):
+            os.write(2, f"maccept: error: {message}\n".encode(errors="replace"))
         exitWithStatus(1)
         reactor.stop()
 

@@ -5,7 +5,10 @@ exit, no traceback and no process left behind.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -65,8 +68,89 @@ class BadInputTests(SynchronousTestCase):
 
     def test_unixPathInMissingDirectory(self) -> None:
         self.check(
-            ["--listen", "unix:/no/such/dir/s.sock"], "--listen unix:/no/such/dir", "cannot listen"
+            ["--listen", "unix:/no/such/dir/s.sock"],
+            "--listen unix:/no/such/dir",
+            "directory /no/such/dir does not exist",
         )
+
+    def test_unixPathsThatCannotBeSockets(self) -> None:
+        """
+        A path too long for a socket address, or taken by something that
+        is not a socket (for --listen, --control and --metrics alike), is
+        refused with its reason, and no PATH.lock is left behind.
+        """
+        # Short: the path must fit in a socket address but for its length.
+        directory = Path(tempfile.mkdtemp(prefix="maccept-paths-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        regular = directory / "regular.file"
+        regular.write_text("")
+        tooLong = directory / ("x" * 120 + ".sock")
+        cases = [
+            (["--listen", f"unix:{tooLong}"], "--listen", "longer than the 107 bytes"),
+            (["--control", str(regular)], "--control", "exists and is not a socket"),
+            (["--control", str(directory)], "--control", "exists and is not a socket"),
+            (["--metrics", f"unix:{directory}/none/m.sock"], "--metrics", "does not exist"),
+        ]
+        for args, option, problem in cases:
+            self.check([*args, "--listen", "tcp:0:interface=127.0.0.1"], option, problem)
+        self.assertEqual(sorted(p.name for p in directory.iterdir()), ["regular.file"])
+
+    def test_listenDescriptionProblems(self) -> None:
+        """
+        What Twisted's parser would take silently, or report in its own
+        terms, is named in the description's terms.
+        """
+        cases = [
+            ("udp:0:interface=999.1.1.1", "'999.1.1.1' is not an IP address"),
+            ("udp:0:interface=127.0.0.1:backlog=5", "unknown option 'backlog=5'"),
+            ("tcp", "port is missing"),
+            ("tcp:0:interface=::1", "escape the colons of an IPv6 address"),
+            ("tcp:0:interface=127.0.0.1:foo=bar", "unknown option foo="),
+            ("tcp:0:backlog=0", "backlog must be at least 1"),
+            ("tcp:0:backlog=99999999999999999999", "is too large"),
+            ("tcp:port=0:port=1", "port= is given twice"),
+            ("tcp:0:interface=", "interface= is empty"),
+            ("haproxy:haproxy:tcp:0", "haproxy: is given twice"),
+            ("ssl:0:privateKey=/no/such/key.pem", "cannot read"),
+            ("tcp:0:interface=127.0.0.1\n", "line break"),
+        ]
+        for description, problem in cases:
+            self.check(["--listen", description], "--listen", problem)
+
+    def test_tlsFilesChecked(self) -> None:
+        """
+        A key that is not PEM, and a dhParameters= file that cannot be
+        read, fail at start-up.
+        """
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir()
+        garbage = directory / "garbage.pem"
+        garbage.write_text("garbage\n")
+        cases = [
+            (f"ssl:0:privateKey={garbage}", "cannot load the certificate or key"),
+            (f"ssl:0:privateKey={garbage}:dhParameters={directory}/dh.pem", "dhParameters="),
+        ]
+        for description, problem in cases:
+            self.check(["--listen", description], "--listen", problem)
+
+    def test_metricsOverUDP(self) -> None:
+        self.check(["--metrics", "udp:0:interface=127.0.0.1"], "--metrics", "served over HTTP")
+
+    def test_emptyProtocolOption(self) -> None:
+        self.check(["--protocol-option", "=x"], "--protocol-option", "expected KEY=VALUE")
+
+    def test_builtinProtocol(self) -> None:
+        self.check(["--protocol", "os:getpid"], "--protocol", "built-in function")
+
+    def test_workerStartFailureOnStderr(self) -> None:
+        """
+        A protocol maker that fails in the worker stops the pool with one
+        line on standard error, and exit status 1.
+        """
+        result = runMaccept(["--protocol", "json:dumps", "--listen", "tcp:0:interface=127.0.0.1"])
+        self.assertEqual(result.returncode, 1)
+        [line] = [line for line in result.stderr.splitlines() if line.strip()]
+        self.assertRegex(line, r"worker \d+ failed to start: TypeError: dumps\(\)")
 
     def test_privilegedPortWithoutPrivileges(self) -> None:
         """

@@ -362,6 +362,23 @@ class ObservabilityTests(SynchronousTestCase):
         self.assertIn(b"UNHANDLED", answer)
         self.assertEqual(self.workerPids(), set(server.workers()))
 
+    def test_scaleWithBadCount(self) -> None:
+        """
+        A Scale whose count is not a whole number, or is missing, gets an
+        error answer saying so, and nothing is logged as critical.
+        """
+        server = self.start("--workers", "1", control=True)
+        for arguments in ({"workers": "abc"}, {"workers": "1.5"}, {}):
+            with socket.socket(socket.AF_UNIX) as client:
+                client.settimeout(10)
+                client.connect(self.controlPath)
+                client.sendall(ampBox(_command="Scale", _ask="1", **arguments))
+                answer = client.recv(4096)
+            self.assertIn(b"workers must be a whole number", answer)
+        self.assertNotIn("critical", server.log())
+        self.assertNotIn("Traceback", server.log())
+        self.assertEqual(self.statusJSON()["size"], 1)
+
     def test_metricsPortInUse(self) -> None:
         """
         C{--metrics} on a port already taken fails start-up with one line

@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._states import PoolState
-from maccept._systemd import SystemdNotifier
+from maccept._systemd import MIN_WATCHDOG_PING, SystemdNotifier
 from tests.server import (
     HERE,
     TWISTD,
@@ -93,6 +93,20 @@ class NotifierTests(SynchronousTestCase):
         self.assertEqual(notify.next(), {"WATCHDOG": "1"})
         clock.advance(2)
         self.assertEqual(notify.next(), {"WATCHDOG": "1"})
+
+    def test_watchdogFloor(self) -> None:
+        """
+        A tiny C{WATCHDOG_USEC} does not make the parent ping without end:
+        pings come at most every C{MIN_WATCHDOG_PING} seconds.
+        """
+        notify = NotifySocket(self)
+        clock = Clock()
+        environ = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1"}
+        notifier = SystemdNotifier.fromEnvironment(clock, environ)
+        assert notifier is not None
+        self.addCleanup(notifier.close)
+        assert notifier.watchdog is not None
+        self.assertEqual(notifier.watchdog.interval, MIN_WATCHDOG_PING)
 
     def test_states(self) -> None:
         """

@@ -31,7 +31,8 @@ class ParseTests(SynchronousTestCase):
         for description, problem in [
             ("udp:echo", "expected a number, got 'echo'"),
             ("udp:70000", "port 70000 is out of range (0-65535)"),
-            ("udp:7:backlog=5", "unknown option 'backlog=5' (udp takes interface=ADDR)"),
+            ("udp:7:backlog=5", "unknown option 'backlog=5' (udp takes one interface=ADDR)"),
+            ("udp:7:interface=example.invalid", "interface 'example.invalid' is not an IP address"),
         ]:
             e = self.assertRaises(ListenError, checkDescription, description)
             self.assertEqual(str(e), problem)
