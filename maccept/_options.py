@@ -20,7 +20,7 @@ from maccept._listening import DATAGRAM_TYPES, ListenError, checkDescription
 from maccept._protocols import ProtocolSpecError, resolveProtocol
 from maccept._proxy import splitProxy
 from maccept._reactor import WORKER_REACTORS
-from maccept._upgrade import inheritedDescriptions
+from maccept._upgrade import HandOverError, inheritedDescriptions
 
 DEFAULT_LISTEN = "tcp:7007:interface=127.0.0.1"
 BALANCE_MODES = ("even", "greedy")
@@ -219,6 +219,16 @@ class Options(usage.Options):
 
     opt_l = opt_listen
 
+    def parseArgs(self, *arguments: str) -> None:
+        """
+        maccept takes options only: name the stray word rather than say
+        "wrong number of arguments".
+        """
+        if arguments:
+            raise usage.UsageError(
+                f"unexpected argument {arguments[0]!r} (every option starts with --)"
+            )
+
     def postOptions(self) -> None:
         self["workers"] = parseWorkers(self["workers"])
         if self["balance"] not in BALANCE_MODES:
@@ -261,7 +271,10 @@ class Options(usage.Options):
             self["listen"] = [DEFAULT_LISTEN]
         # After an upgrade the old parent's sockets come ready-made: a
         # systemd: description, for one, no longer finds LISTEN_FDS.
-        inherited = set(inheritedDescriptions())
+        try:
+            inherited = set(inheritedDescriptions())
+        except HandOverError as e:
+            raise usage.UsageError(str(e)) from None
         for description in self["listen"]:
             if description in inherited:
                 continue

@@ -178,11 +178,26 @@ def inheritedDescriptions(environ: Mapping[str, str] = os.environ) -> list[str]:
     return list(_handedOver(environ.get(INHERIT)))
 
 
+class HandOverError(ValueError):
+    """
+    L{INHERIT} holds something no old parent writes.
+    """
+
+
 def _handedOver(raw: str | None) -> dict[str, int]:
     """
     L{INHERIT}'s value: descriptors by description.
+
+    @raise HandOverError: if it is not what an old parent writes.
     """
-    return {each["description"]: int(each["fd"]) for each in json.loads(raw)} if raw else {}
+    if not raw:
+        return {}
+    try:
+        return {str(each["description"]): int(each["fd"]) for each in json.loads(raw)}
+    except (ValueError, TypeError, KeyError) as e:
+        raise HandOverError(
+            f"{INHERIT} is not a hand-over from an old parent ({type(e).__name__}: {e}); unset it"
+        ) from None
 
 
 def takeOver(environ: Mapping[str, str], log: Logger) -> None:

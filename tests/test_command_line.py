@@ -5,6 +5,7 @@ exit, no traceback and no process left behind.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -138,6 +139,20 @@ class BadInputTests(SynchronousTestCase):
 
     def test_emptyProtocolOption(self) -> None:
         self.check(["--protocol-option", "=x"], "--protocol-option", "expected KEY=VALUE")
+
+    def test_strayArgument(self) -> None:
+        self.check(["--workers", "2", "four"], "'four'", "every option starts with --")
+
+    def test_brokenHandOver(self) -> None:
+        """
+        A hand-over variable no old parent wrote is one line, not a
+        traceback.
+        """
+        os.environ["MACCEPT_INHERIT"] = "not json"
+        try:
+            self.check([], "MACCEPT_INHERIT", "unset it")
+        finally:
+            del os.environ["MACCEPT_INHERIT"]
 
     def test_builtinProtocol(self) -> None:
         self.check(["--protocol", "os:getpid"], "--protocol", "built-in function")
