@@ -5,7 +5,9 @@ kernel's topology files (here a fake /sys tree).
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -17,7 +19,8 @@ import _system
 
 class TopologyTests(SynchronousTestCase):
     def fakeSys(self, siblings: dict[int, str]) -> Path:
-        root = Path(self.mktemp())
+        root = Path(tempfile.mkdtemp(prefix="maccept-sys-"))
+        self.addCleanup(shutil.rmtree, root, True)
         for cpu, text in siblings.items():
             topology = root / f"cpu{cpu}" / "topology"
             topology.mkdir(parents=True)

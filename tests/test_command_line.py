@@ -123,8 +123,8 @@ class BadInputTests(SynchronousTestCase):
         A key that is not PEM, and a dhParameters= file that cannot be
         read, fail at start-up.
         """
-        directory = Path(self.mktemp()).resolve()
-        directory.mkdir()
+        directory = Path(tempfile.mkdtemp(prefix="maccept-tls-"))
+        self.addCleanup(shutil.rmtree, directory, True)
         garbage = directory / "garbage.pem"
         garbage.write_text("garbage\n")
         cases = [
