@@ -296,6 +296,13 @@ class Options(usage.Options):
             raise usage.UsageError(f"--protocol: {e}") from None
 
 
+# usage.Options keeps a docstring's line breaks and indentation inside the
+# lines of --help: make each option's docstring one paragraph.
+for _name, _method in list(vars(Options).items()):
+    if _name.startswith("opt_") and _method.__doc__:
+        _method.__doc__ = " ".join(_method.__doc__.split())
+
+
 class CommandLineOptions(Options):
     """
     L{Options} as twistd parses them: a bad value exits with one line on

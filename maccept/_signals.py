@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_signals -*-
+# -*- test-case-name: tests.test_lifecycle,tests.test_parent -*-
 """
 The parent's signal handlers.
 

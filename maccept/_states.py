@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_states -*-
+# -*- test-case-name: tests.test_pool,tests.test_pool_supervision -*-
 """
 The states of a worker and of the pool, and every transition between them,
 in one place.  The README's tables are these tables.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_command_line,tests.test_serving -*-
 """
 C{twistd maccept}: build the service from the options.
 
