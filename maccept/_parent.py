@@ -6,6 +6,7 @@ the signals that steer them.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,7 +21,7 @@ from maccept._serviceports import ServicePort
 from maccept._signals import installHandlers
 from maccept._socketpath import SocketPath
 from maccept._titles import setTitle
-from maccept._upgrade import Upgrade
+from maccept._upgrade import UPGRADE_FROM, Upgrade
 
 
 class MacceptService(Service):
@@ -75,6 +76,9 @@ class MacceptService(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.upgrade is not None and UPGRADE_FROM in os.environ:
+            # The old parent still writes the log file while this one starts.
+            self.upgrade.shareLogFile()
         self.takeOwnership()
         addresses = " ".join(listener.description for listener in self.listeners)
         setTitle(f"maccept: master {addresses}")

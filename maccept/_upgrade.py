@@ -14,9 +14,11 @@ it is ready, the old one renames the pidfile back and keeps serving.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
+import stat
 import sys
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
@@ -89,6 +91,32 @@ class Upgrade:
         #: The parent's own ports (L{maccept._serviceports}), handed over too.
         self.servicePorts: Sequence[ServicePort] = ()
 
+    def shareLogFile(self) -> None:
+        """
+        Make the descriptor of twistd's C{--logfile} append-only
+        (C{O_APPEND}): during an upgrade two parents write that file, and
+        each would otherwise write at its own offset, over the other's
+        lines.  (A file twistd reopens when it rotates it during the
+        upgrade is not covered.)
+        """
+        config = self.twistdConfig or {}
+        logfile = config.get("logfile") or ("twistd.log" if not config.get("nodaemon") else None)
+        if not logfile or logfile == "-":
+            return
+        name = os.path.basename(logfile)
+        for entry in os.listdir("/proc/self/fd"):
+            fd = int(entry)
+            try:
+                if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) != name:
+                    continue
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    continue
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+                if flags & os.O_ACCMODE != os.O_RDONLY:
+                    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_APPEND)
+            except OSError:
+                continue  # closed meanwhile (listdir's own descriptor)
+
     def start(self) -> None:
         if self.newParent is not None:
             self.log.warn("upgrade ignored: one is already under way")
@@ -110,6 +138,7 @@ class Upgrade:
             env.pop(name, None)
         env[INHERIT] = json.dumps(inherited)
         env[UPGRADE_FROM] = str(os.getpid())
+        self.shareLogFile()
         self._movePidfile(".oldbin")
         command = commandLine(sys.argv, self.twistdConfig)
         try:

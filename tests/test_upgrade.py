@@ -251,6 +251,19 @@ class DaemonUpgradeTests(SynchronousTestCase):
         waitFor(lambda: not alive(old), what="the old parent to exit")
         new = int(pidfile.read_text().strip())
         self.assertNotEqual(new, old)
+        # Both parents wrote the log file, each at its end: neither's lines
+        # are written over by the other's.
+        text = log()
+        self.assertNotIn("\0", text)
+        self.assertIn(f"old parent (pid {old}) drains", text)
+        self.assertIn(f"upgrade: started a new parent (pid {new})", text)
+        self.assertIn("Server Shut Down.", text)
+        self.assertEqual(
+            [line for line in text.splitlines() if not re.match(r"\d{4}-\d\d-\d\dT", line)], []
+        )
+        for line in ("reactor class", "started worker 1", "all 1 workers ready"):
+            # Once from each parent.
+            self.assertEqual(text.count(line), 2, line)
         self.assertTrue(alive(new))
         self.assertNotIn("upgrade failed", log())
         with socket.create_connection(("127.0.0.1", tcpPort), timeout=10) as client:
