@@ -220,6 +220,17 @@ class Worker:
 
     # Draining.
 
+    def terminate(self) -> None:
+        """
+        SIGTERM sent to this worker alone: ask the parent for a replacement
+        first, so that the pool takes the exit for a recycling rather than
+        a crash (and restarts at once, without a crash's back-off), then
+        drain.
+        """
+        if self.accepting and not self.draining:
+            self._call(ReplaceMe, reason="it received SIGTERM")
+        self.drain(self.spec.gracefulTimeout)
+
     def drain(self, timeout: float) -> None:
         """
         Stop accepting (after taking whatever already waits in the backlog),
@@ -426,13 +437,13 @@ def _handleSignals(reactor: Any, worker: Worker) -> None:
     """
     A terminal's Ctrl-C reaches the whole process group: the parent decides
     what the workers do, so they ignore SIGINT.  SIGTERM sent to one worker
-    drains it; SIGUSR1 dumps every thread's stack to stderr (into the
+    has it replaced and drained; SIGUSR1 dumps every thread's stack to stderr (into the
     parent's log), even while the reactor is blocked.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(
         signal.SIGTERM,
-        lambda *_: reactor.callFromThread(worker.drain, worker.spec.gracefulTimeout),
+        lambda *_: reactor.callFromThread(worker.terminate),
     )
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 

@@ -214,6 +214,28 @@ class LifecycleTests(SynchronousTestCase):
         self.assertNotEqual(set(server.workers()), first)
         self.assertIn("accepted", server.log())
 
+    def test_workerTerminatedAlone(self) -> None:
+        """
+        SIGTERM sent to one worker has it replaced at once and drained: an
+        open connection is still served, and the pool counts a recycling,
+        not a crash.
+        """
+        server = self.start("--workers", "1")
+        [worker] = server.workers()
+        client = server.connect()
+        self.addCleanup(client.close)
+        os.kill(worker, signal.SIGTERM)
+        waitFor(lambda: "received SIGTERM" in server.log(), what="the replacement")
+        waitFor(lambda: len(set(server.workers()) - {worker}) == 1, what="a new worker")
+        client.sendall(b"still here")
+        self.assertEqual(client.recv(10), b"still here")
+        client.close()
+        waitFor(lambda: "left (recycle)" in server.log(), what="the worker to leave")
+        self.assertNotIn("died", server.log())
+        with server.connect() as fresh:
+            fresh.sendall(b"new")
+            self.assertEqual(fresh.recv(3), b"new")
+
     def test_recyclingByMemory(self) -> None:
         """
         With --max-memory, a worker that grows past it is replaced, the
