@@ -286,8 +286,8 @@ class Options(usage.Options):
             metrics = self["metrics"]
             try:
                 checkDescription(metrics)
-                if metrics.split(":", 1)[0].lower() in DATAGRAM_TYPES or splitProxy(metrics)[0]:
-                    raise ListenError("the metrics are served over HTTP: use tcp:, unix: or ssl:")
+                if splitProxy(metrics)[1].split(":", 1)[0].lower() in DATAGRAM_TYPES:
+                    raise ListenError("the metrics are served over HTTP, not UDP")
             except ListenError as e:
                 raise usage.UsageError(f"--metrics {shown(metrics)}: {e}") from None
         try:

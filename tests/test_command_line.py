@@ -135,7 +135,9 @@ class BadInputTests(SynchronousTestCase):
             self.check(["--listen", description], "--listen", problem)
 
     def test_metricsOverUDP(self) -> None:
-        self.check(["--metrics", "udp:0:interface=127.0.0.1"], "--metrics", "served over HTTP")
+        self.check(
+            ["--metrics", "udp:0:interface=127.0.0.1"], "--metrics", "served over HTTP, not UDP"
+        )
 
     def test_emptyProtocolOption(self) -> None:
         self.check(["--protocol-option", "=x"], "--protocol-option", "expected KEY=VALUE")
