@@ -145,7 +145,8 @@ def parseUDP(description: str) -> tuple[int, str]:
 
     @raise ListenError: naming the problem in one line.
     """
-    fields = _fields(description)
+    # The interface runs to the end: an IPv6 address may keep its colons.
+    fields = description.partition(":")[2].split(":", 1)
     try:
         port = int(fields[0])
     except ValueError:
@@ -153,10 +154,10 @@ def parseUDP(description: str) -> tuple[int, str]:
     if not 0 <= port <= 65535:
         raise ListenError(f"port {port} is out of range (0-65535)")
     interface = ""
-    for field in fields[1:]:
-        key, equals, value = field.partition("=")
-        if key != "interface" or not equals or interface:
-            raise ListenError(f"unknown option {field!r} (udp takes one interface=ADDR)")
+    if len(fields) > 1:
+        key, equals, value = fields[1].partition("=")
+        if key != "interface" or not equals:
+            raise ListenError(f"unknown option {fields[1]!r} (udp takes interface=ADDR)")
         interface = value.replace("\\:", ":")
         try:
             ipaddress.ip_address(interface)

@@ -101,6 +101,11 @@ def residentBytes(pid: int) -> int | None:
         return None
 
 
+#: Seconds the pool waits before replacing a worker that received SIGTERM:
+#: long enough for a SIGTERM sent to the whole group to reach the parent.
+SIGNAL_GRACE = 0.2
+
+
 class WorkerPool(Service):
     """
     Keep C{settings.size} workers accepting on C{listeners}.
@@ -164,6 +169,8 @@ class WorkerPool(Service):
         self._restarts: list[PendingRestart] = []
         #: Recycle requests that came while the pool was starting: why, by worker.
         self._replaceWhenRunning: dict[WorkerProcess, tuple[str, str]] = {}
+        #: Replacements of workers that received SIGTERM, not yet started.
+        self._signalledReplacements: list[Any] = []
         self._timeoutCall: Any = None
         self._stopped: defer.Deferred[None] | None = None
         self._ticker = LoopingCall(self.tick)
@@ -238,6 +245,10 @@ class WorkerPool(Service):
 
     def _cancelTimers(self) -> None:
         self._cancelTimeout()
+        for call in self._signalledReplacements:
+            if call.active():
+                call.cancel()
+        self._signalledReplacements = []
         for restart in list(self._restarts):
             self._cancelRestart(restart)
         if self._ticker.running:
@@ -412,7 +423,9 @@ class WorkerPool(Service):
             self.workers.remove(worker)
             for name in COUNTERS:
                 self.departedTotals[name] += worker.stats[name]
-        reason = worker.stopReason or "crash"
+        # A worker that received SIGTERM alone left as asked, not crashed
+        # (its replacement comes from replaceSignalled).
+        reason = worker.stopReason or ("recycle" if worker.signalled else "crash")
         if reason in self.restarts:
             self.restarts[reason] += 1
         if self.state is PoolState.STOPPING:
@@ -584,6 +597,28 @@ class WorkerPool(Service):
             self.log.error(
                 "cannot replace worker {number}: {why}; it serves on", number=worker.number, why=e
             )
+
+    def replaceSignalled(self, worker: WorkerProcess, why: str) -> None:
+        """
+        C{worker} received SIGTERM and drains.  Replace it after
+        L{SIGNAL_GRACE}, and only if the pool still runs by then: the same
+        SIGTERM sent to the whole process group (C{kill -TERM -PGID},
+        systemd's default C{KillMode}) stops the parent too, and a stopping
+        pool starts no worker.
+        """
+        call = self.reactor.callLater(SIGNAL_GRACE, self._replaceSignalled, worker, why)
+        self._signalledReplacements.append(call)
+
+    def _replaceSignalled(self, worker: WorkerProcess, why: str) -> None:
+        self._signalledReplacements = [c for c in self._signalledReplacements if c.active()]
+        if self.state not in (PoolState.RUNNING, PoolState.RELOADING):
+            return
+        if worker in self.workers:
+            self.replace(worker, "recycle", why=why)
+        elif self._replacementOf(worker) is None and worker.generation == self.generation:
+            # It had no connection to finish and is gone already.
+            self.log.info("starting worker {number} again: {why}", number=worker.number, why=why)
+            self._respawn(worker.number, worker.generation, None)
 
     def _replaceRemembered(self) -> None:
         remembered, self._replaceWhenRunning = self._replaceWhenRunning, {}

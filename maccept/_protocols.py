@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -170,8 +171,9 @@ def _asFactoryMaker(spec: str, target: object) -> FactoryMaker:
     if isinstance(target, type) and IProtocol.implementedBy(target):
         protocolClass = cast(type[Protocol], target)
         return lambda: Factory.forProtocol(protocolClass)
-    if inspect.isbuiltin(target):
-        # os:getpid, sys:exit...: callable, but never a factory maker.
+    if inspect.isbuiltin(target) and getattr(target, "__module__", None) in sys.stdlib_module_names:
+        # os:getpid, sys:exit...: callable, but never a factory maker.  (A
+        # compiled function of the user's own, Cython or C, is built-in too.)
         raise ProtocolSpecError(f"{spec!r} is a built-in function, not a protocol factory")
     if callable(target) and not isinstance(target, type):
         return _checkedMaker(spec, target)

@@ -42,7 +42,11 @@ def pathProblem(path: str) -> str | None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         return f"directory {directory} does not exist"
-    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+    try:
+        mode = os.stat(path).st_mode  # through a symlink, as bind(2) goes
+    except OSError:
+        return None  # nothing there (or Twisted will say what is wrong)
+    if not stat.S_ISSOCK(mode):
         return f"{path} exists and is not a socket"
     return None
 

@@ -174,10 +174,11 @@ class Farewell(amp.Command):
 class ReplaceMe(amp.Command):
     """
     The worker asks to be replaced (it reached C{--max-connections}); it
-    keeps serving until the parent tells it to drain.
+    keeps serving until the parent tells it to drain.  C{signalled}: it
+    received SIGTERM and drains already.
     """
 
-    arguments = [(b"reason", amp.Unicode())]
+    arguments = [(b"reason", amp.Unicode()), (b"signalled", amp.Boolean(optional=True))]
     requiresAnswer = False
 
 

@@ -228,7 +228,7 @@ class Worker:
         drain.
         """
         if self.accepting and not self.draining:
-            self._call(ReplaceMe, reason="it received SIGTERM")
+            self._call(ReplaceMe, reason="it received SIGTERM", signalled=True)
         self.drain(self.spec.gracefulTimeout)
 
     def drain(self, timeout: float) -> None:

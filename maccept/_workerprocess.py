@@ -76,6 +76,8 @@ class WorkerProcess(ProcessProtocol):
         self.failureReason: str | None = None
         self.exitDescription: str | None = None
         self.stopReason: str | None = None
+        #: It received SIGTERM on its own and drains (see L{WorkerPool.replaceSignalled}).
+        self.signalled = False
         self.replaces: WorkerProcess | None = None
         self.lastHeartbeat = startedAt
         self.readyAt: float | None = None
@@ -151,8 +153,12 @@ class WorkerProcess(ProcessProtocol):
             self.pool.lateReport(self, stats)
         self.stats.update(stats)
 
-    def askedToBeReplaced(self, reason: str) -> None:
-        self.pool.replace(self, "recycle", why=reason)
+    def askedToBeReplaced(self, reason: str, signalled: bool = False) -> None:
+        if signalled:
+            self.signalled = True
+            self.pool.replaceSignalled(self, why=reason)
+        else:
+            self.pool.replace(self, "recycle", why=reason)
 
     # What we do to the worker.
 
@@ -226,8 +232,8 @@ class ParentControl(amp.AMP):
         return {}
 
     @ReplaceMe.responder
-    def replaceMe(self, reason: str) -> dict[str, Any]:
-        self.worker.askedToBeReplaced(reason)
+    def replaceMe(self, reason: str, signalled: bool | None = None) -> dict[str, Any]:
+        self.worker.askedToBeReplaced(reason, bool(signalled))
         return {}
 
     @LogEvent.responder

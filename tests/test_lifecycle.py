@@ -5,6 +5,7 @@ load, scaling, the watchdog, recycling and crash loops.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -92,7 +93,9 @@ class LifecycleTests(SynchronousTestCase):
         waitFor(lambda: "draining" in server.log(), what="the drain")
         os.kill(server.pid, signal.SIGTERM)
         self.assertEqual(server.process.wait(30), 0)
-        self.assertEqual(client.recv(10), b"")
+        # Closed at once: an end of stream, or a reset from the killed worker.
+        with contextlib.suppress(ConnectionResetError):
+            self.assertEqual(client.recv(10), b"")
 
     def test_reloadUnderLoadLosesNothing(self) -> None:
         """
@@ -235,6 +238,34 @@ class LifecycleTests(SynchronousTestCase):
         with server.connect() as fresh:
             fresh.sendall(b"new")
             self.assertEqual(fresh.recv(3), b"new")
+
+    def test_idleWorkerTerminatedAlone(self) -> None:
+        """
+        A worker with no connection to finish leaves at once on SIGTERM;
+        it is started again, as a recycling, not a crash.
+        """
+        server = self.start("--workers", "1")
+        [worker] = server.workers()
+        os.kill(worker, signal.SIGTERM)
+        waitFor(lambda: "starting worker 1 again" in server.log(), what="the restart")
+        waitFor(lambda: server.log().count(") ready") == 2, what="the new worker to be ready")
+        self.assertNotIn("died", server.log())
+        self.assertIn("left (recycle)", server.log())
+        with server.connect() as client:
+            client.sendall(b"back")
+            self.assertEqual(client.recv(4), b"back")
+
+    def test_groupTerminatedStartsNothing(self) -> None:
+        """
+        SIGTERM to the whole process group (systemd's default KillMode)
+        stops the pool without starting replacements for the workers.
+        """
+        server = self.start("--workers", "3")
+        os.killpg(os.getpgid(server.pid), signal.SIGTERM)
+        self.assertEqual(server.process.wait(30), 0)
+        self.assertNotIn("replacing worker", server.log())
+        self.assertNotIn("again", server.log())
+        self.assertNotIn("started worker 4", server.log())
 
     def test_recyclingByMemory(self) -> None:
         """

@@ -25,13 +25,15 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(parseUDP("udp:7"), (7, ""))
         self.assertEqual(parseUDP("udp:0:interface=127.0.0.1"), (0, "127.0.0.1"))
         self.assertEqual(parseUDP("udp:9:interface=\\:\\:1"), (9, "::1"))
+        # Unescaped, as the README writes ADDR: the address runs to the end.
+        self.assertEqual(parseUDP("udp:9:interface=::1"), (9, "::1"))
         checkDescription("udp:7007:interface=127.0.0.1")
 
     def test_invalid(self) -> None:
         for description, problem in [
             ("udp:echo", "expected a number, got 'echo'"),
             ("udp:70000", "port 70000 is out of range (0-65535)"),
-            ("udp:7:backlog=5", "unknown option 'backlog=5' (udp takes one interface=ADDR)"),
+            ("udp:7:backlog=5", "unknown option 'backlog=5' (udp takes interface=ADDR)"),
             ("udp:7:interface=example.invalid", "interface 'example.invalid' is not an IP address"),
         ]:
             e = self.assertRaises(ListenError, checkDescription, description)
