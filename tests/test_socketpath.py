@@ -12,7 +12,7 @@ import tempfile
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from maccept._socketpath import SocketPath
+from maccept._socketpath import SocketPath, dropOwnLock, pathProblem
 
 
 class FakeUNIXPort:
@@ -89,3 +89,46 @@ class SocketPathTests(SynchronousTestCase):
             socketPath.remove()
         [event] = events
         self.assertIn("--control p: cannot remove", formatEvent(event))
+
+
+class PathProblemTests(SynchronousTestCase):
+    """
+    What is wrong with a UNIX socket path before Twisted locks it, and the
+    lock a failed listen leaves.
+    """
+
+    def setUp(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="maccept-pp-")
+        self.addCleanup(shutil.rmtree, self.directory, True)
+
+    def test_problems(self) -> None:
+        regular = os.path.join(self.directory, "file")
+        open(regular, "w").close()
+        self.assertIn("longer than", pathProblem(os.path.join(self.directory, "x" * 120)) or "")
+        self.assertIn("does not exist", pathProblem("/no/such/dir/s.sock") or "")
+        self.assertIn("is not a socket", pathProblem(regular) or "")
+        self.assertIsNone(pathProblem(os.path.join(self.directory, "new.sock")))
+        self.assertIsNone(pathProblem("\0abstract"))
+
+    def test_staleSocketThroughSymlink(self) -> None:
+        """
+        A symlink to a socket is judged by the socket, as bind(2) sees it.
+        """
+        target = os.path.join(self.directory, "real.sock")
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(target)
+        link = os.path.join(self.directory, "link.sock")
+        os.symlink(target, link)
+        self.assertIsNone(pathProblem(link))
+
+    def test_dropOwnLockOnly(self) -> None:
+        """
+        Only a lock naming this process is removed.
+        """
+        mine, theirs = (os.path.join(self.directory, name) for name in ("a.sock", "b.sock"))
+        os.symlink(str(os.getpid()), mine + ".lock")
+        os.symlink("1", theirs + ".lock")
+        dropOwnLock(mine)
+        dropOwnLock(theirs)
+        self.assertFalse(os.path.islink(mine + ".lock"))
+        self.assertTrue(os.path.islink(theirs + ".lock"))
