@@ -67,13 +67,6 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def cpuSeconds(pid: int) -> float:
-    """
-    User plus system CPU time C{pid} has used so far.
-    """
-    return sum(cpuTimes(pid))
-
-
 def cpuTimes(pid: int) -> tuple[float, float]:
     """
     User and system CPU time C{pid} has used so far: the system part is

@@ -305,16 +305,7 @@ def listen(reactor: Any, description: str) -> ListeningSocket:
     # haproxy:INNER: the parent makes INNER's socket; workers add the PROXY
     # protocol when they adopt it (they read the prefix from the description).
     _, inner = splitProxy(description)
-    path = unixPath(inner)
-    problem = pathProblem(path) if path is not None else None
-    if problem is not None:
-        raise ListenError(problem)
-    try:
-        port = listenNow(serverFromString(reactor, inner), _NeverAccepts())
-    except ListenError:
-        if path is not None:
-            dropOwnLock(path)
-        raise
+    port = listenNow(serverFromString(reactor, inner), _NeverAccepts(), unixPath(inner))
     port.stopReading()  # type: ignore[attr-defined]
     if "backlog=" not in inner and not inner.startswith("systemd:"):
         # Twisted's default backlog (50) overflows under a burst of
@@ -331,10 +322,9 @@ def unixPath(description: str) -> str | None:
     The path of a C{unix:} description (C{unix:PATH} or
     C{unix:address=PATH}); C{None} for other types.
     """
-    fields = re.split(r"(?<!\\):", description)
-    if fields[0].lower() != "unix":
+    if description.split(":", 1)[0].lower() != "unix":
         return None
-    for field in fields[1:]:
+    for field in _fields(description):
         key, equals, value = field.partition("=")
         if not equals:
             return field.replace("\\:", ":")
@@ -380,19 +370,28 @@ def adoptListener(reactor: Any, description: str, fd: int) -> ListeningSocket:
     )
 
 
-def listenNow(endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> IListeningPort:
+def listenNow(
+    endpoint: IStreamServerEndpoint, factory: IProtocolFactory, path: str | None = None
+) -> IListeningPort:
     """
     Listen on C{endpoint} before the reactor runs, so that a failure is
-    known at once.
+    known at once.  For a UNIX socket at C{path}, a path that cannot be a
+    socket is refused before Twisted locks it, and the lock a failed listen
+    took is removed.
 
     @raise ListenError: naming why it cannot listen.
     """
+    problem = pathProblem(path) if path is not None else None
+    if problem is not None:
+        raise ListenError(problem)
     result: list[object] = []
     endpoint.listen(factory).addBoth(result.append)
     if not result:
         raise ListenError("the endpoint did not listen at once")
     outcome = result[0]
     if isinstance(outcome, Failure):
+        if path is not None:
+            dropOwnLock(path)
         raise ListenError(_listenProblem(outcome.value or Exception())) from None
     port: IListeningPort = outcome  # type: ignore[assignment]
     return port

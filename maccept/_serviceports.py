@@ -33,7 +33,7 @@ from maccept._listening import (
     socketKind,
     unixPath,
 )
-from maccept._socketpath import SocketPath, dropOwnLock, pathProblem
+from maccept._socketpath import SocketPath
 
 _log = Logger(namespace="maccept")
 
@@ -138,21 +138,12 @@ def openServicePorts(
 
 def _listenAt(reactor: Any, label: str, makeEndpoint: Any, factory: Any) -> IListeningPort:
     """
-    Listen for C{label} (C{--metrics DESCRIPTION} or C{--control PATH});
-    a UNIX path that cannot be a socket is refused before Twisted locks
-    it, and a lock taken by a listen that failed is removed.
+    Listen for C{label} (C{--metrics DESCRIPTION} or C{--control PATH}),
+    naming the UNIX path, if any, for L{listenNow}'s path checks.
     """
     option, _, value = label.partition(" ")
     path = value if option == "--control" else unixPath(value)
-    problem = pathProblem(path) if path is not None else None
-    if problem is not None:
-        raise ListenError(problem)
-    try:
-        return listenNow(makeEndpoint(reactor), factory)
-    except ListenError:
-        if path is not None:
-            dropOwnLock(path)
-        raise
+    return listenNow(makeEndpoint(reactor), factory, path)
 
 
 def adoptServicePort(reactor: Any, fd: int, factory: Any) -> IListeningPort:
