@@ -478,7 +478,7 @@ class WorkerPool(Service):
             reason=reason,
             how=worker.exitDescription,
         )
-        if reason == "watchdog" and worker.generation == self.generation:
+        if reason == "watchdog" and worker.generation == self.generation and not worker.leavesPool:
             self._respawn(worker.number, worker.generation, None)
 
     def _crashed(self, worker: WorkerProcess) -> None:
@@ -611,7 +611,7 @@ class WorkerPool(Service):
 
     def _replaceSignalled(self, worker: WorkerProcess, why: str) -> None:
         self._signalledReplacements = [c for c in self._signalledReplacements if c.active()]
-        if self.state not in (PoolState.RUNNING, PoolState.RELOADING):
+        if self.state not in (PoolState.RUNNING, PoolState.RELOADING) or worker.leavesPool:
             return
         if worker in self.workers:
             self.replace(worker, "recycle", why=why)
@@ -747,6 +747,20 @@ class WorkerPool(Service):
                 number=restart.number,
             )
             return True
+        leaving = self._leavingUnreplaced()
+        if leaving:
+            # Already on its way out (the watchdog's stack dump, its own
+            # SIGTERM's grace): draining a healthy worker as well would
+            # leave the pool a worker short until the next start.
+            worker = max(leaving, key=lambda w: w.number)
+            worker.leavesPool = True
+            self.size -= 1
+            self.log.info(
+                "scaling down to {size} workers: worker {number}, leaving already, is not replaced",
+                size=self.size,
+                number=worker.number,
+            )
+            return True
         # A replacement is never the victim: the worker it replaces is.
         candidates = [
             w
@@ -774,6 +788,21 @@ class WorkerPool(Service):
             replacement.replaces = None
             replacement.drain("scale", self.settings.gracefulTimeout, self.killTime)
         return True
+
+    def _leavingUnreplaced(self) -> list[WorkerProcess]:
+        """
+        Workers of this generation that are to be replaced once they are
+        gone but have no replacement yet: hung, or signalled on their own.
+        """
+        return [
+            w
+            for w in self.ofGeneration(self.generation)
+            if not w.leavesPool
+            and w.replaces is None
+            and w.state is not WorkerState.STOPPED
+            and self._replacementOf(w) is None
+            and (w.stopReason == "watchdog" or (w.signalled and w.stopReason is None))
+        ]
 
     # Periodic checks.
 

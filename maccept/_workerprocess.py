@@ -82,6 +82,9 @@ class WorkerProcess(ProcessProtocol):
         self.lastHeartbeat = startedAt
         self.readyAt: float | None = None
         self.declaredHung = False
+        #: Scaling down took it out of the pool while it was leaving anyway
+        #: (hung, or told to stop by a signal of its own): no one replaces it.
+        self.leavesPool = False
         # Zero for every counter a worker reports (see L{STATS}).
         self.stats: dict[str, Any] = {
             name.decode(): 0.0 if isinstance(argument, amp.Float) else 0 for name, argument in STATS

@@ -114,26 +114,71 @@ class ScaleDownTests(SupervisionTestCase):
         self.reactor.advance(pool.maxRestartDelay)
         self.assertEqual(self.numbers(pool), [1])
 
-    def test_noVictim(self) -> None:
+    def test_hungWorkerIsTheVictim(self) -> None:
         """
-        With no worker that may be drained, scaling down is refused and the
-        size stays as it was.
+        A worker the watchdog is killing is taken out first: it is not
+        restarted, and the healthy workers go on serving.
         """
-        pool = self.readyPool(2, watchdogTimeout=3.0)
-        self.reactor.advance(4.0)
-        self.assertEqual([w.stopReason for w in pool.workers], ["watchdog"] * 2)
+        pool = self.readyPool(3, watchdogTimeout=3.0)
+        self.reactor.advance(2.0)
+        for number in (1, 3):
+            self.workerIn(pool, number).heartbeat()
+        self.reactor.advance(2.0)
+        hung = self.workerIn(pool, 2)
+        self.assertEqual(hung.stopReason, "watchdog")
         with capturedLogs() as events:
             pool.scaleDown()
         self.assertEqual(pool.size, 2)
-        self.assertIn("not scaling down: no worker to drain", texts(events))
+        self.assertIn(
+            "scaling down to 2 workers: worker 2, leaving already, is not replaced", texts(events)
+        )
+        for number in (1, 3):
+            self.assertIs(self.workerIn(pool, number).state, WorkerState.READY)
+            self.assertEqual(self.process(self.workerIn(pool, number)).signals, [])
+        self.process(hung).end(signal=signal.SIGKILL)
+        self.reactor.advance(pool.maxRestartDelay)
+        self.assertEqual(self.numbers(pool), [1, 3])
+        self.assertEqual(pool.restarts["watchdog"], 1)
+
+    def test_everyWorkerHung(self) -> None:
+        """
+        With every worker hung, scaling down takes one out; the others are
+        restarted when the watchdog has killed them.
+        """
+        pool = self.readyPool(3, watchdogTimeout=3.0)
+        self.reactor.advance(4.0)
+        pool.scaleTo(1)
+        self.assertEqual(pool.size, 1)
+        for worker in list(pool.workers):
+            self.process(worker).end(signal=signal.SIGKILL)
+        self.reactor.advance(pool.maxRestartDelay)
+        self.assertEqual(self.numbers(pool), [1])
+
+    def test_signalledWorkerIsTheVictim(self) -> None:
+        """
+        So is a worker that received SIGTERM on its own: its replacement,
+        due after the signal's grace, is not started.
+        """
+        pool = self.readyPool(2)
+        leaving = self.workerIn(pool, 1)
+        leaving.askedToBeReplaced("received SIGTERM", signalled=True)
+        pool.scaleDown()
+        self.assertEqual(pool.size, 1)
+        self.assertEqual(self.process(self.workerIn(pool, 2)).signals, [])
+        self.reactor.advance(1.0)
+        self.assertEqual(self.numbers(pool), [1, 2])
+        self.process(leaving).end(0)
+        self.reactor.advance(pool.maxRestartDelay)
+        self.assertEqual(self.numbers(pool), [2])
+        self.assertIs(self.workerIn(pool, 2).state, WorkerState.READY)
 
     def test_scaleToStopsWhenRefused(self) -> None:
         """
         C{scaleTo} gives up once a step is refused, instead of trying for
         ever.
         """
-        pool = self.readyPool(2, watchdogTimeout=3.0)
-        self.reactor.advance(4.0)
+        pool = self.readyPool(2)
+        pool.reload()
         pool.scaleTo(1)
         self.assertEqual(pool.size, 2)
 
