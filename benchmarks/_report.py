@@ -144,6 +144,15 @@ def _throughputSection(r: Results, workload: str) -> list[str]:
         ["maccept / recipe", *[_versus(r, workload, w) for w in r.workers], *["" for _ in many]]
     )
     starred = any(cell.endswith(" *") for row in rows for cell in row)
+    # Older results.json files lack the kernel share and the client's load.
+    recorded = [run for run in r.runs if run["workload"] == workload]
+    kernelShare = any("server_kernel_share" in run for run in recorded)
+    clientBusy = [
+        "Load generator busy, as a share of its CPUs (whole run):",
+        "",
+        *_perWorkerCount(r, workload, _clientBusy),
+        "",
+    ]
     footnote = [
         f"\\* the load generator used {CLIENT_BOUND:.0%} or more of its CPUs: the client, "
         "not the server, may have set that number.",
@@ -159,15 +168,16 @@ def _throughputSection(r: Results, workload: str) -> list[str]:
         "",
         *_perWorkerCount(r, workload, _latency),
         "",
-        "Server CPU per request in µs (workers and parent, measured window), and the "
-        "kernel's share of it (system time: TCP on loopback, epoll, scheduling):",
+        "Server CPU per request in µs (workers and parent, measured window)"
+        + (
+            ", and the kernel's share of it (system time: TCP on loopback, epoll, scheduling):"
+            if kernelShare
+            else ":"
+        ),
         "",
         *_perWorkerCount(r, workload, _cpuPerRequest),
         "",
-        "Load generator busy, as a share of its CPUs (whole run):",
-        "",
-        *_perWorkerCount(r, workload, _clientBusy),
-        "",
+        *(clientBusy if any("client_busy" in run for run in recorded) else []),
     ]
 
 
@@ -318,8 +328,11 @@ def _healthSection(results: dict[str, Any]) -> list[str]:
 
 
 def markdown(results: dict[str, Any]) -> str:
+    # Here, not at the top: _targets builds on this module's Results.
+    import _targets
+
     r = Results(results)
-    lines = _header(results)
+    lines = [*_header(results), *_targets.section(results)]
     for workload in r.workloads():
         if workload in RR_TITLES:
             lines += _throughputSection(r, workload)

@@ -1,0 +1,160 @@
+"""
+Issue 5's scaling targets, judged from one run's results.json.
+
+The targets are only meaningful on a machine where the servers have CPUs
+of their own, so a run says for itself which it met, which it missed, and
+which it could not test (client and server sharing CPUs, a worker count
+beyond the server's CPUs, a competitor not run), rather than leaving the
+reader to do the arithmetic across tables.
+
+The targets (request/response with 1 KiB messages over 256 connections
+unless said):
+
+- W workers give at least 0.9 x W x the 1-worker rate, for W up to the
+  server's CPUs;
+- connection churn scales by the same measure;
+- 1 worker does at least as well as the plain recipe's 1 worker;
+- at W = the server's CPUs (8 on 8), ahead of asyncio with as many
+  processes;
+- p99 latency at each W no worse than the recipe's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from _report import CLIENT_BOUND, Results
+from _system import parseCpus
+
+#: The least share of linear scaling that counts as scaling.
+SCALING = 0.9
+
+
+@dataclass
+class Verdict:
+    target: str
+    measured: str
+    verdict: str  # "met", "missed", "not tested"
+    note: str = ""
+    #: Whether the target is about using more CPUs, which a run whose
+    #: server and client share CPUs cannot test.
+    scaling: bool = False
+
+
+def _clientNote(*runs: dict[str, Any] | None) -> str:
+    busy = [r["client_busy"] for r in runs if r is not None and "client_busy" in r]
+    if busy and max(busy) >= CLIENT_BOUND:
+        return f"load generator {max(busy):.0%} busy: the client may have set the pace"
+    return ""
+
+
+def _scaling(runs: Results, workload: str, workers: list[int], serverCpus: int) -> list[Verdict]:
+    verdicts = []
+    one = runs.find("maccept", 1, workload)
+    for w in workers:
+        if w == 1:
+            continue
+        target = f"{workload}: {w} workers >= {SCALING} x {w} x 1 worker"
+        many = runs.find("maccept", w, workload)
+        if w > serverCpus:
+            note = f"only {serverCpus} server CPUs"
+            verdicts.append(Verdict(target, "-", "not tested", note, scaling=True))
+            continue
+        if one is None or many is None or not one["rps"]:
+            verdicts.append(Verdict(target, "-", "not tested", "not run"))
+            continue
+        ratio = many["rps"] / (w * one["rps"])
+        verdicts.append(
+            Verdict(
+                target,
+                f"{ratio:.2f} ({many['rps'] / 1000:.1f}k against {w} x {one['rps'] / 1000:.1f}k)",
+                "met" if ratio >= SCALING else "missed",
+                _clientNote(many),
+                scaling=True,
+            )
+        )
+    return verdicts
+
+
+def _ahead(runs: Results, mine: str, theirs: str, workers: int, target: str) -> Verdict:
+    a, b = runs.find(mine, workers, "rr-1k"), runs.find(theirs, workers, "rr-1k")
+    if a is None or b is None or not b["rps"]:
+        return Verdict(target, "-", "not tested", f"{theirs} not run")
+    ratio = a["rps"] / b["rps"]
+    measured = f"{ratio:.2f} x ({a['rps'] / 1000:.1f}k against {b['rps'] / 1000:.1f}k)"
+    if "server_cpu_us_per_request" in a and "server_cpu_us_per_request" in b:
+        measured += (
+            f"; CPU per request {a['server_cpu_us_per_request']:.1f} against "
+            f"{b['server_cpu_us_per_request']:.1f} µs"
+        )
+    return Verdict(target, measured, "met" if ratio >= 1 else "missed", _clientNote(a, b))
+
+
+def _latency(runs: Results, workers: list[int]) -> list[Verdict]:
+    verdicts = []
+    for w in workers:
+        target = f"rr-1k: p99 at {w} worker{'s' if w > 1 else ''} <= the recipe's"
+        a, b = runs.find("maccept", w, "rr-1k"), runs.find("recipe", w, "rr-1k")
+        if a is None or b is None:
+            verdicts.append(Verdict(target, "-", "not tested", "recipe not run"))
+            continue
+        measured = f"{a['p99_us'] / 1000:.2f} against {b['p99_us'] / 1000:.2f} ms"
+        verdicts.append(
+            Verdict(target, measured, "met" if a["p99_us"] <= b["p99_us"] else "missed")
+        )
+    return verdicts
+
+
+def judge(results: dict[str, Any]) -> list[Verdict]:
+    """
+    Every target, with what this run measured and whether it was met.
+    """
+    runs = Results(results)
+    workers: list[int] = results["settings"]["workers"]
+    pinning = results["pinning"]
+    serverCpus = len(parseCpus(pinning["server_cpus"]))
+    verdicts = [
+        *_scaling(runs, "rr-1k", workers, serverCpus),
+        *_scaling(runs, "churn", workers, serverCpus),
+        _ahead(runs, "maccept", "recipe", 1, "rr-1k: 1 worker >= the recipe's 1 worker"),
+    ]
+    full = max((w for w in workers if w <= serverCpus), default=1)
+    target = f"rr-1k: {full} workers on {serverCpus} CPUs ahead of asyncio with {full} processes"
+    versusAsyncio = _ahead(runs, "maccept", "asyncio", full, target)
+    versusAsyncio.scaling = True
+    verdicts.append(versusAsyncio)
+    if pinning.get("overlap"):
+        # Scaling needs CPUs of the server's own; the comparisons at one
+        # worker count hold either way (both sides met the same client).
+        for verdict in verdicts:
+            if verdict.scaling and verdict.verdict != "not tested":
+                verdict.verdict, verdict.note = "not tested", "server and client share CPUs"
+    return [*verdicts, *_latency(runs, workers)]
+
+
+def section(results: dict[str, Any]) -> list[str]:
+    """
+    The targets as a Markdown section.
+    """
+    verdicts = judge(results)
+    lines = [
+        "## Targets (issue 5)",
+        "",
+        "| target | measured | verdict |",
+        "|---|---|---|",
+    ]
+    for v in verdicts:
+        verdict = v.verdict + (f" ({v.note})" if v.note else "")
+        lines.append(f"| {v.target} | {v.measured} | {verdict} |")
+    counts = {
+        k: sum(1 for v in verdicts if v.verdict == k) for k in ("met", "missed", "not tested")
+    }
+    lines += ["", ", ".join(f"{n} {k}" for k, n in counts.items()) + ".", ""]
+    if results["pinning"].get("overlap"):
+        lines += [
+            "Server and client share CPUs in this run, so it cannot test scaling: run on a "
+            "machine with separate CPU sets for that.",
+            "",
+        ]
+    return lines
