@@ -56,11 +56,31 @@ class Results:
             seen.setdefault(run["server"], None)
         self.servers = list(seen)
 
+    def all(self, server: str, workers: int, workload: str) -> list[dict[str, Any]]:
+        """
+        Every round's run of one cell.
+        """
+        key = (server, workers, workload)
+        return [run for run in self.runs if (run["server"], run["workers"], run["workload"]) == key]
+
     def find(self, server: str, workers: int, workload: str) -> dict[str, Any] | None:
-        for run in self.runs:
-            if (run["server"], run["workers"], run["workload"]) == (server, workers, workload):
-                return run
-        return None
+        """
+        The cell's run, or with several rounds its median run: by rate, or
+        for a burst by max/min (the lower middle of an even count).
+        """
+        runs = sorted(self.all(server, workers, workload), key=_rank)
+        return runs[(len(runs) - 1) // 2] if runs else None
+
+    def spread(self, server: str, workers: int, workload: str) -> float | None:
+        """
+        Half the range of a cell's rates over its rounds, as a share of the
+        median; None with one round.
+        """
+        rates = [run["rps"] for run in self.all(server, workers, workload) if "rps" in run]
+        median = self.find(server, workers, workload)
+        if len(rates) < 2 or median is None or not median.get("rps"):
+            return None
+        return float((max(rates) - min(rates)) / 2 / median["rps"])
 
     def workloads(self) -> list[str]:
         return [
@@ -68,6 +88,13 @@ class Results:
             for w in self.raw["settings"]["workloads"]
             if any(r["workload"] == w for r in self.runs)
         ]
+
+
+def _rank(run: dict[str, Any]) -> float:
+    if run["workload"] == "burst":
+        ratio = run.get("max_min_ratio")
+        return float("inf") if ratio is None else float(ratio)
+    return float(run["rps"])
 
 
 def _header(results: dict[str, Any]) -> list[str]:
@@ -96,6 +123,15 @@ def _header(results: dict[str, Any]) -> list[str]:
         f"{s['duration']} s measured after {s['warmup']} s warm-up; churn over {s['sources']} "
         f"source addresses; burst of {s['burst_connections']} connections; accept backlog "
         f"{s['backlog']} for every server.",
+        *(
+            [
+                f"- Rounds: the whole sweep ran {s['rounds']} times, one after the other; each "
+                "cell is its median run (bursts: by max/min), and ±N% is half the range of its "
+                "rates over the rounds."
+            ]
+            if s.get("rounds", 1) > 1
+            else []
+        ),
         "",
     ]
 
@@ -104,10 +140,12 @@ def _header(results: dict[str, Any]) -> list[str]:
 CLIENT_BOUND = 0.9
 
 
-def _cell(run: dict[str, Any] | None, withBandwidth: bool) -> str:
+def _cell(run: dict[str, Any] | None, withBandwidth: bool, spread: float | None = None) -> str:
     if run is None:
         return "-"
     text = _kilo(run["rps"])
+    if spread is not None:
+        text += f" ±{spread:.0%}"
     if withBandwidth:
         text += f" ({run['mib_s']:.0f} MiB/s)"
     if run.get("client_busy", 0) >= CLIENT_BOUND:
@@ -138,7 +176,10 @@ def _throughputSection(r: Results, workload: str) -> list[str]:
     header = ["server", *[f"{w} w" for w in r.workers], *[f"{w}/({w}x1)" for w in many]]
     rows = []
     for server in r.servers:
-        cells = [_cell(r.find(server, w, workload), bandwidth) for w in r.workers]
+        cells = [
+            _cell(r.find(server, w, workload), bandwidth, r.spread(server, w, workload))
+            for w in r.workers
+        ]
         rows.append([server, *cells, *[_scaling(r, server, workload, w) for w in many]])
     rows.append(
         ["maccept / recipe", *[_versus(r, workload, w) for w in r.workers], *["" for _ in many]]

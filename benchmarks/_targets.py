@@ -31,6 +31,10 @@ from _system import parseCpus
 SCALING = 0.9
 
 
+def _count(n: int, noun: str, plural: str = "") -> str:
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 @dataclass
 class Verdict:
     target: str
@@ -58,7 +62,7 @@ def _scaling(runs: Results, workload: str, workers: list[int], serverCpus: int) 
         target = f"{workload}: {w} workers >= {SCALING} x {w} x 1 worker"
         many = runs.find("maccept", w, workload)
         if w > serverCpus:
-            note = f"only {serverCpus} server CPUs"
+            note = f"only {_count(serverCpus, 'server CPU')}"
             verdicts.append(Verdict(target, "-", "not tested", note, scaling=True))
             continue
         if one is None or many is None or not one["rps"]:
@@ -120,7 +124,10 @@ def judge(results: dict[str, Any]) -> list[Verdict]:
         _ahead(runs, "maccept", "recipe", 1, "rr-1k: 1 worker >= the recipe's 1 worker"),
     ]
     full = max((w for w in workers if w <= serverCpus), default=1)
-    target = f"rr-1k: {full} workers on {serverCpus} CPUs ahead of asyncio with {full} processes"
+    target = (
+        f"rr-1k: {_count(full, 'worker')} on {_count(serverCpus, 'CPU')} ahead of asyncio "
+        f"with {_count(full, 'process', 'processes')}"
+    )
     versusAsyncio = _ahead(runs, "maccept", "asyncio", full, target)
     versusAsyncio.scaling = True
     verdicts.append(versusAsyncio)

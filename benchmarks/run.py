@@ -91,6 +91,8 @@ class Settings:
     backlog: int
     prime: float
     reload_load: float
+    #: Times the whole sweep is run; each cell reports its median run.
+    rounds: int = 1
 
 
 def parseArguments(argv: list[str] | None) -> argparse.Namespace:
@@ -123,6 +125,12 @@ def parseArguments(argv: list[str] | None) -> argparse.Namespace:
     add("--backlog", type=int, default=servers.BACKLOG, help="accept queue of every server")
     add("--prime", type=float, default=1.0, help="unmeasured seconds of load on a new server")
     add("--reload-load", type=float, default=5.0, help="seconds of churn around a reload")
+    add(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole sweep this many times, interleaved; report each cell's median",
+    )
     add("--render", action="store_true", help="only rewrite OUT's .md and .png from its .json")
     return parser.parse_args(argv)
 
@@ -168,6 +176,7 @@ def makeSettings(args: argparse.Namespace, pinning: _system.Pinning) -> Settings
         backlog=args.backlog,
         prime=args.prime,
         reload_load=args.reload_load,
+        rounds=args.rounds,
     )
 
 
@@ -197,6 +206,8 @@ class Bench:
         self.settings = settings
         self.pinning = pinning
         self.out = out
+        #: The sweep now running (0 for the first; see --rounds).
+        self.round = 0
         self.results: dict[str, Any] = {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -215,12 +226,15 @@ class Bench:
         log = self.out / "raw" / f"{kind}-{workers}{label}.log"
         return servers.RunningServer(spec, self.pinning.server, log)
 
-    def measureServer(self, kind: str, workers: int) -> None:
+    def measureServer(self, kind: str, workers: int, round: int = 0) -> None:
         """
         Start one server, put every workload through it, stop it.
         """
-        print(f"== {kind}, {workers} worker(s)", file=sys.stderr, flush=True)
-        server = self.serve(kind, workers)
+        rounds = self.settings.rounds
+        of = f", round {round + 1} of {rounds}" if rounds > 1 else ""
+        print(f"== {kind}, {workers} worker(s){of}", file=sys.stderr, flush=True)
+        server = self.serve(kind, workers, f"-round{round + 1}" if rounds > 1 else "")
+        self.round = round
         try:
             server.start()
             self._describeServer(server)
@@ -277,6 +291,7 @@ class Bench:
             "server": server.spec.kind,
             "workers": server.spec.processes,
             "workload": workload.name,
+            "round": self.round,
             **record,
         }
         self.results["runs"].append(record)
@@ -518,8 +533,11 @@ def waitUntil(condition: Callable[[], bool], limit: float) -> float | None:
 
 def runAll(bench: Bench) -> None:
     s = bench.settings
-    for kind, workers in competitors(s):
-        bench.measureServer(kind, workers)
+    # Whole sweeps one after the other, rather than one cell N times, so
+    # that a slow spell of the machine spreads over every competitor.
+    for round in range(s.rounds):
+        for kind, workers in competitors(s):
+            bench.measureServer(kind, workers, round)
     for kind in s.startup_servers:
         if kind in s.servers:
             bench.measureFootprint(kind)
@@ -546,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         pinning = _system.Pinning.choose(args.server_cpus, args.client_cpus)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds: expected 1 or more, got {args.rounds}")
     _loadgen.build()
     settings = makeSettings(args, pinning)
     bench = Bench(settings, pinning, args.out)

@@ -1,0 +1,91 @@
+"""
+With C{--rounds N} the benchmark runs its whole sweep N times and reports
+each cell's median run, with the spread of its rates.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+sys.path.append(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import _report
+import run as harness
+
+
+def record(rps: float, round: int, workload: str = "rr-1k", **extra: Any) -> dict[str, Any]:
+    return {
+        "server": "maccept",
+        "workers": 2,
+        "workload": workload,
+        "rps": rps,
+        "round": round,
+        **extra,
+    }
+
+
+def results(runs: list[dict[str, Any]]) -> _report.Results:
+    return _report.Results({"runs": runs, "settings": {"workers": [2]}})
+
+
+class MedianTests(SynchronousTestCase):
+    def test_medianRun(self) -> None:
+        """
+        A cell's run is the median of its rounds by rate; of an even count,
+        the lower middle.
+        """
+        r = results([record(100.0, 0), record(90.0, 1), record(120.0, 2)])
+        self.assertEqual(r.find("maccept", 2, "rr-1k"), record(100.0, 0))
+        r = results([record(100.0, 0), record(90.0, 1)])
+        self.assertEqual(r.find("maccept", 2, "rr-1k"), record(90.0, 1))
+        self.assertIsNone(r.find("maccept", 4, "rr-1k"))
+
+    def test_burstMedian(self) -> None:
+        """
+        A burst's median is by max/min, a worker that got nothing being the
+        worst.
+        """
+        runs = [
+            record(0.0, 0, "burst", max_min_ratio=None),
+            record(0.0, 1, "burst", max_min_ratio=1.3),
+            record(0.0, 2, "burst", max_min_ratio=1.1),
+        ]
+        found = results(runs).find("maccept", 2, "burst")
+        assert found is not None
+        self.assertEqual(found["max_min_ratio"], 1.3)
+
+    def test_spread(self) -> None:
+        """
+        The spread is half the range of the rates, against the median; one
+        round has none, and the table shows it beside the rate.
+        """
+        r = results([record(100_000.0, 0), record(90_000.0, 1), record(120_000.0, 2)])
+        self.assertAlmostEqual(r.spread("maccept", 2, "rr-1k") or 0, 0.15)
+        cell = _report._cell(r.find("maccept", 2, "rr-1k"), False, r.spread("maccept", 2, "rr-1k"))
+        self.assertEqual(cell, "100.0k ±15%")
+        self.assertIsNone(results([record(1.0, 0)]).spread("maccept", 2, "rr-1k"))
+
+
+class SweepTests(SynchronousTestCase):
+    def test_roundsRepeatTheWholeSweep(self) -> None:
+        """
+        Each round runs every competitor once, in the same order, before the
+        next round starts.
+        """
+        measured: list[tuple[str, int, int]] = []
+        settings = SimpleNamespace(
+            rounds=2, workers=(1, 2), servers=("maccept", "recipe"), startup_servers=()
+        )
+        bench = SimpleNamespace(
+            settings=settings,
+            measureServer=lambda kind, workers, round: measured.append((kind, workers, round)),
+            measureReload=lambda: None,
+        )
+        harness.runAll(bench)  # type: ignore[arg-type]
+        sweep = [("maccept", 1), ("recipe", 1), ("maccept", 2), ("recipe", 2)]
+        self.assertEqual(measured, [(*cell, r) for r in (0, 1) for cell in sweep])
