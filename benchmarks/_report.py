@@ -278,7 +278,7 @@ def _balanceSection(r: Results, connections: int) -> list[str]:
                     str(w),
                     " / ".join(str(c) for c in run["per_worker"]),
                     "inf (a worker got none)" if ratio is None else f"{ratio:.2f}",
-                    f"{run['accept_wait_s']:.2f}",
+                    f"{run['accept_wait_s'] * 1000:.0f}",
                     _cpuSpread(r, server, w),
                 ]
             )
@@ -289,7 +289,7 @@ def _balanceSection(r: Results, connections: int) -> list[str]:
         "workers",
         "connections per worker",
         "max/min",
-        "s until all accepted",
+        "ms until all accepted",
         "rr-1k CPU max/min",
     ]
     return [

@@ -356,10 +356,12 @@ class Bench:
             duration=s.burst_wait + 5,
         )
         pids = server.workerPids()
+        before = [_procfs.socketInodes(p) for p in pids]
         burst = _loadgen.Background(load, self.pinning.client)
         try:
             opened = burst.waitOpen()
-            counts, waited = waitForAccepts(server.spec.port, pids, opened, s.burst_wait)
+            waited = waitForAccepts(pids, before, opened, s.burst_wait)
+            counts = _procfs.connectionsPerProcess(server.spec.port, pids)
         finally:
             result = burst.finish(early=True)
         return {
@@ -478,20 +480,24 @@ def _ratio(counts: list[int]) -> float | None:
     return round(max(counts) / min(counts), 2)
 
 
-def waitForAccepts(
-    port: int, pids: list[int], expected: int, limit: float
-) -> tuple[list[int], float]:
+def waitForAccepts(pids: list[int], before: list[set[int]], expected: int, limit: float) -> float:
     """
-    Poll /proc until the workers hold C{expected} connections between them
-    (a connection the client sees as open may still sit in the accept
-    queue) or C{limit} seconds pass.
+    Poll the workers' descriptor tables until they hold C{expected} sockets
+    not among those they held C{before} (a connection the client sees as
+    open may still sit in the accept queue) or C{limit} seconds pass;
+    return the seconds waited.  Not /proc/net/tcp, which names the
+    connections but, with the TIME_WAIT sockets an earlier churn run
+    leaves, takes up to half a second to read, and so timed the reading.
     """
     began = time.monotonic()
-    counts = _procfs.connectionsPerProcess(port, pids)
-    while sum(counts) < expected and time.monotonic() - began < limit:
-        time.sleep(0.02)
-        counts = _procfs.connectionsPerProcess(port, pids)
-    return counts, time.monotonic() - began
+
+    def accepted() -> int:
+        now = [_procfs.socketInodes(p) for p in pids]
+        return sum(len(n - b) for n, b in zip(now, before, strict=True))
+
+    while accepted() < expected and time.monotonic() - began < limit:
+        time.sleep(0.001)
+    return time.monotonic() - began
 
 
 def idleMemory(server: servers.RunningServer) -> dict[str, Any]:

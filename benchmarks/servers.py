@@ -17,6 +17,11 @@ is 50), from a chosen number of processes:
     - C{recipe}: the naive Twisted recipe.  The parent listens, stops reading
       the port, and spawns N processes that C{adoptStreamPort} the inherited
       descriptor.  No balancing, no supervision.
+    - C{recipe-reuseport}: the same recipe, except that each worker gets a
+      listening socket of its own, all bound to the port with
+      C{SO_REUSEPORT}, so the kernel picks a worker by a hash of each
+      connection's addresses: no shared queue, no wake-up of every worker.
+      Not run unless asked for.
     - C{asyncio} and C{uvloop}: the parent makes the socket and forks N
       children that each serve it with their own event loop.
 
@@ -59,6 +64,7 @@ KINDS = (
     "maccept-pinned",
     "twisted",
     "recipe",
+    "recipe-reuseport",
     "asyncio",
     "uvloop",
 )
@@ -293,19 +299,43 @@ def serveTwisted(port: int, processes: int, backlog: int) -> None:
     reactor.run()  # type: ignore[attr-defined]
 
 
-def serveRecipe(port: int, processes: int, backlog: int) -> None:
+def _reusePortSockets(port: int, count: int, backlog: int) -> list[socket.socket]:
+    """
+    C{count} listening sockets on one port, each with an accept queue of
+    its own (C{SO_REUSEPORT}).
+    """
+    sockets = []
+    for _ in range(count):
+        listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listening.bind((HOST, port))
+        listening.listen(backlog)
+        listening.setblocking(False)
+        sockets.append(listening)
+    return sockets
+
+
+def serveRecipe(port: int, processes: int, backlog: int, reusePort: bool = False) -> None:
     """
     The parent of the naive recipe: listen, stop reading, spawn workers that
-    adopt the descriptor; on shutdown, SIGTERM them.
+    adopt the descriptor (with C{reusePort}, each its own); on shutdown,
+    SIGTERM them.
     """
     from twisted.internet import reactor
     from twisted.internet.protocol import ProcessProtocol
 
-    listening = reactor.listenTCP(port, _twistedFactory(), backlog=backlog, interface=HOST)  # type: ignore[attr-defined]
-    listening.stopReading()
-    fd = listening.fileno()
+    if reusePort:
+        # Kept open here (and referenced, or they close) as the recipe's
+        # parent keeps its port: idle.
+        sockets = _reusePortSockets(port, processes, backlog)
+        fds = [s.fileno() for s in sockets]
+    else:
+        listening = reactor.listenTCP(port, _twistedFactory(), backlog=backlog, interface=HOST)  # type: ignore[attr-defined]
+        listening.stopReading()
+        fds = [listening.fileno()] * processes
     children = []
-    for _ in range(processes):
+    for fd in fds:
         children.append(
             reactor.spawnProcess(  # type: ignore[attr-defined]
                 ProcessProtocol(),
@@ -402,8 +432,8 @@ def main(argv: list[str] | None = None) -> None:
         os.execv(spec.command()[0], spec.command())
     elif args.kind == "twisted":
         serveTwisted(args.port, args.processes, args.backlog)
-    elif args.kind == "recipe":
-        serveRecipe(args.port, args.processes, args.backlog)
+    elif args.kind in ("recipe", "recipe-reuseport"):
+        serveRecipe(args.port, args.processes, args.backlog, args.kind == "recipe-reuseport")
     elif args.kind == "recipe-worker":
         serveRecipeWorker(args.fd)
     else:
