@@ -170,7 +170,7 @@ class WorkerPool(Service):
         #: Recycle requests that came while the pool was starting: why, by worker.
         self._replaceWhenRunning: dict[WorkerProcess, tuple[str, str]] = {}
         #: Replacements of workers that received SIGTERM, not yet started.
-        self._signalledReplacements: list[Any] = []
+        self._signalledReplacements: dict[WorkerProcess, Any] = {}
         self._timeoutCall: Any = None
         self._stopped: defer.Deferred[None] | None = None
         self._ticker = LoopingCall(self.tick)
@@ -245,10 +245,10 @@ class WorkerPool(Service):
 
     def _cancelTimers(self) -> None:
         self._cancelTimeout()
-        for call in self._signalledReplacements:
+        for call in self._signalledReplacements.values():
             if call.active():
                 call.cancel()
-        self._signalledReplacements = []
+        self._signalledReplacements = {}
         for restart in list(self._restarts):
             self._cancelRestart(restart)
         if self._ticker.running:
@@ -606,11 +606,13 @@ class WorkerPool(Service):
         systemd's default C{KillMode}) stops the parent too, and a stopping
         pool starts no worker.
         """
+        if worker in self._signalledReplacements:
+            return  # signalled twice: one replacement
         call = self.reactor.callLater(SIGNAL_GRACE, self._replaceSignalled, worker, why)
-        self._signalledReplacements.append(call)
+        self._signalledReplacements[worker] = call
 
     def _replaceSignalled(self, worker: WorkerProcess, why: str) -> None:
-        self._signalledReplacements = [c for c in self._signalledReplacements if c.active()]
+        self._signalledReplacements.pop(worker, None)
         if self.state not in (PoolState.RUNNING, PoolState.RELOADING) or worker.leavesPool:
             return
         if worker in self.workers:
@@ -754,6 +756,11 @@ class WorkerPool(Service):
             # leave the pool a worker short until the next start.
             worker = max(leaving, key=lambda w: w.number)
             worker.leavesPool = True
+            # Not a member any more: not to be drained or replaced again.
+            worker.stopReason = worker.stopReason or "scale"
+            pending = self._signalledReplacements.pop(worker, None)
+            if pending is not None and pending.active():
+                pending.cancel()
             self.size -= 1
             self.log.info(
                 "scaling down to {size} workers: worker {number}, leaving already, is not replaced",
@@ -792,16 +799,20 @@ class WorkerPool(Service):
     def _leavingUnreplaced(self) -> list[WorkerProcess]:
         """
         Workers of this generation that are to be replaced once they are
-        gone but have no replacement yet: hung, or signalled on their own.
+        gone but have no replacement yet: hung, or signalled on their own
+        (whose replacement waits for L{SIGNAL_GRACE}, and who may have left
+        already).
         """
+        hung = [w for w in self.ofGeneration(self.generation) if w.stopReason == "watchdog"]
+        signalled = [
+            w
+            for w in self._signalledReplacements
+            if w.generation == self.generation and w.stopReason is None
+        ]
         return [
             w
-            for w in self.ofGeneration(self.generation)
-            if not w.leavesPool
-            and w.replaces is None
-            and w.state is not WorkerState.STOPPED
-            and self._replacementOf(w) is None
-            and (w.stopReason == "watchdog" or (w.signalled and w.stopReason is None))
+            for w in [*hung, *signalled]
+            if not w.leavesPool and w.replaces is None and self._replacementOf(w) is None
         ]
 
     # Periodic checks.

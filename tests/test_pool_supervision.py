@@ -13,6 +13,7 @@ from typing import Any
 
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
+from maccept import _pool
 from maccept._board import MAX_WORKERS
 from maccept._pool import WorkerPool
 from maccept._states import PoolState, WorkerState
@@ -172,15 +173,68 @@ class ScaleDownTests(SupervisionTestCase):
         self.assertEqual(self.numbers(pool), [2])
         self.assertIs(self.workerIn(pool, 2).state, WorkerState.READY)
 
+    def test_signalledWorkerTakenOutOnce(self) -> None:
+        """
+        A signalled worker taken out of the pool is no longer a member: the
+        next step down drains another worker, so each step takes one.
+        """
+        pool = self.readyPool(3)
+        leaving = self.workerIn(pool, 3)
+        leaving.askedToBeReplaced("received SIGTERM", signalled=True)
+        pool.scaleTo(1)
+        self.assertEqual(pool.size, 1)
+        self.assertIs(self.workerIn(pool, 2).state, WorkerState.DRAINING)
+        self.assertEqual([w.number for w in pool.serving()], [1])
+        self.process(leaving).end(0)
+        self.reactor.advance(1.0)
+        self.assertEqual([w.number for w in pool.serving()], [1])
+
+    def test_signalledWorkerNotRecycledForMemory(self) -> None:
+        """
+        Nor is a taken-out worker replaced for its memory while it drains.
+        """
+        pool = self.readyPool(2, maxMemory=2**30)
+        leaving = self.workerIn(pool, 2)
+        self.patch(_pool, "residentBytes", lambda pid: 2**31 if pid == leaving.pid else 1)
+        leaving.askedToBeReplaced("received SIGTERM", signalled=True)
+        pool.scaleDown()
+        pool.tick()
+        self.assertEqual(self.numbers(pool), [1, 2])
+        self.assertEqual(len(self.reactor.processes), 2)
+
+    def test_signalledWorkerGoneAlready(self) -> None:
+        """
+        A signalled worker with no connection to finish leaves before its
+        replacement is due; scaling down then cancels that replacement
+        instead of draining a healthy worker.
+        """
+        pool = self.readyPool(3)
+        leaving = self.workerIn(pool, 1)
+        leaving.askedToBeReplaced("received SIGTERM", signalled=True)
+        self.process(leaving).end(0)
+        pool.scaleDown()
+        self.assertEqual(pool.size, 2)
+        self.reactor.advance(1.0)
+        self.assertEqual(self.numbers(pool), [2, 3])
+        for number in (2, 3):
+            self.assertIs(self.workerIn(pool, number).state, WorkerState.READY)
+
     def test_scaleToStopsWhenRefused(self) -> None:
         """
         C{scaleTo} gives up once a step is refused, instead of trying for
         ever.
         """
-        pool = self.readyPool(2)
-        pool.reload()
+        pool = self.readyPool(3)
+        steps: list[int] = []
+
+        def refuse() -> bool:
+            steps.append(pool.size)
+            return False
+
+        pool._shrink = refuse  # type: ignore[method-assign]
         pool.scaleTo(1)
-        self.assertEqual(pool.size, 2)
+        self.assertEqual(steps, [3])
+        self.assertEqual(pool.size, 3)
 
     def test_recycledWorkerIsTheVictim(self) -> None:
         """
