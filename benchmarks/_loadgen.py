@@ -148,23 +148,48 @@ class Background:
             text=True,
             preexec_fn=_pinned(cpus),
         )
+        #: stderr read so far and not yet taken as lines.
+        self._pending = b""
 
     def waitOpen(self) -> int:
         """
         Burst mode: block until every connect has finished (the client's
         "# open N" line on stderr); return how many succeeded.
         """
+        return self._waitFor("# open ")
+
+    def waitServed(self) -> int:
+        """
+        Burst mode, after L{waitOpen}: block until every connection has had
+        its byte echoed or failed ("# served N"); return how many finished.
+        """
+        return self._waitFor("# served ")
+
+    def _waitFor(self, prefix: str) -> int:
+        """
+        Read the client's stderr up to a line starting with C{prefix} and
+        return its number.  From the descriptor, not the pipe's file object:
+        two lines written together would otherwise both sit in the file's
+        buffer after the first readline, where select() cannot see them.
+        """
         assert self.process.stderr is not None
+        fd = self.process.stderr.fileno()
         deadline = time.monotonic() + self.load.timeout
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.process.stderr], [], [], 0.1)
-            if ready:
-                line = self.process.stderr.readline()
-                if line.startswith("# open "):
+            line, newline, rest = self._pending.partition(b"\n")
+            if newline:
+                self._pending = rest
+                if line.startswith(prefix.encode()):
                     return int(line.split()[2])
-                if not line:
+                continue
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if ready:
+                chunk = os.read(fd, 4096)
+                if not chunk:
                     break
-        raise LoadgenError(f"burst never reported its connections: {' '.join(self.load.command())}")
+                self._pending += chunk
+        command = " ".join(self.load.command())
+        raise LoadgenError(f"burst never reported {prefix.strip('# ')!r}: {command}")
 
     def finish(self, early: bool = False) -> dict[str, Any]:
         """

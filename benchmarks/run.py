@@ -117,7 +117,7 @@ def parseArguments(argv: list[str] | None) -> argparse.Namespace:
     add("--burst-connections", type=int, default=256, help="connections in the burst")
     add("--threads", type=int, help="client threads (default: one per client CPU)")
     add("--sources", type=int, default=64, help="churn: client source addresses 127.0.0.2..")
-    add("--burst-wait", type=float, default=5.0, help="most seconds to wait for accepts")
+    add("--burst-wait", type=float, default=5.0, help="most seconds for the burst to be served")
     add("--startup-workers", type=int, default=4, help="workers for start-up and idle memory")
     add("--startup-runs", type=int, help="start-ups to take the median of (default 5)")
     add("--startup-servers", default="maccept,recipe", help="servers timed at start-up")
@@ -344,8 +344,9 @@ class Bench:
 
     def measureBurst(self, server: servers.RunningServer) -> dict[str, Any]:
         """
-        Open the burst, wait until the workers have accepted all of it,
-        and count each worker's connections from /proc.
+        Open the burst, wait until every connection has had its byte
+        echoed (the client says so), and count each worker's connections
+        from /proc.
         """
         s = self.settings
         load = _loadgen.Load(
@@ -353,21 +354,22 @@ class Bench:
             port=server.spec.port,
             connections=s.burst_connections,
             threads=s.threads,
-            duration=s.burst_wait + 5,
+            # The client waits up to half of this for its connections to be
+            # served, and holds them for the rest.
+            duration=2 * s.burst_wait + 2,
         )
         pids = server.workerPids()
-        before = [_procfs.socketInodes(p) for p in pids]
         burst = _loadgen.Background(load, self.pinning.client)
         try:
             opened = burst.waitOpen()
-            waited = waitForAccepts(pids, before, opened, s.burst_wait)
-            counts = _procfs.connectionsPerProcess(server.spec.port, pids)
+            served = burst.waitServed()
+            counts = countConnections(server.spec.port, pids, served, s.burst_wait)
         finally:
             result = burst.finish(early=True)
         return {
             **result,
             "opened": opened,
-            "accept_wait_s": round(waited, 3),
+            "served": served,
             "per_worker": counts,
             "max_min_ratio": _ratio(counts),
         }
@@ -480,24 +482,19 @@ def _ratio(counts: list[int]) -> float | None:
     return round(max(counts) / min(counts), 2)
 
 
-def waitForAccepts(pids: list[int], before: list[set[int]], expected: int, limit: float) -> float:
+def countConnections(port: int, pids: list[int], expected: int, limit: float) -> list[int]:
     """
-    Poll the workers' descriptor tables until they hold C{expected} sockets
-    not among those they held C{before} (a connection the client sees as
-    open may still sit in the accept queue) or C{limit} seconds pass;
-    return the seconds waited.  Not /proc/net/tcp, which names the
-    connections but, with the TIME_WAIT sockets an earlier churn run
-    leaves, takes up to half a second to read, and so timed the reading.
+    Each of C{pids}' established connections to C{port}, read again until
+    they add up to C{expected} (every connection the client saw served) or
+    C{limit} seconds pass: /proc/net/tcp is read in pieces while the
+    kernel reaps TIME_WAIT sockets, and one read may miss some.
     """
-    began = time.monotonic()
-
-    def accepted() -> int:
-        now = [_procfs.socketInodes(p) for p in pids]
-        return sum(len(n - b) for n, b in zip(now, before, strict=True))
-
-    while accepted() < expected and time.monotonic() - began < limit:
-        time.sleep(0.001)
-    return time.monotonic() - began
+    deadline = time.monotonic() + limit
+    counts = _procfs.connectionsPerProcess(port, pids)
+    while sum(counts) < expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+        counts = _procfs.connectionsPerProcess(port, pids)
+    return counts
 
 
 def idleMemory(server: servers.RunningServer) -> dict[str, Any]:

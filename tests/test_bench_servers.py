@@ -1,7 +1,7 @@
 """
 Pieces of the benchmark's competitors and measurements that can be checked
-without a load: the sockets of the C{SO_REUSEPORT} recipe, and the wait
-for a burst's connections to be accepted.
+without a load: the sockets of the C{SO_REUSEPORT} recipe, reading the load
+generator's progress lines, and counting a burst's connections.
 """
 
 from __future__ import annotations
@@ -9,14 +9,16 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from twisted.trial.unittest import SynchronousTestCase
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-import _procfs
+import _loadgen
 import run as harness
 import servers
 
@@ -44,18 +46,41 @@ class ReusePortTests(SynchronousTestCase):
             accepted[0].close()
 
 
-class WaitForAcceptsTests(SynchronousTestCase):
-    def test_countsNewSockets(self) -> None:
+class BurstLinesTests(SynchronousTestCase):
+    def test_linesWrittenTogether(self) -> None:
         """
-        The wait ends once the processes hold as many sockets as expected
-        that they did not hold before; sockets closed meanwhile do not
-        count against it.
+        The harness sees the client's second line at once even when both
+        came in one write (it once sat in the pipe's buffer, unseen by
+        select, until the client exited and closed the connections).
         """
-        pid = os.getpid()
-        leftover = socket.socket()
-        before = [_procfs.socketInodes(pid)]
-        leftover.close()
-        pairs = [socket.socketpair() for _ in range(2)]
-        self.addCleanup(lambda: [s.close() for pair in pairs for s in pair])
-        self.assertLess(harness.waitForAccepts([pid], before, 4, limit=30.0), 30.0)
-        self.assertGreaterEqual(harness.waitForAccepts([pid], before, 5, limit=0.05), 0.05)
+        background = object.__new__(_loadgen.Background)
+        background.load = SimpleNamespace(timeout=30.0, command=lambda: ["sh"])  # type: ignore[assignment]
+        background._pending = b""
+        background.process = subprocess.Popen(
+            ["sh", "-c", "printf '# open 3\\n# served 2\\n' >&2; exec sleep 30"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.addCleanup(background.process.wait)
+        self.addCleanup(background.process.kill)
+        self.assertEqual(background.waitOpen(), 3)
+        self.assertEqual(background.waitServed(), 2)
+        self.assertIsNone(background.process.poll())
+
+
+class CountConnectionsTests(SynchronousTestCase):
+    def test_countsEveryWorkersConnections(self) -> None:
+        """
+        The count is each process's established connections to the port;
+        a count short of what the client saw served is read again until
+        the limit.
+        """
+        with socket.create_server((servers.HOST, 0)) as listener:
+            port = listener.getsockname()[1]
+            clients = [socket.create_connection((servers.HOST, port)) for _ in range(3)]
+            accepted = [listener.accept()[0] for _ in clients]
+            self.addCleanup(lambda: [s.close() for s in [*clients, *accepted]])
+            pid = os.getpid()
+            self.assertEqual(harness.countConnections(port, [pid], 3, 5.0), [3])
+            self.assertEqual(harness.countConnections(port, [pid], 4, 0.05), [3])

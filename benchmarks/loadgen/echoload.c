@@ -15,14 +15,17 @@
  *          back, close, and start over.  Client sockets are bound to one of
  *          SOURCES loopback addresses (127.0.0.2, 127.0.0.3, ...) so that the
  *          client ports left in TIME_WAIT do not cap the rate.
- *   burst  open CONNECTIONS connections as fast as possible and hold them for
- *          the duration; the caller counts what the server did with them.  A
- *          line "# open N" on stderr says when every connect has finished.
+ *   burst  open CONNECTIONS connections as fast as possible, send one byte on
+ *          each and hold them for the duration once it is echoed; the caller
+ *          counts what the server did with them.  A line "# open N" on stderr
+ *          says when every connect has finished, "# served N" when every
+ *          connection has had its byte back (or failed), or half the
+ *          duration has passed.
  *
  * Output fields: requests completed in the measured window, rps, mib_s (payload
  * echoed back per second, one direction), latency p50_us / p99_us / p999_us /
- * max_us from the first byte sent to the last byte of the echo (churn: from
- * connect(); burst: the connect alone), errors (connections that broke),
+ * max_us from the first byte sent to the last byte of the echo (churn and burst:
+ * from connect(), so a burst's latency includes the wait to be accepted), errors (connections that broke),
  * connect_failures, mismatches (requests whose echo differed from what was
  * sent), client_cpu_s and first_error.
  *
@@ -182,6 +185,8 @@ static volatile int stopping;
 static uint64_t run_started_ns;
 /* Burst mode: connects that have finished, one way or the other. */
 static int settled;
+/* Burst mode: connections whose byte came back, or that failed first. */
+static int finished;
 
 enum conn_state { CONN_IDLE, CONN_CONNECTING, CONN_ACTIVE, CONN_RETRY };
 
@@ -198,6 +203,7 @@ struct conn {
     size_t received;
     bool corrupt;
     bool counted_settled;
+    bool counted_finished;
     uint64_t started_ns;
     uint64_t retry_at_ns;
     unsigned char *payload;
@@ -304,6 +310,14 @@ static void settle(struct conn *c)
     }
 }
 
+static void finish_burst(struct conn *c)
+{
+    if (c->worker->options->mode == MODE_BURST && !c->counted_finished) {
+        c->counted_finished = true;
+        __atomic_add_fetch(&finished, 1, __ATOMIC_RELEASE);
+    }
+}
+
 /* Remember the first thing that went wrong in this thread. */
 static void note_error(struct worker *w, const char *what, int error)
 {
@@ -322,6 +336,7 @@ static void connect_failed(struct conn *c, const char *what, int error)
     note_error(c->worker, what, error);
     c->worker->connect_failures++;
     settle(c);
+    finish_burst(c);
     if (c->worker->options->mode == MODE_BURST)
         close_conn(c); /* a burst tries each connection once */
     else
@@ -332,6 +347,7 @@ static void broken(struct conn *c, const char *what, int error)
 {
     note_error(c->worker, what, error);
     c->worker->errors++;
+    finish_burst(c);
     if (c->worker->options->mode == MODE_BURST)
         close_conn(c);
     else
@@ -431,10 +447,16 @@ static void on_connected(struct conn *c)
     }
     c->state = CONN_ACTIVE;
     if (c->worker->options->mode == MODE_BURST) {
+        /* One byte, to time when the server has accepted and served it. */
         settle(c);
-        c->worker->requests++;
-        histogram_add(&c->worker->histogram, (now_ns() - c->started_ns) / 1000u);
-        watch(c, EPOLLIN | EPOLLRDHUP); /* only to notice the server hanging up */
+        c->payload[0] = (unsigned char)(c->id * 31u + 7u);
+        c->sent = 1;
+        c->received = 0;
+        if (send(c->fd, c->payload, 1, MSG_NOSIGNAL) != 1) {
+            broken(c, "send", errno);
+            return;
+        }
+        watch(c, EPOLLIN | EPOLLRDHUP);
         return;
     }
     start_request(c);
@@ -460,6 +482,14 @@ static void on_readable(struct conn *c)
             if (errno == EINTR)
                 continue;
             return;
+        }
+        if (w->options->mode == MODE_BURST && c->received == 0 && n == 1 &&
+            w->scratch[0] == c->payload[0]) {
+            c->received = 1;
+            w->requests++;
+            histogram_add(&w->histogram, (now_ns() - c->started_ns) / 1000u);
+            finish_burst(c);
+            continue; /* anything more is unexpected */
         }
         if (w->options->mode == MODE_BURST || c->received + (size_t)n > c->sent) {
             /* More than we sent: the echo is out of step with our requests. */
@@ -569,6 +599,11 @@ static void wait_for_burst(const struct options *o, double limit)
         sleep_seconds(0.001);
     fprintf(stderr, "# open %d\n", __atomic_load_n(&settled, __ATOMIC_ACQUIRE));
     fflush(stderr);
+    while (__atomic_load_n(&finished, __ATOMIC_ACQUIRE) < o->connections &&
+           now_ns() < deadline && !interrupted)
+        sleep_seconds(0.001);
+    fprintf(stderr, "# served %d\n", __atomic_load_n(&finished, __ATOMIC_ACQUIRE));
+    fflush(stderr);
 }
 
 static double run(struct worker *workers, const struct options *o)
@@ -580,7 +615,9 @@ static double run(struct worker *workers, const struct options *o)
     uint64_t began = now_ns();
     if (o->mode == MODE_BURST) {
         measuring = 1;
-        wait_for_burst(o, o->duration);
+        /* At most half the time waiting, so that the connections are
+         * still held for the caller to count when the wait ends. */
+        wait_for_burst(o, o->duration / 2);
         double spent = (double)(now_ns() - began) / 1e9;
         sleep_seconds(o->duration - spent);
         measuring = 0;
