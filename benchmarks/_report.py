@@ -386,7 +386,10 @@ def _healthSection(results: dict[str, Any]) -> list[str]:
             first = f" (first: {r['first_error']})" if r.get("first_error") else ""
             lines.append(f"- {r['server']} {r['workers']} w {r['workload']}: {counts}{first}")
     for failure in results.get("failures", []):
-        lines.append(f"- FAILED {failure['server']}: {failure['error'].splitlines()[0]}")
+        where = f"{failure['server']} {failure.get('workers', '?')} w"
+        if "round" in failure and results["settings"].get("rounds", 1) > 1:
+            where += f", round {failure['round'] + 1}"
+        lines.append(f"- FAILED {where}: {failure['error'].splitlines()[0]}")
     return [*lines, ""]
 
 

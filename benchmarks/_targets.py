@@ -74,7 +74,7 @@ def _scaling(runs: Results, workload: str, workers: list[int], serverCpus: int) 
                 target,
                 f"{ratio:.2f} ({many['rps'] / 1000:.1f}k against {w} x {one['rps'] / 1000:.1f}k)",
                 "met" if ratio >= SCALING else "missed",
-                _clientNote(many),
+                _clientNote(one, many),
                 scaling=True,
             )
         )
@@ -84,7 +84,8 @@ def _scaling(runs: Results, workload: str, workers: list[int], serverCpus: int) 
 def _ahead(runs: Results, mine: str, theirs: str, workers: int, target: str) -> Verdict:
     a, b = runs.find(mine, workers, "rr-1k"), runs.find(theirs, workers, "rr-1k")
     if a is None or b is None or not b["rps"]:
-        return Verdict(target, "-", "not tested", f"{theirs} not run")
+        missing = " and ".join(name for name, run in ((mine, a), (theirs, b)) if run is None)
+        return Verdict(target, "-", "not tested", f"{missing or theirs} not run")
     ratio = a["rps"] / b["rps"]
     measured = f"{ratio:.2f} x ({a['rps'] / 1000:.1f}k against {b['rps'] / 1000:.1f}k)"
     if "server_cpu_us_per_request" in a and "server_cpu_us_per_request" in b:
@@ -101,7 +102,8 @@ def _latency(runs: Results, workers: list[int]) -> list[Verdict]:
         target = f"rr-1k: p99 at {w} worker{'s' if w > 1 else ''} <= the recipe's"
         a, b = runs.find("maccept", w, "rr-1k"), runs.find("recipe", w, "rr-1k")
         if a is None or b is None:
-            verdicts.append(Verdict(target, "-", "not tested", "recipe not run"))
+            missing = " and ".join(n for n, run in (("maccept", a), ("recipe", b)) if run is None)
+            verdicts.append(Verdict(target, "-", "not tested", f"{missing} not run"))
             continue
         measured = f"{a['p99_us'] / 1000:.2f} against {b['p99_us'] / 1000:.2f} ms"
         verdicts.append(

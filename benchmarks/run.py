@@ -242,15 +242,20 @@ class Bench:
             for name in self.settings.workloads:
                 self._measureWorkload(server, WORKLOADS[name])
         except (servers.ServerError, _loadgen.LoadgenError, subprocess.SubprocessError) as e:
-            self.results["failures"].append({"server": kind, "workers": workers, "error": str(e)})
+            failure = {"server": kind, "workers": workers, "round": round, "error": str(e)}
+            self.results["failures"].append(failure)
             print(f"   FAILED: {e}", file=sys.stderr)
         finally:
             server.stop()
         self.save()
 
+    def _serverKey(self, server: servers.RunningServer) -> str:
+        key = f"{server.spec.kind}-{server.spec.processes}"
+        return key if self.settings.rounds == 1 else f"{key}-round{self.round + 1}"
+
     def _describeServer(self, server: servers.RunningServer) -> None:
         pids = server.workerPids()
-        key = f"{server.spec.kind}-{server.spec.processes}"
+        key = self._serverKey(server)
         self.results["servers"][key] = {
             "command": " ".join(server.spec.command()),
             "ready_s": round(server.readyAfter, 3),
@@ -277,7 +282,7 @@ class Bench:
             size=1024,
         )
         result = _loadgen.run(load, self.pinning.client)
-        key = f"{server.spec.kind}-{server.spec.processes}"
+        key = self._serverKey(server)
         self.results["servers"][key]["prime_rps"] = result["rps"]
 
     def _measureWorkload(self, server: servers.RunningServer, workload: Workload) -> None:

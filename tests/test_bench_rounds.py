@@ -89,3 +89,15 @@ class SweepTests(SynchronousTestCase):
         harness.runAll(bench)  # type: ignore[arg-type]
         sweep = [("maccept", 1), ("recipe", 1), ("maccept", 2), ("recipe", 2)]
         self.assertEqual(measured, [(*cell, r) for r in (0, 1) for cell in sweep])
+
+    def test_failureNamesItsRound(self) -> None:
+        """
+        A server that failed in one round of several is reported with that
+        round, since its cell's median then comes from fewer runs.
+        """
+        results = {
+            "runs": [],
+            "settings": {"rounds": 3},
+            "failures": [{"server": "recipe", "workers": 4, "round": 1, "error": "exited\nlog"}],
+        }
+        self.assertIn("- FAILED recipe 4 w, round 2: exited", _report._healthSection(results))

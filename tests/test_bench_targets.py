@@ -156,3 +156,36 @@ class TargetTests(SynchronousTestCase):
         for record in full["runs"]:
             record.update(mib_s=1.0, p50_us=500, p999_us=2000)
         return full
+
+
+class NoteTests(SynchronousTestCase):
+    def test_busyClientAtOneWorker(self) -> None:
+        """
+        A client busy at one worker inflates every scaling ratio: it is
+        named too.
+        """
+        runs = [
+            run("maccept", 1, "rr-1k", 100_000, client_busy=0.97),
+            run("maccept", 2, "rr-1k", 190_000),
+        ]
+        verdict, note = verdicts(results(runs))["rr-1k: 2 workers >= 0.9 x 2 x 1 worker"]
+        self.assertEqual(verdict, "met")
+        self.assertIn("97% busy", note)
+
+    def test_missingSideNamed(self) -> None:
+        """
+        A comparison that could not be made names the side that was not
+        run.
+        """
+        runs = [run("recipe", 1, "rr-1k", 60_000)]
+        judged = verdicts(results(runs))
+        self.assertEqual(
+            judged["rr-1k: 1 worker >= the recipe's 1 worker"], ("not tested", "maccept not run")
+        )
+        self.assertEqual(
+            judged["rr-1k: p99 at 1 worker <= the recipe's"], ("not tested", "maccept not run")
+        )
+        self.assertEqual(
+            judged["rr-1k: p99 at 2 workers <= the recipe's"],
+            ("not tested", "maccept and recipe not run"),
+        )
