@@ -440,7 +440,8 @@ def plot(results: dict[str, Any], path: Path, workload: str = "rr-1k") -> None:
         fontsize=9,
     )
     axes.grid(True, alpha=0.3)
-    axes.legend()
+    if axes.get_legend_handles_labels()[0]:  # not for a run without this workload
+        axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

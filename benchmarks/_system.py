@@ -151,7 +151,8 @@ class Pinning:
             "overlap": formatCpus(overlap) if overlap else None,
             "method": (
                 "os.sched_setaffinity(0, cpus) in each child between fork and exec "
-                "(subprocess preexec_fn); server workers inherit the parent's set"
+                "(subprocess preexec_fn); server workers inherit the parent's set; the "
+                "harness itself (polling logs and /proc) runs on the client CPUs"
             ),
             "note": note,
         }

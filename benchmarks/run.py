@@ -574,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(e)) from None
     if args.rounds < 1:
         raise SystemExit(f"--rounds: expected 1 or more, got {args.rounds}")
+    # Off the server CPUs: between runs the harness polls logs and /proc.
+    os.sched_setaffinity(0, pinning.client)
     _loadgen.build()
     settings = makeSettings(args, pinning)
     bench = Bench(settings, pinning, args.out)
