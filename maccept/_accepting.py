@@ -77,7 +77,10 @@ class AcceptGovernor:
         self.openConnections = 0
         self.ports: list[IListeningPort] = []
         self.paused = False
-        self.pauses = 0
+        #: Times this worker stopped reading its listeners: ahead of the
+        #: others (C{--balance even}), or at C{--max-concurrent}.
+        self.pausesAhead = 0
+        self.pausesFull = 0
         self._accepting = False
         self._retry: Any = None
         self._poster = LoopingCall(self.post)
@@ -173,7 +176,10 @@ class AcceptGovernor:
         if self.paused:
             return
         self.paused = True
-        self.pauses += 1
+        if self.full:
+            self.pausesFull += 1
+        else:
+            self.pausesAhead += 1
         for port in self.ports:
             port.stopReading()  # type: ignore[attr-defined]
         if retry:

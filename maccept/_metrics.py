@@ -117,6 +117,15 @@ class PoolCollector(Collector):
             "Connections dropped for a failed TLS handshake.",
             value=totals["handshakesFailed"],
         )
+        pauses = CounterMetricFamily(
+            "maccept_accept_pauses",
+            "Times a worker stopped reading the listeners: ahead of the others' mean "
+            "(--balance even) or at --max-concurrent.",
+            labels=["reason"],
+        )
+        pauses.add_metric(["balance"], totals["acceptPausesAhead"])
+        pauses.add_metric(["max_concurrent"], totals["acceptPausesFull"])
+        yield pauses
         restarts = CounterMetricFamily(
             "maccept_worker_restarts",
             "Workers that left the pool, by reason.",

@@ -45,6 +45,8 @@ COUNTERS = (
     "idleClosed",
     "proxyRejected",
     "handshakesFailed",
+    "acceptPausesAhead",
+    "acceptPausesFull",
 )
 
 

@@ -202,6 +202,7 @@ class Worker:
         The counters the parent folds into its metrics (see L{STATS}).
         """
         tracker = self.tracker
+        governor = self.governor
         return {
             "accepted": tracker.accepted,
             "open": len(tracker.open),
@@ -210,6 +211,8 @@ class Worker:
             "idleClosed": tracker.idleClosed,
             "proxyRejected": tracker.proxyRejectedCount,
             "handshakesFailed": tracker.handshakesFailedCount,
+            "acceptPausesAhead": governor.pausesAhead if governor else 0,
+            "acceptPausesFull": governor.pausesFull if governor else 0,
             "lag": self.lag.worstSinceLastAsked(),
         }
 

@@ -246,10 +246,10 @@ def echoRoundTrip(sock: socket.socket, payload: bytes) -> bytes:
 METRICS_AT = re.compile(r"--metrics \S+: listening on (http://\S+/)")
 
 
-def metric(server: MacceptServer, name: str) -> float:
+def metric(server: MacceptServer, name: str, **labels: str) -> float:
     """
-    The value of the sample C{name} on the server's C{/metrics} (started
-    with C{--metrics}).
+    The value of the sample C{name} (with C{labels}, if given) on the
+    server's C{/metrics} (started with C{--metrics}).
     """
     import urllib.request
 
@@ -259,7 +259,7 @@ def metric(server: MacceptServer, name: str) -> float:
         text = response.read().decode()
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == name:
+            if sample.name == name and labels.items() <= sample.labels.items():
                 return float(sample.value)
     raise AssertionError(f"no {name} in /metrics")
 

@@ -118,7 +118,7 @@ class GovernorTests(SynchronousTestCase):
         self.assertFalse(self.port.reading)
         self.clock.advance(AcceptGovernor.retryDelay)
         self.assertTrue(self.port.reading)
-        self.assertEqual(self.governor.pauses, 1)
+        self.assertEqual((self.governor.pausesAhead, self.governor.pausesFull), (1, 0))
 
     def test_resumesEarlyOnlyWithBudget(self) -> None:
         """
@@ -189,6 +189,7 @@ class MaxConcurrentTests(SynchronousTestCase):
         self.assertFalse(port.reading)
         governor.connectionsChanged(2)
         self.assertTrue(port.reading)
+        self.assertEqual((governor.pausesAhead, governor.pausesFull), (0, 1))
 
     def test_fullThenAheadRetries(self) -> None:
         """

@@ -89,3 +89,8 @@ class ArmorTests(SynchronousTestCase):
         self.assertEqual(third.recv(7), b"waiting")
         self.assertEqual(held(), 2)
         self.assertEqual(metric(server, "maccept_listen_backlog"), 0)
+        # The worker stopped reading the listener at the limit, and says so.
+        waitFor(
+            lambda: metric(server, "maccept_accept_pauses_total", reason="max_concurrent") >= 1,
+            what="the pause counted",
+        )

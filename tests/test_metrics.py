@@ -49,6 +49,23 @@ class CollectorTests(PoolTestCase):
         self.assertEqual(after[("maccept_bytes_sent_total", ())], 120)
         self.assertEqual(after[("maccept_worker_restarts_total", (("reason", "crash"),))], 1)
 
+    def test_acceptPausesByReason(self) -> None:
+        """
+        The governor's pauses are counted by reason, departed workers' too;
+        a report from a worker of older code that lacks them changes nothing.
+        """
+        pool = self.readyPool(2)
+        first, second = pool.workers
+        first.heartbeat(acceptPausesAhead=7, acceptPausesFull=1)
+        second.heartbeat(acceptPausesAhead=2, acceptPausesFull=None, handshakesFailed=None)
+        self.process(first).end(1)
+        samples = scrape(pool)
+        self.assertEqual(samples[("maccept_accept_pauses_total", (("reason", "balance"),))], 9)
+        self.assertEqual(
+            samples[("maccept_accept_pauses_total", (("reason", "max_concurrent"),))], 1
+        )
+        self.assertEqual(samples[("maccept_tls_handshakes_failed_total", ())], 0)
+
     def test_workersByState(self) -> None:
         """
         C{maccept_workers} counts workers in every state but stopped.
