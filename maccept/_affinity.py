@@ -8,12 +8,22 @@ workers may share a CPU for a while.  Pinned, worker N always runs on the
 N-th CPU of the list, in turn: the pool's workers spread over the CPUs
 whatever the scheduler would have done.  A replacement keeps its slot's
 CPU, so a reload or a recycle does not move the load.
+
+C{auto} takes one hardware thread of every core before a second thread of
+any: two workers on the two threads of one core share its execution units
+while another core idles, and machines (virtual ones especially) often
+number a core's threads next to each other (0 and 1), so plain CPU order
+would do just that.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+#: Where the kernel describes each CPU's topology.
+SYS_CPUS = Path("/sys/devices/system/cpu")
 
 
 def availableCPUs() -> tuple[int, ...]:
@@ -27,16 +37,47 @@ def availableCPUs() -> tuple[int, ...]:
         return tuple(range(os.cpu_count() or 1))
 
 
-def parseCPUs(value: str, available: Iterable[int]) -> tuple[int, ...]:
+def coresFirst(cpus: Iterable[int], sysCpus: Path = SYS_CPUS) -> tuple[int, ...]:
     """
-    C{auto} or a CPU list such as C{0-3,8} (as C{taskset -c} takes), in the
+    C{cpus} ordered so that each core's first thread (among C{cpus}) comes
+    before any core's second: by the CPU's rank among its core's threads,
+    then by number.  A CPU whose topology the kernel does not show counts
+    as a core of its own.
+    """
+    chosen = set(cpus)
+    rank = {}
+    for cpu in chosen:
+        try:
+            text = (sysCpus / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text()
+            siblings = sorted(set(_cpuList(text)) & chosen) or [cpu]
+        except (OSError, ValueError):
+            siblings = [cpu]
+        rank[cpu] = siblings.index(cpu) if cpu in siblings else 0
+    return tuple(sorted(chosen, key=lambda cpu: (rank[cpu], cpu)))
+
+
+def _cpuList(text: str) -> list[int]:
+    """
+    A kernel CPU list (C{0-3,8}) as CPU numbers.
+    """
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        first, dash, last = part.partition("-")
+        cpus.extend(range(int(first), int(last if dash else first) + 1))
+    return cpus
+
+
+def parseCPUs(value: str, available: Iterable[int], sysCpus: Path = SYS_CPUS) -> tuple[int, ...]:
+    """
+    C{auto} (every CPU this process may run on, one thread of each core
+    first) or a CPU list such as C{0-3,8} (as C{taskset -c} takes), in the
     order given; every CPU must be one this process may run on.
 
     @raise ValueError: with the line to show the user.
     """
     allowed = sorted(set(available))
     if value == "auto":
-        return tuple(allowed)
+        return coresFirst(allowed, sysCpus)
     allowedSet = set(allowed)
     cpus: list[int] = []
     seen: set[int] = set()

@@ -179,7 +179,8 @@ class Options(usage.Options):
             None,
             None,
             "Pin each worker to one CPU: 'auto' (the CPUs maccept may run on, "
-            "one per worker in turn) or a list such as 0-3,8 (default: off).",
+            "one thread of each core first, one per worker in turn) or a list "
+            "such as 0-3,8 (default: off).",
         ],
     ]
 

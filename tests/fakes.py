@@ -3,16 +3,20 @@ Test doubles for maccept's unit tests: a reactor that records the processes
 it is asked to spawn, the listening sockets a pool hands down, the ports a
 worker adopts, and a control channel that records what it is told.
 
-Nothing here starts a process, binds a socket or spins a real reactor.
+Nothing here starts a process, binds a socket or spins a real reactor.  And
+a stand-in for the kernel's CPU topology in /sys.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
@@ -478,3 +482,17 @@ class FakeControl:
         The command classes called, in order.
         """
         return [command for command, _ in self.calls]
+
+
+def fakeSysCpus(test: SynchronousTestCase, siblings: dict[int, str]) -> Path:
+    """
+    A stand-in for C{/sys/devices/system/cpu}, removed after C{test}: each
+    CPU's C{topology/thread_siblings_list} holds the text given for it.
+    """
+    root = Path(tempfile.mkdtemp(prefix="maccept-sys-"))
+    test.addCleanup(shutil.rmtree, root, True)
+    for cpu, text in siblings.items():
+        topology = root / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "thread_siblings_list").write_text(text + "\n")
+    return root

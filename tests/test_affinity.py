@@ -12,15 +12,38 @@ import signal
 from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._affinity import availableCPUs, cpuForWorker, describeCPUs, parseCPUs
+from tests.fakes import fakeSysCpus
 from tests.server import MacceptServer, echoRoundTrip, waitFor
 
 
 class ParseTests(SynchronousTestCase):
     def test_auto(self) -> None:
         """
-        C{auto} is every CPU this process may run on, in order.
+        C{auto} is every CPU this process may run on, in order where each
+        CPU is a core of its own (or the kernel does not say).
         """
-        self.assertEqual(parseCPUs("auto", [3, 1, 2]), (1, 2, 3))
+        root = fakeSysCpus(self, {1: "1", 2: "2", 3: "3"})
+        self.assertEqual(parseCPUs("auto", [3, 1, 2], root), (1, 2, 3))
+        self.assertEqual(parseCPUs("auto", [3, 1, 2], root / "missing"), (1, 2, 3))
+
+    def test_autoOneThreadPerCoreFirst(self) -> None:
+        """
+        With two threads per core, C{auto} gives every core's first thread
+        before any second one, however the kernel numbers the threads; a
+        thread whose sibling may not be used counts as a core alone.
+        """
+        adjacent = fakeSysCpus(self, {0: "0-1", 1: "0-1", 2: "2-3", 3: "2-3"})
+        self.assertEqual(parseCPUs("auto", range(4), adjacent), (0, 2, 1, 3))
+        split = fakeSysCpus(self, {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"})
+        self.assertEqual(parseCPUs("auto", range(4), split), (0, 1, 2, 3))
+        self.assertEqual(parseCPUs("auto", [1, 2, 3], adjacent), (1, 2, 3))
+
+    def test_explicitListKeepsItsOrder(self) -> None:
+        """
+        A list given by hand is taken as written, siblings or not.
+        """
+        adjacent = fakeSysCpus(self, {0: "0-1", 1: "0-1", 2: "2-3", 3: "2-3"})
+        self.assertEqual(parseCPUs("0-3", range(4), adjacent), (0, 1, 2, 3))
 
     def test_list(self) -> None:
         """

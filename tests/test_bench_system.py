@@ -5,12 +5,12 @@ kernel's topology files (here a fake /sys tree).
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
+
+from tests.fakes import fakeSysCpus
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -18,20 +18,11 @@ import _system
 
 
 class TopologyTests(SynchronousTestCase):
-    def fakeSys(self, siblings: dict[int, str]) -> Path:
-        root = Path(tempfile.mkdtemp(prefix="maccept-sys-"))
-        self.addCleanup(shutil.rmtree, root, True)
-        for cpu, text in siblings.items():
-            topology = root / f"cpu{cpu}" / "topology"
-            topology.mkdir(parents=True)
-            (topology / "thread_siblings_list").write_text(text + "\n")
-        return root
-
     def test_siblingGroups(self) -> None:
         """
         Each core's threads once; a core with one thread is no group.
         """
-        root = self.fakeSys({0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3", 4: "4"})
+        root = fakeSysCpus(self, {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3", 4: "4"})
         self.assertEqual(_system.smtSiblings(root), [{0, 2}, {1, 3}])
 
     def test_sharedCores(self) -> None:
