@@ -161,7 +161,8 @@ class Background:
     def waitServed(self) -> int:
         """
         Burst mode, after L{waitOpen}: block until every connection has had
-        its byte echoed or failed ("# served N"); return how many finished.
+        its byte echoed or failed ("# served N"); return how many were
+        echoed.
         """
         return self._waitFor("# served ")
 
@@ -175,12 +176,14 @@ class Background:
         assert self.process.stderr is not None
         fd = self.process.stderr.fileno()
         deadline = time.monotonic() + self.load.timeout
+        other: list[str] = []
         while time.monotonic() < deadline:
             line, newline, rest = self._pending.partition(b"\n")
             if newline:
                 self._pending = rest
                 if line.startswith(prefix.encode()):
                     return int(line.split()[2])
+                other.append(line.decode(errors="replace"))
                 continue
             ready, _, _ = select.select([fd], [], [], 0.1)
             if ready:
@@ -189,7 +192,8 @@ class Background:
                     break
                 self._pending += chunk
         command = " ".join(self.load.command())
-        raise LoadgenError(f"burst never reported {prefix.strip('# ')!r}: {command}")
+        said = "; it said: " + " | ".join(other[-5:]) if other else ""
+        raise LoadgenError(f"burst never reported {prefix.strip('# ')!r}: {command}{said}")
 
     def finish(self, early: bool = False) -> dict[str, Any]:
         """

@@ -266,16 +266,21 @@ def _cpuSpread(r: Results, server: str, workers: int) -> str:
 
 def _servedIn(run: dict[str, Any]) -> str:
     """
-    How long the burst's connections waited to be served, from connect()
-    to the echo of their byte: p50 / max in ms.  Runs from before the
-    client timed that kept a poll of /proc instead (marked).
+    How long the burst's connections waited to be served: from connect()
+    to the echo of their byte, p50 / max, and from the last connect to the
+    last echo (what the server added to the burst), in ms.  Runs from
+    before the client timed that kept a poll of /proc instead (marked).
     """
-    if "served" in run:
-        text = f"{run['p50_us'] / 1000:.1f} / {run['max_us'] / 1000:.1f}"
-        if run["served"] < run["opened"]:
-            text += f" (served {run['served']} of {run['opened']})"
-        return text
-    return f"({run['accept_wait_s'] * 1000:.0f}) †"
+    if "served" not in run:
+        return f"({run['accept_wait_s'] * 1000:.0f}) †"
+    if not run["served"]:
+        return f"none of {run['opened']} served"
+    text = f"{run['p50_us'] / 1000:.1f} / {run['max_us'] / 1000:.1f}"
+    if "burst_lag_us" in run:
+        text += f" / {run['burst_lag_us'] / 1000:.1f}"
+    if run["served"] < run["opened"]:
+        text += f" (served {run['served']} of {run['opened']})"
+    return text
 
 
 def _balanceSection(r: Results, connections: int) -> list[str]:
@@ -303,7 +308,7 @@ def _balanceSection(r: Results, connections: int) -> list[str]:
         "workers",
         "connections per worker",
         "max/min",
-        "ms from connect to echo, p50 / max",
+        "ms from connect to echo, p50 / max / last echo after last connect",
         "rr-1k CPU max/min",
     ]
     footnote = [

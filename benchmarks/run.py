@@ -360,8 +360,8 @@ class Bench:
             connections=s.burst_connections,
             threads=s.threads,
             # The client waits up to half of this for its connections to be
-            # served, and holds them for the rest.
-            duration=2 * s.burst_wait + 2,
+            # served, and holds them for the rest: time to count them.
+            duration=2 * s.burst_wait + 10,
         )
         pids = server.workerPids()
         burst = _loadgen.Background(load, self.pinning.client)
@@ -574,11 +574,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(e)) from None
     if args.rounds < 1:
         raise SystemExit(f"--rounds: expected 1 or more, got {args.rounds}")
-    # Off the server CPUs: between runs the harness polls logs and /proc.
-    os.sched_setaffinity(0, pinning.client)
     _loadgen.build()
     settings = makeSettings(args, pinning)
     bench = Bench(settings, pinning, args.out)
+    # Off the server CPUs (it polls logs and /proc), once the environment,
+    # which records the CPUs this process may use, is taken.
+    os.sched_setaffinity(0, pinning.client)
     began = time.monotonic()
     try:
         runAll(bench)

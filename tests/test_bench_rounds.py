@@ -101,3 +101,19 @@ class SweepTests(SynchronousTestCase):
             "failures": [{"server": "recipe", "workers": 4, "round": 1, "error": "exited\nlog"}],
         }
         self.assertIn("- FAILED recipe 4 w, round 2: exited", _report._healthSection(results))
+
+
+class BurstCellTests(SynchronousTestCase):
+    def test_servedIn(self) -> None:
+        """
+        A burst's cell gives connect-to-echo p50 / max and the lag after
+        the last connect; it says when some or all were never served, and
+        marks an old run's /proc timing.
+        """
+        burst = {"opened": 256, "served": 256, "p50_us": 16600, "max_us": 20200}
+        self.assertEqual(_report._servedIn({**burst, "burst_lag_us": 2000}), "16.6 / 20.2 / 2.0")
+        self.assertEqual(
+            _report._servedIn({**burst, "served": 250}), "16.6 / 20.2 (served 250 of 256)"
+        )
+        self.assertEqual(_report._servedIn({**burst, "served": 0}), "none of 256 served")
+        self.assertEqual(_report._servedIn({"accept_wait_s": 0.62}), "(620) †")

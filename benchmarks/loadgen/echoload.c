@@ -18,9 +18,11 @@
  *   burst  open CONNECTIONS connections as fast as possible, send one byte on
  *          each and hold them for the duration once it is echoed; the caller
  *          counts what the server did with them.  A line "# open N" on stderr
- *          says when every connect has finished, "# served N" when every
- *          connection has had its byte back (or failed), or half the
- *          duration has passed.
+ *          says when every connect has finished, "# served N" (how many had
+ *          their byte back) when every connection has had it back or failed,
+ *          or half the duration has passed.  burst_lag_us in the report: from
+ *          the last connect to finish to the last echo, what the server added
+ *          to the burst.
  *
  * Output fields: requests completed in the measured window, rps, mib_s (payload
  * echoed back per second, one direction), latency p50_us / p99_us / p999_us /
@@ -187,6 +189,19 @@ static uint64_t run_started_ns;
 static int settled;
 /* Burst mode: connections whose byte came back, or that failed first. */
 static int finished;
+/* Burst mode: connections whose byte came back. */
+static int echoed;
+/* Burst mode: when the last connect finished and the last echo came. */
+static uint64_t last_connected_ns, last_echoed_ns;
+
+static void note_latest(uint64_t *latest, uint64_t ns)
+{
+    uint64_t seen = __atomic_load_n(latest, __ATOMIC_RELAXED);
+    while (seen < ns &&
+           !__atomic_compare_exchange_n(latest, &seen, ns, false, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED))
+        ;
+}
 
 enum conn_state { CONN_IDLE, CONN_CONNECTING, CONN_ACTIVE, CONN_RETRY };
 
@@ -449,6 +464,7 @@ static void on_connected(struct conn *c)
     if (c->worker->options->mode == MODE_BURST) {
         /* One byte, to time when the server has accepted and served it. */
         settle(c);
+        note_latest(&last_connected_ns, now_ns());
         c->payload[0] = (unsigned char)(c->id * 31u + 7u);
         c->sent = 1;
         c->received = 0;
@@ -487,7 +503,10 @@ static void on_readable(struct conn *c)
             w->scratch[0] == c->payload[0]) {
             c->received = 1;
             w->requests++;
-            histogram_add(&w->histogram, (now_ns() - c->started_ns) / 1000u);
+            uint64_t now = now_ns();
+            histogram_add(&w->histogram, (now - c->started_ns) / 1000u);
+            note_latest(&last_echoed_ns, now);
+            __atomic_add_fetch(&echoed, 1, __ATOMIC_RELEASE);
             finish_burst(c);
             continue; /* anything more is unexpected */
         }
@@ -602,7 +621,7 @@ static void wait_for_burst(const struct options *o, double limit)
     while (__atomic_load_n(&finished, __ATOMIC_ACQUIRE) < o->connections &&
            now_ns() < deadline && !interrupted)
         sleep_seconds(0.001);
-    fprintf(stderr, "# served %d\n", __atomic_load_n(&finished, __ATOMIC_ACQUIRE));
+    fprintf(stderr, "# served %d\n", __atomic_load_n(&echoed, __ATOMIC_ACQUIRE));
     fflush(stderr);
 }
 
@@ -680,6 +699,12 @@ static int report(struct worker *workers, const struct options *o, double second
            "\"client_cpu_s\": %.2f, ",
            (unsigned long long)sum.errors, (unsigned long long)sum.connect_failures,
            (unsigned long long)sum.mismatches, cpu_seconds());
+    if (o->mode == MODE_BURST) {
+        uint64_t connected = __atomic_load_n(&last_connected_ns, __ATOMIC_ACQUIRE);
+        uint64_t served = __atomic_load_n(&last_echoed_ns, __ATOMIC_ACQUIRE);
+        printf("\"burst_lag_us\": %llu, ",
+               (unsigned long long)(served > connected ? (served - connected) / 1000u : 0));
+    }
     if (first_error)
         printf("\"first_error\": \"%s\"}\n", first_error); /* our own text: no quotes */
     else
