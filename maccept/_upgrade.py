@@ -96,8 +96,10 @@ class Upgrade:
         Make the descriptor of twistd's C{--logfile} append-only
         (C{O_APPEND}): during an upgrade two parents write that file, and
         each would otherwise write at its own offset, over the other's
-        lines.  (A file twistd reopens when it rotates it during the
-        upgrade is not covered.)
+        lines.  (When twistd rotates the file during the upgrade, the
+        rotating parent reopens a new file alone, so that needs no flag;
+        only a rotation before the new parent has opened the log would be
+        shared without one.)
         """
         config = self.twistdConfig or {}
         logfile = config.get("logfile") or ("twistd.log" if not config.get("nodaemon") else None)
