@@ -23,6 +23,27 @@ from twisted.python.failure import Failure
 
 monotonic = time.monotonic
 
+#: How much a worker's TCP transport asks the kernel for in one read.
+READ_SIZE = 256 * 1024
+
+
+def keepReadsOffMmap(size: int = READ_SIZE) -> None:
+    """
+    Make glibc serve C{size}-byte allocations from its heap.
+
+    Every C{recv(size)} allocates a C{size}-byte buffer and then shrinks it
+    to what came.  glibc serves an allocation above its mmap threshold
+    (128 KiB until it adapts) with C{mmap} and frees it with C{munmap}, so
+    each 256 KiB read would cost a mapping, two page faults and an unmap:
+    18 µs for a 1 KiB message against 3 (README, Performance).  glibc
+    raises the threshold to the size of the first mapped block that is
+    freed, so freeing one block larger than C{size} keeps every read on
+    the heap.  (A worker's imports happen to do that today; this makes it
+    not a matter of luck.  Elsewhere than glibc it costs one allocation.)
+    """
+    block = bytes(2 * size)
+    del block
+
 
 class ConnectionTracker:
     """
@@ -115,6 +136,8 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
     """
     base: type[Any] = port.transport  # type: ignore[attr-defined]
     isTCP = port.socket.family in (socket.AF_INET, socket.AF_INET6)  # type: ignore[attr-defined]
+    if isTCP:
+        keepReadsOffMmap()
 
     class TrackedTransport(base):  # type: ignore[misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -135,10 +158,11 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
             #: Reads of up to 256 KiB, as asyncio's, not Twisted's 64 KiB
             #: (C{bufferSize}): a 256 KiB echo then costs a third less CPU
             #: (fewer reads and sends), and small messages cost the same
-            #: (README, Performance).  Not C{bufferSize} itself: Twisted also
+            #: while the buffer comes from the heap (L{keepReadsOffMmap};
+            #: README, Performance).  Not C{bufferSize} itself: Twisted also
             #: pauses a streaming producer once that much output is queued,
             #: and that should stay 64 KiB per connection.
-            readSize = 256 * 1024
+            readSize = READ_SIZE
 
             def doRead(self) -> Any:
                 # tcp.Connection.doRead and _dataReceived in one call, with
