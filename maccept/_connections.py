@@ -12,6 +12,7 @@ and closes, and counts what its reads and writes moved.
 from __future__ import annotations
 
 import socket
+import sys
 import time
 from collections.abc import Callable
 from errno import EWOULDBLOCK
@@ -135,16 +136,19 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
     Must be called before the port accepts its first connection.
     """
     base: type[Any] = port.transport  # type: ignore[attr-defined]
-    isTCP = port.socket.family in (socket.AF_INET, socket.AF_INET6)  # type: ignore[attr-defined]
+    listener = port.socket  # type: ignore[attr-defined]
+    isTCP = listener.family in (socket.AF_INET, socket.AF_INET6)
+    noDelayInherited = False
     if isTCP:
         keepReadsOffMmap()
+        noDelayInherited = _noDelayOnListener(listener)
 
     class TrackedTransport(base):  # type: ignore[misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             #: When a byte last moved either way (monotonic seconds).
             self.lastActive = monotonic()
-            if isTCP:
+            if isTCP and not noDelayInherited:
                 self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tracker.opened(self)
 
@@ -227,6 +231,22 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
 
     TrackedTransport.__name__ = f"Tracked{base.__name__}"
     port.transport = TrackedTransport  # type: ignore[attr-defined]
+
+
+def _noDelayOnListener(listener: Any) -> bool:
+    """
+    Set C{TCP_NODELAY} on a listening socket; say whether the connections
+    it accepts get it from there.  Linux copies the option into every
+    accepted socket, which saves a system call per connection; elsewhere
+    each connection sets it itself.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return False
+    return True
 
 
 def _sendTCP(transport: Any, data: bytes) -> int:
