@@ -82,6 +82,26 @@ class Results:
             return None
         return float((max(rates) - min(rates)) / 2 / median["rps"])
 
+    def ratio(self, mine: str, theirs: str, workers: int, workload: str) -> float | None:
+        """
+        C{mine}'s rate over C{theirs}' at one worker count; None when
+        either was not run.
+        """
+        a, b = self.find(mine, workers, workload), self.find(theirs, workers, workload)
+        if a is None or b is None or not b["rps"]:
+            return None
+        return float(a["rps"] / b["rps"])
+
+    def scaling(self, server: str, workload: str, workers: int) -> float | None:
+        """
+        The rate with C{workers} over C{workers} times the rate with one:
+        1.0 is linear scaling.  None when either was not run.
+        """
+        one, many = self.find(server, 1, workload), self.find(server, workers, workload)
+        if one is None or many is None or not one["rps"]:
+            return None
+        return float(many["rps"] / (workers * one["rps"]))
+
     def workloads(self) -> list[str]:
         return [
             w
@@ -153,20 +173,16 @@ def _cell(run: dict[str, Any] | None, withBandwidth: bool, spread: float | None 
     return text
 
 
+def _ratioText(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _scaling(r: Results, server: str, workload: str, workers: int) -> str:
-    one = r.find(server, 1, workload)
-    many = r.find(server, workers, workload)
-    if one is None or many is None or not one["rps"]:
-        return "-"
-    return f"{many['rps'] / (workers * one['rps']):.2f}"
+    return _ratioText(r.scaling(server, workload, workers))
 
 
 def _versus(r: Results, workload: str, workers: int) -> str:
-    mine = r.find("maccept", workers, workload)
-    theirs = r.find("recipe", workers, workload)
-    if mine is None or theirs is None or not theirs["rps"]:
-        return "-"
-    return f"{mine['rps'] / theirs['rps']:.2f}"
+    return _ratioText(r.ratio("maccept", "recipe", workers, workload))
 
 
 def _throughputSection(r: Results, workload: str) -> list[str]:

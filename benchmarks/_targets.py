@@ -53,6 +53,14 @@ def _clientNote(*runs: dict[str, Any] | None) -> str:
     return ""
 
 
+def _notRun(*sides: tuple[str, dict[str, Any] | None]) -> str:
+    """
+    "maccept not run", "maccept and recipe not run", or "" if both ran.
+    """
+    missing = " and ".join(name for name, run in sides if run is None)
+    return f"{missing} not run" if missing else ""
+
+
 def _scaling(runs: Results, workload: str, workers: list[int], serverCpus: int) -> list[Verdict]:
     verdicts = []
     one = runs.find("maccept", 1, workload)
@@ -65,10 +73,10 @@ def _scaling(runs: Results, workload: str, workers: list[int], serverCpus: int) 
             note = f"only {_count(serverCpus, 'server CPU')}"
             verdicts.append(Verdict(target, "-", "not tested", note, scaling=True))
             continue
-        if one is None or many is None or not one["rps"]:
+        ratio = runs.scaling("maccept", workload, w)
+        if ratio is None or one is None or many is None:
             verdicts.append(Verdict(target, "-", "not tested", "not run"))
             continue
-        ratio = many["rps"] / (w * one["rps"])
         verdicts.append(
             Verdict(
                 target,
@@ -83,10 +91,11 @@ def _scaling(runs: Results, workload: str, workers: list[int], serverCpus: int) 
 
 def _ahead(runs: Results, mine: str, theirs: str, workers: int, target: str) -> Verdict:
     a, b = runs.find(mine, workers, "rr-1k"), runs.find(theirs, workers, "rr-1k")
-    if a is None or b is None or not b["rps"]:
-        missing = " and ".join(name for name, run in ((mine, a), (theirs, b)) if run is None)
-        return Verdict(target, "-", "not tested", f"{missing or theirs} not run")
-    ratio = a["rps"] / b["rps"]
+    ratio = runs.ratio(mine, theirs, workers, "rr-1k")
+    if ratio is None or a is None or b is None:
+        return Verdict(
+            target, "-", "not tested", _notRun((mine, a), (theirs, b)) or f"{theirs} not run"
+        )
     measured = f"{ratio:.2f} x ({a['rps'] / 1000:.1f}k against {b['rps'] / 1000:.1f}k)"
     if "server_cpu_us_per_request" in a and "server_cpu_us_per_request" in b:
         measured += (
@@ -102,8 +111,9 @@ def _latency(runs: Results, workers: list[int]) -> list[Verdict]:
         target = f"rr-1k: p99 at {w} worker{'s' if w > 1 else ''} <= the recipe's"
         a, b = runs.find("maccept", w, "rr-1k"), runs.find("recipe", w, "rr-1k")
         if a is None or b is None:
-            missing = " and ".join(n for n, run in (("maccept", a), ("recipe", b)) if run is None)
-            verdicts.append(Verdict(target, "-", "not tested", f"{missing} not run"))
+            verdicts.append(
+                Verdict(target, "-", "not tested", _notRun(("maccept", a), ("recipe", b)))
+            )
             continue
         measured = f"{a['p99_us'] / 1000:.2f} against {b['p99_us'] / 1000:.2f} ms"
         verdicts.append(
