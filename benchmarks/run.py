@@ -489,10 +489,10 @@ def _ratio(counts: list[int]) -> float | None:
 
 def countConnections(port: int, pids: list[int], expected: int, limit: float) -> list[int]:
     """
-    Each of C{pids}' established connections to C{port}, read again until
-    they add up to C{expected} (every connection the client saw served) or
-    C{limit} seconds pass: /proc/net/tcp is read in pieces while the
-    kernel reaps TIME_WAIT sockets, and one read may miss some.
+    Each of C{pids}' established connections to C{port}.  Every connection
+    the client saw served (C{expected}) has been accepted, so one read
+    normally finds them all; a count that falls short is read again, up to
+    C{limit} seconds, rather than recorded as it is.
     """
     deadline = time.monotonic() + limit
     counts = _procfs.connectionsPerProcess(port, pids)
