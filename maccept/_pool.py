@@ -480,8 +480,21 @@ class WorkerPool(Service):
             reason=reason,
             how=worker.exitDescription,
         )
-        if reason == "watchdog" and worker.generation == self.generation and not worker.leavesPool:
+        # A recycle request kept for when the pool runs (a signalled worker
+        # that has finished draining first) is answered by starting it again.
+        kept = self._replaceWhenRunning.pop(worker, None) is not None
+        if (reason == "watchdog" or kept) and self._startsAgain(worker):
             self._respawn(worker.number, worker.generation, None)
+
+    def _startsAgain(self, worker: WorkerProcess) -> bool:
+        """
+        Whether C{worker}, gone, is to be started again under its number: a
+        member of the serving generation, or of the one a reload starts.
+        """
+        return not worker.leavesPool and worker.generation in (
+            self.generation,
+            self.pendingGeneration,
+        )
 
     def _crashed(self, worker: WorkerProcess) -> None:
         why = worker.failureReason or worker.exitDescription or "unknown"
@@ -615,12 +628,15 @@ class WorkerPool(Service):
 
     def _replaceSignalled(self, worker: WorkerProcess, why: str) -> None:
         self._signalledReplacements.pop(worker, None)
-        if self.state not in (PoolState.RUNNING, PoolState.RELOADING) or worker.leavesPool:
+        if self.state in (PoolState.STOPPING, PoolState.STOPPED) or worker.leavesPool:
             return
         if worker in self.workers:
+            # While a sibling still starts, kept until the pool runs (or,
+            # should it leave first, until it has gone: see _departed).
             self.replace(worker, "recycle", why=why)
-        elif self._replacementOf(worker) is None and worker.generation == self.generation:
-            # It had no connection to finish and is gone already.
+        elif self._replacementOf(worker) is None and self._startsAgain(worker):
+            # It had no connection to finish and is gone already (while the
+            # pool starts too: it cannot run without this worker).
             self.log.info("starting worker {number} again: {why}", number=worker.number, why=why)
             self._respawn(worker.number, worker.generation, None)
 
@@ -708,7 +724,10 @@ class WorkerPool(Service):
         if self.size >= MAX_WORKERS:
             self.log.warn("scaling ignored: the pool runs at most {most} workers", most=MAX_WORKERS)
             return False
-        taken = {w.number for w in self.serving()} | {r.number for r in self.pendingRestarts()}
+        # Numbers in use, and those of workers that will be started again
+        # under their own (hung, or gone after their own SIGTERM).
+        taken = {w.number for w in [*self.serving(), *self._leavingUnreplaced()]}
+        taken |= {r.number for r in self.pendingRestarts()}
         number = next(n for n in range(1, len(taken) + 2) if n not in taken)
         self.log.info("scaling up to {size} workers", size=self.size + 1)
         try:

@@ -349,6 +349,114 @@ class ReplacementTests(SupervisionTestCase):
         self.assertEqual(self.numbers(pool), [1, 2, 3])
 
 
+class SignalledWorkerTests(SupervisionTestCase):
+    """
+    A worker that receives SIGTERM on its own is replaced whatever the pool
+    is doing: still starting, or reloading.
+    """
+
+    def readyAll(self, pool: WorkerPool) -> None:
+        for worker in pool.workers:
+            if worker.state is WorkerState.STARTING:
+                worker.ready()
+
+    def test_goneWhileStarting(self) -> None:
+        """
+        A ready worker signalled and gone while a sibling still starts is
+        started again at once: the pool cannot run without it.
+        """
+        pool = self.startPool(2)
+        first = pool.workers[0]
+        first.ready()
+        first.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.process(first).end(0)
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        self.readyAll(pool)
+        self.reactor.advance(pool.startTimeout)
+        self.assertEqual(self.fatal, [])
+        self.assertIs(pool.state, PoolState.RUNNING)
+        self.assertEqual(self.numbers(pool), [1, 2])
+
+    def test_drainsPastStart(self) -> None:
+        """
+        One still draining when the pool starts running is replaced then.
+        """
+        pool = self.startPool(2)
+        first, second = pool.workers
+        first.ready()
+        first.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        second.ready()
+        self.assertIs(pool.state, PoolState.RUNNING)
+        self.process(first).end(0)
+        self.readyAll(pool)
+        self.assertEqual(self.numbers(pool), [1, 2])
+        self.assertEqual(len(pool.serving()), 2)
+
+    def test_leavesBeforeStart(self) -> None:
+        """
+        One that finishes draining before the pool runs is started again
+        when it has gone.
+        """
+        pool = self.startPool(2)
+        first = pool.workers[0]
+        first.ready()
+        first.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        self.process(first).end(0)
+        self.readyAll(pool)
+        self.reactor.advance(pool.startTimeout)
+        self.assertEqual(self.fatal, [])
+        self.assertIs(pool.state, PoolState.RUNNING)
+        self.assertEqual(self.numbers(pool), [1, 2])
+
+    def test_newGenerationDuringReload(self) -> None:
+        """
+        A worker of the generation a reload starts, signalled and gone, is
+        started again, and the reload completes.
+        """
+        pool = self.readyPool(2)
+        pool.reload()
+        new = pool.ofGeneration(pool.pendingGeneration)[0]
+        new.ready()
+        new.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.process(new).end(0)
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        self.readyAll(pool)
+        self.assertIs(pool.state, PoolState.RUNNING)
+        self.assertEqual(pool.generation, 2)
+        self.assertEqual(sorted(w.number for w in pool.serving()), [1, 2])
+
+    def test_scaleUpAfterSignalledLeft(self) -> None:
+        """
+        A worker added while a signalled worker's restart is due takes a
+        number of its own.
+        """
+        pool = self.readyPool(3)
+        leaving = self.workerIn(pool, 3)
+        leaving.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.process(leaving).end(0)
+        pool.scaleUp()
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        self.assertEqual(self.numbers(pool), [1, 2, 3, 4])
+
+    def test_scaleUpWhileHung(self) -> None:
+        """
+        So does a worker added while another is hung: the hung one is
+        started again under its own number once killed.
+        """
+        pool = self.readyPool(3, watchdogTimeout=5.0)
+        hung = self.workerIn(pool, 3)
+        for worker in pool.workers:
+            if worker is not hung:
+                worker.lastHeartbeat = 1e9
+        self.reactor.advance(6.0)
+        self.assertEqual(hung.stopReason, "watchdog")
+        pool.scaleUp()
+        self.process(hung).end(signal=signal.SIGKILL)
+        self.assertEqual(self.numbers(pool), [1, 2, 3, 4])
+
+
 class SpawnFailureTests(SupervisionTestCase):
     def test_reloadAbandoned(self) -> None:
         """
