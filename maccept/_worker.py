@@ -436,14 +436,22 @@ def queuedBytes(transport: Any) -> int:
     return len(getattr(transport, "dataBuffer", b"")) + getattr(transport, "_tempDataLen", 0)
 
 
+#: The parent's signals, which a worker ignores when they reach it too: a
+#: terminal's Ctrl-C or hang-up goes to the whole process group, and
+#: C{systemctl kill -s HUP} to every process of the unit.  (By default HUP,
+#: INT and USR2 would end the worker, TTIN and TTOU suspend it.)
+PARENT_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+
+
 def _handleSignals(reactor: Any, worker: Worker) -> None:
     """
-    A terminal's Ctrl-C reaches the whole process group: the parent decides
-    what the workers do, so they ignore SIGINT.  SIGTERM sent to one worker
-    has it replaced and drained; SIGUSR1 dumps every thread's stack to stderr (into the
-    parent's log), even while the reactor is blocked.
+    The parent decides what the workers do, so they ignore its signals
+    (L{PARENT_SIGNALS}).  SIGTERM sent to one worker has it replaced and
+    drained; SIGUSR1 dumps every thread's stack to stderr (into the parent's
+    log), even while the reactor is blocked.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for parentSignal in PARENT_SIGNALS:
+        signal.signal(parentSignal, signal.SIG_IGN)
     signal.signal(
         signal.SIGTERM,
         lambda *_: reactor.callFromThread(worker.terminate),

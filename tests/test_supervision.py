@@ -73,6 +73,25 @@ class SupervisionTests(SynchronousTestCase):
         self.assertEqual(server.process.wait(30), 0)
         waitFor(lambda: not any(alive(pid) for pid in workers), 10, "the workers to exit")
 
+    def test_workersIgnoreTheParentsSignals(self) -> None:
+        """
+        A worker ignores the signals meant for the parent (a terminal's
+        hang-up or C{systemctl kill -s USR2} reach every process): by
+        default they would end it or suspend it.
+        """
+        server = self.start("--workers", "1", "--listen", LOOPBACK)
+        [worker] = server.workers()
+        with open(f"/proc/{worker}/status") as status:
+            [mask] = [line.split()[1] for line in status if line.startswith("SigIgn:")]
+        ignored = int(mask, 16)
+        parents = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+        for number in parents:
+            self.assertTrue(ignored & (1 << (number - 1)), f"{number.name} not ignored")
+            os.kill(worker, number)
+        with server.connect() as client:
+            self.assertEqual(echoRoundTrip(client, b"still here"), b"still here")
+        self.assertEqual(server.workers(), [worker])
+
     def test_workerStartFailureExitsWithItsError(self) -> None:
         """
         When workers cannot start, twistd exits non-zero with the worker's
