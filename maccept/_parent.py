@@ -95,6 +95,8 @@ class MacceptService(Service):
             return
         self.stopRequested = True
         self.log.info("stopping: draining every worker")
+        if self.upgrade is not None:
+            self.upgrade.abandon()
         if self.reactor.running:  # not after a failed start, which stopped it already
             self.reactor.stop()
 
@@ -107,7 +109,7 @@ class MacceptService(Service):
         stopped = self.pool.stopService()
         # Stopped by a new parent that took the sockets over: its paths now,
         # and its metrics and control from now on.
-        handedOver = self.upgrade is not None and self.upgrade.newParent is not None
+        handedOver = self.upgrade is not None and self.upgrade.takenOver
         for listener in self.listeners:
             listener.close(keepPath=handedOver)
         if handedOver:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.task import LoopingCall
@@ -67,8 +67,13 @@ class SystemdNotifier:
             watchdog = int(usec) / 1e6
         return cls(reactor, address, watchdog)
 
-    def follow(self, pool: WorkerPool) -> None:
+    def follow(self, pool: WorkerPool, handedOver: Callable[[], bool] = lambda: False) -> None:
+        """
+        Report C{pool}'s changes; C{handedOver} says whether a new parent
+        (SIGUSR2) has taken over, whose stop is not the service's.
+        """
         self.pool = pool
+        self.handedOver = handedOver
         pool.stateObservers.append(self.poolChanged)
 
     def poolChanged(self, state: PoolState) -> None:
@@ -85,7 +90,10 @@ class SystemdNotifier:
         elif state is PoolState.RELOADING:
             monotonic = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             self.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic}", "STATUS=reloading")
-        elif state is PoolState.STOPPING:
+        elif state is PoolState.STOPPING and not self.handedOver():
+            # Not after a hand-over: with NotifyAccess=all systemd takes
+            # STOPPING=1 from any process of the unit as the service's own,
+            # and would stop the new parent too.
             self.notify("STOPPING=1", "STATUS=draining")
 
     def notify(self, *lines: str) -> None:

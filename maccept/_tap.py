@@ -25,7 +25,13 @@ from maccept._pool import PoolSettings, WorkerPool
 from maccept._serviceports import openServicePorts
 from maccept._states import PoolState
 from maccept._systemd import SystemdNotifier
-from maccept._upgrade import UPGRADE_FROM, Upgrade, inheritedListeners, takeOver
+from maccept._upgrade import (
+    UPGRADE_FROM,
+    Upgrade,
+    greetOldParent,
+    inheritedListeners,
+    takeOver,
+)
 
 _log = Logger(namespace="maccept")
 
@@ -52,6 +58,7 @@ def makeService(options: CommandLineOptions) -> IService:
     from twisted.internet import reactor
 
     # After an upgrade (SIGUSR2), the old parent's sockets, by description.
+    greetOldParent()
     inherited = inheritedListeners()
     listeners: list[ListeningSocket] = []
     for description in options["listen"]:
@@ -96,11 +103,12 @@ def makeService(options: CommandLineOptions) -> IService:
         reactor, listeners, twistdConfig, lambda: pool.state is PoolState.RUNNING
     )
 
+    service.upgrade.onTakenOver = service.requestStop
+
     def tookOver(state: PoolState) -> None:
         if state is PoolState.RUNNING and UPGRADE_FROM in os.environ:
             service.takeOwnership(adopted=True)
             takeOver(os.environ, _log)
-            del os.environ[UPGRADE_FROM]
 
     pool.stateObservers.append(tookOver)
     try:
@@ -116,5 +124,7 @@ def makeService(options: CommandLineOptions) -> IService:
         os.close(fd)  # the old parent listened on more than we were asked to
     notifier = SystemdNotifier.fromEnvironment(reactor)
     if notifier is not None:
-        notifier.follow(pool)
+        notifier.follow(
+            pool, handedOver=lambda: service.upgrade is not None and service.upgrade.takenOver
+        )
     return service

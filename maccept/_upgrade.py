@@ -6,6 +6,15 @@ sockets; once the new parent's workers all accept, it tells the old parent
 to stop, and the old one drains as on SIGTERM.  The sockets never close, so
 no connection is refused.
 
+The new parent says it serves on a pipe of its own (L{UPGRADE_PIPE}), not
+with a signal, so that the old parent can tell the hand-over from a stop
+asked for by someone else: stopped before the hand-over, the old parent
+stops the new one too and stops for good (its paths, its metrics); handed
+over, it leaves those to the new parent, and tells systemd nothing more.
+A new parent greets the old one on that pipe as it starts; one that does
+not (older code, as in a rollback) still hands over with SIGTERM, so a
+stop before any greeting is taken for that hand-over.
+
 The pidfile follows the parent that serves: the old parent renames its
 pidfile to C{PIDFILE.oldbin} (and will remove that one when it exits), so
 that the new twistd can write C{PIDFILE}.  If the new parent fails before
@@ -14,15 +23,17 @@ it is ready, the old one renames the pidfile back and keeps serving.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import signal
 import stat
 import sys
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,8 +43,15 @@ from maccept._serviceports import ServicePort
 
 #: What the old parent tells the new one: the inherited sockets...
 INHERIT = "MACCEPT_INHERIT"
-#: ... and its own pid, to stop once the new workers all accept.
+#: ... and its own pid, to stop once the new workers all accept...
 UPGRADE_FROM = "MACCEPT_UPGRADE_FROM"
+#: ... by a line on this descriptor (an old parent of older code has none,
+#: and is sent SIGTERM).
+UPGRADE_PIPE = "MACCEPT_UPGRADE_PIPE"
+#: What the new parent says on it: that it runs code that will say the
+#: next line there (not SIGTERM), and that its workers all accept.
+HELLO = b"hello"
+SERVING = b"serving"
 _TWISTD = "from twisted.scripts.twistd import run; run()"
 
 
@@ -59,8 +77,21 @@ def commandLine(
 
 
 class _NewParent(ProcessProtocol):
-    def __init__(self, upgrade: Upgrade) -> None:
+    def __init__(self, upgrade: Upgrade, pipe: int) -> None:
         self.upgrade = upgrade
+        self.pipe = pipe
+        self.unread = b""
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD != self.pipe:
+            return
+        *lines, self.unread = (self.unread + data).split(b"\n")
+        self.unread = self.unread[-64:]
+        for line in lines:
+            if line == HELLO:
+                self.upgrade.greet()
+            elif line == SERVING and not self.upgrade.takenOver:
+                self.upgrade.tookOver()
 
     def processEnded(self, reason: Failure) -> None:
         self.upgrade.newParentEnded(reason)
@@ -88,8 +119,22 @@ class Upgrade:
         self.twistdConfig = twistdConfig
         self.isServing = isServing
         self.newParent: Any = None
+        #: The new parent serves, and this one drains for good.
+        self.takenOver = False
+        #: The new parent will say so on its pipe (see L{HELLO}).
+        self.greeted = False
+        #: The old parent's stop, called once the new parent serves.
+        self.onTakenOver: Callable[[], None] = lambda: None
+        self._abandoned = False
         #: The parent's own ports (L{maccept._serviceports}), handed over too.
         self.servicePorts: Sequence[ServicePort] = ()
+
+    @property
+    def underWay(self) -> bool:
+        """
+        A new parent runs and has not taken over yet.
+        """
+        return self.newParent is not None and not self.takenOver
 
     def shareLogFile(self) -> None:
         """
@@ -138,14 +183,23 @@ class Upgrade:
         for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
             # systemd's descriptors are among those handed over, by name.
             env.pop(name, None)
+        pipe = max(childFDs) + 1
+        childFDs[pipe] = "r"
         env[INHERIT] = json.dumps(inherited)
         env[UPGRADE_FROM] = str(os.getpid())
+        env[UPGRADE_PIPE] = str(pipe)
         self.shareLogFile()
         self._movePidfile(".oldbin")
+        self._abandoned = self.greeted = False
         command = commandLine(sys.argv, self.twistdConfig)
         try:
             self.newParent = self.reactor.spawnProcess(
-                _NewParent(self), command[0], command, env=env, path=os.getcwd(), childFDs=childFDs
+                _NewParent(self, pipe),
+                command[0],
+                command,
+                env=env,
+                path=os.getcwd(),
+                childFDs=childFDs,
             )
         except Exception:
             self.log.failure("upgrade failed: cannot start a new parent")
@@ -159,15 +213,59 @@ class Upgrade:
                 pid=self.newParent.pid,
             )
 
+    def greet(self) -> None:
+        """
+        The new parent runs and will say when it serves.
+        """
+        self.greeted = True
+        self.log.info(
+            "upgrade: the new parent (pid {pid}) starts its workers",
+            pid=self.newParent.pid if self.newParent is not None else "?",
+        )
+
+    def tookOver(self) -> None:
+        """
+        The new parent's workers all accept: this parent stops.
+        """
+        self.takenOver = True
+        self.log.info(
+            "upgrade: the new parent (pid {pid}) serves; this one drains and exits",
+            pid=self.newParent.pid if self.newParent is not None else "?",
+        )
+        self.onTakenOver()
+
+    def abandon(self) -> None:
+        """
+        This parent is asked to stop before the new one took over: stop
+        that one too (it has not claimed the sockets' paths), so that
+        nothing serves on after the stop.  The pidfile comes back once it
+        has exited (and removed its own).
+        """
+        if not self.underWay:
+            return
+        if not self.greeted:
+            # Older code hands over with SIGTERM: take this stop for that.
+            self.takenOver = True
+            return
+        self._abandoned = True
+        self.log.warn(
+            "upgrade abandoned: stopping the new parent (pid {pid}) too",
+            pid=self.newParent.pid,
+        )
+        with contextlib.suppress(ProcessExitedAlready, OSError):
+            self.newParent.signalProcess("TERM")
+
     def newParentEnded(self, reason: Failure) -> None:
         """
-        A new parent that exits while we still serve failed to take over.
+        A new parent that exits before it took over failed (or was stopped
+        with this one): this parent keeps its pidfile.
         """
-        if self.isServing():
-            self.log.error(
-                "upgrade failed, keeping this parent: the new one exited ({why})",
-                why=reason.getErrorMessage(),
-            )
+        if not self.takenOver:
+            if not self._abandoned:
+                self.log.error(
+                    "upgrade failed, keeping this parent: the new one exited ({why})",
+                    why=reason.getErrorMessage(),
+                )
             self._movePidfile("")
         self.newParent = None
 
@@ -231,15 +329,35 @@ def _handedOver(raw: str | None) -> dict[str, int]:
         ) from None
 
 
-def takeOver(environ: Mapping[str, str], log: Logger) -> None:
+def greetOldParent(environ: Mapping[str, str] = os.environ) -> None:
     """
-    In a new parent whose workers all accept: stop the old parent.
+    In a new parent as it starts: tell the old one that this parent will
+    say when it serves (so that a stop before then is a stop).
     """
-    old = environ.get(UPGRADE_FROM)
-    if not old or not old.isdigit():
+    pipe = environ.get(UPGRADE_PIPE, "")
+    if pipe.isdigit():
+        with contextlib.suppress(OSError):
+            os.write(int(pipe), HELLO + b"\n")
+
+
+def takeOver(environ: MutableMapping[str, str], log: Logger) -> None:
+    """
+    In a new parent whose workers all accept: tell the old parent, which
+    then stops (and forget the upgrade, so that this parent's next workers
+    do not inherit it).
+    """
+    old = environ.pop(UPGRADE_FROM, "")
+    pipe = environ.pop(UPGRADE_PIPE, "")
+    if not old.isdigit():
         return
     try:
-        os.kill(int(old), signal.SIGTERM)
+        if pipe.isdigit():
+            try:
+                os.write(int(pipe), SERVING + b"\n")
+            finally:
+                os.close(int(pipe))
+        else:
+            os.kill(int(old), signal.SIGTERM)
     except OSError as e:
         log.warn("upgrade: cannot stop the old parent (pid {pid}): {error}", pid=old, error=e)
         return

@@ -124,6 +124,23 @@ def breakableEcho() -> Factory:
     return Factory.forProtocol(Echo)
 
 
+@implementer(IWorkerLifecycle)
+class SlowToStartFactory(HookedEchoFactory):
+    """
+    Echo, whose workers take a minute to start while the file named by
+    C{MACCEPT_TEST_SLOW} exists (a new parent caught mid-start).
+    """
+
+    def workerStarting(self, reactor: object) -> object:
+        import os
+
+        from twisted.internet.task import deferLater
+
+        if os.path.exists(os.environ.get("MACCEPT_TEST_SLOW", "/nonexistent")):
+            return deferLater(reactor, 60, lambda: None)  # type: ignore[arg-type]
+        return None
+
+
 _hoard: list[bytearray] = []
 
 

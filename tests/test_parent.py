@@ -32,6 +32,14 @@ class StoppingReactor(MemoryReactor):
         self.stops += 1
 
 
+class RecordingUpgrade:
+    def __init__(self) -> None:
+        self.abandoned = 0
+
+    def abandon(self) -> None:
+        self.abandoned += 1
+
+
 class RequestStopTests(SynchronousTestCase):
     def service(self, running: bool) -> tuple[MacceptService, StoppingReactor, RecordingPool]:
         reactor, pool = StoppingReactor(running), RecordingPool()
@@ -48,6 +56,18 @@ class RequestStopTests(SynchronousTestCase):
         self.assertEqual((reactor.stops, pool.killed), (1, 0))
         service.requestStop()
         self.assertEqual((reactor.stops, pool.killed), (1, 1))
+
+    def test_stopsAnUpgradeUnderWay(self) -> None:
+        """
+        The first request also stops an upgrade under way (its new parent
+        has not taken over: see L{maccept._upgrade.Upgrade.abandon}).
+        """
+        service = self.service(running=True)[0]
+        upgrade = RecordingUpgrade()
+        service.upgrade = upgrade  # type: ignore[assignment]
+        service.requestStop()
+        service.requestStop()
+        self.assertEqual(upgrade.abandoned, 1)
 
     def test_afterAFailedStart(self) -> None:
         """

@@ -126,6 +126,19 @@ class NotifierTests(SynchronousTestCase):
         notifier.poolChanged(PoolState.STOPPING)
         self.assertEqual(notify.next()["STOPPING"], "1")
 
+    def test_noStoppingAfterHandOver(self) -> None:
+        """
+        A parent that handed over to a new one (SIGUSR2) says nothing when
+        it stops: systemd would take STOPPING=1 for the service's.
+        """
+        notify = NotifySocket(self)
+        notifier = SystemdNotifier(Clock(), notify.path)
+        self.addCleanup(notifier.close)
+        notifier.follow(FakePool(), handedOver=lambda: True)  # type: ignore[arg-type]
+        notifier.poolChanged(PoolState.STOPPING)
+        notifier.notify("X=1")
+        self.assertEqual(notify.next(), {"X": "1"})
+
 
 class UnderNotifySocketTests(SynchronousTestCase):
     def test_readyReloadingStopping(self) -> None:
@@ -148,6 +161,38 @@ class UnderNotifySocketTests(SynchronousTestCase):
         os.kill(server.pid, signal.SIGTERM)
         notify.until("STOPPING")
         self.assertEqual(server.process.wait(30), 0)
+
+    def test_upgradeHandsOverQuietly(self) -> None:
+        """
+        After SIGUSR2 the new parent reports READY=1 with its own MAINPID,
+        and the old one says nothing as it drains and exits: systemd (with
+        NotifyAccess=all) would take its STOPPING=1 for the service's.  The
+        new parent says STOPPING=1 when it stops.
+        """
+        notify = NotifySocket(self)
+        server = MacceptServer(
+            ["--listen", "tcp:0:interface=127.0.0.1", "--workers", "1"],
+            env={"NOTIFY_SOCKET": notify.path},
+        )
+        self.addCleanup(server.cleanup)
+        self.assertEqual(notify.until("READY")["MAINPID"], str(server.pid))
+        os.kill(server.pid, signal.SIGUSR2)
+        newParent = int(notify.until("READY")["MAINPID"])
+        self.assertNotEqual(newParent, server.pid)
+        self.addCleanup(killGroup, os.getpgid(newParent))
+        self.assertEqual(server.process.wait(30), 0)
+        notify.socket.setblocking(False)
+        queued = []
+        while True:
+            try:
+                queued.append(notify.next())
+            except BlockingIOError:
+                break
+        self.assertEqual([m for m in queued if "STOPPING" in m], [])
+        notify.socket.setblocking(True)
+        os.kill(newParent, signal.SIGTERM)
+        notify.until("STOPPING")
+        waitFor(lambda: not alive(newParent), what="the new parent to stop")
 
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")

@@ -161,6 +161,36 @@ class UpgradeTests(SynchronousTestCase):
         status = ctl(controlPath, "status", "--json")
         self.assertEqual({w["pid"] for w in status["workers"]}, set(server.workers()))
 
+    def test_stopDuringUpgrade(self) -> None:
+        """
+        TERM to the parent while the new one starts its workers stops both:
+        nothing serves after the stop, the UNIX path is gone, and the pidfile
+        was the old parent's until it exited.
+        """
+        marker = os.path.join(tempfile.gettempdir(), f"maccept-slow-upgrade-{os.getpid()}")
+        server = self.start(
+            "--protocol",
+            "tests.sample_protocols:SlowToStartFactory",
+            # The new workers wait for their start hook up to this long.
+            "--graceful-timeout",
+            "2",
+            env={"MACCEPT_TEST_SLOW": marker},
+        )
+        Path(marker).touch()
+        self.addCleanup(os.unlink, marker)
+        os.kill(server.pid, signal.SIGUSR2)
+        new = self.newParent(server)
+        waitFor(lambda: "starts its workers" in server.log(), what="the new parent's greeting")
+        os.kill(server.pid, signal.SIGTERM)
+        self.assertEqual(server.process.wait(30), 0)
+        waitFor(lambda: not alive(new), what="the new parent to stop")
+        self.assertIn("upgrade abandoned", server.log())
+        self.assertNotIn("upgrade failed", server.log())
+        self.assertFalse(os.path.exists(self.socketPath))
+        self.assertFalse(self.pidfile.exists())
+        with self.assertRaises(ConnectionRefusedError):
+            server.connect().close()
+
     def test_metricsAndControlFollow(self) -> None:
         """
         A fixed C{--metrics} port and the C{--control} socket are handed

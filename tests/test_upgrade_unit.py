@@ -7,14 +7,28 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.task import Clock
+from twisted.logger import Logger, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from maccept._upgrade import INHERIT, Upgrade, commandLine, inheritedListeners
+from maccept._upgrade import (
+    INHERIT,
+    UPGRADE_FROM,
+    UPGRADE_PIPE,
+    Upgrade,
+    commandLine,
+    greetOldParent,
+    inheritedListeners,
+    takeOver,
+)
+from tests.fakes import FakeProcess, ProcessMemoryReactor
 
 
 class CommandLineTests(SynchronousTestCase):
@@ -80,6 +94,125 @@ class PidfileTests(SynchronousTestCase):
         config = {"pidfile": ""}
         Upgrade(Clock(), [], config, lambda: True)._movePidfile(".oldbin")
         self.assertEqual(config, {"pidfile": ""})
+
+
+class HandOverTests(SynchronousTestCase):
+    """
+    The old parent's side of the hand-over: the new parent says on a pipe
+    that it serves, so that a stop from anyone else is told apart.
+    """
+
+    def setUp(self) -> None:
+        directory = tempfile.mkdtemp()
+        self.pidfile = Path(directory, "twistd.pid")
+        self.pidfile.write_text("123")
+        self.addCleanup(shutil.rmtree, directory)
+        self.config: dict[str, Any] = {"pidfile": str(self.pidfile), "nodaemon": True}
+        self.reactor = ProcessMemoryReactor()
+        self.upgrade = Upgrade(self.reactor, [], self.config, lambda: True)
+        self.stops: list[bool] = []
+        self.upgrade.onTakenOver = lambda: self.stops.append(True)
+
+    def start(self) -> tuple[FakeProcess, int]:
+        self.upgrade.start()
+        process = self.reactor.processes[-1]
+        assert process.env is not None and process.childFDs is not None
+        pipe = int(process.env[UPGRADE_PIPE])
+        self.assertEqual(process.childFDs[pipe], "r")
+        return process, pipe
+
+    def test_servingStopsThisParent(self) -> None:
+        """
+        "serving" on the pipe, in pieces or not, stops this parent; the
+        pidfile stays with the new parent when this one exits.
+        """
+        process, pipe = self.start()
+        process.output(pipe, b"hello\nserv")
+        self.assertEqual(self.stops, [])
+        process.output(pipe, b"ing\n")
+        self.assertTrue(self.upgrade.takenOver)
+        self.assertEqual(self.stops, [True])
+        with capturedLogs() as events:
+            process.end(0)
+        self.assertEqual(self.config["pidfile"], f"{self.pidfile}.oldbin")
+        self.assertNotIn("upgrade failed", " ".join(formatEvent(e) for e in events))
+
+    def test_failureWhileReloading(self) -> None:
+        """
+        A new parent that exits before it serves failed, whatever this
+        parent's pool is doing meanwhile (a reload, say): the pidfile comes
+        back, and the failure is logged.
+        """
+        process, pipe = self.start()
+        self.upgrade.isServing = lambda: False  # HUP after USR2: reloading
+        process.output(pipe, b"hello\n")
+        with capturedLogs() as events:
+            process.end(1)
+        self.assertEqual(self.config["pidfile"], str(self.pidfile))
+        self.assertTrue(self.pidfile.exists())
+        self.assertIn("upgrade failed", " ".join(formatEvent(e) for e in events))
+        self.assertFalse(self.upgrade.takenOver)
+
+    def test_stopBeforeHandOver(self) -> None:
+        """
+        Asked to stop before the new parent serves, this parent stops that
+        one too and takes the pidfile back; that one's exit is no failure.
+        """
+        process, pipe = self.start()
+        process.output(pipe, b"hello\n")
+        self.upgrade.abandon()
+        self.assertEqual(process.signals, [signal.SIGTERM])
+        self.assertFalse(self.upgrade.takenOver)
+        with capturedLogs() as events:
+            process.end(signal=signal.SIGTERM)
+        self.assertEqual(self.config["pidfile"], str(self.pidfile))
+        self.assertNotIn("upgrade failed", " ".join(formatEvent(e) for e in events))
+        self.assertEqual(self.stops, [])
+
+    def test_stopFromOlderCode(self) -> None:
+        """
+        A new parent that never greeted runs older code, which hands over
+        with SIGTERM: a stop then is that hand-over (a rollback works).
+        """
+        process, _ = self.start()
+        self.upgrade.abandon()
+        self.assertEqual(process.signals, [])
+        self.assertTrue(self.upgrade.takenOver)
+        self.assertEqual(self.config["pidfile"], f"{self.pidfile}.oldbin")
+
+
+class NewParentTests(SynchronousTestCase):
+    """
+    The new parent's side: a greeting as it starts, "serving" once its
+    workers all accept.
+    """
+
+    def setUp(self) -> None:
+        self.killed: list[tuple[int, int]] = []
+        self.patch(os, "kill", lambda pid, sig: self.killed.append((pid, sig)))
+
+    def test_saysItServes(self) -> None:
+        """
+        Both lines go on the pipe, which is then closed; no signal is sent,
+        and the upgrade's variables are forgotten.
+        """
+        readEnd, writeEnd = os.pipe()
+        self.addCleanup(os.close, readEnd)
+        environ = {UPGRADE_FROM: "4242", UPGRADE_PIPE: str(writeEnd)}
+        greetOldParent(environ)
+        takeOver(environ, Logger())
+        self.assertEqual(os.read(readEnd, 100), b"hello\nserving\n")
+        self.assertRaises(OSError, os.fstat, writeEnd)
+        self.assertEqual((environ, self.killed), ({}, []))
+
+    def test_signalsOlderCode(self) -> None:
+        """
+        An old parent that offered no pipe is sent SIGTERM.
+        """
+        environ = {UPGRADE_FROM: "4242"}
+        greetOldParent(environ)
+        takeOver(environ, Logger())
+        self.assertEqual(self.killed, [(4242, signal.SIGTERM)])
 
 
 class InheritedTests(SynchronousTestCase):
