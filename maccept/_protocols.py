@@ -13,12 +13,22 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IProtocolFactory
+from twisted.internet.error import MessageLengthError
+from twisted.internet.interfaces import (
+    IAddress,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IProtocolFactory,
+)
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 from twisted.python import usage
 
 
@@ -80,16 +90,59 @@ class DatagramEcho(DatagramProtocol):
     """
     RFC 862 echo over UDP: each datagram goes back to where it came from.
     C{counts} (the worker's connection tracker) adds up the bytes.
+
+    A datagram that cannot be answered (a forged source such as port 0, a
+    reply too large for the path) is dropped, and the drops are logged at
+    most once every L{DROP_LOG_INTERVAL} seconds with how many there were:
+    anyone can forge datagrams, and a traceback each would flood the log.
     """
+
+    log = Logger()
+    DROP_LOG_INTERVAL = 10.0
 
     def __init__(self, counts: Any = None) -> None:
         self.counts = counts
+        #: Datagrams not answered since the last line about them.
+        self.unanswered = 0
+        self._lastDropLine = -math.inf
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        self.transport.write(datagram, addr)  # type: ignore[union-attr]
         if self.counts is not None:
             self.counts.bytesReceived += len(datagram)
+        try:
+            self.transport.write(datagram, addr)  # type: ignore[union-attr]
+        except (OSError, MessageLengthError) as e:
+            self._dropped(addr, e)
+            return
+        if self.counts is not None:
             self.counts.bytesSent += len(datagram)
+
+    def _dropped(self, addr: Any, error: Exception) -> None:
+        self.unanswered += 1
+        now = time.monotonic()
+        if now - self._lastDropLine < self.DROP_LOG_INTERVAL:
+            return
+        self._lastDropLine = now
+        self.log.warn(
+            "dropped {count} datagram(s) that could not be answered, the last from {addr}: {error}",
+            count=self.unanswered,
+            addr=addr,
+            error=error,
+        )
+        self.unanswered = 0
+
+
+class PassesRefusals(WrappingFactory):
+    """
+    A wrapping factory (TLS, PROXY header) that refuses a connection when
+    the wrapped factory does (its C{buildProtocol} returns C{None}, as
+    Twisted allows), so that the port closes it; Twisted's own wrappers
+    would wrap the C{None} and fail on the first event.
+    """
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        return None if wrapped is None else self.protocol(self, wrapped)
 
 
 def echoFactory() -> IProtocolFactory:

@@ -25,6 +25,8 @@ from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWr
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
+from maccept._protocols import PassesRefusals
+
 #: The prefix of a C{--listen} description that asks for the PROXY protocol.
 PREFIX = "haproxy:"
 
@@ -190,7 +192,7 @@ class _ProxyProtocolWrapper(HAProxyProtocolWrapper):
             inner.writeConnectionLost()
 
 
-class ProxyWrappingFactory(HAProxyWrappingFactory):
+class ProxyWrappingFactory(PassesRefusals, HAProxyWrappingFactory):
     """
     Reads the PROXY header before the wrapped factory's protocol sees a
     byte; C{onRejected} is called for each connection dropped for a

@@ -17,19 +17,34 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
+from maccept._protocols import PassesRefusals
+
 _log = Logger(namespace="maccept")
 
 
 class _HandshakeWatchingProtocol(TLSMemoryBIOProtocol):
     factory: HandshakeCountingFactory
+    #: Whether the client sent anything: one that connects and closes (a
+    #: TCP health check) or is closed idle never began a handshake, which
+    #: OpenSSL still reports as an unexpected EOF.
+    _spoke = False
+
+    def dataReceived(self, bytes: bytes) -> None:
+        self._spoke = True
+        super().dataReceived(bytes)
 
     def _tlsShutdownFinished(self, reason: Failure | None) -> None:
-        if reason is not None and not self._handshakeDone and reason.check(SSL.Error):
+        if (
+            reason is not None
+            and self._spoke
+            and not self._handshakeDone
+            and reason.check(SSL.Error)
+        ):
             self.factory.handshakeFailed(self, reason)
         super()._tlsShutdownFinished(reason)
 
 
-class HandshakeCountingFactory(TLSMemoryBIOFactory):
+class HandshakeCountingFactory(PassesRefusals, TLSMemoryBIOFactory):
     """
     Server-side TLS that calls C{onFailed} for each connection whose
     handshake fails.

@@ -4,15 +4,21 @@ How a C{--protocol} value names a factory, and the built-in echo protocol.
 
 from __future__ import annotations
 
+import errno
+from types import SimpleNamespace
+from typing import Any
+
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._protocols import (
     BUILTIN_PROTOCOLS,
+    DatagramEcho,
     Echo,
     ProtocolSpecError,
     echoFactory,
@@ -223,3 +229,31 @@ class EchoTests(SynchronousTestCase):
         for chunk in chunks:
             protocol.dataReceived(chunk)
         self.assertEqual(transport.value(), b"".join(chunks))
+
+
+class UnanswerableTransport:
+    """
+    A datagram transport whose sends fail as C{sendto} does for a forged
+    source (port 0): C{EINVAL}.
+    """
+
+    def write(self, datagram: bytes, addr: Any) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+
+class DatagramEchoTests(SynchronousTestCase):
+    def test_unanswerableDropped(self) -> None:
+        """
+        A datagram that cannot be answered is dropped, not raised; the
+        drops are logged once per interval with their count, and only the
+        bytes sent count as sent.
+        """
+        counts = SimpleNamespace(bytesReceived=0, bytesSent=0)
+        echo = DatagramEcho(counts)
+        echo.transport = UnanswerableTransport()  # type: ignore[assignment]
+        with capturedLogs() as events:
+            for _ in range(3):
+                echo.datagramReceived(b"forged", ("127.0.0.1", 0))
+        self.assertEqual(len(events), 1)
+        self.assertIn("dropped 1 datagram", formatEvent(events[0]))
+        self.assertEqual((counts.bytesReceived, counts.bytesSent, echo.unanswered), (18, 0, 2))

@@ -164,6 +164,11 @@ class ForwardsEverything(ProtocolWrapper):
     """
 
 
+class RefusingFactory(Factory):
+    def buildProtocol(self, addr: Any) -> None:
+        return None
+
+
 class WrapperTests(SynchronousTestCase):
     """
     The PROXY wrapper on its own, with a clock and a string transport.
@@ -190,6 +195,14 @@ class WrapperTests(SynchronousTestCase):
         transport = StringTransport(peerAddress=IPv4Address("TCP", "10.9.8.7", 1234))
         wrapper.makeConnection(transport)
         return wrapper, transport
+
+    def test_refusalPassedOn(self) -> None:
+        """
+        A wrapped factory that refuses a connection (returns C{None}) has
+        it refused, not wrapped around nothing.
+        """
+        self.factory.wrappedFactory = RefusingFactory()
+        self.assertIsNone(self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)))
 
     def test_headerInPieces(self) -> None:
         """

@@ -11,13 +11,21 @@ import socket
 import ssl
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from maccept._tls import HandshakeCountingFactory
 from tests.server import MacceptServer, metric, runMaccept, waitFor
 from tests.test_proxy import v1Header
 
@@ -89,7 +97,8 @@ class TLSTests(SynchronousTestCase):
         """
         Clients that do not speak TLS (plain HTTP, random bytes) are
         dropped, each logged in one line and counted; the same worker goes
-        on serving TLS clients.
+        on serving TLS clients.  Clients that connect and close without a
+        byte (a load balancer's TCP health check) are not failed handshakes.
         """
         server = MacceptServer(
             [
@@ -100,6 +109,8 @@ class TLSTests(SynchronousTestCase):
         self.addCleanup(server.cleanup)
         server.waitReady()
         [worker] = server.workers()
+        for _ in range(3):
+            socket.create_connection(("127.0.0.1", server.port), timeout=10).close()
         for garbage in [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", bytes(range(256)) * 4]:
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
                 client.sendall(garbage)
@@ -113,6 +124,7 @@ class TLSTests(SynchronousTestCase):
         self.assertNotIn("Traceback", server.log())
         self.roundTrips(server)
         self.assertEqual(server.workers(), [worker])
+        self.assertEqual(metric(server, "maccept_tls_handshakes_failed_total"), 2)
 
     def test_tlsBehindProxyHeader(self) -> None:
         """
@@ -146,3 +158,58 @@ class TLSTests(SynchronousTestCase):
             result.stderr.strip(),
             f"maccept: error: --listen {description}: cannot read certKey=/no/such/cert.pem",
         )
+
+
+class HandshakeWatchingTests(SynchronousTestCase):
+    """
+    What counts as a failed handshake, on a string transport.
+    """
+
+    def setUp(self) -> None:
+        directory = Path(tempfile.mkdtemp(prefix="maccept-tls-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        key, certificate = selfSignedCertificate(directory)
+        endpoint: Any = serverFromString(None, f"ssl:0:privateKey={key}:certKey={certificate}")
+        self.failed: list[None] = []
+        self.factory = HandshakeCountingFactory(
+            endpoint._sslContextFactory,
+            Factory.forProtocol(Protocol),
+            lambda: self.failed.append(None),
+        )
+
+    def connect(self) -> Any:
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        protocol.makeConnection(StringTransport())
+        return protocol
+
+    def test_silentCloseIsNoFailure(self) -> None:
+        """
+        A client that closes, or is closed idle, before sending a byte
+        began no handshake.
+        """
+        for why in [ConnectionDone(), ConnectionAborted()]:
+            self.connect().connectionLost(Failure(why))
+        self.assertEqual(self.failed, [])
+
+    def test_garbageIsAFailure(self) -> None:
+        """
+        Bytes that are not TLS are.
+        """
+        protocol = self.connect()
+        protocol.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+        if protocol.transport.connected:
+            protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.failed, [None])
+
+    def test_refusalPassedOn(self) -> None:
+        """
+        A wrapped factory that refuses a connection (returns C{None}) has
+        it refused, not wrapped.
+        """
+        self.factory.wrappedFactory = RefusingFactory()
+        self.assertIsNone(self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)))
+
+
+class RefusingFactory(Factory):
+    def buildProtocol(self, addr: Any) -> None:
+        return None
