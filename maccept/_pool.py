@@ -174,6 +174,8 @@ class WorkerPool(Service):
         #: Replacements of workers that received SIGTERM, not yet started.
         self._signalledReplacements: dict[WorkerProcess, Any] = {}
         self._timeoutCall: Any = None
+        #: A reload asked for while the pool started or reloaded.
+        self._reloadQueued = False
         self._stopped: defer.Deferred[None] | None = None
         self._ticker = LoopingCall(self.tick)
         self._ticker.clock = reactor
@@ -221,6 +223,8 @@ class WorkerPool(Service):
         if self.state is not before:
             for observer in list(self.stateObservers):
                 observer(self.state)
+            if self.state is PoolState.RUNNING and self._reloadQueued:
+                self.reactor.callLater(0, self._runQueuedReload)
         return self.state
 
     # Service.
@@ -649,10 +653,23 @@ class WorkerPool(Service):
         """
         Start a new generation of workers; drain the old one once all of the
         new are ready.  If the new generation fails, the old keeps serving.
+
+        Asked while the pool starts or reloads, the reload waits its turn
+        (code edited again since should not be left unloaded); several
+        such requests make one reload.
         """
+        if self.state in (PoolState.STARTING, PoolState.RELOADING):
+            if not self._reloadQueued:
+                self._reloadQueued = True
+                self.log.info(
+                    "reload queued: it starts once the pool is no longer {state}",
+                    state=self.state.value,
+                )
+            return
         if self.state is not PoolState.RUNNING:
             self.log.warn("reload ignored: the pool is {state}", state=self.state.value)
             return
+        self._reloadQueued = False
         self.transition("reload")
         self._newestGeneration += 1
         self.pendingGeneration = self._newestGeneration
@@ -670,6 +687,10 @@ class WorkerPool(Service):
             except OSError as e:
                 self._abandonReload(f"cannot start worker {number}: {e}")
                 return
+
+    def _runQueuedReload(self) -> None:
+        if self._reloadQueued and self.state is PoolState.RUNNING:
+            self.reload()
 
     def _finishReload(self) -> None:
         self._cancelTimeout()

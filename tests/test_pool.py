@@ -808,6 +808,43 @@ class ReloadTests(PoolTestCase):
         self.assertIs(pool.state, PoolState.RUNNING)
         self.assertEqual(pool.generation, 2)
 
+    def test_reloadDuringReloadQueued(self) -> None:
+        """
+        A reload asked for during a reload (HUP twice) starts once the
+        first has ended, so that code edited in between is loaded; two such
+        requests make one reload.
+        """
+        pool = self.readyPool(2)
+        pool.reload()
+        pool.reload()
+        pool.reload()
+        self.assertEqual(pool.pendingGeneration, 2)
+        for worker in pool.ofGeneration(2):
+            worker.ready()
+        self.assertIs(pool.state, PoolState.RUNNING)
+        self.reactor.advance(0)
+        self.assertIs(pool.state, PoolState.RELOADING)
+        self.assertEqual(pool.pendingGeneration, 3)
+        for worker in pool.ofGeneration(3):
+            worker.ready()
+        self.reactor.advance(0)
+        self.assertEqual((pool.state, pool.generation), (PoolState.RUNNING, 3))
+
+    def test_reloadWhileStartingQueued(self) -> None:
+        """
+        So does one asked for while the pool starts; a stop meanwhile
+        cancels it.
+        """
+        pool = self.startPool(1)
+        pool.reload()
+        pool.workers[0].ready()
+        self.reactor.advance(0)
+        self.assertEqual(pool.pendingGeneration, 2)
+        pool.reload()
+        pool.stopService()
+        self.reactor.advance(0)
+        self.assertIs(pool.state, PoolState.STOPPING)
+
     def test_failedReloadKeepsOld(self) -> None:
         """
         If a new worker dies before the new generation is ready, the new
