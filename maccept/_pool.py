@@ -12,6 +12,7 @@ worker when it stops.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import socket
@@ -376,7 +377,11 @@ class WorkerPool(Service):
         if self.board is None:
             return None
         taken = set(self._boardSlots.values())
-        slot = next(n for n in range(MAX_SLOTS) if n not in taken)
+        slot = next((n for n in range(MAX_SLOTS) if n not in taken), None)
+        if slot is None:
+            # Reloads in a row of a pool near MAX_WORKERS, its old workers
+            # still draining: as for any worker that cannot start now.
+            raise OSError(errno.ENOSPC, f"all {MAX_SLOTS} load board slots are taken")
         self._boardSlots[worker] = slot
         self.board.clear(slot)
         self.board.slotsInUse = max(self.board.slotsInUse, slot + 1)

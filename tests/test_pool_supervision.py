@@ -553,6 +553,24 @@ class SpawnFailureTests(SupervisionTestCase):
         self.assertEqual(len(self.reactor.processes), 2)
 
 
+class BoardFullTests(SupervisionTestCase):
+    def test_reloadWithoutSlotsAbandoned(self) -> None:
+        """
+        A reload that finds every load board slot taken (by workers still
+        draining from earlier reloads) is abandoned with the reason, as
+        for any worker that cannot be started; the pool serves on.
+        """
+        pool = self.readyPool(2, balance=True)
+        assert pool.board is not None
+        for n in range(_pool.MAX_SLOTS):
+            pool._boardSlots[object()] = n  # type: ignore[index]
+        with capturedLogs() as events:
+            pool.reload()
+        self.assertIn("load board slots are taken", " ".join(texts(events)))
+        self.assertIs(pool.state, PoolState.RUNNING)
+        self.assertEqual(pool.generation, 1)
+
+
 class CrashLoopTests(SupervisionTestCase):
     def test_neverReadyCountsAsYoung(self) -> None:
         """
