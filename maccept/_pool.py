@@ -233,7 +233,14 @@ class WorkerPool(Service):
     def startService(self) -> None:
         super().startService()
         for number in range(1, self.size + 1):
-            self._spawn(number, self.generation)
+            try:
+                self._spawn(number, self.generation)
+            except OSError as e:
+                # Out of descriptors, or an interpreter that --uid's user
+                # may not run: one line, once the reactor can stop.
+                why = f"cannot start worker {number}: {e}"
+                self.reactor.callWhenRunning(self._fatal, why)
+                return
         self._timeoutCall = self.reactor.callLater(self.startTimeout, self._startTimedOut)
         self._ticker.start(self.tickInterval, now=False)
 

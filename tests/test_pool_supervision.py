@@ -458,6 +458,33 @@ class SignalledWorkerTests(SupervisionTestCase):
 
 
 class SpawnFailureTests(SupervisionTestCase):
+    def test_startFailsInOneLine(self) -> None:
+        """
+        A first worker that cannot be started (out of descriptors, an
+        interpreter the --uid user may not run) ends the start-up with one
+        line once the reactor runs, and the workers already started stop.
+        """
+        pool = self.makePool(3)
+        spawnProcess = self.reactor.spawnProcess
+        calls: list[None] = []
+
+        def denied(*args: Any, **kwargs: Any) -> Any:
+            calls.append(None)
+            if len(calls) == 2:
+                raise PermissionError(errno.EACCES, "Permission denied", "/opt/venv/bin/python")
+            return spawnProcess(*args, **kwargs)
+
+        self.reactor.spawnProcess = denied  # type: ignore[method-assign]
+        pool.startService()
+        self.assertEqual(self.fatal, [])
+        self.reactor.run()
+        self.assertEqual(
+            self.fatal,
+            ["cannot start worker 2: [Errno 13] Permission denied: '/opt/venv/bin/python'"],
+        )
+        self.assertIs(pool.state, PoolState.STOPPING)
+        self.assertEqual(len(pool.workers), 1)
+
     def test_reloadAbandoned(self) -> None:
         """
         A reload whose workers cannot all be started is abandoned at once,
