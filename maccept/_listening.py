@@ -86,7 +86,9 @@ def checkDescription(description: str) -> None:
             # The certificate and key are read here, in the parent, at start-up.
             raise ListenError(f"cannot read the certificate or key: {e}") from None
         if "Unknown endpoint type" in str(e):
-            raise ListenError(f"unknown endpoint type {kind!r}") from None
+            typed = description.split(":", 1)[0]
+            hint = " (endpoint types are lower case)" if typed != kind else ""
+            raise ListenError(f"unknown endpoint type {typed!r}{hint}") from None
         if kind in STREAM_TYPES:
             raise ListenError(_parseProblem(e)) from None
     if kind not in STREAM_TYPES:
@@ -305,7 +307,10 @@ def listen(reactor: Any, description: str) -> ListeningSocket:
     # haproxy:INNER: the parent makes INNER's socket; workers add the PROXY
     # protocol when they adopt it (they read the prefix from the description).
     _, inner = splitProxy(description)
-    port = listenNow(serverFromString(reactor, inner), _NeverAccepts(), unixPath(inner))
+    endpoint = serverFromString(reactor, inner)
+    if inner.startswith("systemd:"):
+        _checkSystemdSocket(endpoint)
+    port = listenNow(endpoint, _NeverAccepts(), unixPath(inner))
     port.stopReading()  # type: ignore[attr-defined]
     if "backlog=" not in inner and not inner.startswith("systemd:"):
         # Twisted's default backlog (50) overflows under a burst of
@@ -315,6 +320,43 @@ def listen(reactor: Any, description: str) -> ListeningSocket:
     # A systemd socket's path belongs to systemd.
     owned = None if inner.startswith("systemd:") else SocketPath.of(f"--listen {description}", port)
     return ListeningSocket(description=description, port=port, family=family, socketPath=owned)
+
+
+def _checkSystemdSocket(endpoint: Any) -> None:
+    """
+    Refuse a descriptor from systemd that is not what C{systemd:} adopts:
+    a listening stream socket of the family C{domain=} names.  (A datagram
+    socket, from C{ListenDatagram=}, would be adopted as a stream port, and
+    every worker would spin on a failing C{accept}.)
+
+    @raise ListenError: naming what systemd passed instead.
+    """
+    fileno, family = getattr(endpoint, "fileno", None), getattr(endpoint, "addressFamily", None)
+    if not isinstance(fileno, int):
+        return
+    try:
+        with socket.socket(fileno=os.dup(fileno)) as probe:
+            kind = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+            domain = probe.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+            accepting = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as e:
+        raise ListenError(f"systemd's descriptor {fileno} is not a socket ({e.strerror})") from None
+    if kind != socket.SOCK_STREAM:
+        raise ListenError(
+            "systemd passed a datagram socket; systemd: needs a stream socket (ListenStream=)"
+        )
+    if not accepting:
+        raise ListenError("systemd passed a socket that is not listening")
+    if family is not None and domain != family:
+        names = {
+            int(socket.AF_INET): "INET",
+            int(socket.AF_INET6): "INET6",
+            int(socket.AF_UNIX): "UNIX",
+        }
+        raise ListenError(
+            f"systemd passed an {names.get(domain, str(domain))} socket, not the "
+            f"domain={names.get(family, str(family))} of the description"
+        )
 
 
 def unixPath(description: str) -> str | None:

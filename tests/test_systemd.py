@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -299,6 +300,46 @@ class SocketActivationTests(SynchronousTestCase):
             self.assertEqual(echoRoundTrip(second, b"upgraded"), b"upgraded")
         os.kill(int(newParent), signal.SIGTERM)
         waitFor(lambda: not alive(int(newParent)), what="the new parent to stop")
+
+    def passing(self, sock: socket.socket, description: str) -> subprocess.CompletedProcess[str]:
+        """
+        Run maccept as systemd would, with C{sock} as its descriptor 3
+        named C{echo}, listening on C{description}.
+        """
+        launcher = (
+            "import os, sys; os.dup2(int(sys.argv[1]), 3); os.set_inheritable(3, True); "
+            "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid()), "
+            "LISTEN_FDNAMES='echo'); os.execv(sys.argv[2], sys.argv[2:])"
+        )
+        command = [sys.executable, "-c", launcher, str(sock.fileno()), TWISTD, "-n"]
+        command += ["--pidfile=", "maccept", "--workers", "1", "--listen", description]
+        return subprocess.run(
+            command, pass_fds=[sock.fileno()], capture_output=True, text=True, timeout=60
+        )
+
+    def test_wrongKindOfSocket(self) -> None:
+        """
+        A descriptor that is not a listening stream socket of the family
+        the description names is refused at start-up in one line (a
+        datagram socket would otherwise be adopted as a stream port).
+        """
+        datagram = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        notListening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        for sock in (datagram, notListening, listening):
+            self.addCleanup(sock.close)
+            sock.bind(("127.0.0.1", 0))
+        listening.listen()
+        for sock, description, problem in [
+            (datagram, "systemd:domain=INET:name=echo", "systemd passed a datagram socket"),
+            (notListening, "systemd:domain=INET:name=echo", "not listening"),
+            (listening, "systemd:domain=UNIX:name=echo", "an INET socket, not the domain=UNIX"),
+        ]:
+            result = self.passing(sock, description)
+            self.assertEqual(result.returncode, 2, result.stderr)
+            self.assertIn(problem, result.stderr)
+            self.assertNotIn("Traceback", result.stderr + result.stdout)
+            self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
 
     def test_withoutSystemd(self) -> None:
         """
