@@ -168,6 +168,10 @@ class BadValueTests(SynchronousTestCase):
             self.assertRejected("--listen", "--listen", "bogus:1"),
             "--listen bogus:1: unknown endpoint type 'bogus'",
         )
+        self.assertEqual(
+            self.assertRejected("--listen", "--listen", "TCP:1"),
+            "--listen TCP:1: unknown endpoint type 'TCP' (endpoint types are lower case)",
+        )
 
     def test_listenKnownButUnsupported(self) -> None:
         """
