@@ -45,8 +45,9 @@ def parseNumber(option: str, value: str, integer: bool, minimum: float) -> float
 
 def startupMiB() -> int:
     """
-    This process's resident memory in MiB: Python, Twisted and maccept
-    loaded, which is what a worker needs before it serves anything.
+    This process's resident memory in MiB: Python, Twisted, maccept and the
+    protocol's code loaded, which is what a worker needs before it serves
+    anything.
     """
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
@@ -259,10 +260,6 @@ class Options(usage.Options):
         self["idle-timeout"] = parseNumber(
             "idle-timeout", self["idle-timeout"], integer=False, minimum=0
         )
-        if self["max-memory"] is not None:
-            self["max-memory"] = int(
-                parseNumber("max-memory", self["max-memory"], True, startupMiB() + 1)
-            )
         if self["cpu-affinity"] is not None:
             try:
                 self["cpu-affinity"] = parseCPUs(self["cpu-affinity"], availableCPUs())
@@ -295,6 +292,12 @@ class Options(usage.Options):
             resolveProtocol(self["protocol"], self["protocol-option"])
         except ProtocolSpecError as e:
             raise usage.UsageError(f"--protocol: {e}") from None
+        if self["max-memory"] is not None:
+            # Measured now that the protocol's code is loaded, as a worker's
+            # will be: a limit below that would replace workers without end.
+            self["max-memory"] = int(
+                parseNumber("max-memory", self["max-memory"], True, startupMiB() + 1)
+            )
 
 
 # usage.Options keeps a docstring's line breaks and indentation inside the

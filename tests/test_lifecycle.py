@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import signal
 import socket
 import time
@@ -364,6 +365,22 @@ class LifecycleBadInputTests(SynchronousTestCase):
 
     def test_maxMemoryBelowStartupSize(self) -> None:
         self.check(["--max-memory", "1"], "--max-memory", "must be at least")
+
+    def test_maxMemoryBelowTheProtocolsSize(self) -> None:
+        """
+        The smallest --max-memory counts the protocol's code, which a
+        worker loads too: a limit that only leaves out a heavy module's
+        64 MiB is refused at start-up rather than replacing workers without
+        end.
+        """
+        plain = runMaccept(["--max-memory", "1"]).stderr
+        smallest = int(re.search(r"must be at least (\d+)", plain).group(1))  # type: ignore[union-attr]
+        limit = str(smallest + 16)
+        self.check(
+            ["--protocol", "tests.sample_heavy:factory", "--max-memory", limit],
+            "--max-memory",
+            "must be at least",
+        )
 
 
 class TitleTests(SynchronousTestCase):
