@@ -81,6 +81,7 @@ class Reload(amp.Command):
 class Stop(amp.Command):
     arguments = []
     response = []
+    errors = _ERRORS
 
 
 class ControlProtocol(amp.AMP):
@@ -151,6 +152,10 @@ class ControlProtocol(amp.AMP):
 
     @Stop.responder
     def stopPool(self) -> dict[str, Any]:
+        if self.pool.state in (PoolState.STOPPING, PoolState.STOPPED):
+            # Not a second stop, which would kill the workers: a retried
+            # or scripted stop must not cut open connections.
+            raise ControlError("the pool is stopping already (a second TERM kills the workers)")
         self.pool.reactor.callLater(0, self.stop)
         return {}
 

@@ -17,6 +17,7 @@ from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.protocols import amp
 
 from maccept._control import ControlError, Reload, Scale, Status, Stop
+from maccept._socketpath import pathProblem
 
 #: Exit statuses: a command the pool refused, and no pool to talk to.
 EXIT_REFUSED = 1
@@ -87,6 +88,10 @@ def formatStatus(status: dict[str, Any]) -> str:
 
 
 async def run(reactor: Any, options: argparse.Namespace) -> int:
+    problem = pathProblem(options.path) if options.path else "the path is empty"
+    if problem is not None:
+        print(f"maccept-ctl: {options.path}: {problem}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     endpoint = UNIXClientEndpoint(reactor, options.path, timeout=options.timeout)
     try:
         control = await connectProtocol(endpoint, amp.AMP())

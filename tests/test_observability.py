@@ -241,6 +241,45 @@ class ObservabilityTests(SynchronousTestCase):
         [line] = done.stderr.strip().splitlines()
         self.assertIn(self.controlPath, line)
 
+    def test_ctlBadPaths(self) -> None:
+        """
+        A path no UNIX socket can have (too long, empty, a regular file):
+        exit 2 at once, one line saying why.
+        """
+        directory = tempfile.mkdtemp(prefix="maccept-ctl-paths-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        regular = os.path.join(directory, "file")
+        Path(regular).touch()
+        for path, why in [
+            (os.path.join(directory, "x" * 120), "longer than the 107 bytes"),
+            ("", "the path is empty"),
+            (regular, "is not a socket"),
+        ]:
+            self.controlPath = path
+            done = self.ctl("status")
+            self.assertEqual(done.returncode, 2)
+            [line] = done.stderr.strip().splitlines()
+            self.assertIn(why, line)
+
+    def test_ctlStopTwice(self) -> None:
+        """
+        A second C{stop} while the workers drain is refused (exit 1): it
+        does not turn into the kill a second TERM is, so open connections
+        are still served.
+        """
+        server = self.start("--workers", "1", control=True)
+        held = server.connect()
+        self.addCleanup(held.close)
+        held.sendall(b"before")
+        self.assertEqual(held.recv(6), b"before")
+        self.assertEqual(self.ctl("stop").returncode, 0)
+        waitFor(lambda: "draining 1 open connections" in server.log(), what="the stop")
+        again = self.ctl("stop")
+        self.assertEqual(again.returncode, 1, again.stderr)
+        self.assertIn("stopping already", again.stderr)
+        self.assertEqual(echoRoundTrip(held, b"still served"), b"still served")
+        self.assertEqual(server.process.wait(30), 0)
+
     def fakeControlSocket(self) -> socket.socket:
         """
         A control socket that takes connections but is not a pool.
