@@ -185,6 +185,11 @@ def resolveProtocol(spec: str, protocolOptions: Sequence[str] = ()) -> FactoryMa
                 return pluginFactoryMaker(plugins[spec], protocolOptions)
             except usage.UsageError as e:
                 raise ProtocolSpecError(f"{spec}: {e}") from None
+            except Exception as e:
+                # Its options' module fails to import, its postOptions raises.
+                raise ProtocolSpecError(
+                    f"{spec}: its options failed: {type(e).__name__}: {e}"
+                ) from None
         if spec in BUILTIN_PROTOCOLS and not protocolOptions:
             return BUILTIN_PROTOCOLS[spec]
         known = ", ".join(sorted(set(plugins) | set(BUILTIN_PROTOCOLS)))

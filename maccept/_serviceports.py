@@ -24,6 +24,7 @@ from twisted.internet.address import UNIXAddress
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from maccept._listening import (
     ListenError,
@@ -119,8 +120,11 @@ def openServicePorts(
     for label, makeEndpoint, factory in wantedPorts(options, pool, requestStop):
         try:
             if label in inherited:
-                # The path and lock stay the old parent's until we take over.
-                port = adoptServicePort(reactor, inherited.pop(label), factory)
+                # The path and lock stay the old parent's until we take over;
+                # the socket is bare: wrap the factory as the endpoint would
+                # (TLS for ssl:, else an upgrade would serve plain HTTP).
+                wrapped = wrapLikeEndpoint(makeEndpoint(reactor), factory)
+                port = adoptServicePort(reactor, inherited.pop(label), wrapped)
                 servicePort = ServicePort(label, port, SocketPath.of(label, port, owned=False))
             else:
                 port = _listenAt(reactor, label, makeEndpoint, factory)
@@ -146,6 +150,21 @@ def _listenAt(reactor: Any, label: str, makeEndpoint: Any, factory: Any) -> ILis
     return listenNow(makeEndpoint(reactor), factory, path)
 
 
+def wrapLikeEndpoint(endpoint: Any, factory: Any) -> Any:
+    """
+    What C{endpoint.listen} does to C{factory} besides listening: the
+    wrapper of a wrapping endpoint (C{haproxy:}), TLS for C{ssl:}.  (These
+    are Twisted's private attributes: no public API adopts with them.)
+    """
+    wrapper = getattr(endpoint, "_wrapperFactory", None)
+    if wrapper is not None:
+        return wrapLikeEndpoint(endpoint._wrappedEndpoint, wrapper(factory))
+    context = getattr(endpoint, "_sslContextFactory", None)
+    if context is not None:
+        return TLSMemoryBIOFactory(context, False, factory)
+    return factory
+
+
 def adoptServicePort(reactor: Any, fd: int, factory: Any) -> IListeningPort:
     """
     Serve the socket an old parent handed over at C{fd}, then close C{fd}
@@ -167,4 +186,14 @@ def describe(port: IListeningPort) -> str:
     address = port.getHost()
     if isinstance(address, UNIXAddress):
         return str(address.name.decode() if isinstance(address.name, bytes) else address.name)
-    return f"http://{address.host}:{address.port}/"  # type: ignore[attr-defined]
+    host: str = address.host  # type: ignore[attr-defined]
+    scheme = "https" if _servesTLS(getattr(port, "factory", None)) else "http"
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{address.port}/"  # type: ignore[attr-defined]
+
+
+def _servesTLS(factory: Any) -> bool:
+    while factory is not None:
+        if isinstance(factory, TLSMemoryBIOFactory):
+            return True
+        factory = getattr(factory, "wrappedFactory", None)
+    return False

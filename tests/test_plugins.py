@@ -17,8 +17,9 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from maccept import _plugins
 from maccept._builtins import Chargen
-from maccept._plugins import optionArguments, protocolPlugins
+from maccept._plugins import ProtocolPlugin, optionArguments, protocolPlugins
 from maccept._protocols import ProtocolSpecError, resolveProtocol
 from maccept.interfaces import IProtocolPlugin
 from tests.server import MacceptServer, runMaccept
@@ -57,6 +58,17 @@ class DiscoveryTests(SynchronousTestCase):
         self.assertEqual(str(e), "web: path: no such directory: /no/such/dir")
         e = self.assertRaises(ProtocolSpecError, resolveProtocol, "echo", ["speed=9"])
         self.assertEqual(str(e), "echo: option --speed not recognized")
+
+    def test_pluginWhoseOptionsFail(self) -> None:
+        """
+        A plugin whose options class cannot be loaded is refused with the
+        reason, as a bad option is, not with a traceback.
+        """
+        broken = ProtocolPlugin("broken", "d", "no_such_module:f", options="no_such_module:O")
+        self.patch(_plugins, "protocolPlugins", lambda: {"broken": broken})
+        with self.assertRaises(ProtocolSpecError) as caught:
+            resolveProtocol("broken")
+        self.assertIn("broken: its options failed: ModuleNotFoundError", str(caught.exception))
 
     def test_moduleAttributeTakesNoOptions(self) -> None:
         """

@@ -7,12 +7,14 @@ fails leaves the old one serving.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -36,6 +38,7 @@ from tests.server import (
     waitFor,
 )
 from tests.test_observability import MACCEPT_CTL
+from tests.test_tls import selfSignedCertificate
 
 NEW_PARENT = re.compile(r"started a new parent \(pid (\d+)\)")
 #: Stand-ins in L{UpgradeTests.start}'s arguments for paths in the test's directory.
@@ -215,6 +218,29 @@ class UpgradeTests(SynchronousTestCase):
         self.stopNewParent(new)
         self.assertFalse(os.path.exists(controlPath))
         self.assertFalse(os.path.lexists(controlPath + ".lock"))
+
+    def test_tlsMetricsStayTLS(self) -> None:
+        """
+        An C{ssl:} metrics endpoint is still TLS in the new parent, which
+        adopts the bare socket: it serves HTTPS, and plain HTTP gets no page.
+        """
+        directory = Path(tempfile.mkdtemp(prefix="maccept-upgrade-tls-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        key, certificate = selfSignedCertificate(directory)
+        port = freePort()
+        description = f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={certificate}"
+        server = self.start("--metrics", description)
+        self.assertIn(f"listening on https://127.0.0.1:{port}/", server.log())
+        os.kill(server.pid, signal.SIGUSR2)
+        self.newParent(server)
+        self.assertEqual(server.process.wait(30), 0)
+        context = ssl.create_default_context(cafile=str(certificate))
+        context.check_hostname = False
+        url = f"https://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=10, context=context) as response:
+            self.assertIn(b"maccept_workers", response.read())
+        with self.assertRaises((OSError, http.client.HTTPException)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
 
     def test_unixMetricsRemovedAfterUpgrade(self) -> None:
         """
