@@ -43,6 +43,10 @@ def parseNumber(option: str, value: str, integer: bool, minimum: float) -> float
     return number
 
 
+#: The shortest watchdog C{--timeout}, in seconds.
+MIN_WATCHDOG_TIMEOUT = 1.0
+
+
 def startupMiB() -> int:
     """
     This process's resident memory in MiB: Python, Twisted, maccept and the
@@ -246,6 +250,13 @@ class Options(usage.Options):
             "graceful-timeout", self["graceful-timeout"], integer=False, minimum=0
         )
         self["timeout"] = parseNumber("timeout", self["timeout"], integer=False, minimum=0)
+        if 0 < self["timeout"] < MIN_WATCHDOG_TIMEOUT:
+            # Workers beat four times per timeout: shorter, and idle workers
+            # spin on heartbeats or are all killed as hung.
+            raise usage.UsageError(
+                f"--timeout: must be 0 (off) or at least {MIN_WATCHDOG_TIMEOUT:g}, "
+                f"got {self['timeout']:g}"
+            )
         self["max-connections-jitter"] = int(
             parseNumber("max-connections-jitter", self["max-connections-jitter"], True, 0)
         )

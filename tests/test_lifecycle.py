@@ -360,6 +360,9 @@ class LifecycleBadInputTests(SynchronousTestCase):
     def test_timeoutNotANumber(self) -> None:
         self.check(["--timeout", "abc"], "--timeout", "expected a number")
 
+    def test_timeoutTooShort(self) -> None:
+        self.check(["--timeout", "1e-6"], "--timeout", "must be 0 (off) or at least 1")
+
     def test_maxConnectionsZero(self) -> None:
         self.check(["--max-connections", "0"], "--max-connections", "at least 1")
 
