@@ -15,6 +15,7 @@ import ipaddress
 import os
 import re
 import socket
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -169,13 +170,22 @@ def parseUDP(description: str) -> tuple[int, str]:
 
 
 def _systemdProblem(e: Exception) -> str:
+    # Twisted reads systemd's variables when it is imported, and removes
+    # LISTEN_FDS and LISTEN_PID if they are for this process.
+    passed, forPid = os.environ.get("LISTEN_FDS"), os.environ.get("LISTEN_PID")
+    if passed and forPid != str(os.getpid()) and isinstance(e, (IndexError, KeyError)):
+        return (
+            f"systemd's descriptors are for pid {forPid} (LISTEN_PID), not this process "
+            f"({os.getpid()}): a wrapper that forks must exec maccept in its own process"
+        )
     if isinstance(e, IndexError):
-        if os.environ.get("LISTEN_FDS") and not os.environ.get("LISTEN_FDNAMES"):
-            # Twisted takes descriptors only with their names (systemd 227+).
+        if not passed and not os.environ.get("LISTEN_FDNAMES") and _listeningAt(LISTEN_FDS_START):
+            # Twisted takes descriptors only with their names (systemd 227+),
+            # and drops the variables of those without.
             return "systemd passed descriptors without names (systemd-socket-activate: --fdname)"
         return (
             "systemd passed no descriptor at that index "
-            f"(LISTEN_FDS={os.environ.get('LISTEN_FDS', 'unset')}; run under socket activation)"
+            f"(LISTEN_FDS={passed or 'unset'}; run under socket activation)"
         )
     if isinstance(e, KeyError):
         return (
@@ -184,6 +194,23 @@ def _systemdProblem(e: Exception) -> str:
     if isinstance(e, AttributeError):
         return "unknown domain (use domain=INET, INET6 or UNIX)"
     return _parseProblem(e)
+
+
+#: The first descriptor systemd passes (sd_listen_fds(3)).
+LISTEN_FDS_START = 3
+
+
+def _listeningAt(fd: int) -> bool:
+    """
+    Whether descriptor C{fd} is a listening socket: one systemd passed.
+    """
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return False
+        with socket.socket(fileno=os.dup(fd)) as probe:
+            return bool(probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        return False
 
 
 def _parseProblem(e: Exception) -> str:

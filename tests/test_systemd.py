@@ -301,15 +301,19 @@ class SocketActivationTests(SynchronousTestCase):
         os.kill(int(newParent), signal.SIGTERM)
         waitFor(lambda: not alive(int(newParent)), what="the new parent to stop")
 
-    def passing(self, sock: socket.socket, description: str) -> subprocess.CompletedProcess[str]:
+    def passing(
+        self, sock: socket.socket, description: str, names: str = "echo", pid: str = ""
+    ) -> subprocess.CompletedProcess[str]:
         """
         Run maccept as systemd would, with C{sock} as its descriptor 3
-        named C{echo}, listening on C{description}.
+        (named C{names}, for this process or the pid C{pid}), listening on
+        C{description}.
         """
         launcher = (
             "import os, sys; os.dup2(int(sys.argv[1]), 3); os.set_inheritable(3, True); "
-            "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid()), "
-            "LISTEN_FDNAMES='echo'); os.execv(sys.argv[2], sys.argv[2:])"
+            f"os.environ.update(LISTEN_FDS='1', LISTEN_PID={pid!r} or str(os.getpid())); "
+            f"os.environ.update(LISTEN_FDNAMES={names!r}) if {names!r} else None; "
+            "os.execv(sys.argv[2], sys.argv[2:])"
         )
         command = [sys.executable, "-c", launcher, str(sock.fileno()), TWISTD, "-n"]
         command += ["--pidfile=", "maccept", "--workers", "1", "--listen", description]
@@ -340,6 +344,24 @@ class SocketActivationTests(SynchronousTestCase):
             self.assertIn(problem, result.stderr)
             self.assertNotIn("Traceback", result.stderr + result.stdout)
             self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+
+    def test_descriptorsNotUsable(self) -> None:
+        """
+        Descriptors passed without names, or for another process (a
+        wrapper that forked), are refused in one line saying so.
+        """
+        listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        for description, names, pid, problem in [
+            ("systemd:domain=INET:index=0", "", "", "descriptors without names"),
+            ("systemd:domain=INET:name=echo", "echo", "1", "are for pid 1 (LISTEN_PID)"),
+        ]:
+            result = self.passing(listening, description, names, pid)
+            self.assertEqual(result.returncode, 2, result.stderr)
+            [line] = result.stderr.strip().splitlines()
+            self.assertIn(problem, line)
 
     def test_withoutSystemd(self) -> None:
         """
