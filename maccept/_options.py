@@ -291,6 +291,15 @@ class Options(usage.Options):
                 checkDescription(description)
             except ListenError as e:
                 raise usage.UsageError(f"--listen {shown(description)}: {e}") from None
+        control = self["control"]
+        if control is not None and (not control or any(c in control for c in "\r\n\0")):
+            raise usage.UsageError(
+                f"--control {shown(control)}: the path is empty or holds a line break or a NUL"
+            )
+        if self["max-connections"] is None and self["max-connections-jitter"]:
+            raise usage.UsageError(
+                "--max-connections-jitter: spreads --max-connections, which is not given"
+            )
         if self["metrics"] is not None:
             metrics = self["metrics"]
             try:

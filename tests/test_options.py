@@ -155,6 +155,23 @@ class BadValueTests(SynchronousTestCase):
             self.assertRejected("--protocol", "--protocol", "os:path"),
         )
 
+    def test_control(self) -> None:
+        """
+        An empty C{--control} path, or one holding a line break, is
+        refused (it would split the log line that names it).
+        """
+        for path in ["", "/run/m\n.sock"]:
+            message = self.assertRejected("--control", "--control", path)
+            self.assertIn("empty or holds a line break", message)
+
+    def test_jitterWithoutMaxConnections(self) -> None:
+        """
+        C{--max-connections-jitter} alone would do nothing: refused.
+        """
+        message = self.assertRejected("--max-connections-jitter", "--max-connections-jitter", "10")
+        self.assertIn("--max-connections, which is not given", message)
+        parsed("--max-connections", "100", "--max-connections-jitter", "10")
+
     def test_listen(self) -> None:
         """
         A port that is not a number and an unknown endpoint type are
