@@ -54,11 +54,22 @@ class HealthResource(Resource):
         return f"unavailable: pool is {self.pool.state.value}\n".encode()
 
 
+class QuietSite(Site):
+    """
+    A site that writes no access log line: Prometheus scrapes and load
+    balancers' health checks come every few seconds, and would bury the
+    log's lines about workers.
+    """
+
+    def log(self, request: Any) -> None:
+        pass
+
+
 def metricsSite(pool: WorkerPool) -> Site:
     root = Resource()
     root.putChild(b"metrics", MetricsResource(pool))
     root.putChild(b"healthz", HealthResource(pool))
-    site = Site(root)
+    site = QuietSite(root)
     site.noisy = False
     site.displayTracebacks = False
     return site

@@ -172,6 +172,9 @@ class ObservabilityTests(SynchronousTestCase):
         """
         server = self.start("--workers", "1")
         self.assertEqual(self.get("healthz")[0], 200)
+        self.assertEqual(self.get("metrics")[0], 200)
+        # Scrapes and health checks every few seconds: no access log line.
+        self.assertNotIn("GET /", server.log())
         client = server.connect()
         self.addCleanup(client.close)
         client.sendall(b"hold")
