@@ -15,13 +15,14 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from maccept._handover import UPGRADE_FROM
 from maccept._listening import ListeningSocket
 from maccept._pool import WorkerPool
 from maccept._serviceports import ServicePort
 from maccept._signals import installHandlers
 from maccept._socketpath import SocketPath
 from maccept._titles import setTitle
-from maccept._upgrade import UPGRADE_FROM, Upgrade
+from maccept._upgrade import Upgrade
 
 
 class MacceptService(Service):
@@ -116,6 +117,11 @@ class MacceptService(Service):
             self._closeServicePorts(handedOver=True)
         else:
             stopped.addCallback(lambda _: self._closeServicePorts())
+        if self.upgrade is not None:
+            # A stop taken for an older new parent's hand-over waits to be
+            # sure of it: a greeting would show it was a stop of both.
+            settled = self.upgrade.settled()
+            stopped.addCallback(lambda _: settled)
         return stopped
 
     def _closeServicePorts(self, handedOver: bool = False) -> defer.Deferred[Any]:

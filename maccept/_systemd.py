@@ -67,13 +67,17 @@ class SystemdNotifier:
             watchdog = int(usec) / 1e6
         return cls(reactor, address, watchdog)
 
-    def follow(self, pool: WorkerPool, handedOver: Callable[[], bool] = lambda: False) -> None:
+    def follow(self, pool: WorkerPool, silent: Callable[[], bool] = lambda: False) -> None:
         """
-        Report C{pool}'s changes; C{handedOver} says whether a new parent
-        (SIGUSR2) has taken over, whose stop is not the service's.
+        Report C{pool}'s changes while C{silent} says this parent speaks
+        for the service: not after it handed over to a new parent (SIGUSR2),
+        and not in a new parent before it takes over.  With NotifyAccess=all
+        systemd takes a message from any process of the unit as the
+        service's: an old parent's STOPPING=1, or a failed new parent's,
+        would stop the whole unit.
         """
         self.pool = pool
-        self.handedOver = handedOver
+        self.silent = silent
         pool.stateObservers.append(self.poolChanged)
 
     def poolChanged(self, state: PoolState) -> None:
@@ -81,6 +85,8 @@ class SystemdNotifier:
         Report a change of the pool's state.  The watchdog keeps beating
         while the pool drains: a drain may take the whole graceful timeout.
         """
+        if self.silent():
+            return
         if state is PoolState.RUNNING:
             # MAINPID: after an upgrade (SIGUSR2) this parent is the new main
             # process (systemd takes it with NotifyAccess=all).
@@ -90,10 +96,7 @@ class SystemdNotifier:
         elif state is PoolState.RELOADING:
             monotonic = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             self.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic}", "STATUS=reloading")
-        elif state is PoolState.STOPPING and not self.handedOver():
-            # Not after a hand-over: with NotifyAccess=all systemd takes
-            # STOPPING=1 from any process of the unit as the service's own,
-            # and would stop the new parent too.
+        elif state is PoolState.STOPPING:
             self.notify("STOPPING=1", "STATUS=draining")
 
     def notify(self, *lines: str) -> None:

@@ -18,6 +18,7 @@ import sys
 from twisted.application.service import IService
 from twisted.logger import Logger
 
+from maccept._handover import UPGRADE_FROM, greetOldParent
 from maccept._listening import ListenError, ListeningSocket, adoptListener, listen
 from maccept._options import CommandLineOptions, fail
 from maccept._parent import MacceptService
@@ -25,13 +26,7 @@ from maccept._pool import PoolSettings, WorkerPool
 from maccept._serviceports import openServicePorts
 from maccept._states import PoolState
 from maccept._systemd import SystemdNotifier
-from maccept._upgrade import (
-    UPGRADE_FROM,
-    Upgrade,
-    greetOldParent,
-    inheritedListeners,
-    takeOver,
-)
+from maccept._upgrade import Upgrade, inheritedListeners, takeOver
 
 _log = Logger(namespace="maccept")
 
@@ -124,7 +119,12 @@ def makeService(options: CommandLineOptions) -> IService:
         os.close(fd)  # the old parent listened on more than we were asked to
     notifier = SystemdNotifier.fromEnvironment(reactor)
     if notifier is not None:
+        # Silent in a parent that handed over, or that has not taken over.
         notifier.follow(
-            pool, handedOver=lambda: service.upgrade is not None and service.upgrade.takenOver
+            pool,
+            silent=lambda: (
+                UPGRADE_FROM in os.environ
+                or (service.upgrade is not None and service.upgrade.takenOver)
+            ),
         )
     return service

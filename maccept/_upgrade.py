@@ -6,14 +6,15 @@ sockets; once the new parent's workers all accept, it tells the old parent
 to stop, and the old one drains as on SIGTERM.  The sockets never close, so
 no connection is refused.
 
-The new parent says it serves on a pipe of its own (L{UPGRADE_PIPE}), not
-with a signal, so that the old parent can tell the hand-over from a stop
-asked for by someone else: stopped before the hand-over, the old parent
-stops the new one too and stops for good (its paths, its metrics); handed
-over, it leaves those to the new parent, and tells systemd nothing more.
-A new parent greets the old one on that pipe as it starts; one that does
-not (older code, as in a rollback) still hands over with SIGTERM, so a
-stop before any greeting is taken for that hand-over.
+The new parent says it serves on a pipe of its own (L{maccept._handover}),
+not with a signal, so that the old parent can tell the hand-over from a
+stop asked for by someone else: stopped before the hand-over, the old
+parent stops the new one too and stops for good (its paths, its metrics);
+handed over, it leaves those to the new parent, and tells systemd nothing
+more.  A new parent greets the old one on that pipe as it starts; one that
+does not (older code, as in a rollback) still hands over with SIGTERM, so
+a stop before any greeting is taken for that hand-over, and found out if
+a greeting follows.
 
 The pidfile follows the parent that serves: the old parent renames its
 pidfile to C{PIDFILE.oldbin} (and will remove that one when it exits), so
@@ -31,27 +32,29 @@ import signal
 import stat
 import sys
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from enum import Enum
 from typing import Any
 
+from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from maccept._handover import (
+    HELLO,
+    SERVING,
+    UPGRADE_FROM,
+    UPGRADE_PIPE,
+    pipeToOldParent,
+    pipeValue,
+)
 from maccept._listening import ListeningSocket
 from maccept._serviceports import ServicePort
 
-#: What the old parent tells the new one: the inherited sockets...
+#: What the old parent tells the new one: the inherited sockets (and, see
+#: L{maccept._handover}, its pid and the pipe to say when to stop it).
 INHERIT = "MACCEPT_INHERIT"
-#: ... and its own pid, to stop once the new workers all accept...
-UPGRADE_FROM = "MACCEPT_UPGRADE_FROM"
-#: ... by a line on this descriptor (an old parent of older code has none,
-#: and is sent SIGTERM).
-UPGRADE_PIPE = "MACCEPT_UPGRADE_PIPE"
-#: What the new parent says on it: that it runs code that will say the
-#: next line there (not SIGTERM), and that its workers all accept.
-HELLO = b"hello"
-SERVING = b"serving"
 _TWISTD = "from twisted.scripts.twistd import run; run()"
 
 
@@ -76,6 +79,25 @@ def commandLine(
     return [sys.executable, argv[0], *extra, *argv[1:]]
 
 
+#: How long a stopping parent waits for a new parent to greet it (it does
+#: as soon as its interpreter has loaded Twisted), before taking the stop
+#: for the hand-over of a new parent of older code.
+GREETING_WAIT = 10.0
+
+
+class Stage(Enum):
+    """
+    Where an upgrade stands, in the old parent.
+    """
+
+    IDLE = "idle"
+    STARTED = "started"  # the new parent runs; not heard from yet
+    GREETED = "greeted"  # it will say when it serves
+    SERVING = "serving"  # it said so: this parent drains for good
+    SIGNALLED = "signalled"  # stopped before a greeting: older code's hand-over
+    ABANDONED = "abandoned"  # this parent was stopped, and stopped the new one
+
+
 class _NewParent(ProcessProtocol):
     def __init__(self, upgrade: Upgrade, pipe: int) -> None:
         self.upgrade = upgrade
@@ -90,7 +112,7 @@ class _NewParent(ProcessProtocol):
         for line in lines:
             if line == HELLO:
                 self.upgrade.greet()
-            elif line == SERVING and not self.upgrade.takenOver:
+            elif line == SERVING:
                 self.upgrade.tookOver()
 
     def processEnded(self, reason: Failure) -> None:
@@ -119,22 +141,21 @@ class Upgrade:
         self.twistdConfig = twistdConfig
         self.isServing = isServing
         self.newParent: Any = None
-        #: The new parent serves, and this one drains for good.
-        self.takenOver = False
-        #: The new parent will say so on its pipe (see L{HELLO}).
-        self.greeted = False
+        self.stage = Stage.IDLE
+        self._settling: list[defer.Deferred[None]] = []
+        self._settleTimer: Any = None
         #: The old parent's stop, called once the new parent serves.
         self.onTakenOver: Callable[[], None] = lambda: None
-        self._abandoned = False
         #: The parent's own ports (L{maccept._serviceports}), handed over too.
         self.servicePorts: Sequence[ServicePort] = ()
 
     @property
-    def underWay(self) -> bool:
+    def takenOver(self) -> bool:
         """
-        A new parent runs and has not taken over yet.
+        A new parent serves in this one's place (its sockets' paths, its
+        pidfile, and what systemd hears are the new parent's).
         """
-        return self.newParent is not None and not self.takenOver
+        return self.stage in (Stage.SERVING, Stage.SIGNALLED)
 
     def shareLogFile(self) -> None:
         """
@@ -165,7 +186,7 @@ class Upgrade:
                 continue  # closed meanwhile (listdir's own descriptor)
 
     def start(self) -> None:
-        if self.newParent is not None:
+        if self.newParent is not None or self.takenOver:
             self.log.warn("upgrade ignored: one is already under way")
             return
         if not self.isServing():
@@ -187,10 +208,9 @@ class Upgrade:
         childFDs[pipe] = "r"
         env[INHERIT] = json.dumps(inherited)
         env[UPGRADE_FROM] = str(os.getpid())
-        env[UPGRADE_PIPE] = str(pipe)
+        env[UPGRADE_PIPE] = pipeValue(pipe)
         self.shareLogFile()
         self._movePidfile(".oldbin")
-        self._abandoned = self.greeted = False
         command = commandLine(sys.argv, self.twistdConfig)
         try:
             self.newParent = self.reactor.spawnProcess(
@@ -208,6 +228,7 @@ class Upgrade:
             for each in inherited:
                 os.close(each["fd"])
         if self.newParent is not None:
+            self.stage = Stage.STARTED
             self.log.info(
                 "upgrade: started a new parent (pid {pid}) from the code on disk",
                 pid=self.newParent.pid,
@@ -215,19 +236,57 @@ class Upgrade:
 
     def greet(self) -> None:
         """
-        The new parent runs and will say when it serves.
+        The new parent runs maccept's code and will say when it serves.
         """
-        self.greeted = True
-        self.log.info(
-            "upgrade: the new parent (pid {pid}) starts its workers",
-            pid=self.newParent.pid if self.newParent is not None else "?",
-        )
+        pid = self.newParent.pid if self.newParent is not None else "?"
+        if self.stage is Stage.STARTED:
+            self.stage = Stage.GREETED
+            self.log.info("upgrade: the new parent (pid {pid}) starts its workers", pid=pid)
+        elif self.stage is Stage.SIGNALLED:
+            # The stop taken for an older parent's hand-over was someone's
+            # stop: it is the new parent's too, and the sockets' paths, left
+            # for it, are this parent's to remove after all.
+            self.log.warn("upgrade abandoned: stopping the new parent (pid {pid}) too", pid=pid)
+            self._stopNewParent(Stage.ABANDONED)
+            owners: list[Any] = [*self.listeners, *self.servicePorts]
+            for owner in owners:
+                if owner.socketPath is not None:
+                    owner.socketPath.remove()
+            self._settle()
+
+    def settled(self) -> defer.Deferred[None]:
+        """
+        Fires once this parent, stopping, may exit: at once, unless its
+        stop was taken for the hand-over of a new parent that has not
+        greeted (older code, or one too slow to greet yet); then once it
+        greets (and is stopped too), exits, or L{GREETING_WAIT} has passed.
+        Exiting sooner would leave a new parent of this code serving on
+        after a stop.
+        """
+        if self.stage is not Stage.SIGNALLED or self.newParent is None:
+            return defer.succeed(None)
+        waiting: defer.Deferred[None] = defer.Deferred()
+        self._settling.append(waiting)
+        if self._settleTimer is None:
+            self._settleTimer = self.reactor.callLater(GREETING_WAIT, self._settle)
+        return waiting
+
+    def _settle(self) -> None:
+        if self._settleTimer is not None and self._settleTimer.active():
+            self._settleTimer.cancel()
+        self._settleTimer = None
+        waiting, self._settling = self._settling, []
+        for each in waiting:
+            each.callback(None)
 
     def tookOver(self) -> None:
         """
-        The new parent's workers all accept: this parent stops.
+        The new parent's workers all accept: this parent stops (unless it
+        was stopped meanwhile, and has stopped the new one too).
         """
-        self.takenOver = True
+        if self.stage not in (Stage.STARTED, Stage.GREETED):
+            return
+        self.stage = Stage.SERVING
         self.log.info(
             "upgrade: the new parent (pid {pid}) serves; this one drains and exits",
             pid=self.newParent.pid if self.newParent is not None else "?",
@@ -239,35 +298,40 @@ class Upgrade:
         This parent is asked to stop before the new one took over: stop
         that one too (it has not claimed the sockets' paths), so that
         nothing serves on after the stop.  The pidfile comes back once it
-        has exited (and removed its own).
+        has exited (and removed its own).  A new parent that has not
+        greeted yet may run older code, whose hand-over is this very
+        SIGTERM: taken for one, until a greeting says otherwise.
         """
-        if not self.underWay:
-            return
-        if not self.greeted:
-            # Older code hands over with SIGTERM: take this stop for that.
-            self.takenOver = True
-            return
-        self._abandoned = True
-        self.log.warn(
-            "upgrade abandoned: stopping the new parent (pid {pid}) too",
-            pid=self.newParent.pid,
-        )
-        with contextlib.suppress(ProcessExitedAlready, OSError):
-            self.newParent.signalProcess("TERM")
+        if self.stage is Stage.STARTED:
+            self.stage = Stage.SIGNALLED
+        elif self.stage is Stage.GREETED:
+            self.log.warn(
+                "upgrade abandoned: stopping the new parent (pid {pid}) too",
+                pid=self.newParent.pid,
+            )
+            self._stopNewParent(Stage.ABANDONED)
+
+    def _stopNewParent(self, stage: Stage) -> None:
+        self.stage = stage
+        if self.newParent is not None:
+            with contextlib.suppress(ProcessExitedAlready, OSError):
+                self.newParent.signalProcess("TERM")
 
     def newParentEnded(self, reason: Failure) -> None:
         """
         A new parent that exits before it took over failed (or was stopped
         with this one): this parent keeps its pidfile.
         """
+        if self.stage in (Stage.STARTED, Stage.GREETED):
+            self.log.error(
+                "upgrade failed, keeping this parent: the new one exited ({why})",
+                why=reason.getErrorMessage(),
+            )
         if not self.takenOver:
-            if not self._abandoned:
-                self.log.error(
-                    "upgrade failed, keeping this parent: the new one exited ({why})",
-                    why=reason.getErrorMessage(),
-                )
             self._movePidfile("")
+            self.stage = Stage.IDLE
         self.newParent = None
+        self._settle()
 
     def _movePidfile(self, suffix: str) -> None:
         """
@@ -329,33 +393,23 @@ def _handedOver(raw: str | None) -> dict[str, int]:
         ) from None
 
 
-def greetOldParent(environ: Mapping[str, str] = os.environ) -> None:
-    """
-    In a new parent as it starts: tell the old one that this parent will
-    say when it serves (so that a stop before then is a stop).
-    """
-    pipe = environ.get(UPGRADE_PIPE, "")
-    if pipe.isdigit():
-        with contextlib.suppress(OSError):
-            os.write(int(pipe), HELLO + b"\n")
-
-
 def takeOver(environ: MutableMapping[str, str], log: Logger) -> None:
     """
     In a new parent whose workers all accept: tell the old parent, which
     then stops (and forget the upgrade, so that this parent's next workers
     do not inherit it).
     """
+    pipe = pipeToOldParent(environ)
     old = environ.pop(UPGRADE_FROM, "")
-    pipe = environ.pop(UPGRADE_PIPE, "")
+    environ.pop(UPGRADE_PIPE, None)
     if not old.isdigit():
         return
     try:
-        if pipe.isdigit():
+        if pipe is not None:
             try:
-                os.write(int(pipe), SERVING + b"\n")
+                os.write(pipe, SERVING + b"\n")
             finally:
-                os.close(int(pipe))
+                os.close(pipe)
         else:
             os.kill(int(old), signal.SIGTERM)
     except OSError as e:

@@ -61,6 +61,20 @@ class NotifySocket:
             if key in message:
                 return message
 
+    def queued(self) -> list[dict[str, str]]:
+        """
+        The messages already sent and not read yet.
+        """
+        self.socket.setblocking(False)
+        messages = []
+        try:
+            while True:
+                messages.append(self.next())
+        except BlockingIOError:
+            return messages
+        finally:
+            self.socket.settimeout(30)
+
 
 class FakePool:
     def __init__(self) -> None:
@@ -127,16 +141,18 @@ class NotifierTests(SynchronousTestCase):
         notifier.poolChanged(PoolState.STOPPING)
         self.assertEqual(notify.next()["STOPPING"], "1")
 
-    def test_noStoppingAfterHandOver(self) -> None:
+    def test_silent(self) -> None:
         """
-        A parent that handed over to a new one (SIGUSR2) says nothing when
-        it stops: systemd would take STOPPING=1 for the service's.
+        A parent that does not speak for the service (it handed over to a
+        new one, or is a new one not yet serving) says nothing of its
+        pool: systemd would take STOPPING=1 for the service's.
         """
         notify = NotifySocket(self)
         notifier = SystemdNotifier(Clock(), notify.path)
         self.addCleanup(notifier.close)
-        notifier.follow(FakePool(), handedOver=lambda: True)  # type: ignore[arg-type]
-        notifier.poolChanged(PoolState.STOPPING)
+        notifier.follow(FakePool(), silent=lambda: True)  # type: ignore[arg-type]
+        for state in (PoolState.RUNNING, PoolState.RELOADING, PoolState.STOPPING):
+            notifier.poolChanged(state)
         notifier.notify("X=1")
         self.assertEqual(notify.next(), {"X": "1"})
 
@@ -182,18 +198,36 @@ class UnderNotifySocketTests(SynchronousTestCase):
         self.assertNotEqual(newParent, server.pid)
         self.addCleanup(killGroup, os.getpgid(newParent))
         self.assertEqual(server.process.wait(30), 0)
-        notify.socket.setblocking(False)
-        queued = []
-        while True:
-            try:
-                queued.append(notify.next())
-            except BlockingIOError:
-                break
-        self.assertEqual([m for m in queued if "STOPPING" in m], [])
-        notify.socket.setblocking(True)
+        self.assertEqual([m for m in notify.queued() if "STOPPING" in m], [])
         os.kill(newParent, signal.SIGTERM)
         notify.until("STOPPING")
         waitFor(lambda: not alive(newParent), what="the new parent to stop")
+
+    def test_failedUpgradeSaysNothing(self) -> None:
+        """
+        A new parent whose workers fail tells systemd nothing (its
+        STOPPING=1 would stop the unit the old parent still serves): the old
+        parent's STOPPING=1 is the next one, at its own stop.
+        """
+        marker = os.path.join(tempfile.gettempdir(), f"maccept-break-notify-{os.getpid()}")
+        notify = NotifySocket(self)
+        server = MacceptServer(
+            [
+                *("--listen", "tcp:0:interface=127.0.0.1", "--workers", "1"),
+                *("--protocol", "tests.sample_protocols:breakableEcho"),
+            ],
+            env={"NOTIFY_SOCKET": notify.path, "MACCEPT_TEST_BREAK": marker},
+        )
+        self.addCleanup(server.cleanup)
+        notify.until("READY")
+        Path(marker).touch()
+        self.addCleanup(os.unlink, marker)
+        os.kill(server.pid, signal.SIGUSR2)
+        waitFor(lambda: "upgrade failed, keeping this parent" in server.log(), what="the failure")
+        self.assertEqual([m for m in notify.queued() if "STOPPING" in m], [])
+        os.kill(server.pid, signal.SIGTERM)
+        notify.until("STOPPING")
+        self.assertEqual(server.process.wait(30), 0)
 
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")

@@ -170,6 +170,17 @@ class UpgradeTests(SynchronousTestCase):
         nothing serves after the stop, the UNIX path is gone, and the pidfile
         was the old parent's until it exited.
         """
+        self.stopDuringUpgrade(greeted=True)
+
+    def test_stopAtOnceAfterUpgrade(self) -> None:
+        """
+        So does a TERM right after USR2, whether or not the new parent has
+        greeted the old one yet (before, the stop is taken for the SIGTERM
+        with which older code hands over, until the greeting comes).
+        """
+        self.stopDuringUpgrade(greeted=False)
+
+    def stopDuringUpgrade(self, greeted: bool) -> None:
         marker = os.path.join(tempfile.gettempdir(), f"maccept-slow-upgrade-{os.getpid()}")
         server = self.start(
             "--protocol",
@@ -183,7 +194,8 @@ class UpgradeTests(SynchronousTestCase):
         self.addCleanup(os.unlink, marker)
         os.kill(server.pid, signal.SIGUSR2)
         new = self.newParent(server)
-        waitFor(lambda: "starts its workers" in server.log(), what="the new parent's greeting")
+        if greeted:
+            waitFor(lambda: "starts its workers" in server.log(), what="the greeting")
         os.kill(server.pid, signal.SIGTERM)
         self.assertEqual(server.process.wait(30), 0)
         waitFor(lambda: not alive(new), what="the new parent to stop")

@@ -18,13 +18,13 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from maccept._handover import UPGRADE_FROM, UPGRADE_PIPE, greetOldParent
 from maccept._upgrade import (
+    GREETING_WAIT,
     INHERIT,
-    UPGRADE_FROM,
-    UPGRADE_PIPE,
+    Stage,
     Upgrade,
     commandLine,
-    greetOldParent,
     inheritedListeners,
     takeOver,
 )
@@ -117,7 +117,8 @@ class HandOverTests(SynchronousTestCase):
         self.upgrade.start()
         process = self.reactor.processes[-1]
         assert process.env is not None and process.childFDs is not None
-        pipe = int(process.env[UPGRADE_PIPE])
+        old, pipe = (int(part) for part in process.env[UPGRADE_PIPE].split(":"))
+        self.assertEqual(old, int(process.env[UPGRADE_FROM]))
         self.assertEqual(process.childFDs[pipe], "r")
         return process, pipe
 
@@ -180,6 +181,55 @@ class HandOverTests(SynchronousTestCase):
         self.assertTrue(self.upgrade.takenOver)
         self.assertEqual(self.config["pidfile"], f"{self.pidfile}.oldbin")
 
+    def test_greetingAfterStop(self) -> None:
+        """
+        A greeting after a stop taken for that hand-over shows the stop was
+        someone's: the new parent is stopped too.
+        """
+        process, pipe = self.start()
+        self.upgrade.abandon()
+        process.output(pipe, b"hello\n")
+        self.assertEqual(process.signals, [signal.SIGTERM])
+        self.assertIs(self.upgrade.stage, Stage.ABANDONED)
+        self.assertFalse(self.upgrade.takenOver)
+
+    def test_settledOnceKnown(self) -> None:
+        """
+        A parent whose stop was taken for the hand-over of a new parent that
+        has not greeted may exit only once that is settled: a greeting (the
+        new parent is stopped too), its exit, or the greeting's wait.
+        """
+        fired: list[str] = []
+        process, pipe = self.start()
+        self.assertTrue(self.upgrade.settled().called)
+        self.upgrade.abandon()
+        self.upgrade.settled().addCallback(lambda _: fired.append("greeted"))
+        self.assertEqual(fired, [])
+        process.output(pipe, b"hello\n")
+        self.assertEqual(fired, ["greeted"])
+        process.end(signal=signal.SIGTERM)
+        process, _ = self.start()
+        self.upgrade.abandon()
+        self.upgrade.settled().addCallback(lambda _: fired.append("waited"))
+        self.reactor.advance(GREETING_WAIT)
+        self.assertEqual(fired, ["greeted", "waited"])
+        self.assertTrue(self.upgrade.takenOver)
+
+    def test_servingAfterStop(self) -> None:
+        """
+        "serving" written just as this parent, stopped, stopped the new one
+        changes nothing: no second stop (which would kill the workers), no
+        hand-over.
+        """
+        process, pipe = self.start()
+        process.output(pipe, b"hello\n")
+        self.upgrade.abandon()
+        process.output(pipe, b"serving\n")
+        self.assertEqual(self.stops, [])
+        self.assertFalse(self.upgrade.takenOver)
+        process.end(signal=signal.SIGTERM)
+        self.assertEqual(self.config["pidfile"], str(self.pidfile))
+
 
 class NewParentTests(SynchronousTestCase):
     """
@@ -198,7 +248,7 @@ class NewParentTests(SynchronousTestCase):
         """
         readEnd, writeEnd = os.pipe()
         self.addCleanup(os.close, readEnd)
-        environ = {UPGRADE_FROM: "4242", UPGRADE_PIPE: str(writeEnd)}
+        environ = {UPGRADE_FROM: "4242", UPGRADE_PIPE: f"4242:{writeEnd}"}
         greetOldParent(environ)
         takeOver(environ, Logger())
         self.assertEqual(os.read(readEnd, 100), b"hello\nserving\n")
@@ -207,12 +257,22 @@ class NewParentTests(SynchronousTestCase):
 
     def test_signalsOlderCode(self) -> None:
         """
-        An old parent that offered no pipe is sent SIGTERM.
+        An old parent that offered no pipe is sent SIGTERM; so is one whose
+        environment passed on a pipe offered to another, earlier parent (a
+        parent of older code keeps the variable it was given).
         """
-        environ = {UPGRADE_FROM: "4242"}
-        greetOldParent(environ)
-        takeOver(environ, Logger())
-        self.assertEqual(self.killed, [(4242, signal.SIGTERM)])
+        readEnd, writeEnd = os.pipe()
+        self.addCleanup(os.close, readEnd)
+        self.addCleanup(os.close, writeEnd)
+        for environ in [
+            {UPGRADE_FROM: "4242"},
+            {UPGRADE_FROM: "4242", UPGRADE_PIPE: f"1717:{writeEnd}"},
+        ]:
+            greetOldParent(environ)
+            takeOver(environ, Logger())
+        self.assertEqual(self.killed, [(4242, signal.SIGTERM)] * 2)
+        os.set_blocking(readEnd, False)
+        self.assertRaises(BlockingIOError, os.read, readEnd, 100)
 
 
 class InheritedTests(SynchronousTestCase):

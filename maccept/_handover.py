@@ -1,0 +1,58 @@
+# -*- test-case-name: tests.test_upgrade_unit -*-
+"""
+The pipe on which a new parent (SIGUSR2) talks to the old one: it says
+C{hello} as soon as it runs maccept's code, and C{serving} once its
+workers all accept.  Standard library only: the twistd plugin greets
+from here before anything heavy is imported, to keep short the moment in
+which a new parent cannot yet be told from one of older code (which hands
+over with SIGTERM, and says nothing).
+
+C{MACCEPT_UPGRADE_PIPE} is C{OLDPID:FD}: a parent of older code keeps the
+variable it was given in its environment and passes it on, so the pid
+says which old parent the descriptor leads to, and a stale one is ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+
+#: The old parent's pid, which the new one stops once its workers accept.
+UPGRADE_FROM = "MACCEPT_UPGRADE_FROM"
+#: C{OLDPID:FD}: where the new parent writes its lines.
+UPGRADE_PIPE = "MACCEPT_UPGRADE_PIPE"
+HELLO = b"hello"
+SERVING = b"serving"
+
+
+def pipeValue(fd: int) -> str:
+    """
+    L{UPGRADE_PIPE}'s value for this process's pipe at C{fd}.
+    """
+    return f"{os.getpid()}:{fd}"
+
+
+def pipeToOldParent(environ: Mapping[str, str]) -> int | None:
+    """
+    The descriptor of the pipe to the old parent named by L{UPGRADE_FROM},
+    or C{None} if that parent offered none (older code, or no upgrade).
+    """
+    old, _, fd = environ.get(UPGRADE_PIPE, "").partition(":")
+    if old and old == environ.get(UPGRADE_FROM) and fd.isdigit():
+        return int(fd)
+    return None
+
+
+def greetOldParent(environ: Mapping[str, str] = os.environ) -> None:
+    """
+    In a new parent, as early as it can: tell the old one that this parent
+    will say when it serves, so that a stop the old one gets before then
+    is a stop (of both), not the hand-over.  (Said twice, it means the
+    same.)
+    """
+    fd = pipeToOldParent(environ)
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, HELLO + b"\n")
