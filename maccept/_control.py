@@ -6,6 +6,7 @@ that only its owner may use, for C{maccept-ctl}.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.protocol import Factory
@@ -92,7 +93,7 @@ class ControlProtocol(amp.AMP):
 
     log = Logger()
 
-    def __init__(self, pool: WorkerPool, stop: Any) -> None:
+    def __init__(self, pool: WorkerPool, stop: Callable[[], bool]) -> None:
         super().__init__()
         self.pool = pool
         self.stop = stop
@@ -145,22 +146,34 @@ class ControlProtocol(amp.AMP):
 
     @Reload.responder
     def reload(self) -> dict[str, Any]:
-        if self.pool.state is not PoolState.RUNNING:
+        # As SIGHUP: during a start or a reload, queued.
+        if self.pool.state in (PoolState.STOPPING, PoolState.STOPPED):
             raise ControlError(f"cannot reload while the pool is {self.pool.state.value}")
         self.pool.reload()
         return {}
 
     @Stop.responder
     def stopPool(self) -> dict[str, Any]:
-        if self.pool.state in (PoolState.STOPPING, PoolState.STOPPED):
-            # Not a second stop, which would kill the workers: a retried
-            # or scripted stop must not cut open connections.
+        if not self.stop():
             raise ControlError("the pool is stopping already (a second TERM kills the workers)")
-        self.pool.reactor.callLater(0, self.stop)
         return {}
 
 
-def controlFactory(pool: WorkerPool, stop: Any) -> Factory[ControlProtocol]:
-    factory = Factory.forProtocol(lambda: ControlProtocol(pool, stop))
+def controlFactory(pool: WorkerPool, stop: Callable[[], None]) -> Factory[ControlProtocol]:
+    asked: list[bool] = []
+
+    def stopOnce() -> bool:
+        """
+        Stop, once: a retried or scripted stop is not the second stop
+        that kills the workers (not even two in one reactor turn, before
+        the pool is stopping).
+        """
+        if asked or pool.state in (PoolState.STOPPING, PoolState.STOPPED):
+            return False
+        asked.append(True)
+        pool.reactor.callLater(0, stop)  # after the answer is on its way
+        return True
+
+    factory = Factory.forProtocol(lambda: ControlProtocol(pool, stopOnce))
     factory.noisy = False
     return factory
