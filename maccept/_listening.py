@@ -178,8 +178,13 @@ def _systemdProblem(e: Exception) -> str:
             f"systemd's descriptors are for pid {forPid} (LISTEN_PID), not this process "
             f"({os.getpid()}): a wrapper that forks must exec maccept in its own process"
         )
+    names = os.environ.get("LISTEN_FDNAMES")
+    if isinstance(e, IndexError) and names:
+        # Twisted kept these descriptors (and removed LISTEN_FDS).
+        count = len(names.split(":"))
+        return f"systemd passed {count} descriptor(s), named {names}: none at that index"
     if isinstance(e, IndexError):
-        if not passed and not os.environ.get("LISTEN_FDNAMES") and _listeningAt(LISTEN_FDS_START):
+        if not passed and not names and _listeningAt(LISTEN_FDS_START):
             # Twisted takes descriptors only with their names (systemd 227+),
             # and drops the variables of those without.
             return "systemd passed descriptors without names (systemd-socket-activate: --fdname)"

@@ -382,7 +382,8 @@ class SocketActivationTests(SynchronousTestCase):
     def test_descriptorsNotUsable(self) -> None:
         """
         Descriptors passed without names, or for another process (a
-        wrapper that forked), are refused in one line saying so.
+        wrapper that forked), or none at the index asked for, are refused
+        in one line saying so.
         """
         listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.addCleanup(listening.close)
@@ -391,6 +392,7 @@ class SocketActivationTests(SynchronousTestCase):
         for description, names, pid, problem in [
             ("systemd:domain=INET:index=0", "", "", "descriptors without names"),
             ("systemd:domain=INET:name=echo", "echo", "1", "are for pid 1 (LISTEN_PID)"),
+            ("systemd:domain=INET:index=1", "echo", "", "1 descriptor(s), named echo: none at"),
         ]:
             result = self.passing(listening, description, names, pid)
             self.assertEqual(result.returncode, 2, result.stderr)
