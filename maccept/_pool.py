@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from maccept._affinity import cpuForWorker
 from maccept._board import MAX_SLOTS, MAX_WORKERS, LoadBoard
 from maccept._listening import ListeningSocket
+from maccept._signals import parentSignalsBlocked
 from maccept._states import PoolState, WorkerState, nextPoolState
 from maccept._wire import CONTROL_FD, FIRST_LISTENER_FD, BoardHandle, WorkerSpec
 from maccept._workerprocess import ParentControl, WorkerProcess
@@ -344,13 +345,14 @@ class WorkerPool(Service):
         try:
             childFDs[CONTROL_FD] = childEnd.fileno()
             try:
-                self.reactor.spawnProcess(
-                    worker,
-                    self.executable,
-                    [self.executable, "-m", "maccept._worker", spec.toArgument()],
-                    env=os.environ.copy(),
-                    childFDs=childFDs,
-                )
+                with parentSignalsBlocked():
+                    self.reactor.spawnProcess(
+                        worker,
+                        self.executable,
+                        [self.executable, "-m", "maccept._worker", spec.toArgument()],
+                        env=os.environ.copy(),
+                        childFDs=childFDs,
+                    )
             except OSError:
                 self._freeBoardSlot(worker)
                 raise

@@ -9,9 +9,31 @@ exit "killed by SIGTERM" even after a clean, graceful stop.
 
 from __future__ import annotations
 
+import contextlib
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+
+#: The parent's signals, which a worker ignores when they reach it too: a
+#: terminal's Ctrl-C or hang-up goes to the whole process group, and
+#: C{systemctl kill -s HUP} to every process of the unit.  (By default HUP,
+#: INT and USR2 would end the worker, TTIN and TTOU suspend it.)
+PARENT_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+
+
+@contextlib.contextmanager
+def parentSignalsBlocked() -> Iterator[None]:
+    """
+    Block L{PARENT_SIGNALS} while a worker is spawned: the worker inherits
+    the mask through fork and exec (Twisted resets only dispositions), and
+    so is not ended or suspended by one that comes before it has set them
+    to be ignored.  The parent gets what came meanwhile when it unblocks.
+    """
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def installHandlers(reactor: Any, handlers: Mapping[signal.Signals, Callable[[], None]]) -> None:

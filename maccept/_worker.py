@@ -34,6 +34,7 @@ from maccept._connections import ConnectionTracker, trackConnections
 from maccept._listening import adopt, release
 from maccept._logforward import ForwardingObserver
 from maccept._protocols import DatagramEcho, resolveProtocol
+from maccept._signals import PARENT_SIGNALS
 from maccept._titles import setTitle
 from maccept._wire import (
     CONTROL_FD,
@@ -436,22 +437,18 @@ def queuedBytes(transport: Any) -> int:
     return len(getattr(transport, "dataBuffer", b"")) + getattr(transport, "_tempDataLen", 0)
 
 
-#: The parent's signals, which a worker ignores when they reach it too: a
-#: terminal's Ctrl-C or hang-up goes to the whole process group, and
-#: C{systemctl kill -s HUP} to every process of the unit.  (By default HUP,
-#: INT and USR2 would end the worker, TTIN and TTOU suspend it.)
-PARENT_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
-
-
 def _handleSignals(reactor: Any, worker: Worker) -> None:
     """
     The parent decides what the workers do, so they ignore its signals
-    (L{PARENT_SIGNALS}).  SIGTERM sent to one worker has it replaced and
-    drained; SIGUSR1 dumps every thread's stack to stderr (into the parent's
-    log), even while the reactor is blocked.
+    (L{PARENT_SIGNALS}), which the parent started them with blocked: one
+    that came while the worker started up is dropped here.  SIGTERM sent
+    to one worker has it replaced and drained; SIGUSR1 dumps every thread's
+    stack to stderr (into the parent's log), even while the reactor is
+    blocked.
     """
     for parentSignal in PARENT_SIGNALS:
         signal.signal(parentSignal, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENT_SIGNALS)
     signal.signal(
         signal.SIGTERM,
         lambda *_: reactor.callFromThread(worker.terminate),

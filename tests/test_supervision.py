@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from maccept._signals import PARENT_SIGNALS, parentSignalsBlocked
 from tests.server import MacceptServer, alive, echoRoundTrip, runMaccept, waitFor
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -82,11 +84,13 @@ class SupervisionTests(SynchronousTestCase):
         server = self.start("--workers", "1", "--listen", LOOPBACK)
         [worker] = server.workers()
         with open(f"/proc/{worker}/status") as status:
-            [mask] = [line.split()[1] for line in status if line.startswith("SigIgn:")]
-        ignored = int(mask, 16)
+            masks = dict(line.split()[:2] for line in status if line.startswith("Sig"))
+        ignored, blocked = int(masks["SigIgn:"], 16), int(masks["SigBlk:"], 16)
         parents = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
         for number in parents:
             self.assertTrue(ignored & (1 << (number - 1)), f"{number.name} not ignored")
+            # Blocked only while the worker started (see parentSignalsBlocked).
+            self.assertFalse(blocked & (1 << (number - 1)), f"{number.name} still blocked")
             os.kill(worker, number)
         with server.connect() as client:
             self.assertEqual(echoRoundTrip(client, b"still here"), b"still here")
@@ -190,3 +194,32 @@ def _target(pid: int, fd: str) -> str:
         return os.readlink(f"/proc/{pid}/fd/{fd}")
     except OSError:
         return ""
+
+
+class SpawnMaskTests(SynchronousTestCase):
+    def test_childStartsWithParentSignalsBlocked(self) -> None:
+        """
+        A process spawned as Twisted spawns one (posix_spawn, ignored
+        signals reset to default) while L{parentSignalsBlocked} holds
+        starts with the parent's signals blocked, so that one arriving
+        before it ignores them cannot end it; the parent's mask is back
+        afterwards.
+        """
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        readEnd, writeEnd = os.pipe()
+        self.addCleanup(os.close, readEnd)
+        script = "print([l.split()[1] for l in open('/proc/self/status') if l[:7] == 'SigBlk:'][0])"
+        with parentSignalsBlocked():
+            pid = os.posix_spawnp(
+                sys.executable,
+                [sys.executable, "-c", script],
+                os.environ,
+                file_actions=[(os.POSIX_SPAWN_DUP2, writeEnd, 1)],
+                setsigdef=[signal.SIGHUP],
+            )
+        os.close(writeEnd)
+        os.waitpid(pid, 0)
+        blocked = int(os.read(readEnd, 100).decode(), 16)
+        for number in PARENT_SIGNALS:
+            self.assertTrue(blocked & (1 << (number - 1)), f"{number.name} not blocked")
+        self.assertEqual(signal.pthread_sigmask(signal.SIG_BLOCK, []), before)
