@@ -11,33 +11,64 @@ connection C{socket.accept} converts the listener's family and type to
 enums to build the new socket.  This loop does what C{doRead} does per
 connection (build the protocol and transport, count the session, adapt
 C{numberAccepts}) without those, and hands anything but "no connection
-waiting" back to Twisted's own loop, whose handling of C{EMFILE} (close
-what waits, with its reserved descriptor), C{EPERM} and the other accept
-errors it keeps.
+waiting" back to Twisted's own loop, whose handling of C{EPERM} and the
+other accept errors it keeps.
+
+Out of descriptors (C{EMFILE}), it sheds what waits as Twisted does (with
+Twisted's reserved descriptor: accept each connection and close it, so
+that clients are told at once rather than left in the backlog), but
+counts the connections it sheds and leaves the log to the counter's
+owner, where Twisted writes a line for each.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.python import log
 
 
-def acceptQuickly(port: Any) -> Callable[[], None]:
+def acceptQuickly(
+    port: Any, onShed: Callable[[int], None] = lambda count: None
+) -> Callable[[], None]:
     """
     Give C{port} (a C{tcp.Port} or a subclass, listening) the lean accept
     loop in place of its C{doRead}, and return the loop (to call with no
     governor around it, as a draining worker's last sweep does).  Call
     before anything else wraps C{doRead}; the transport class is looked up
     on each accept, so C{trackConnections} may replace it afterwards.
+    C{onShed} is told how many connections were closed at once for want
+    of a descriptor.
     """
-    port.doRead = _leanDoRead(port, port.doRead)
+    port.doRead = _leanDoRead(port, port.doRead, onShed)
     return port.doRead  # type: ignore[no-any-return]
 
 
-def _leanDoRead(port: Any, twistedDoRead: Callable[[], None]) -> Callable[[], None]:
+def _shed(rawAccept: Callable[[], tuple[int, Any]], limit: int) -> int:
+    """
+    Accept and close up to C{limit} waiting connections, with Twisted's
+    reserved descriptor freed for the first; say how many.
+    """
+    shed = 0
+    with tcp._reservedFD:
+        while shed < limit:
+            try:
+                fd, _ = rawAccept()
+            except OSError:
+                break
+            os.close(fd)
+            shed += 1
+    return shed
+
+
+def _leanDoRead(
+    port: Any, twistedDoRead: Callable[[], None], onShed: Callable[[int], None]
+) -> Callable[[], None]:
     listener: socket.socket = port.socket
     family, kind, proto = int(listener.family), int(listener.type), listener.proto
     rawAccept = listener._accept  # type: ignore[attr-defined]
@@ -54,9 +85,12 @@ def _leanDoRead(port: Any, twistedDoRead: Callable[[], None]) -> Callable[[], No
                     fd, addr = rawAccept()
                 except BlockingIOError:
                     break
-                except OSError:
-                    # EMFILE, ECONNABORTED, EPERM...: Twisted's loop, which
-                    # meets the same error again, knows what to do.
+                except OSError as e:
+                    if e.errno == errno.EMFILE and tcp._reservedFD.available():
+                        onShed(_shed(rawAccept, limit - accepted))
+                        break
+                    # ECONNABORTED, EPERM...: Twisted's loop, which meets
+                    # the same error again, knows what to do.
                     port.numberAccepts = limit - accepted
                     twistedDoRead()
                     return

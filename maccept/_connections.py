@@ -20,7 +20,12 @@ from typing import Any
 
 from twisted.internet.interfaces import IListeningPort, ITransport
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from maccept._tally import Tally
+
+_log = Logger(namespace="maccept")
 
 monotonic = time.monotonic
 
@@ -59,6 +64,12 @@ class ConnectionTracker:
         self.idleClosed = 0
         self.proxyRejectedCount = 0
         self.handshakesFailedCount = 0
+        #: Connections closed at once for want of a descriptor (EMFILE).
+        self.shedding = Tally(
+            _log,
+            "out of file descriptors: closed {count} new connection(s) at once "
+            "(raise the limit, ulimit -n / LimitNOFILE=, or lower --max-concurrent)",
+        )
         self.onChange = onChange
         self._idleWaiters: list[Callable[[], None]] = []
 
@@ -97,6 +108,13 @@ class ConnectionTracker:
         A connection was dropped for a failed TLS handshake.
         """
         self.handshakesFailedCount += 1
+
+    def shed(self, count: int) -> None:
+        """
+        C{count} connections were closed at once: no descriptor was free.
+        """
+        if count:
+            self.shedding.add(count)
 
     def closeIdle(self, timeout: float, now: float | None = None) -> int:
         """

@@ -117,6 +117,11 @@ class PoolCollector(Collector):
             "Connections dropped for a failed TLS handshake.",
             value=totals["handshakesFailed"],
         )
+        yield CounterMetricFamily(
+            "maccept_connections_shed",
+            "Connections closed at once because the worker was out of file descriptors.",
+            value=totals["shed"],
+        )
         pauses = CounterMetricFamily(
             "maccept_accept_pauses",
             "Times a worker stopped reading the listeners: ahead of the others' mean "

@@ -47,6 +47,7 @@ COUNTERS = (
     "idleClosed",
     "proxyRejected",
     "handshakesFailed",
+    "shed",
     "acceptPausesAhead",
     "acceptPausesFull",
 )

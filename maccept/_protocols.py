@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import math
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -30,6 +28,8 @@ from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.python import usage
+
+from maccept._tally import Tally
 
 
 class ProtocolSpecError(ValueError):
@@ -93,18 +93,18 @@ class DatagramEcho(DatagramProtocol):
 
     A datagram that cannot be answered (a forged source such as port 0, a
     reply too large for the path) is dropped, and the drops are logged at
-    most once every L{DROP_LOG_INTERVAL} seconds with how many there were:
-    anyone can forge datagrams, and a traceback each would flood the log.
+    most every 10 s with how many there were (L{Tally}): anyone can forge
+    datagrams, and a traceback each would flood the log.
     """
 
     log = Logger()
-    DROP_LOG_INTERVAL = 10.0
 
     def __init__(self, counts: Any = None) -> None:
         self.counts = counts
-        #: Datagrams not answered since the last line about them.
-        self.unanswered = 0
-        self._lastDropLine = -math.inf
+        self.unanswered = Tally(
+            self.log,
+            "dropped {count} datagram(s) that could not be answered, the last from {addr}: {error}",
+        )
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         if self.counts is not None:
@@ -112,24 +112,10 @@ class DatagramEcho(DatagramProtocol):
         try:
             self.transport.write(datagram, addr)  # type: ignore[union-attr]
         except (OSError, MessageLengthError) as e:
-            self._dropped(addr, e)
+            self.unanswered.add(addr=addr, error=e)
             return
         if self.counts is not None:
             self.counts.bytesSent += len(datagram)
-
-    def _dropped(self, addr: Any, error: Exception) -> None:
-        self.unanswered += 1
-        now = time.monotonic()
-        if now - self._lastDropLine < self.DROP_LOG_INTERVAL:
-            return
-        self._lastDropLine = now
-        self.log.warn(
-            "dropped {count} datagram(s) that could not be answered, the last from {addr}: {error}",
-            count=self.unanswered,
-            addr=addr,
-            error=error,
-        )
-        self.unanswered = 0
 
 
 class PassesRefusals(WrappingFactory):

@@ -147,6 +147,7 @@ STATS = [
     (b"proxyRejected", amp.Integer()),
     # Optional: a worker started from older code (a reload) does not send it.
     (b"handshakesFailed", amp.Integer(optional=True)),
+    (b"shed", amp.Integer(optional=True)),
     (b"acceptPausesAhead", amp.Integer(optional=True)),
     (b"acceptPausesFull", amp.Integer(optional=True)),
     (b"lag", amp.Float()),

@@ -139,7 +139,7 @@ class Worker:
             # Accept nothing before the start hook has run.
             port.stopReading()  # type: ignore[attr-defined]
             if isinstance(port, tcp.Port):
-                self._acceptLoops[port] = acceptQuickly(port)
+                self._acceptLoops[port] = acceptQuickly(port, self.tracker.shed)
             trackConnections(port, self.tracker)
             if self.governor is not None:
                 self.governor.govern(port)
@@ -212,6 +212,7 @@ class Worker:
             "idleClosed": tracker.idleClosed,
             "proxyRejected": tracker.proxyRejectedCount,
             "handshakesFailed": tracker.handshakesFailedCount,
+            "shed": tracker.shedding.total,
             "acceptPausesAhead": governor.pausesAhead if governor else 0,
             "acceptPausesFull": governor.pausesFull if governor else 0,
             "lag": self.lag.worstSinceLastAsked(),

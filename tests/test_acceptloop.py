@@ -191,8 +191,9 @@ class LeanAcceptTests(SynchronousTestCase):
 
     def test_acceptErrorGoesToTwisted(self) -> None:
         """
-        An accept error other than "nothing waiting" (here EMFILE) is left
-        to Twisted's own loop, with what is left of the limit.
+        An accept error other than "nothing waiting" and "out of
+        descriptors" (here ECONNABORTED) is left to Twisted's own loop,
+        with what is left of the limit.
         """
         port = self.listen(RecordingFactory(), lean=False)
         limits: list[int] = []
@@ -201,7 +202,7 @@ class LeanAcceptTests(SynchronousTestCase):
             family, type, proto = socket.AF_INET, socket.SOCK_STREAM, 0
 
             def _accept(self) -> Any:
-                raise OSError(errno.EMFILE, "Too many open files")
+                raise OSError(errno.ECONNABORTED, "Software caused connection abort")
 
         port.socket = FullProcess()
         port.doRead = lambda: limits.append(port.numberAccepts)
@@ -209,6 +210,37 @@ class LeanAcceptTests(SynchronousTestCase):
         port.numberAccepts = 7
         port.doRead()
         self.assertEqual(limits, [7])
+
+    def test_outOfDescriptorsSheds(self) -> None:
+        """
+        Out of descriptors (EMFILE), the waiting connections are accepted
+        with Twisted's reserved descriptor and closed at once (so clients
+        hear of it), counted, and no protocol is built; Twisted's loop, with
+        its line per connection, is not used.
+        """
+        factory = RecordingFactory()
+        port = self.listen(factory, lean=False)
+        clients = self.connect(port, 3)
+        listener = port.socket
+        full = [True]
+
+        class FullOnce:
+            family, type, proto = listener.family, listener.type, listener.proto
+
+            def _accept(self) -> Any:
+                if full.pop() if full else False:
+                    raise OSError(errno.EMFILE, "Too many open files")
+                return listener._accept()
+
+        shed: list[int] = []
+        port.socket = FullOnce()
+        acceptQuickly(port, shed.append)
+        port.doRead()
+        port.socket = listener
+        self.assertEqual((shed, factory.addresses), ([3], []))
+        for client in clients:
+            client.settimeout(10)
+            self.assertEqual(client.recv(1), b"")
 
     def test_nothingWaiting(self) -> None:
         """

@@ -15,7 +15,7 @@ import struct
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.server import MacceptServer, echoRoundTrip, waitFor
+from tests.server import MacceptServer, echoRoundTrip, metric, waitFor
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
@@ -48,9 +48,11 @@ class FaultTests(SynchronousTestCase):
     def test_outOfDescriptors(self) -> None:
         """
         A worker out of descriptors (EMFILE) keeps serving the connections
-        it holds, and accepts again once descriptors are free.
+        it holds, closes the ones it cannot hold at once (counted, and one
+        log line for them all, not one each), and accepts again once
+        descriptors are free.
         """
-        server, worker = self.start()
+        server, worker = self.start("--metrics", LOOPBACK)
         spare = 8
         limit = openDescriptors(worker) + spare
         resource.prlimit(worker, resource.RLIMIT_NOFILE, (limit, limit))
@@ -70,10 +72,14 @@ class FaultTests(SynchronousTestCase):
                 pass
         self.assertGreater(len(served), 0)
         self.assertLess(len(served), len(held))
+        waitFor(lambda: "out of file descriptors" in server.log(), what="the line")
+        unserved = len(held) - len(served)
         waitFor(
-            lambda: "EMFILE" in server.log() or "Too many open files" in server.log(),
-            what="the worker to log running out of descriptors",
+            lambda: metric(server, "maccept_connections_shed_total") == unserved,
+            what="the shed connections to be counted",
         )
+        self.assertEqual(server.log().count("out of file descriptors"), 1)
+        self.assertNotIn("EMFILE recovery", server.log())
         for client in served:
             client.sendall(b"again")
             self.assertEqual(client.recv(5), b"again")
