@@ -56,13 +56,38 @@ class HealthResource(Resource):
 
 class QuietSite(Site):
     """
-    A site that writes no access log line: Prometheus scrapes and load
-    balancers' health checks come every few seconds, and would bury the
-    log's lines about workers.
+    The parent's site: no access log line (Prometheus scrapes and load
+    balancers' checks come every few seconds, and would bury the log's lines
+    about workers), and a bound on what idle clients can hold: each of its
+    connections costs the parent a descriptor, which it needs to start
+    workers.  Twisted's default idle timeout is 12 hours.
+
+    @ivar maxConnections: connections open at once; more are closed at once.
     """
+
+    maxConnections = 64
+    idleTimeout = 10
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource, timeout=self.idleTimeout)
+        self.openConnections = 0
 
     def log(self, request: Any) -> None:
         pass
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.openConnections >= self.maxConnections:
+            return None
+        channel = super().buildProtocol(addr)
+        self.openConnections += 1
+        lost = channel.connectionLost
+
+        def connectionLost(reason: Any) -> None:
+            self.openConnections -= 1
+            lost(reason)
+
+        channel.connectionLost = connectionLost
+        return channel
 
 
 def metricsSite(pool: WorkerPool) -> Site:

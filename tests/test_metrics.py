@@ -10,9 +10,14 @@ import socket
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
 
-from maccept._http import healthy
+from maccept._http import QuietSite, healthy
 from maccept._metrics import listenQueue, registryFor
 from maccept._pool import WorkerPool
 from tests.test_pool import PoolTestCase
@@ -137,3 +142,22 @@ class ListenQueueTests(SynchronousTestCase):
             family = "AF_UNIX"
 
         self.assertIsNone(listenQueue(Listening()))  # type: ignore[arg-type]
+
+
+class QuietSiteTests(SynchronousTestCase):
+    def test_boundedConnections(self) -> None:
+        """
+        The metrics site holds at most C{maxConnections} connections (each
+        costs the parent a descriptor it needs for workers): more are
+        refused until one closes; idle ones time out in seconds.
+        """
+        site = QuietSite(Resource())
+        site.maxConnections = 2
+        channels = [site.buildProtocol(None) for _ in range(2)]
+        self.assertNotIn(None, channels)
+        self.assertIsNone(site.buildProtocol(None))
+        channels[0].callLater = Clock().callLater  # its idle timer, off the real reactor
+        channels[0].makeConnection(StringTransport())
+        channels[0].connectionLost(Failure(ConnectionDone()))
+        self.assertIsNotNone(site.buildProtocol(None))
+        self.assertEqual(site.timeOut, QuietSite.idleTimeout)
