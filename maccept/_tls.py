@@ -39,6 +39,9 @@ class _HandshakeWatchingProtocol(TLSMemoryBIOProtocol):
             and self._spoke
             and not self._handshakeDone
             and reason.check(SSL.Error)
+            # Not one this worker aborted itself (--idle-timeout, the drain
+            # deadline): that is counted where it is decided.
+            and not getattr(self.transport, "_aborting", False)
         ):
             self.factory.handshakeFailed(self, reason)
         super()._tlsShutdownFinished(reason)

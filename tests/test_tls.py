@@ -191,6 +191,17 @@ class HandshakeWatchingTests(SynchronousTestCase):
             self.connect().connectionLost(Failure(why))
         self.assertEqual(self.failed, [])
 
+    def test_abortedMidHandshakeIsNoFailure(self) -> None:
+        """
+        A client this worker aborted mid-handshake (--idle-timeout, the
+        drain deadline) is counted there, not as a failed handshake too.
+        """
+        protocol = self.connect()
+        protocol.dataReceived(b"\x16\x03\x01\x00")  # the start of a ClientHello
+        protocol.transport._aborting = True
+        protocol.connectionLost(Failure(ConnectionAborted()))
+        self.assertEqual(self.failed, [])
+
     def test_garbageIsAFailure(self) -> None:
         """
         Bytes that are not TLS are.
