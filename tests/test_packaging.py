@@ -1,6 +1,6 @@
 """
-C{pip install .} and C{pip install -e .} each make C{twistd --help} list
-maccept in a fresh virtual environment.
+C{pip install .}, C{pip install -e .} and an install from the sdist each
+make C{twistd --help} list maccept in a fresh virtual environment.
 
 The fresh environments borrow Twisted and the build backend from the
 running one through a C{.pth} line (which, unlike a site directory, does
@@ -91,3 +91,28 @@ class PackagingTests(SynchronousTestCase):
 
     def test_editableInstallLists(self) -> None:
         self.assertInstallListsPlugin("-e", str(REPO))
+
+    def test_sdistInstallHasEveryPlugin(self) -> None:
+        """
+        A wheel built from the sdist, as an index would, still has the
+        built-in protocol plugins (their module was once left out of it).
+        """
+        out = tempfile.mkdtemp(prefix="maccept-sdist-")
+        subprocess.run(
+            [sys.executable, "-m", "hatchling", "build", "-t", "sdist", "-d", out],
+            check=True,
+            capture_output=True,
+            cwd=REPO,
+        )
+        [sdist] = Path(out).glob("maccept-*.tar.gz")
+        python = self.assertInstallListsPlugin(str(sdist))
+        twistd = [str(python), "-c", "from twisted.scripts.twistd import run; run()"]
+        protocols = subprocess.run(
+            [*twistd, "maccept", "--help-protocols"],
+            capture_output=True,
+            text=True,
+            cwd=tempfile.gettempdir(),
+            check=True,
+        ).stdout
+        for name in ("echo", "discard", "chargen", "daytime", "web"):
+            self.assertIn(name, protocols.split())
