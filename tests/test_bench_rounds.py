@@ -5,7 +5,10 @@ each cell's median run, with the spread of its rates.
 
 from __future__ import annotations
 
+import io
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -117,3 +120,22 @@ class BurstCellTests(SynchronousTestCase):
         )
         self.assertEqual(_report._servedIn({**burst, "served": 0}), "none of 256 served")
         self.assertEqual(_report._servedIn({"accept_wait_s": 0.62}), "(620) †")
+
+
+class RenderTests(SynchronousTestCase):
+    def test_withoutMatplotlib(self) -> None:
+        """
+        Without matplotlib (optional) the report is written, and the plot
+        is skipped with one line, not a traceback.
+        """
+        out = Path(tempfile.mkdtemp(prefix="maccept-render-"))
+        self.addCleanup(shutil.rmtree, out, True)
+        stored = Path(__file__).resolve().parent.parent / "benchmarks/results/dev-2core-accept"
+        shutil.copy(stored / "results.json", out / "results.json")
+        self.patch(sys, "modules", {**sys.modules, "matplotlib": None})
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        harness.render(out)
+        self.assertIn("# maccept benchmark", (out / "results.md").read_text())
+        self.assertFalse((out / "throughput_vs_workers.png").exists())
+        self.assertIn("no plot: matplotlib is not installed", stderr.getvalue())
