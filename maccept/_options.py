@@ -108,8 +108,8 @@ class Options(usage.Options):
             "graceful-timeout",
             None,
             "30",
-            "Seconds a stopping worker may take to finish its open connections "
-            "before it is killed.",
+            "Seconds a stopping worker may take to finish its open connections; "
+            "then it aborts those still open (clients see a reset) and exits.",
         ],
         [
             "timeout",
@@ -148,7 +148,8 @@ class Options(usage.Options):
             "idle-timeout",
             None,
             "0",
-            "Close a connection on which no byte moved for this many seconds (0: never).",
+            "Abort a connection on which no byte moved for this many seconds "
+            "(the client sees a reset; 0: never).",
         ],
         [
             "metrics",
