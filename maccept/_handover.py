@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 #: The old parent's pid, which the new one stops once its workers accept.
 UPGRADE_FROM = "MACCEPT_UPGRADE_FROM"
 #: C{OLDPID:FD}: where the new parent writes its lines.
 UPGRADE_PIPE = "MACCEPT_UPGRADE_PIPE"
+#: How many workers the old parent ran (after TTIN, TTOU or maccept-ctl
+#: scale), which the new one runs instead of its --workers.
+UPGRADE_WORKERS = "MACCEPT_UPGRADE_WORKERS"
 HELLO = b"hello"
 SERVING = b"serving"
 
@@ -42,6 +45,18 @@ def pipeToOldParent(environ: Mapping[str, str]) -> int | None:
     if old and old == environ.get(UPGRADE_FROM) and fd.isdigit():
         return int(fd)
     return None
+
+
+def workersAfterUpgrade(environ: MutableMapping[str, str], wanted: int) -> int:
+    """
+    In a new parent: the pool size the old parent ran, which a scale made
+    since the command line's --workers (a HUP keeps it; so does USR2);
+    C{wanted} without an upgrade.  Forgotten once read.
+    """
+    size = environ.pop(UPGRADE_WORKERS, "")
+    if UPGRADE_FROM in environ and size.isdigit() and int(size) > 0:
+        return int(size)
+    return wanted
 
 
 def greetOldParent(environ: Mapping[str, str] = os.environ) -> None:

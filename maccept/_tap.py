@@ -18,7 +18,7 @@ import sys
 from twisted.application.service import IService
 from twisted.logger import Logger
 
-from maccept._handover import UPGRADE_FROM, greetOldParent
+from maccept._handover import UPGRADE_FROM, greetOldParent, workersAfterUpgrade
 from maccept._listening import ListenError, ListeningSocket, adoptListener, listen
 from maccept._options import CommandLineOptions, fail
 from maccept._parent import MacceptService
@@ -68,7 +68,7 @@ def makeService(options: CommandLineOptions) -> IService:
             fail(f"--listen {description}: {e}")
 
     settings = PoolSettings(
-        size=options["workers"],
+        size=workersAfterUpgrade(os.environ, options["workers"]),
         protocol=options["protocol"],
         protocolOptions=tuple(options["protocol-option"]),
         balance=options["balance"] == "even",
@@ -99,6 +99,7 @@ def makeService(options: CommandLineOptions) -> IService:
     )
 
     service.upgrade.onTakenOver = service.requestStop
+    service.upgrade.poolSize = lambda: pool.size
 
     def tookOver(state: PoolState) -> None:
         if state is PoolState.RUNNING and UPGRADE_FROM in os.environ:

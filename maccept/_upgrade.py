@@ -46,6 +46,7 @@ from maccept._handover import (
     SERVING,
     UPGRADE_FROM,
     UPGRADE_PIPE,
+    UPGRADE_WORKERS,
     pipeToOldParent,
     pipeValue,
 )
@@ -146,6 +147,8 @@ class Upgrade:
         self._settleTimer: Any = None
         #: The old parent's stop, called once the new parent serves.
         self.onTakenOver: Callable[[], None] = lambda: None
+        #: How many workers the pool runs now (scaled since --workers, maybe).
+        self.poolSize: Callable[[], int] = lambda: 0
         #: The parent's own ports (L{maccept._serviceports}), handed over too.
         self.servicePorts: Sequence[ServicePort] = ()
 
@@ -209,6 +212,7 @@ class Upgrade:
         env[INHERIT] = json.dumps(inherited)
         env[UPGRADE_FROM] = str(os.getpid())
         env[UPGRADE_PIPE] = pipeValue(pipe)
+        env[UPGRADE_WORKERS] = str(self.poolSize())
         self.shareLogFile()
         self._movePidfile(".oldbin")
         command = commandLine(sys.argv, self.twistdConfig)

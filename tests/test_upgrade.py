@@ -206,6 +206,19 @@ class UpgradeTests(SynchronousTestCase):
         with self.assertRaises(ConnectionRefusedError):
             server.connect().close()
 
+    def test_scaledSizeFollows(self) -> None:
+        """
+        A pool scaled since start (TTIN) keeps its size across USR2, as it
+        does across HUP: the new parent does not fall back to --workers.
+        """
+        server = self.start()
+        os.kill(server.pid, signal.SIGTTIN)
+        waitFor(lambda: len(server.workers()) == 3, what="a third worker")
+        os.kill(server.pid, signal.SIGUSR2)
+        new = self.newParent(server)
+        self.assertEqual(server.process.wait(30), 0)
+        waitFor(lambda: len(childrenOf(new)) == 3, what="the new parent's 3 workers")
+
     def test_metricsAndControlFollow(self) -> None:
         """
         A fixed C{--metrics} port and the C{--control} socket are handed

@@ -18,7 +18,13 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from maccept._handover import UPGRADE_FROM, UPGRADE_PIPE, greetOldParent
+from maccept._handover import (
+    UPGRADE_FROM,
+    UPGRADE_PIPE,
+    UPGRADE_WORKERS,
+    greetOldParent,
+    workersAfterUpgrade,
+)
 from maccept._upgrade import (
     GREETING_WAIT,
     INHERIT,
@@ -273,6 +279,20 @@ class NewParentTests(SynchronousTestCase):
         self.assertEqual(self.killed, [(4242, signal.SIGTERM)] * 2)
         os.set_blocking(readEnd, False)
         self.assertRaises(BlockingIOError, os.read, readEnd, 100)
+
+
+class WorkersAfterUpgradeTests(SynchronousTestCase):
+    def test_sizeFollows(self) -> None:
+        """
+        A new parent runs as many workers as the old one ran (scaled since
+        its --workers), and forgets the number; without an upgrade, or with
+        a value no old parent writes, --workers stands.
+        """
+        environ = {UPGRADE_FROM: "4242", UPGRADE_WORKERS: "5"}
+        self.assertEqual(workersAfterUpgrade(environ, 2), 5)
+        self.assertEqual(environ, {UPGRADE_FROM: "4242"})
+        for stray in [{UPGRADE_WORKERS: "5"}, {UPGRADE_FROM: "1", UPGRADE_WORKERS: "0"}]:
+            self.assertEqual(workersAfterUpgrade(stray, 2), 2)
 
 
 class InheritedTests(SynchronousTestCase):
