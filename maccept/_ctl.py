@@ -88,9 +88,10 @@ def formatStatus(status: dict[str, Any]) -> str:
 
 
 async def run(reactor: Any, options: argparse.Namespace) -> int:
-    problem = pathProblem(options.path) if options.path else "the path is empty"
+    problem = pathProblem(options.path) if options.path else "the control socket's path is empty"
     if problem is not None:
-        print(f"maccept-ctl: {options.path}: {problem}", file=sys.stderr)
+        named = problem if not options.path or options.path in problem else None
+        print(f"maccept-ctl: {named or f'{options.path}: {problem}'}", file=sys.stderr)
         return EXIT_UNREACHABLE
     endpoint = UNIXClientEndpoint(reactor, options.path, timeout=options.timeout)
     try:

@@ -11,6 +11,7 @@ adopt the same descriptor with C{adoptStreamPort}.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
@@ -205,15 +206,28 @@ def _systemdProblem(e: Exception) -> str:
 LISTEN_FDS_START = 3
 
 
+def _socketFacts(fd: int) -> tuple[int, int, bool]:
+    """
+    The type, family and whether it listens, of the socket at C{fd}.
+
+    @raise OSError: if C{fd} is not an open socket.
+    """
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        raise OSError(errno.ENOTSOCK, os.strerror(errno.ENOTSOCK))
+    with socket.socket(fileno=os.dup(fd)) as probe:
+        return (
+            probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE),
+            probe.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN),
+            bool(probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)),
+        )
+
+
 def _listeningAt(fd: int) -> bool:
     """
     Whether descriptor C{fd} is a listening socket: one systemd passed.
     """
     try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            return False
-        with socket.socket(fileno=os.dup(fd)) as probe:
-            return bool(probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        return _socketFacts(fd)[2]
     except OSError:
         return False
 
@@ -367,10 +381,7 @@ def _checkSystemdSocket(endpoint: Any) -> None:
     if not isinstance(fileno, int):
         return
     try:
-        with socket.socket(fileno=os.dup(fileno)) as probe:
-            kind = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-            domain = probe.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
-            accepting = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        kind, domain, accepting = _socketFacts(fileno)
     except OSError as e:
         raise ListenError(f"systemd's descriptor {fileno} is not a socket ({e.strerror})") from None
     if kind != socket.SOCK_STREAM:

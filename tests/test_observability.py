@@ -255,7 +255,7 @@ class ObservabilityTests(SynchronousTestCase):
         Path(regular).touch()
         for path, why in [
             (os.path.join(directory, "x" * 120), "longer than the 107 bytes"),
-            ("", "the path is empty"),
+            ("", "the control socket's path is empty"),
             (regular, "is not a socket"),
         ]:
             self.controlPath = path
