@@ -39,10 +39,12 @@ def pipeValue(fd: int) -> str:
 def pipeToOldParent(environ: Mapping[str, str]) -> int | None:
     """
     The descriptor of the pipe to the old parent named by L{UPGRADE_FROM},
-    or C{None} if that parent offered none (older code, or no upgrade).
+    or C{None} if that parent offered none (older code, or no upgrade), or
+    this process is not its child: the new parent's workers inherit the
+    variables, not the descriptor, and its number may be another file there.
     """
     old, _, fd = environ.get(UPGRADE_PIPE, "").partition(":")
-    if old and old == environ.get(UPGRADE_FROM) and fd.isdigit():
+    if old and old == environ.get(UPGRADE_FROM) == str(os.getppid()) and fd.isdigit():
         return int(fd)
     return None
 

@@ -254,7 +254,8 @@ class NewParentTests(SynchronousTestCase):
         """
         readEnd, writeEnd = os.pipe()
         self.addCleanup(os.close, readEnd)
-        environ = {UPGRADE_FROM: "4242", UPGRADE_PIPE: f"4242:{writeEnd}"}
+        old = str(os.getppid())  # the old parent started this one
+        environ = {UPGRADE_FROM: old, UPGRADE_PIPE: f"{old}:{writeEnd}"}
         greetOldParent(environ)
         takeOver(environ, Logger())
         self.assertEqual(os.read(readEnd, 100), b"hello\nserving\n")
@@ -265,18 +266,25 @@ class NewParentTests(SynchronousTestCase):
         """
         An old parent that offered no pipe is sent SIGTERM; so is one whose
         environment passed on a pipe offered to another, earlier parent (a
-        parent of older code keeps the variable it was given).
+        parent of older code keeps the variable it was given).  A process
+        that is not the old parent's child (one of the new parent's workers,
+        which inherit the variables but not the descriptor) writes nothing.
         """
         readEnd, writeEnd = os.pipe()
         self.addCleanup(os.close, readEnd)
         self.addCleanup(os.close, writeEnd)
+        old = os.getppid()
         for environ in [
-            {UPGRADE_FROM: "4242"},
-            {UPGRADE_FROM: "4242", UPGRADE_PIPE: f"1717:{writeEnd}"},
+            {UPGRADE_FROM: str(old)},
+            {UPGRADE_FROM: str(old), UPGRADE_PIPE: f"1717:{writeEnd}"},
+            {UPGRADE_FROM: "1717", UPGRADE_PIPE: f"1717:{writeEnd}"},
         ]:
             greetOldParent(environ)
             takeOver(environ, Logger())
-        self.assertEqual(self.killed, [(4242, signal.SIGTERM)] * 2)
+        self.assertEqual(
+            self.killed,
+            [(old, signal.SIGTERM), (old, signal.SIGTERM), (1717, signal.SIGTERM)],
+        )
         os.set_blocking(readEnd, False)
         self.assertRaises(BlockingIOError, os.read, readEnd, 100)
 
