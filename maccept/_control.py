@@ -159,21 +159,11 @@ class ControlProtocol(amp.AMP):
         return {}
 
 
-def controlFactory(pool: WorkerPool, stop: Callable[[], None]) -> Factory[ControlProtocol]:
-    asked: list[bool] = []
-
-    def stopOnce() -> bool:
-        """
-        Stop, once: a retried or scripted stop is not the second stop
-        that kills the workers (not even two in one reactor turn, before
-        the pool is stopping).
-        """
-        if asked or pool.state in (PoolState.STOPPING, PoolState.STOPPED):
-            return False
-        asked.append(True)
-        pool.reactor.callLater(0, stop)  # after the answer is on its way
-        return True
-
-    factory = Factory.forProtocol(lambda: ControlProtocol(pool, stopOnce))
+def controlFactory(pool: WorkerPool, stop: Callable[[], bool]) -> Factory[ControlProtocol]:
+    """
+    C{stop} stops as the first TERM does, and says whether it did: not
+    once a stop is asked for (see L{MacceptService.stopFromControl}).
+    """
+    factory = Factory.forProtocol(lambda: ControlProtocol(pool, stop))
     factory.noisy = False
     return factory

@@ -36,6 +36,16 @@ def pipeValue(fd: int) -> str:
     return f"{os.getpid()}:{fd}"
 
 
+def oldParentOffersPipe(environ: Mapping[str, str]) -> bool:
+    """
+    Whether the old parent named by L{UPGRADE_FROM} runs this code: it set
+    L{UPGRADE_PIPE} itself (one of older code passes on a stale one, with
+    another pid), and with it L{UPGRADE_WORKERS}.
+    """
+    old = environ.get(UPGRADE_PIPE, "").partition(":")[0]
+    return bool(old) and old == environ.get(UPGRADE_FROM)
+
+
 def pipeToOldParent(environ: Mapping[str, str]) -> int | None:
     """
     The descriptor of the pipe to the old parent named by L{UPGRADE_FROM},
@@ -43,9 +53,9 @@ def pipeToOldParent(environ: Mapping[str, str]) -> int | None:
     this process is not its child: the new parent's workers inherit the
     variables, not the descriptor, and its number may be another file there.
     """
-    old, _, fd = environ.get(UPGRADE_PIPE, "").partition(":")
-    if old and old == environ.get(UPGRADE_FROM) == str(os.getppid()) and fd.isdigit():
-        return int(fd)
+    fd = environ.get(UPGRADE_PIPE, "").partition(":")[2]
+    if oldParentOffersPipe(environ) and environ[UPGRADE_FROM] == str(os.getppid()):
+        return int(fd) if fd.isdigit() else None
     return None
 
 
@@ -56,7 +66,7 @@ def workersAfterUpgrade(environ: MutableMapping[str, str], wanted: int) -> int:
     C{wanted} without an upgrade.  Forgotten once read.
     """
     size = environ.pop(UPGRADE_WORKERS, "")
-    if UPGRADE_FROM in environ and size.isdigit() and int(size) > 0:
+    if oldParentOffersPipe(environ) and size.isdigit() and int(size) > 0:
         return int(size)
     return wanted
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
+from twisted.internet.protocol import Protocol
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -77,7 +78,8 @@ class QuietSite(Site):
 
     def buildProtocol(self, addr: Any) -> Any:
         if self.openConnections >= self.maxConnections:
-            return None
+            # Not None: a TLS wrapper around the site would wrap the None.
+            return _Refused()
         channel = super().buildProtocol(addr)
         self.openConnections += 1
         lost = channel.connectionLost
@@ -88,6 +90,15 @@ class QuietSite(Site):
 
         channel.connectionLost = connectionLost
         return channel
+
+
+class _Refused(Protocol):
+    """
+    A connection past L{QuietSite.maxConnections}: closed at once.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
 
 def metricsSite(pool: WorkerPool) -> Site:

@@ -21,6 +21,7 @@ from maccept._pool import WorkerPool
 from maccept._serviceports import ServicePort
 from maccept._signals import installHandlers
 from maccept._socketpath import SocketPath
+from maccept._states import PoolState
 from maccept._titles import setTitle
 from maccept._upgrade import Upgrade
 
@@ -100,6 +101,18 @@ class MacceptService(Service):
             self.upgrade.abandon()
         if self.reactor.running:  # not after a failed start, which stopped it already
             self.reactor.stop()
+
+    def stopFromControl(self) -> bool:
+        """
+        C{maccept-ctl stop}: as the first TERM; refused (C{False}) once a
+        stop is asked for, by a signal or the control socket, even in the
+        same reactor turn, so that a retried or scripted stop never turns
+        into the second stop that kills the workers.
+        """
+        if self.stopRequested or self.pool.state in (PoolState.STOPPING, PoolState.STOPPED):
+            return False
+        self.requestStop()  # the reactor stops a turn later: the answer goes first
+        return True
 
     def stopService(self) -> defer.Deferred[Any]:
         """

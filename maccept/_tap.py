@@ -109,7 +109,7 @@ def makeService(options: CommandLineOptions) -> IService:
     pool.stateObservers.append(tookOver)
     try:
         service.servicePorts = openServicePorts(
-            reactor, options, pool, service.requestStop, inherited
+            reactor, options, pool, service.stopFromControl, inherited
         )
     except ListenError as e:
         for listener in listeners:

@@ -47,6 +47,7 @@ from maccept._handover import (
     UPGRADE_FROM,
     UPGRADE_PIPE,
     UPGRADE_WORKERS,
+    oldParentOffersPipe,
     pipeToOldParent,
     pipeValue,
 )
@@ -204,8 +205,10 @@ class Upgrade:
             inherited.append({"fd": fd, "description": description})
             childFDs[fd] = fd
         env = dict(os.environ)
-        for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
-            # systemd's descriptors are among those handed over, by name.
+        for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_PID"):
+            # systemd's descriptors are among those handed over, by name;
+            # its watchdog is the new parent's to feed once it is the main
+            # process (WATCHDOG_PID names this one).
             env.pop(name, None)
         pipe = max(childFDs) + 1
         childFDs[pipe] = "r"
@@ -403,10 +406,15 @@ def takeOver(environ: MutableMapping[str, str], log: Logger) -> None:
     then stops (and forget the upgrade, so that this parent's next workers
     do not inherit it).
     """
-    pipe = pipeToOldParent(environ)
+    pipe, offered = pipeToOldParent(environ), oldParentOffersPipe(environ)
     old = environ.pop(UPGRADE_FROM, "")
     environ.pop(UPGRADE_PIPE, None)
     if not old.isdigit():
+        return
+    if pipe is None and offered:
+        # It offered a pipe, and is no longer this process's parent: gone.
+        # Its pid may be another process's by now, not to be signalled.
+        log.warn("upgrade: serving; the old parent (pid {pid}) has gone already", pid=old)
         return
     try:
         if pipe is not None:

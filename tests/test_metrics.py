@@ -6,21 +6,28 @@ and the kernel's accept queue read from a real listening socket.
 
 from __future__ import annotations
 
+import shutil
 import socket
+import tempfile
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
 from maccept._http import QuietSite, healthy
 from maccept._metrics import listenQueue, registryFor
 from maccept._pool import WorkerPool
 from tests.test_pool import PoolTestCase
+from tests.test_tls import selfSignedCertificate
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -154,10 +161,54 @@ class QuietSiteTests(SynchronousTestCase):
         site = QuietSite(Resource())
         site.maxConnections = 2
         channels = [site.buildProtocol(None) for _ in range(2)]
-        self.assertNotIn(None, channels)
-        self.assertIsNone(site.buildProtocol(None))
+        refused, transport = site.buildProtocol(None), StringTransport()
+        refused.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(site.openConnections, 2)
         channels[0].callLater = Clock().callLater  # its idle timer, off the real reactor
         channels[0].makeConnection(StringTransport())
         channels[0].connectionLost(Failure(ConnectionDone()))
-        self.assertIsNotNone(site.buildProtocol(None))
+        self.assertEqual(site.openConnections, 1)
+        site.buildProtocol(None)
+        self.assertEqual(site.openConnections, 2)
         self.assertEqual(site.timeOut, QuietSite.idleTimeout)
+
+
+class QuietSiteOverTLSTests(TestCase):
+    @defer.inlineCallbacks
+    def test_refusedOverTLS(self) -> Any:
+        """
+        Behind TLS (C{--metrics ssl:...}) a connection past the limit is
+        closed at once too: the refusal is a protocol that aborts, which a
+        TLS wrapper wraps (it would wrap a None and fail).
+        """
+        directory = Path(tempfile.mkdtemp(prefix="maccept-quiet-tls-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        key, certificate = selfSignedCertificate(directory)
+        site = QuietSite(Resource())
+        site.maxConnections = 1
+        description = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={certificate}"
+        port = yield serverFromString(reactor, description).listen(site)
+        self.addCleanup(port.stopListening)
+        address = ("127.0.0.1", port.getHost().port)
+        held, refused = (socket.create_connection(address, timeout=10) for _ in range(2))
+        refused.setblocking(False)
+
+        def closedByServer() -> bool:
+            try:
+                return refused.recv(10) == b""
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+
+        for _ in range(400):
+            if closedByServer():
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertTrue(closedByServer())
+        self.assertEqual(self.flushLoggedErrors(), [])
+        held.close()
+        refused.close()
+        while site.openConnections:
+            yield deferLater(reactor, 0.01, lambda: None)

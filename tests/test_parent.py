@@ -10,11 +10,13 @@ from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._parent import MacceptService
+from maccept._states import PoolState
 
 
 class RecordingPool:
     def __init__(self) -> None:
         self.killed = 0
+        self.state = PoolState.RUNNING
 
     def killAll(self) -> None:
         self.killed += 1
@@ -68,6 +70,21 @@ class RequestStopTests(SynchronousTestCase):
         service.requestStop()
         service.requestStop()
         self.assertEqual(upgrade.abandoned, 1)
+
+    def test_controlStopsOnce(self) -> None:
+        """
+        C{maccept-ctl stop} stops as the first TERM does, and is refused
+        once a stop is asked for, by the control socket or a signal, even
+        before the reactor has turned: it never becomes the killing second.
+        """
+        service, reactor, pool = self.service(running=True)
+        self.assertTrue(service.stopFromControl())
+        self.assertFalse(service.stopFromControl())
+        self.assertEqual((reactor.stops, pool.killed), (1, 0))
+        service, reactor, pool = self.service(running=True)
+        service.requestStop()  # SIGTERM
+        self.assertFalse(service.stopFromControl())
+        self.assertEqual((reactor.stops, pool.killed), (1, 0))
 
     def test_afterAFailedStart(self) -> None:
         """

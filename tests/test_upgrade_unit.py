@@ -128,6 +128,17 @@ class HandOverTests(SynchronousTestCase):
         self.assertEqual(process.childFDs[pipe], "r")
         return process, pipe
 
+    def test_watchdogIsTheNewParents(self) -> None:
+        """
+        The new parent is not given this one's WATCHDOG_PID: once it is the
+        main process it feeds systemd's watchdog (WATCHDOG_USEC stays).
+        """
+        self.patch(os, "environ", {**os.environ, "WATCHDOG_PID": "1", "WATCHDOG_USEC": "30"})
+        process, _ = self.start()
+        assert process.env is not None
+        self.assertNotIn("WATCHDOG_PID", process.env)
+        self.assertEqual(process.env["WATCHDOG_USEC"], "30")
+
     def test_servingStopsThisParent(self) -> None:
         """
         "serving" on the pipe, in pieces or not, stops this parent; the
@@ -268,7 +279,9 @@ class NewParentTests(SynchronousTestCase):
         environment passed on a pipe offered to another, earlier parent (a
         parent of older code keeps the variable it was given).  A process
         that is not the old parent's child (one of the new parent's workers,
-        which inherit the variables but not the descriptor) writes nothing.
+        which inherit the variables but not the descriptor, or a new parent
+        whose old one has gone) writes nothing, and signals nothing: the
+        pid may be another process's by now.
         """
         readEnd, writeEnd = os.pipe()
         self.addCleanup(os.close, readEnd)
@@ -281,10 +294,7 @@ class NewParentTests(SynchronousTestCase):
         ]:
             greetOldParent(environ)
             takeOver(environ, Logger())
-        self.assertEqual(
-            self.killed,
-            [(old, signal.SIGTERM), (old, signal.SIGTERM), (1717, signal.SIGTERM)],
-        )
+        self.assertEqual(self.killed, [(old, signal.SIGTERM), (old, signal.SIGTERM)])
         os.set_blocking(readEnd, False)
         self.assertRaises(BlockingIOError, os.read, readEnd, 100)
 
@@ -296,10 +306,16 @@ class WorkersAfterUpgradeTests(SynchronousTestCase):
         its --workers), and forgets the number; without an upgrade, or with
         a value no old parent writes, --workers stands.
         """
-        environ = {UPGRADE_FROM: "4242", UPGRADE_WORKERS: "5"}
+        offered = {UPGRADE_FROM: "4242", UPGRADE_PIPE: "4242:9"}
+        environ = {**offered, UPGRADE_WORKERS: "5"}
         self.assertEqual(workersAfterUpgrade(environ, 2), 5)
-        self.assertEqual(environ, {UPGRADE_FROM: "4242"})
-        for stray in [{UPGRADE_WORKERS: "5"}, {UPGRADE_FROM: "1", UPGRADE_WORKERS: "0"}]:
+        self.assertEqual(environ, offered)
+        for stray in [
+            {UPGRADE_WORKERS: "5"},
+            {**offered, UPGRADE_WORKERS: "0"},
+            # Passed on by an old parent of older code, which ignores it.
+            {UPGRADE_FROM: "4242", UPGRADE_PIPE: "1717:9", UPGRADE_WORKERS: "5"},
+        ]:
             self.assertEqual(workersAfterUpgrade(stray, 2), 2)
 
 
