@@ -140,6 +140,9 @@ def _optionProblem(description: str) -> str | None:
                 return f"backlog {backlog} is too large (at most {_MAX_BACKLOG})"
         if key in _FILE_OPTIONS and not os.access(value, os.R_OK):
             return f"cannot read {key}={value}"
+        if key == "index" and value.startswith("-"):
+            # Python would count it from the end of systemd's descriptors.
+            return f"index must be 0 or more, got {value}"
     return None
 
 

@@ -189,6 +189,10 @@ class BadValueTests(SynchronousTestCase):
             self.assertRejected("--listen", "--listen", "TCP:1"),
             "--listen TCP:1: unknown endpoint type 'TCP' (endpoint types are lower case)",
         )
+        self.assertEqual(
+            self.assertRejected("--listen", "--listen", "systemd:domain=INET:index=-1"),
+            "--listen systemd:domain=INET:index=-1: index must be 0 or more, got -1",
+        )
 
     def test_listenKnownButUnsupported(self) -> None:
         """
