@@ -139,8 +139,9 @@ class ControlProtocol(amp.AMP):
             raise ControlError(f"the pool keeps at least one worker (asked for {workers})")
         if workers > MAX_WORKERS:
             raise ControlError(f"the pool runs at most {MAX_WORKERS} workers (asked for {workers})")
-        if self.pool.state is not PoolState.RUNNING:
-            raise ControlError(f"cannot scale while the pool is {self.pool.state.value}")
+        refused = self.pool.scalingRefused()
+        if refused is not None:
+            raise ControlError(f"cannot scale: {refused}")
         self.pool.scaleTo(workers)
         return {"size": self.pool.size}
 

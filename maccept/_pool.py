@@ -179,6 +179,8 @@ class WorkerPool(Service):
         self._timeoutCall: Any = None
         #: A reload asked for while the pool started or reloaded.
         self._reloadQueued = False
+        #: Why scaling must wait (an upgrade under way), or C{None}.
+        self.scalingPaused: Callable[[], str | None] = lambda: None
         self._stopped: defer.Deferred[None] | None = None
         self._ticker = LoopingCall(self.tick)
         self._ticker.clock = reactor
@@ -750,12 +752,23 @@ class WorkerPool(Service):
         """
         self._shrink()
 
+    def scalingRefused(self) -> str | None:
+        """
+        Why the pool cannot be scaled now, or C{None}: only a running pool
+        scales, and not while a new parent (USR2) is being started, which
+        was told the size to run and would not hear of a change.
+        """
+        if self.state is not PoolState.RUNNING:
+            return f"the pool is {self.state.value}"
+        return self.scalingPaused()
+
     def _grow(self) -> bool:
         """
         Add one worker; say whether one was added.
         """
-        if self.state is not PoolState.RUNNING:
-            self.log.warn("scaling ignored: the pool is {state}", state=self.state.value)
+        refused = self.scalingRefused()
+        if refused is not None:
+            self.log.warn("scaling ignored: {why}", why=refused)
             return False
         if self.size >= MAX_WORKERS:
             self.log.warn("scaling ignored: the pool runs at most {most} workers", most=MAX_WORKERS)
@@ -789,8 +802,9 @@ class WorkerPool(Service):
         as it costs nothing, otherwise the highest-numbered worker, drained.
         Say whether one was taken out.
         """
-        if self.state is not PoolState.RUNNING:
-            self.log.warn("scaling ignored: the pool is {state}", state=self.state.value)
+        refused = self.scalingRefused()
+        if refused is not None:
+            self.log.warn("scaling ignored: {why}", why=refused)
             return False
         if self.size <= 1:
             self.log.warn("not scaling down: the pool keeps at least one worker")

@@ -58,6 +58,13 @@ class ServicePort:
         fileno: int = self.port.fileno()  # type: ignore[attr-defined]
         return fileno
 
+    def answer(self) -> None:
+        """
+        Start answering on a port adopted from an old parent, once this
+        parent has taken over (a no-op on one it opened itself).
+        """
+        self.port.startReading()  # type: ignore[attr-defined]
+
     def close(self, handedOver: bool = False) -> defer.Deferred[Any]:
         """
         Stop serving: close this parent's copy (never C{shutdown(2)}, which
@@ -125,6 +132,9 @@ def openServicePorts(
                 # (TLS for ssl:, else an upgrade would serve plain HTTP).
                 wrapped = wrapLikeEndpoint(makeEndpoint(reactor), factory)
                 port = adoptServicePort(reactor, inherited.pop(label), wrapped)
+                # The old parent answers until this one has taken over
+                # (L{ServicePort.answer}): not both, by turns.
+                port.stopReading()  # type: ignore[attr-defined]
                 servicePort = ServicePort(label, port, SocketPath.of(label, port, owned=False))
             else:
                 port = _listenAt(reactor, label, makeEndpoint, factory)

@@ -100,10 +100,15 @@ def makeService(options: CommandLineOptions) -> IService:
 
     service.upgrade.onTakenOver = service.requestStop
     service.upgrade.poolSize = lambda: pool.size
+    pool.scalingPaused = lambda: (
+        "an upgrade (USR2) is under way" if service.upgrade and service.upgrade.underWay else None
+    )
 
     def tookOver(state: PoolState) -> None:
         if state is PoolState.RUNNING and UPGRADE_FROM in os.environ:
             service.takeOwnership(adopted=True)
+            for servicePort in service.servicePorts:
+                servicePort.answer()
             takeOver(os.environ, _log)
 
     pool.stateObservers.append(tookOver)

@@ -154,6 +154,13 @@ class Upgrade:
         self.servicePorts: Sequence[ServicePort] = ()
 
     @property
+    def underWay(self) -> bool:
+        """
+        A new parent starts, and has not taken over yet.
+        """
+        return self.stage in (Stage.STARTED, Stage.GREETED)
+
+    @property
     def takenOver(self) -> bool:
         """
         A new parent serves in this one's place (its sockets' paths, its

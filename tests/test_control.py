@@ -49,3 +49,18 @@ class ControlTests(PoolTestCase):
         self.assertEqual(pool.pendingGeneration, 3)
         pool.stopService()
         self.assertRaises(ControlError, control.reload)
+
+    def test_scaleRefusedDuringUpgrade(self) -> None:
+        """
+        While a new parent is being started (USR2), which was told the size
+        to run, scaling is refused, by maccept-ctl and by TTIN alike, rather
+        than done here and lost.
+        """
+        pool = self.readyPool(2)
+        pool.scalingPaused = lambda: "an upgrade (USR2) is under way"
+        control = self.connect(pool, [])
+        with self.assertRaises(ControlError) as caught:
+            control.scale(workers=4)
+        self.assertIn("upgrade (USR2) is under way", str(caught.exception))
+        pool.scaleUp()
+        self.assertEqual((pool.size, len(pool.workers)), (2, 2))

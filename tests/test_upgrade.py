@@ -206,6 +206,42 @@ class UpgradeTests(SynchronousTestCase):
         with self.assertRaises(ConnectionRefusedError):
             server.connect().close()
 
+    def test_oldParentAnswersUntilHandOver(self) -> None:
+        """
+        While the new parent starts its workers, only the old one answers
+        on the metrics port, though both hold it: /healthz does not flap to
+        503, nor the workers ready to 0, during a zero-downtime upgrade.  It
+        refuses to scale meanwhile (the new parent was told the size).
+        """
+        marker = os.path.join(tempfile.gettempdir(), f"maccept-slow-metrics-{os.getpid()}")
+        port = freePort()
+        server = self.start(
+            *("--protocol", "tests.sample_protocols:SlowToStartFactory"),
+            *("--graceful-timeout", "2", "--metrics", f"tcp:{port}:interface=127.0.0.1"),
+            *("--control", CONTROL),
+            env={"MACCEPT_TEST_SLOW": marker},
+        )
+        Path(marker).touch()
+        self.addCleanup(os.unlink, marker)
+        os.kill(server.pid, signal.SIGUSR2)
+        self.newParent(server)
+        waitFor(lambda: "starts its workers" in server.log(), what="the greeting")
+
+        def adopted() -> bool:
+            return "QuietSite starting on" in server.log().split("new parent")[-1]
+
+        waitFor(adopted, what="the new parent to adopt the metrics port")
+        for _ in range(20):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as answer:
+                self.assertEqual(answer.status, 200)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+                self.assertIn(b'maccept_workers{state="ready"} 2.0', answer.read())
+        scaled = subprocess.run(
+            [MACCEPT_CTL, self.controlPath, "scale", "4"], capture_output=True, text=True
+        )
+        self.assertEqual(scaled.returncode, 1, scaled.stderr)
+        self.assertIn("an upgrade (USR2) is under way", scaled.stderr)
+
     def test_scaledSizeFollows(self) -> None:
         """
         A pool scaled since start (TTIN) keeps its size across USR2, as it
