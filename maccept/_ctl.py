@@ -88,10 +88,14 @@ def formatStatus(status: dict[str, Any]) -> str:
 
 
 async def run(reactor: Any, options: argparse.Namespace) -> int:
-    problem = pathProblem(options.path) if options.path else "the control socket's path is empty"
+    if not options.path:
+        print("maccept-ctl: the control socket's path is empty", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    problem = pathProblem(options.path)
     if problem is not None:
-        named = problem if not options.path or options.path in problem else None
-        print(f"maccept-ctl: {named or f'{options.path}: {problem}'}", file=sys.stderr)
+        # Said once: some problems name the path themselves.
+        where = "" if options.path in problem else f"{options.path}: "
+        print(f"maccept-ctl: {where}{problem}", file=sys.stderr)
         return EXIT_UNREACHABLE
     endpoint = UNIXClientEndpoint(reactor, options.path, timeout=options.timeout)
     try:

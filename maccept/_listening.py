@@ -526,11 +526,8 @@ def socketKind(fd: int) -> tuple[int, bool]:
     The address family of the socket at C{fd}, and whether it is a
     datagram socket.
     """
-    probe = socket.socket(fileno=os.dup(fd))
-    try:
-        return probe.family, probe.type == socket.SOCK_DGRAM
-    finally:
-        probe.close()
+    kind, family, _ = _socketFacts(fd)
+    return family, kind == socket.SOCK_DGRAM
 
 
 def adoptStream(reactor: Any, fd: int, family: int, factory: IProtocolFactory) -> IListeningPort:

@@ -260,8 +260,7 @@ class Upgrade:
             # The stop taken for an older parent's hand-over was someone's
             # stop: it is the new parent's too, and the sockets' paths, left
             # for it, are this parent's to remove after all.
-            self.log.warn("upgrade abandoned: stopping the new parent (pid {pid}) too", pid=pid)
-            self._stopNewParent(Stage.ABANDONED)
+            self._stopNewParent()
             owners: list[Any] = [*self.listeners, *self.servicePorts]
             for owner in owners:
                 if owner.socketPath is not None:
@@ -319,15 +318,15 @@ class Upgrade:
         if self.stage is Stage.STARTED:
             self.stage = Stage.SIGNALLED
         elif self.stage is Stage.GREETED:
+            self._stopNewParent()
+
+    def _stopNewParent(self) -> None:
+        self.stage = Stage.ABANDONED
+        if self.newParent is not None:
             self.log.warn(
                 "upgrade abandoned: stopping the new parent (pid {pid}) too",
                 pid=self.newParent.pid,
             )
-            self._stopNewParent(Stage.ABANDONED)
-
-    def _stopNewParent(self, stage: Stage) -> None:
-        self.stage = stage
-        if self.newParent is not None:
             with contextlib.suppress(ProcessExitedAlready, OSError):
                 self.newParent.signalProcess("TERM")
 
