@@ -226,6 +226,28 @@ class Bench:
         log = self.out / "raw" / f"{kind}-{workers}{label}.log"
         return servers.RunningServer(spec, self.pinning.server, log)
 
+    def preflight(self) -> None:
+        """
+        Start each server once, with the fewest workers, before measuring
+        anything: one that cannot start (a module missing where the sweep
+        runs) would otherwise fail in every cell while the others take
+        minutes of a lent machine's time.
+
+        @raise SystemExit: naming the first server that did not start, with
+            the tail of its log.
+        """
+        for kind in self.settings.servers:
+            server = self.serve(kind, 1, "-preflight")
+            try:
+                server.start()
+            except servers.ServerError as e:
+                raise SystemExit(
+                    f"benchmark: {kind} did not start, so nothing was measured"
+                    f" (fix it or leave it out of --servers): {e}"
+                ) from None
+            finally:
+                server.stop()
+
     def measureServer(self, kind: str, workers: int, round: int = 0) -> None:
         """
         Start one server, put every workload through it, stop it.
@@ -584,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     # Off the server CPUs (it polls logs and /proc), once the environment,
     # which records the CPUs this process may use, is taken.
     os.sched_setaffinity(0, pinning.client)
+    bench.preflight()
     began = time.monotonic()
     try:
         runAll(bench)
