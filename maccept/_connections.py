@@ -64,6 +64,9 @@ class ConnectionTracker:
         self.idleClosed = 0
         self.proxyRejectedCount = 0
         self.handshakesFailedCount = 0
+        #: Wake-ups to accept that found the connection gone to another
+        #: worker: every worker's epoll wakes for each new connection.
+        self.emptyWakeups = 0
         #: Connections closed at once for want of a descriptor (EMFILE).
         self.shedding = Tally(
             _log,
@@ -108,6 +111,12 @@ class ConnectionTracker:
         A connection was dropped for a failed TLS handshake.
         """
         self.handshakesFailedCount += 1
+
+    def wokeForNothing(self) -> None:
+        """
+        A wake-up to accept found no connection waiting.
+        """
+        self.emptyWakeups += 1
 
     def shed(self, count: int) -> None:
         """

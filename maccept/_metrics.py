@@ -131,6 +131,12 @@ class PoolCollector(Collector):
         pauses.add_metric(["balance"], totals["acceptPausesAhead"])
         pauses.add_metric(["max_concurrent"], totals["acceptPausesFull"])
         yield pauses
+        yield CounterMetricFamily(
+            "maccept_accept_empty_wakeups",
+            "Times a worker woke to accept and found no connection waiting: another "
+            "worker took it (every worker's epoll wakes for each new connection).",
+            value=totals["emptyWakeups"],
+        )
         restarts = CounterMetricFamily(
             "maccept_worker_restarts",
             "Workers that left the pool, by reason.",

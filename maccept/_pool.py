@@ -50,6 +50,7 @@ COUNTERS = (
     "shed",
     "acceptPausesAhead",
     "acceptPausesFull",
+    "emptyWakeups",
 )
 
 

@@ -150,6 +150,7 @@ STATS = [
     (b"shed", amp.Integer(optional=True)),
     (b"acceptPausesAhead", amp.Integer(optional=True)),
     (b"acceptPausesFull", amp.Integer(optional=True)),
+    (b"emptyWakeups", amp.Integer(optional=True)),
     (b"lag", amp.Float()),
 ]
 

@@ -139,7 +139,9 @@ class Worker:
             # Accept nothing before the start hook has run.
             port.stopReading()  # type: ignore[attr-defined]
             if isinstance(port, tcp.Port):
-                self._acceptLoops[port] = acceptQuickly(port, self.tracker.shed)
+                self._acceptLoops[port] = acceptQuickly(
+                    port, self.tracker.shed, self.tracker.wokeForNothing
+                )
             trackConnections(port, self.tracker)
             if self.governor is not None:
                 self.governor.govern(port)
@@ -215,6 +217,7 @@ class Worker:
             "shed": tracker.shedding.total,
             "acceptPausesAhead": governor.pausesAhead if governor else 0,
             "acceptPausesFull": governor.pausesFull if governor else 0,
+            "emptyWakeups": tracker.emptyWakeups,
             "lag": self.lag.worstSinceLastAsked(),
         }
 

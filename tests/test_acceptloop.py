@@ -233,11 +233,12 @@ class LeanAcceptTests(SynchronousTestCase):
                 return listener._accept()
 
         shed: list[int] = []
+        empty: list[None] = []
         port.socket = FullOnce()
-        acceptQuickly(port, shed.append)
+        acceptQuickly(port, shed.append, lambda: empty.append(None))
         port.doRead()
         port.socket = listener
-        self.assertEqual((shed, factory.addresses), ([3], []))
+        self.assertEqual((shed, factory.addresses, empty), ([3], [], []))
         for client in clients:
             client.settimeout(10)
             self.assertEqual(client.recv(1), b"")
@@ -250,3 +251,22 @@ class LeanAcceptTests(SynchronousTestCase):
         port = self.listen(factory)
         port.doRead()
         self.assertEqual((factory.addresses, self.flushLoggedErrors()), ([], []))
+
+    def test_emptyWakeupsTold(self) -> None:
+        """
+        A wake-up that finds no connection waiting (another worker took it)
+        is told to C{onEmpty}; one that accepts is not (nor one that sheds:
+        test_outOfDescriptorsSheds).
+        """
+        factory = RecordingFactory()
+        port = self.listen(factory, lean=False)
+        empty: list[None] = []
+        shed: list[int] = []
+        acceptQuickly(port, shed.append, lambda: empty.append(None))
+        port.doRead()
+        self.assertEqual(len(empty), 1)
+        self.connect(port, 2)
+        port.numberAccepts = 5
+        port.doRead()
+        self.assertEqual((len(empty), len(factory.built)), (1, 2))
+        self.closeTransports(factory)

@@ -78,6 +78,20 @@ class CollectorTests(PoolTestCase):
         )
         self.assertEqual(samples[("maccept_tls_handshakes_failed_total", ())], 0)
 
+    def test_emptyWakeups(self) -> None:
+        """
+        Wake-ups that found nothing to accept are summed over workers,
+        departed ones too; a worker of older code that lacks them changes
+        nothing.
+        """
+        pool = self.readyPool(3)
+        first, second, third = pool.workers
+        first.heartbeat(emptyWakeups=40)
+        second.heartbeat(emptyWakeups=2)
+        third.heartbeat(emptyWakeups=None)
+        self.process(first).end(1)
+        self.assertEqual(scrape(pool)[("maccept_accept_empty_wakeups_total", ())], 42)
+
     def test_workersByState(self) -> None:
         """
         C{maccept_workers} counts workers in every state but stopped.

@@ -21,6 +21,7 @@ from zope.interface import implementer
 from maccept._logforward import ForwardingObserver
 from maccept._protocols import Echo
 from maccept._wire import (
+    STATS,
     Heartbeat,
     ListenerHandle,
     ReplaceMe,
@@ -253,6 +254,19 @@ class ServingTests(WorkerTestCase):
         self.assertEqual((beat["accepted"], beat["open"]), (2, 1))
         self.reactor.advance(worker.spec.heartbeatInterval)
         self.assertEqual(self.control.commands().count(Heartbeat), 2)
+
+    def test_heartbeatCarriesEveryCounter(self) -> None:
+        """
+        A heartbeat sends every counter the parent knows (L{STATS}), the
+        wake-ups that found nothing to accept among them.
+        """
+        worker = self.startedWorker()
+        worker.tracker.wokeForNothing()
+        worker.tracker.wokeForNothing()
+        self.reactor.advance(worker.spec.heartbeatInterval)
+        [beat] = [arguments for command, arguments in self.control.calls if command is Heartbeat]
+        self.assertEqual(set(beat), {name.decode() for name, _ in STATS})
+        self.assertEqual(beat["emptyWakeups"], 2)
 
     def test_recycleAfter(self) -> None:
         """
