@@ -210,6 +210,14 @@ def _throughputSection(r: Results, workload: str) -> list[str]:
         *_perWorkerCount(r, workload, _clientBusy),
         "",
     ]
+    acceptPath = [
+        "maccept's accept path per 1000 connections accepted (from its own /metrics, "
+        "which lag by up to a second): balance pauses / wake-ups that found nothing "
+        "(another worker took the connection):",
+        "",
+        *_perWorkerCount(r, workload, _acceptPath),
+        "",
+    ]
     footnote = [
         f"\\* the load generator used {CLIENT_BOUND:.0%} or more of its CPUs: the client, "
         "not the server, may have set that number.",
@@ -235,6 +243,12 @@ def _throughputSection(r: Results, workload: str) -> list[str]:
         *_perWorkerCount(r, workload, _cpuPerRequest),
         "",
         *(clientBusy if any("client_busy" in run for run in recorded) else []),
+        # Only churn accepts enough connections for a rate per connection.
+        *(
+            acceptPath
+            if workload == "churn" and any("accept_path" in run for run in recorded)
+            else []
+        ),
     ]
 
 
@@ -258,6 +272,17 @@ def _cpuPerRequest(run: dict[str, Any] | None) -> str:
     if "server_kernel_share" in run:
         text += f" ({run['server_kernel_share']:.0%} kernel)"
     return text
+
+
+def _acceptPath(run: dict[str, Any] | None) -> str:
+    counts = (run or {}).get("accept_path", {})
+    accepted = counts.get("accepted", 0)
+    if not accepted:
+        return "-"
+    return " / ".join(
+        f"{counts[name] * 1000 / accepted:.1f}" if name in counts else "-"
+        for name in ("balance_pauses", "empty_wakeups")
+    )
 
 
 def _clientBusy(run: dict[str, Any] | None) -> str:

@@ -221,8 +221,19 @@ class Bench:
 
     # -- running servers
 
-    def serve(self, kind: str, workers: int, label: str = "") -> servers.RunningServer:
-        spec = servers.ServerSpec(kind, workers, servers.freePort(), self.settings.backlog)
+    def serve(
+        self, kind: str, workers: int, label: str = "", metrics: bool = False
+    ) -> servers.RunningServer:
+        """
+        A server ready to start; with C{metrics}, a maccept server also
+        serves /metrics, for the accept path's counters (left out of the
+        footprint runs, where it would add its own memory).
+        """
+        port = servers.freePort()
+        metricsPort = None
+        while metrics and kind.startswith("maccept") and metricsPort in (None, port):
+            metricsPort = servers.freePort()
+        spec = servers.ServerSpec(kind, workers, port, self.settings.backlog, metricsPort)
         log = self.out / "raw" / f"{kind}-{workers}{label}.log"
         return servers.RunningServer(spec, self.pinning.server, log)
 
@@ -237,7 +248,7 @@ class Bench:
             the tail of its log.
         """
         for kind in self.settings.servers:
-            server = self.serve(kind, 1, "-preflight")
+            server = self.serve(kind, 1, "-preflight", metrics=True)
             try:
                 server.start()
             except servers.ServerError as e:
@@ -255,7 +266,7 @@ class Bench:
         rounds = self.settings.rounds
         of = f", round {round + 1} of {rounds}" if rounds > 1 else ""
         print(f"== {kind}, {workers} worker(s){of}", file=sys.stderr, flush=True)
-        server = self.serve(kind, workers, f"-round{round + 1}" if rounds > 1 else "")
+        server = self.serve(kind, workers, f"-round{round + 1}" if rounds > 1 else "", metrics=True)
         self.round = round
         try:
             server.start()
@@ -348,14 +359,21 @@ class Bench:
         try:
             time.sleep(s.warmup)
             before = [_procfs.cpuTimes(p) for p in watched]
+            countersBefore = server.acceptCounters()
             time.sleep(s.duration)
             after = [_procfs.cpuTimes(p) for p in watched]
+            countersAfter = server.acceptCounters()
         finally:
             result = running.finish()
         userTime = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
         systemTime = [a[1] - b[1] for a, b in zip(after, before, strict=True)]
         spent = [u + k for u, k in zip(userTime, systemTime, strict=True)]
         record = {**result, "worker_cpu_s": [round(x, 2) for x in spent[: len(pids)]]}
+        if countersAfter:
+            # The window's counts, as maccept's own /metrics tell them.
+            record["accept_path"] = {
+                name: countersAfter[name] - countersBefore.get(name, 0) for name in countersAfter
+            }
         if len(watched) > len(pids):
             # A supervising parent should cost nothing while workers serve.
             record["parent_cpu_s"] = round(spent[-1], 2)

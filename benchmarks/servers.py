@@ -43,6 +43,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,8 @@ class ServerSpec:
     processes: int
     port: int
     backlog: int = BACKLOG
+    #: maccept's /metrics port, from which the accept path's counters are read.
+    metricsPort: int | None = None
 
     @property
     def isMaccept(self) -> bool:
@@ -115,6 +118,8 @@ class ServerSpec:
             listen = f"tcp:{self.port}:interface={HOST}:backlog={self.backlog}"
             command = [*twistdCommand(), "-n", "--pidfile=", "maccept"]
             command += ["--workers", str(self.processes), "--listen", listen]
+            if self.metricsPort is not None:
+                command += ["--metrics", f"tcp:{self.metricsPort}:interface={HOST}"]
             if self.kind == "maccept-greedy":
                 command += ["--balance", "greedy"]
             elif self.kind in ("maccept-epoll", "maccept-asyncio"):
@@ -148,6 +153,29 @@ class ServerSpec:
             workers = [p for p in children if any(m in _procfs.cmdline(p) for m in markers)]
             children = workers or children
         return sorted(children)
+
+
+#: maccept's counters of its accept path, by the benchmark's names for them.
+ACCEPT_COUNTERS = {
+    "accepted": ("maccept_connections_accepted_total", ()),
+    "balance_pauses": ("maccept_accept_pauses_total", (("reason", "balance"),)),
+    "empty_wakeups": ("maccept_accept_empty_wakeups_total", ()),
+}
+
+
+def acceptCounters(metricsText: str) -> dict[str, float]:
+    """
+    The accept path's counters in a maccept /metrics page; those its
+    version lacks are left out.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(metricsText)
+        for sample in family.samples
+    }
+    return {name: found[key] for name, key in ACCEPT_COUNTERS.items() if key in found}
 
 
 class ServerError(Exception):
@@ -211,6 +239,18 @@ class RunningServer:
             time.sleep(0.005)
         self.stop()
         raise ServerError(f"{self.spec} not ready after {timeout:.0f}s:\n{self.logTail()}")
+
+    def acceptCounters(self) -> dict[str, float]:
+        """
+        A maccept server's accept-path counters now (see L{acceptCounters});
+        empty for other servers.  The workers report every second, so
+        these lag by up to a second.
+        """
+        if self.spec.metricsPort is None:
+            return {}
+        url = f"http://{HOST}:{self.spec.metricsPort}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as page:
+            return acceptCounters(page.read().decode())
 
     def log(self) -> str:
         return self.logPath.read_text(errors="replace")

@@ -36,7 +36,7 @@ class FakeServer:
 def bench(kinds: tuple[str, ...], broken: set[str], log: list[str]) -> harness.Bench:
     b = harness.Bench.__new__(harness.Bench)
     b.settings = SimpleNamespace(servers=kinds)  # type: ignore[assignment]
-    b.serve = lambda kind, workers, label="": FakeServer(kind, broken, log)  # type: ignore[method-assign]
+    b.serve = lambda kind, workers, label="", metrics=False: FakeServer(kind, broken, log)  # type: ignore[method-assign]
     return b
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 sys.path.append(str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import _loadgen
+import _report
 import run as harness
 import servers
 
@@ -84,3 +87,51 @@ class CountConnectionsTests(SynchronousTestCase):
             pid = os.getpid()
             self.assertEqual(harness.countConnections(port, [pid], 3, 5.0), [3])
             self.assertEqual(harness.countConnections(port, [pid], 4, 0.05), [3])
+
+
+class AcceptCountersTests(SynchronousTestCase):
+    def test_readFromARealServer(self) -> None:
+        """
+        A maccept server started with a metrics port reports its accept
+        path's counters: the connections it accepted, and the pauses and
+        empty wake-ups counted beside them.
+        """
+        spec = servers.ServerSpec("maccept", 2, servers.freePort(), metricsPort=servers.freePort())
+        self.assertIn(f"tcp:{spec.metricsPort}:interface={servers.HOST}", spec.command())
+        log = Path(tempfile.mkdtemp(prefix="maccept-bench-")) / "server.log"
+        self.addCleanup(shutil.rmtree, log.parent, True)
+        server = servers.RunningServer(spec, set(os.sched_getaffinity(0)), log)
+        server.start()
+        self.addCleanup(server.stop)
+        for _ in range(3):
+            with socket.create_connection((servers.HOST, spec.port), timeout=10) as client:
+                client.sendall(b"ping")
+                self.assertEqual(client.recv(4), b"ping")
+        counters = harness.waitUntil(lambda: server.acceptCounters().get("accepted") == 3, 30)
+        self.assertIsNotNone(counters, "the workers never reported 3 connections")
+        self.assertEqual(
+            set(server.acceptCounters()), {"accepted", "balance_pauses", "empty_wakeups"}
+        )
+
+    def test_olderServerLacksSome(self) -> None:
+        """
+        A page from a maccept that lacks a counter gives the others.
+        """
+        page = (
+            "# TYPE maccept_connections_accepted counter\n"
+            "maccept_connections_accepted_total 12.0\n"
+            "# TYPE maccept_accept_pauses counter\n"
+            'maccept_accept_pauses_total{reason="balance"} 3.0\n'
+            'maccept_accept_pauses_total{reason="max_concurrent"} 1.0\n'
+        )
+        self.assertEqual(servers.acceptCounters(page), {"accepted": 12.0, "balance_pauses": 3.0})
+
+    def test_reportedPerThousand(self) -> None:
+        """
+        The report gives pauses and empty wake-ups per 1000 connections
+        accepted in the window, and a dash where nothing was counted.
+        """
+        counts = {"accepted": 20000.0, "balance_pauses": 300.0, "empty_wakeups": 50.0}
+        self.assertEqual(_report._acceptPath({"accept_path": counts}), "15.0 / 2.5")
+        self.assertEqual(_report._acceptPath({"accept_path": {"accepted": 10.0}}), "- / -")
+        self.assertEqual(_report._acceptPath({"rps": 1.0}), "-")
