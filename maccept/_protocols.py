@@ -191,6 +191,12 @@ def resolveProtocol(spec: str, protocolOptions: Sequence[str] = ()) -> FactoryMa
         module = importlib.import_module(moduleName)
     except ImportError as e:
         raise ProtocolSpecError(f"cannot import module {moduleName!r}: {e}") from None
+    except SystemExit as e:
+        # A script named by mistake: without this the whole command exits
+        # with the script's status and no word of why.
+        raise ProtocolSpecError(
+            f"importing module {moduleName!r} exited (sys.exit({e.code!r})): is it a script?"
+        ) from None
     except Exception as e:
         raise ProtocolSpecError(
             f"importing module {moduleName!r} failed: {type(e).__name__}: {e}"

@@ -46,6 +46,11 @@ class BadInputTests(SynchronousTestCase):
     def test_protocolMissingModule(self) -> None:
         self.check(["--protocol", "no.such.module:factory"], "--protocol", "cannot import module")
 
+    def test_protocolModuleExits(self) -> None:
+        self.check(
+            ["--protocol", "tests.sample_exits_at_import:factory"], "--protocol", "sys.exit(3)"
+        )
+
     def test_protocolNotAFactory(self) -> None:
         self.check(["--protocol", "os:path"], "--protocol", "neither a protocol factory")
 

@@ -123,6 +123,19 @@ class ResolveTests(SynchronousTestCase):
         e = self.assertRaises(ProtocolSpecError, resolveProtocol, "no.such.module:factory")
         self.assertIn("cannot import module 'no.such.module'", str(e))
 
+    def test_moduleExitsAtImport(self) -> None:
+        """
+        A module that calls C{sys.exit} while imported is refused with its
+        status, instead of ending the process.
+        """
+        e = self.assertRaises(
+            ProtocolSpecError, resolveProtocol, "tests.sample_exits_at_import:factory"
+        )
+        self.assertEqual(
+            str(e),
+            "importing module 'tests.sample_exits_at_import' exited (sys.exit(3)): is it a script?",
+        )
+
     def test_missingAttribute(self) -> None:
         """
         A missing attribute is named with its module.
