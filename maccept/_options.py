@@ -208,10 +208,12 @@ class Options(usage.Options):
         """
         List the protocol plugins installed, and exit.
         """
-        from maccept._plugins import protocolPlugins
+        from maccept._plugins import pluginsByName
 
-        for name, plugin in sorted(protocolPlugins().items()):
-            print(f"{name:12} {plugin.description}")
+        for name, plugins in sorted(pluginsByName().items()):
+            for plugin in plugins:
+                clash = "  (ambiguous: several plugins have this name)" if len(plugins) > 1 else ""
+                print(f"{name:12} {plugin.description}{clash}")
         raise SystemExit(0)
 
     def opt_listen(self, description: str) -> None:

@@ -58,13 +58,26 @@ class ProtocolPlugin:
         return made
 
 
-def protocolPlugins() -> dict[str, IProtocolPlugin]:
+def pluginsByName() -> dict[str, list[IProtocolPlugin]]:
     """
-    Every protocol plugin installed, by name.
+    Every protocol plugin installed, by name: two packages may install
+    plugins of one name, and which one getPlugins finds last is an
+    accident of the file system, so a name with two is ambiguous.
     """
     import twisted.plugins
 
-    return {plugin.name: plugin for plugin in getPlugins(IProtocolPlugin, twisted.plugins)}
+    found: dict[str, list[IProtocolPlugin]] = {}
+    for plugin in getPlugins(IProtocolPlugin, twisted.plugins):
+        found.setdefault(plugin.name, []).append(plugin)
+    return found
+
+
+def protocolPlugins() -> dict[str, IProtocolPlugin]:
+    """
+    Every protocol plugin installed, by name (the first found of a name
+    that several have: see L{pluginsByName}).
+    """
+    return {name: plugins[0] for name, plugins in pluginsByName().items()}
 
 
 def optionArguments(protocolOptions: Sequence[str]) -> list[str]:

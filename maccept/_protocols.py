@@ -163,12 +163,18 @@ def resolveProtocol(spec: str, protocolOptions: Sequence[str] = ()) -> FactoryMa
         or if the plugin refuses its options.
     """
     if ":" not in spec:
-        from maccept._plugins import pluginFactoryMaker, protocolPlugins
+        from maccept._plugins import pluginFactoryMaker, pluginsByName
 
-        plugins = protocolPlugins()
+        plugins = pluginsByName()
+        if len(plugins.get(spec, ())) > 1:
+            descriptions = "; ".join(repr(plugin.description) for plugin in plugins[spec])
+            raise ProtocolSpecError(
+                f"{len(plugins[spec])} protocol plugins are named {spec!r} ({descriptions}):"
+                " uninstall one, or name the factory you mean as module:attribute"
+            )
         if spec in plugins:
             try:
-                return pluginFactoryMaker(plugins[spec], protocolOptions)
+                return pluginFactoryMaker(plugins[spec][0], protocolOptions)
             except usage.UsageError as e:
                 raise ProtocolSpecError(f"{spec}: {e}") from None
             except Exception as e:

@@ -5,7 +5,9 @@ real pool, a third party's plugin, and bad input.
 
 from __future__ import annotations
 
+import io
 import shutil
+import sys
 import tempfile
 import textwrap
 import time
@@ -19,6 +21,7 @@ from zope.interface.verify import verifyObject
 
 from maccept import _plugins
 from maccept._builtins import Chargen
+from maccept._options import CommandLineOptions
 from maccept._plugins import ProtocolPlugin, optionArguments, protocolPlugins
 from maccept._protocols import ProtocolSpecError, resolveProtocol
 from maccept.interfaces import IProtocolPlugin
@@ -29,6 +32,8 @@ BUILT_IN = {"echo", "discard", "chargen", "daytime", "web"}
 
 
 class DiscoveryTests(SynchronousTestCase):
+    myWeb = ProtocolPlugin("web", "My web", "tests.sample_protocols:Sleepy")
+
     def test_builtInsFound(self) -> None:
         """
         Every built-in protocol is found as an L{IProtocolPlugin}.
@@ -65,10 +70,39 @@ class DiscoveryTests(SynchronousTestCase):
         reason, as a bad option is, not with a traceback.
         """
         broken = ProtocolPlugin("broken", "d", "no_such_module:f", options="no_such_module:O")
-        self.patch(_plugins, "protocolPlugins", lambda: {"broken": broken})
+        self.patch(_plugins, "pluginsByName", lambda: {"broken": [broken]})
         with self.assertRaises(ProtocolSpecError) as caught:
             resolveProtocol("broken")
         self.assertIn("broken: its options failed: ModuleNotFoundError", str(caught.exception))
+
+    def test_twoPluginsOfOneName(self) -> None:
+        """
+        A name that two installed plugins share is refused with both their
+        descriptions, rather than serving whichever was found last.
+        """
+        both = {"web": [protocolPlugins()["web"], self.myWeb]}
+        self.patch(_plugins, "pluginsByName", lambda: both)
+        with self.assertRaises(ProtocolSpecError) as caught:
+            resolveProtocol("web")
+        message = str(caught.exception)
+        self.assertIn("2 protocol plugins are named 'web'", message)
+        self.assertIn("'My web'", message)
+        self.assertIn("name the factory you mean as module:attribute", message)
+
+    def test_twoPluginsOfOneNameListed(self) -> None:
+        """
+        C{--help-protocols} lists both plugins of one name, each marked.
+        """
+        both = {"web": [protocolPlugins()["web"], self.myWeb]}
+        self.patch(_plugins, "pluginsByName", lambda: both)
+        printed = io.StringIO()
+        self.patch(sys, "stdout", printed)
+        self.assertRaises(SystemExit, CommandLineOptions().parseOptions, ["--help-protocols"])
+        lines = printed.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        marked = "(ambiguous: several plugins have this name)"
+        self.assertTrue(all(line.endswith(marked) for line in lines))
+        self.assertIn("My web", lines[1])
 
     def test_moduleAttributeTakesNoOptions(self) -> None:
         """
