@@ -140,7 +140,7 @@ class Worker:
             port.stopReading()  # type: ignore[attr-defined]
             if isinstance(port, tcp.Port):
                 self._acceptLoops[port] = acceptQuickly(
-                    port, self.tracker.shed, self.tracker.wokeForNothing
+                    port, self.tracker.shed, self._wokeForNothing
                 )
             trackConnections(port, self.tracker)
             if self.governor is not None:
@@ -182,6 +182,11 @@ class Worker:
         if limit is not None and self.tracker.accepted >= limit and not self._askedForReplacement:
             self._askedForReplacement = True
             self._call(ReplaceMe, reason=f"accepted {self.tracker.accepted} connections")
+
+    def _wokeForNothing(self) -> None:
+        # A draining worker's sweep of the backlog was not woken by anything.
+        if not self.draining:
+            self.tracker.wokeForNothing()
 
     def closeIdle(self) -> None:
         """

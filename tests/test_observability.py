@@ -165,6 +165,23 @@ class ObservabilityTests(SynchronousTestCase):
             self.assertGreaterEqual(after[(name, ())], before[(name, ())], name)
         self.assertEqual(after[("maccept_worker_restarts_total", (("reason", "reload"),))], 2)
 
+    def test_drainSweepIsNoWakeup(self) -> None:
+        """
+        A draining worker's last sweep of the backlog is not a wake-up that
+        found nothing: one worker (no other to take a connection first),
+        reloaded, counts none.
+        """
+        server = self.start("--workers", "1")
+        with server.connect() as client:
+            echoRoundTrip(client, b"x")
+        old = set(server.workers())
+        os.kill(server.pid, signal.SIGHUP)
+        waitFor(lambda: "generation 2 ready" in server.log(), what="the reload")
+        waitFor(lambda: not any(alive(pid) for pid in old), what="the old worker to leave")
+        samples = self.scrape()
+        self.assertEqual(samples[("maccept_worker_restarts_total", (("reason", "reload"),))], 1)
+        self.assertEqual(samples[("maccept_accept_empty_wakeups_total", ())], 0)
+
     def test_healthz(self) -> None:
         """
         C{/healthz} answers 200 while workers serve, and 503 once the pool
