@@ -62,13 +62,17 @@ def pluginsByName() -> dict[str, list[IProtocolPlugin]]:
     """
     Every protocol plugin installed, by name: two packages may install
     plugins of one name, and which one getPlugins finds last is an
-    accident of the file system, so a name with two is ambiguous.
+    accident of the file system, so a name with two is ambiguous.  One
+    plugin found twice (getPlugins yields it once per module attribute that
+    holds it: an alias, or a dropin that imports another's) is one.
     """
     import twisted.plugins
 
     found: dict[str, list[IProtocolPlugin]] = {}
     for plugin in getPlugins(IProtocolPlugin, twisted.plugins):
-        found.setdefault(plugin.name, []).append(plugin)
+        named = found.setdefault(plugin.name, [])
+        if not any(plugin is other for other in named):
+            named.append(plugin)
     return found
 
 

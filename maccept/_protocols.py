@@ -177,6 +177,12 @@ def resolveProtocol(spec: str, protocolOptions: Sequence[str] = ()) -> FactoryMa
                 return pluginFactoryMaker(plugins[spec][0], protocolOptions)
             except usage.UsageError as e:
                 raise ProtocolSpecError(f"{spec}: {e}") from None
+            except SystemExit as e:
+                if e.code in (None, 0):
+                    raise  # --protocol-option help: its usage is printed
+                raise ProtocolSpecError(
+                    f"{spec}: its options exited (sys.exit({e.code!r}))"
+                ) from None
             except Exception as e:
                 # Its options' module fails to import, its postOptions raises.
                 raise ProtocolSpecError(

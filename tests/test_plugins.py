@@ -89,6 +89,27 @@ class DiscoveryTests(SynchronousTestCase):
         self.assertIn("'My web'", message)
         self.assertIn("name the factory you mean as module:attribute", message)
 
+    def test_onePluginFoundTwice(self) -> None:
+        """
+        One plugin object that getPlugins yields twice (an alias, or a
+        dropin importing another's plugin) is one plugin, not a clash.
+        """
+        echo = protocolPlugins()["echo"]
+        self.patch(_plugins, "getPlugins", lambda interface, package: iter([echo, echo]))
+        self.assertEqual(_plugins.pluginsByName(), {"echo": [echo]})
+        self.assertIsNotNone(resolveProtocol("echo"))
+
+    def test_pluginOptionsModuleExits(self) -> None:
+        """
+        A plugin whose options module calls C{sys.exit} at import is
+        refused with the status, as a C{module:attribute} is.
+        """
+        scripty = ProtocolPlugin("scripty", "d", "x:f", options="tests.sample_exits_at_import:O")
+        self.patch(_plugins, "pluginsByName", lambda: {"scripty": [scripty]})
+        with self.assertRaises(ProtocolSpecError) as caught:
+            resolveProtocol("scripty")
+        self.assertEqual(str(caught.exception), "scripty: its options exited (sys.exit(3))")
+
     def test_twoPluginsOfOneNameListed(self) -> None:
         """
         C{--help-protocols} lists both plugins of one name, each marked.
@@ -251,6 +272,15 @@ class PluginCommandLineTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         names = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
         self.assertLessEqual(BUILT_IN, names)
+
+    def test_pluginOptionHelp(self) -> None:
+        """
+        C{--protocol-option help} prints the plugin's own options and exits
+        0, as C{--help} does.
+        """
+        result = runMaccept(["--protocol", "web", "--protocol-option", "help"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("--path", result.stdout)
 
     def assertOneLine(self, args: list[str], expected: str) -> None:
         result = runMaccept(args)
