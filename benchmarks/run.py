@@ -369,10 +369,11 @@ class Bench:
         systemTime = [a[1] - b[1] for a, b in zip(after, before, strict=True)]
         spent = [u + k for u, k in zip(userTime, systemTime, strict=True)]
         record = {**result, "worker_cpu_s": [round(x, 2) for x in spent[: len(pids)]]}
-        if countersAfter:
+        if countersBefore and countersAfter:
             # The window's counts, as maccept's own /metrics tell them.
             record["accept_path"] = {
-                name: countersAfter[name] - countersBefore.get(name, 0) for name in countersAfter
+                name: countersAfter[name] - countersBefore[name]
+                for name in countersAfter.keys() & countersBefore.keys()
             }
         if len(watched) > len(pids):
             # A supervising parent should cost nothing while workers serve.

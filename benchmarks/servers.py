@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
 import importlib.util
 import os
 import signal
@@ -243,14 +244,20 @@ class RunningServer:
     def acceptCounters(self) -> dict[str, float]:
         """
         A maccept server's accept-path counters now (see L{acceptCounters});
-        empty for other servers.  The workers report every second, so
-        these lag by up to a second.
+        empty for other servers, and when the page cannot be read or parsed
+        (the counters are a diagnosis: a slow parent must not cost the
+        run).  The workers report every second, so these lag by up to a
+        second.
         """
         if self.spec.metricsPort is None:
             return {}
         url = f"http://{HOST}:{self.spec.metricsPort}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as page:
-            return acceptCounters(page.read().decode())
+        try:
+            with urllib.request.urlopen(url, timeout=5) as page:
+                return acceptCounters(page.read().decode())
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            print(f"   (no accept-path counters: {e})", file=sys.stderr)
+            return {}
 
     def log(self) -> str:
         return self.logPath.read_text(errors="replace")

@@ -7,6 +7,7 @@ generator's progress lines, and counting a burst's connections.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import socket
@@ -135,3 +136,15 @@ class AcceptCountersTests(SynchronousTestCase):
         self.assertEqual(_report._acceptPath({"accept_path": counts}), "15.0 / 2.5")
         self.assertEqual(_report._acceptPath({"accept_path": {"accepted": 10.0}}), "- / -")
         self.assertEqual(_report._acceptPath({"rps": 1.0}), "-")
+
+    def test_unreadablePageIsNoCounters(self) -> None:
+        """
+        A /metrics page that cannot be read (nothing listens there, or the
+        parent is too slow) gives no counters rather than ending the run.
+        """
+        spec = servers.ServerSpec("maccept", 1, servers.freePort(), metricsPort=servers.freePort())
+        server = servers.RunningServer(spec, set(), Path(tempfile.gettempdir()) / "unused.log")
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        self.assertEqual(server.acceptCounters(), {})
+        self.assertIn("no accept-path counters", stderr.getvalue())
