@@ -42,6 +42,8 @@ def formatCpus(cpus: set[int] | list[int]) -> str:
     The inverse of L{parseCpus}: C{{0, 1, 2, 5}} becomes C{0-2,5}.
     """
     ordered = sorted(cpus)
+    if not ordered:
+        return ""  # e.g. the affinity of a process already gone
     ranges: list[str] = []
     start = previous = ordered[0]
     for cpu in [*ordered[1:], None]:
@@ -176,9 +178,12 @@ def _version(distribution: str) -> str | None:
 
 
 def _git(*args: str) -> str | None:
-    done = subprocess.run(
-        ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False
-    )
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False
+        )
+    except OSError:
+        return None  # no git where the run happens: the commit goes unnamed
     return done.stdout.strip() if done.returncode == 0 else None
 
 

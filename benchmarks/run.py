@@ -274,8 +274,10 @@ class Bench:
             self._prime(server)
             for name in self.settings.workloads:
                 self._measureWorkload(server, WORKLOADS[name])
-        except (servers.ServerError, _loadgen.LoadgenError, subprocess.SubprocessError) as e:
-            failure = {"server": kind, "workers": workers, "round": round, "error": str(e)}
+        except Exception as e:
+            # Anything, not only the expected failures: on a lent machine one
+            # cell's surprise must not cost the rest of the sweep.
+            failure = {"server": kind, "workers": workers, "round": round, "error": _why(e)}
             self.results["failures"].append(failure)
             print(f"   FAILED: {e}", file=sys.stderr)
         finally:
@@ -439,8 +441,8 @@ class Bench:
                 if attempt == 0:
                     time.sleep(s.idle_wait)
                     memory = idleMemory(server)
-            except servers.ServerError as e:
-                self.results["failures"].append({"server": kind, "startup": True, "error": str(e)})
+            except Exception as e:  # as in measureServer: the sweep goes on
+                self.results["failures"].append({"server": kind, "startup": True, "error": _why(e)})
             finally:
                 server.stop()
         self.results.setdefault("footprint", {})[kind] = {
@@ -466,8 +468,8 @@ class Bench:
         try:
             server.start()
             self.results["reload"] = self._reload(server)
-        except (servers.ServerError, _loadgen.LoadgenError) as e:
-            self.results["reload"] = {"seconds": None, "note": f"failed: {e}"}
+        except Exception as e:  # as in measureServer: the sweep goes on
+            self.results["reload"] = {"seconds": None, "note": f"failed: {_why(e)}"}
         finally:
             server.stop()
         self.save()
@@ -567,6 +569,14 @@ def reloadSupported() -> bool:
     return hasattr(WorkerPool, "reload")
 
 
+def _why(error: Exception) -> str:
+    """
+    A failure's text: the expected ones say it all, a surprise is named.
+    """
+    expected = (servers.ServerError, _loadgen.LoadgenError, subprocess.SubprocessError)
+    return str(error) if isinstance(error, expected) else f"{type(error).__name__}: {error}"
+
+
 def waitUntil(condition: Callable[[], bool], limit: float) -> float | None:
     """
     Poll C{condition}; return the monotonic time it first held, or None
@@ -609,6 +619,10 @@ def render(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The servers run from the repository; so does the harness's own look
+    # at maccept (whether it reloads), however the harness was started.
+    if str(_system.REPO) not in sys.path:
+        sys.path.append(str(_system.REPO))
     args = parseArguments(argv)
     if args.render:
         render(args.out)

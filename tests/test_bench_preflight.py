@@ -62,3 +62,26 @@ class PreflightTests(SynchronousTestCase):
         self.assertIn("benchmark: maccept did not start, so nothing was measured", message)
         self.assertIn("No module named 'OpenSSL'", message)
         self.assertEqual(log, ["start recipe", "stop recipe", "start maccept", "stop maccept"])
+
+
+class SurpriseTests(SynchronousTestCase):
+    def test_surpriseInACellIsAFailure(self) -> None:
+        """
+        An unexpected error in one cell is recorded as that cell's failure,
+        named by its type, and the sweep goes on.
+        """
+        log: list[str] = []
+
+        class Vanishing(FakeServer):
+            def start(self) -> None:
+                raise IndexError("list index out of range")
+
+        b = bench(("maccept",), set(), log)
+        b.serve = lambda kind, workers, label="", metrics=False: Vanishing(kind, set(), log)  # type: ignore[method-assign]
+        b.settings = SimpleNamespace(servers=("maccept",), rounds=1)  # type: ignore[assignment]
+        b.results = {"failures": []}
+        b.save = lambda: None  # type: ignore[method-assign]
+        b.measureServer("maccept", 2)
+        [failure] = b.results["failures"]
+        self.assertEqual(failure["error"], "IndexError: list index out of range")
+        self.assertEqual(log, ["stop maccept"])

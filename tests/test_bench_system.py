@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -47,3 +48,30 @@ class TopologyTests(SynchronousTestCase):
             ],
         )
         self.assertEqual(_system.sharedCores({0, 1}, {4, 5}, [{0, 8}, {1, 9}]), [])
+
+
+class WithoutTheUsualTests(SynchronousTestCase):
+    def test_noGit(self) -> None:
+        """
+        Where git is not installed (a lent machine), the environment is
+        still recorded, with the commit unnamed.
+        """
+
+        run = _system.subprocess.run
+
+        def noGit(command: list[str], **kwargs: Any) -> Any:
+            if command[0] == "git":
+                raise FileNotFoundError(2, "No such file or directory: 'git'")
+            return run(command, **kwargs)
+
+        self.patch(_system.subprocess, "run", noGit)
+        self.patch(_system.os, "environ", {})
+        self.assertIsNone(_system._git("rev-parse", "HEAD"))
+        self.assertIn("cpu_model", _system.environment())
+
+    def test_noCpus(self) -> None:
+        """
+        The affinity of a process already gone (no CPUs) formats as empty.
+        """
+        self.assertEqual(_system.formatCpus([]), "")
+        self.assertEqual(_system.formatCpus({0, 1, 2, 5}), "0-2,5")
