@@ -152,6 +152,24 @@ def judge(results: dict[str, Any]) -> list[Verdict]:
     return [*verdicts, *_latency(runs, workers)]
 
 
+def _shortCells(results: dict[str, Any]) -> list[str]:
+    """
+    The rr-1k and churn cells that ran fewer rounds than asked, as
+    "maccept 2 w churn (2 of 3)".
+    """
+    rounds = results["settings"].get("rounds", 1)
+    counted: dict[tuple[str, int, str], int] = {}
+    for run in results["runs"]:
+        if run["workload"] in ("rr-1k", "churn"):
+            key = (run["server"], run["workers"], run["workload"])
+            counted[key] = counted.get(key, 0) + 1
+    return [
+        f"{server} {workers} w {workload} ({count} of {rounds})"
+        for (server, workers, workload), count in sorted(counted.items())
+        if count < rounds
+    ]
+
+
 def section(results: dict[str, Any]) -> list[str]:
     """
     The targets as a Markdown section.
@@ -170,6 +188,13 @@ def section(results: dict[str, Any]) -> list[str]:
         k: sum(1 for v in verdicts if v.verdict == k) for k in ("met", "missed", "not tested")
     }
     lines += ["", ", ".join(f"{n} {k}" for k, n in counts.items()) + ".", ""]
+    short = _shortCells(results)
+    if short:
+        lines += [
+            "Cells that lost a round (a failure below), whose median is then the lower of "
+            "the runs left, which can move a verdict: " + ", ".join(short) + ".",
+            "",
+        ]
     if results["pinning"].get("overlap"):
         lines += [
             "Server and client share CPUs in this run, so it cannot test scaling: run on a "

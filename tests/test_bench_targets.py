@@ -189,3 +189,22 @@ class NoteTests(SynchronousTestCase):
             judged["rr-1k: p99 at 2 workers <= the recipe's"],
             ("not tested", "maccept and recipe not run"),
         )
+
+    def test_lostRoundNamed(self) -> None:
+        """
+        A cell that ran fewer rounds than asked is named under the verdicts,
+        since its median is then the lower of the runs left.
+        """
+        runs = [
+            *[run("maccept", 1, "rr-1k", 100_000, round=r) for r in range(3)],
+            run("maccept", 2, "rr-1k", 190_000, round=0),
+            run("maccept", 2, "rr-1k", 170_000, round=1),
+        ]
+        r = results(runs)
+        r["settings"]["rounds"] = 3
+        text = "\n".join(_targets.section(r))
+        self.assertIn("lost a round", text)
+        self.assertIn("maccept 2 w rr-1k (2 of 3)", text)
+        self.assertNotIn("maccept 1 w", text)
+        r["runs"].append(run("maccept", 2, "rr-1k", 180_000, round=2))
+        self.assertNotIn("lost a round", "\n".join(_targets.section(r)))
