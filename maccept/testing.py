@@ -106,9 +106,14 @@ class _PoolProcess(protocol.ProcessProtocol):
         self.reactor = reactor
         self.workers = workers
         self.chunks: list[bytes] = []
-        self.ready: defer.Deferred[IPv4Address] = defer.Deferred()
+        # Cancelled (a test's timeout, addTimeout): kill the pool, which
+        # then fails the start with CancelledError once it is gone.
+        self.ready: defer.Deferred[IPv4Address] = defer.Deferred(self._cancelled)
         self.ended: Failure | None = None
         self._endWaiters: list[defer.Deferred[None]] = []
+
+    def _cancelled(self, ready: defer.Deferred[IPv4Address]) -> None:
+        self.stop(0)
 
     def output(self) -> str:
         return b"".join(self.chunks).decode("utf-8", "replace")
@@ -157,6 +162,10 @@ class _PoolProcess(protocol.ProcessProtocol):
             os.killpg(self.transport.pid, signal.SIGKILL)  # type: ignore[union-attr]
 
 
+#: The pool's --graceful-timeout unless a test sets its own.
+TEST_GRACEFUL_TIMEOUT = 1
+
+
 def startPool(
     protocol: str = "echo",
     workers: int = 1,
@@ -170,8 +179,13 @@ def startPool(
     every worker accepts, or fail with L{PoolStartError}.
 
     C{extraArgs} are more C{maccept} options (C{--timeout}, C{--balance},
-    ...).  The child sees this process's C{sys.path}, so a protocol module
-    the test can import, the pool can import too.
+    ...).  Unless they set C{--graceful-timeout}, it is 1 s, not 30: a test
+    that fails with a client still connected should not wait half a minute
+    to stop its pool.  The child sees this process's C{sys.path}, so a
+    protocol module the test can import, the pool can import too.
+
+    Cancelling the returned Deferred (a test's timeout) kills the pool and
+    fails it with C{CancelledError} once no process is left.
     """
     if reactor is None:
         from twisted.internet import reactor as installed
@@ -181,6 +195,8 @@ def startPool(
     args = [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "maccept"]
     args += ["--listen", "tcp:0:interface=127.0.0.1", "--workers", str(workers)]
     args += ["--protocol", protocol, *extraArgs]
+    if not any(arg.startswith("--graceful-timeout") for arg in extraArgs):
+        args += ["--graceful-timeout", str(TEST_GRACEFUL_TIMEOUT)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [p for p in sys.path if p] + [env.get("PYTHONPATH", "")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from maccept.testing import RunningPool
+from maccept.testing import RunningPool, childrenOf, startPool
 from tests.server import alive, waitFor
 
 
@@ -68,6 +69,40 @@ def test_fixtureServesAndStops(maccept_pool: Any) -> Any:
     workers = pool.pids
     yield pool.stop()
     assert not any(alive(pid) for pid in workers)
+
+
+@pytest_twisted.inlineCallbacks
+def test_cancelledStartLeavesNothing() -> Any:
+    """
+    Cancelling a start (a test's timeout) kills the pool and fails with
+    C{CancelledError} once no process of it is left.
+    """
+    before = set(childrenOf(os.getpid()))
+    starting = startPool(workers=2)
+    started = set(childrenOf(os.getpid())) - before
+    assert started, "startPool spawned nothing"
+    starting.cancel()
+    with pytest.raises(defer.CancelledError):
+        yield starting
+    assert not any(alive(pid) for pid in started)
+
+
+@pytest_twisted.inlineCallbacks
+def test_shortGracefulTimeout(maccept_pool: Any) -> Any:
+    """
+    A kit's pool drains for at most 1 s, not 30, so that a failed test
+    with a client still connected stops at once; a test may set its own.
+    """
+    for extraArgs, deadline in [
+        ((), "(at most 1s)"),
+        (("--graceful-timeout", "5"), "(at most 5s)"),
+    ]:
+        pool = yield maccept_pool(extraArgs=extraArgs)
+        with socket.create_connection((pool.address.host, pool.address.port)) as client:
+            client.sendall(b"x")
+            assert client.recv(1) == b"x"
+            yield pool.stop()
+        assert f"draining 1 open connections {deadline}" in pool.log
 
 
 @pytest.fixture
