@@ -274,7 +274,11 @@ class Worker:
             release(port)
 
     def _finishDraining(self) -> None:
-        self.log.info("draining {count} open connections", count=len(self.tracker.open))
+        self.log.info(
+            "draining {count} open connections (at most {timeout}s)",
+            count=len(self.tracker.open),
+            timeout=f"{self._drainTimeout:g}",
+        )
         hook = defer.maybeDeferred(self._hook, "workerDraining")
         hook.addErrback(lambda f: self.log.failure("workerDraining hook failed", f))
         deadline = self.reactor.callLater(self._drainTimeout, self._drainTimedOut)

@@ -181,19 +181,32 @@ class WorkerProcess(ProcessProtocol):
             self.control.callRemote(Drain, timeout=timeout).addErrback(lambda _: None)
         else:
             self.signal("TERM")
-        self.killAfter(timeout + killAfter)
+        self.killAfter(
+            timeout + killAfter,
+            f"{timeout + killAfter:g}s after it was told to drain (--graceful-timeout {timeout:g}s"
+            f" and {killAfter:g}s more): a workerStopping hook that never finished, or code that"
+            " blocks its reactor?",
+        )
 
     def kill(self, reason: str) -> None:
         self.stopReason = self.stopReason or reason
         self.signal("KILL")
 
-    def killAfter(self, delay: float) -> None:
+    def killAfter(self, delay: float, why: str = "") -> None:
         """
         Kill the worker C{delay} seconds from now unless it has exited by
-        then; the timer goes with the process.
+        then; the timer goes with the process.  C{why}, if given, is logged
+        with the kill: a SIGKILL in the log should never be a mystery.
         """
         self._killCalls = [call for call in self._killCalls if call.active()]
-        self._killCalls.append(self.pool.reactor.callLater(delay, self.signal, "KILL"))
+        self._killCalls.append(self.pool.reactor.callLater(delay, self._killLate, why))
+
+    def _killLate(self, why: str) -> None:
+        if why and self.state is not WorkerState.STOPPED:
+            self.log.warn(
+                "worker {number} still running {why}: killing it", number=self.number, why=why
+            )
+        self.signal("KILL")
 
     def signal(self, name: str) -> None:
         """

@@ -597,8 +597,14 @@ class StopTests(PoolTestCase):
         d = pool.stopService()
         self.reactor.advance(pool.settings.gracefulTimeout + pool.killTime - EPSILON)
         self.assertEqual(self.process(worker).signals, [signal.SIGTERM])
-        self.reactor.advance(EPSILON)
+        with capturedLogs() as events:
+            self.reactor.advance(EPSILON)
         self.assertEqual(self.process(worker).signals, [signal.SIGTERM, signal.SIGKILL])
+        # The kill says why, so that a SIGKILL in the log is no mystery.
+        [line] = [t for t in texts(events) if "killing it" in t]
+        self.assertIn("worker 1 still running 35s after it was told to drain", line)
+        self.assertIn("--graceful-timeout 30s and 5s more", line)
+        self.assertIn("workerStopping hook that never finished", line)
         self.assertNoResult(d)
         self.process(worker).end(signal=signal.SIGKILL)
         self.successResultOf(d)
