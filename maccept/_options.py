@@ -112,6 +112,13 @@ class Options(usage.Options):
             "then it aborts those still open (clients see a reset) and exits.",
         ],
         [
+            "start-timeout",
+            None,
+            "10",
+            "Seconds a new worker may take to accept (its workerStarting hook "
+            "included) before the start, or the reload, is given up.",
+        ],
+        [
             "timeout",
             "t",
             "30",
@@ -251,6 +258,9 @@ class Options(usage.Options):
             )
         self["graceful-timeout"] = parseNumber(
             "graceful-timeout", self["graceful-timeout"], integer=False, minimum=0
+        )
+        self["start-timeout"] = parseNumber(
+            "start-timeout", self["start-timeout"], integer=False, minimum=1
         )
         self["timeout"] = parseNumber("timeout", self["timeout"], integer=False, minimum=0)
         if 0 < self["timeout"] < MIN_WATCHDOG_TIMEOUT:

@@ -64,6 +64,8 @@ class PoolSettings:
     protocol: str = "echo"
     balance: bool = True
     gracefulTimeout: float = 30.0
+    #: Seconds a new worker may take to be ready (its start hook included).
+    startTimeout: float = 10.0
     #: Seconds without a heartbeat before a worker counts as hung (0: never).
     watchdogTimeout: float = 30.0
     maxConnections: int | None = None
@@ -133,7 +135,6 @@ class WorkerPool(Service):
     threshold = 1.0
     minRestartDelay = 1.0
     maxRestartDelay = 60.0
-    startTimeout = 10.0
     killTime = 5.0
     tickInterval = 1.0
     #: Seconds between the stack dump of a hung worker and its kill.
@@ -151,6 +152,7 @@ class WorkerPool(Service):
         self.reactor = reactor
         self.listeners = list(listeners)
         self.settings = settings
+        self.startTimeout = settings.startTimeout
         self.size = settings.size
         self.onFatal = onFatal
         self.executable = executable
@@ -697,7 +699,7 @@ class WorkerPool(Service):
         self._timeoutCall = self.reactor.callLater(
             self.startTimeout,
             self._abandonReload,
-            f"not all workers were ready within {self.startTimeout:.0f}s",
+            f"not all workers were ready within {self.startTimeout:g}s (--start-timeout)",
         )
         for number in range(1, self.size + 1):
             try:
@@ -953,7 +955,7 @@ class WorkerPool(Service):
         if self.state is PoolState.STARTING:
             ready = sum(1 for w in self.serving() if w.state is WorkerState.READY)
             which = "no worker" if ready == 0 else f"only {ready} of {self.size} workers"
-            self._fatal(f"{which} became ready within {self.startTimeout:.0f}s")
+            self._fatal(f"{which} became ready within {self.startTimeout:g}s (--start-timeout)")
 
     def _fatal(self, message: str) -> None:
         self._cancelTimeout()

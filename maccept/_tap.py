@@ -73,6 +73,7 @@ def makeService(options: CommandLineOptions) -> IService:
         protocolOptions=tuple(options["protocol-option"]),
         balance=options["balance"] == "even",
         gracefulTimeout=options["graceful-timeout"],
+        startTimeout=options["start-timeout"],
         watchdogTimeout=options["timeout"],
         maxConnections=options["max-connections"],
         maxConnectionsJitter=options["max-connections-jitter"],

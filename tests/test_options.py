@@ -128,6 +128,15 @@ class BadValueTests(SynchronousTestCase):
         options = parsed("--max-concurrent", "10", "--idle-timeout", "2.5")
         self.assertEqual((options["max-concurrent"], options["idle-timeout"]), (10, 2.5))
 
+    def test_startTimeout(self) -> None:
+        """
+        C{--start-timeout} is 10 s unless given, and at least a second.
+        """
+        self.assertEqual(parsed()["start-timeout"], 10)
+        self.assertEqual(parsed("--start-timeout", "45")["start-timeout"], 45)
+        self.assertIn("at least 1", self.assertRejected("--start-timeout", "--start-timeout", "0"))
+        self.assertIn("'later'", self.assertRejected("--start-timeout", "--start-timeout", "later"))
+
     def test_workerReactor(self) -> None:
         """
         An unknown worker reactor is refused, naming the known ones.

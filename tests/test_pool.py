@@ -517,9 +517,19 @@ class StartFailureTests(PoolTestCase):
         self.reactor.advance(pool.startTimeout - EPSILON)
         self.assertEqual(self.fatal, [])
         self.reactor.advance(EPSILON)
-        self.assertEqual(self.fatal, ["no worker became ready within 10s"])
+        self.assertEqual(self.fatal, ["no worker became ready within 10s (--start-timeout)"])
         self.reactor.advance(pool.startTimeout)
         self.assertEqual(len(self.fatal), 1)
+
+    def test_startTimeoutFromSettings(self) -> None:
+        """
+        C{--start-timeout} sets how long the start may take.
+        """
+        self.startPool(2, startTimeout=45.0)
+        self.reactor.advance(44)
+        self.assertEqual(self.fatal, [])
+        self.reactor.advance(1)
+        self.assertEqual(self.fatal, ["no worker became ready within 45s (--start-timeout)"])
 
     def test_readyPoolHasNoDeadline(self) -> None:
         """
