@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.address import IPv6Address
 from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -38,6 +39,22 @@ HEADER_TIMEOUT = 10.0
 _PORT = re.compile(rb"^[0-9]{1,5}$")
 _V2_SIGNATURE = V2Parser.PREFIX
 _V1_SIGNATURE = V1Parser.PROXYSTR + b" "
+
+
+def _shortIPv6(info: ProxyInfo) -> ProxyInfo:
+    """
+    C{info} with its IPv6 addresses written short (C{::1}), as a v1 header
+    and every socket give them: Twisted's v2 parser writes out all eight
+    groups (C{0:0:0:0:0:0:0:1}), so one client had two spellings.
+    """
+
+    def short(address: Any) -> Any:
+        if isinstance(address, IPv6Address):
+            host = ipaddress.ip_address(address.host).compressed
+            return IPv6Address(address.type, host, address.port)
+        return address
+
+    return ProxyInfo(info.header, short(info.source), short(info.destination))
 
 
 def headerKind(start: bytes) -> type[V1Parser] | type[V2Parser] | bool | None:
@@ -133,6 +150,7 @@ class _ProxyProtocolWrapper(HAProxyProtocolWrapper):
             self._reject("malformed PROXY protocol header")
             return
         if self._proxyInfo is not None:
+            self._proxyInfo = _shortIPv6(self._proxyInfo)
             self._cancelDeadline()
             self._innerConnected = True
             self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]

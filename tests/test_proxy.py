@@ -44,6 +44,16 @@ def v2Header(source: str, sourcePort: int, port: int) -> bytes:
     return V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", len(addresses)) + addresses
 
 
+def v2Header6(source: str, sourcePort: int, port: int) -> bytes:
+    addresses = (
+        ipaddress.IPv6Address(source).packed
+        + ipaddress.IPv6Address("::1").packed
+        + struct.pack("!HH", sourcePort, port)
+    )
+    # Version 2, PROXY command; TCP over IPv6.
+    return V2_SIGNATURE + bytes([0x21, 0x21]) + struct.pack("!H", len(addresses)) + addresses
+
+
 def readLine(client: socket.socket) -> bytes:
     line = b""
     while not line.endswith(b"\n"):
@@ -80,6 +90,9 @@ class ProxyProtocolTests(SynchronousTestCase):
         for header, source in [
             (v1Header("203.0.113.7", 5555, server.port), b"203.0.113.7 5555\n"),
             (v2Header("198.51.100.9", 4444, server.port), b"198.51.100.9 4444\n"),
+            # IPv6 written short from either version, as a socket gives it.
+            (v2Header6("2001:db8::7", 3333, server.port), b"2001:db8::7 3333\n"),
+            (f"PROXY TCP6 2001:db8::8 ::1 2222 {server.port}\r\n".encode(), b"2001:db8::8 2222\n"),
         ]:
             with server.connect() as client:
                 client.settimeout(10)
