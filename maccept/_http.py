@@ -21,9 +21,10 @@ from maccept._states import PoolState, WorkerState
 def healthy(pool: WorkerPool) -> bool:
     """
     Whether a load balancer should send this host traffic: at least one
-    worker accepts, and the pool is not stopping.
+    worker accepts, and the pool is not stopping, nor about to
+    (C{--stop-delay}).
     """
-    if pool.state in (PoolState.STOPPING, PoolState.STOPPED):
+    if pool.stopAnnounced or pool.state in (PoolState.STOPPING, PoolState.STOPPED):
         return False
     return any(w.state is WorkerState.READY for w in pool.workers)
 

@@ -112,6 +112,14 @@ class Options(usage.Options):
             "then it aborts those still open (clients see a reset) and exits.",
         ],
         [
+            "stop-delay",
+            None,
+            "0",
+            "Seconds from a stop request (TERM, INT, maccept-ctl stop) to the drain, "
+            "while /healthz answers 503 and the workers go on accepting, so that a load "
+            "balancer takes this host out before any connection is refused.",
+        ],
+        [
             "start-timeout",
             None,
             "10",
@@ -259,6 +267,7 @@ class Options(usage.Options):
         self["graceful-timeout"] = parseNumber(
             "graceful-timeout", self["graceful-timeout"], integer=False, minimum=0
         )
+        self["stop-delay"] = parseNumber("stop-delay", self["stop-delay"], integer=False, minimum=0)
         self["start-timeout"] = parseNumber(
             "start-timeout", self["start-timeout"], integer=False, minimum=1
         )

@@ -41,6 +41,8 @@ class MacceptService(Service):
         self.listeners = list(listeners)
         self.pool = pool
         self.stopRequested = False
+        #: Seconds from a stop request to the drain (C{--stop-delay}).
+        self.stopDelay = 0.0
         #: The parent's own ports (metrics, control), closed after the pool.
         self.servicePorts: list[ServicePort] = []
         #: Upgrading maccept itself on SIGUSR2 (see L{maccept._upgrade}).
@@ -87,19 +89,37 @@ class MacceptService(Service):
         self.pool.startService()
         self.reactor.callWhenRunning(installHandlers, self.reactor, self.signalHandlers())
 
-    def requestStop(self) -> None:
+    def requestStop(self, delay: bool = True) -> None:
         """
-        The first request stops gracefully; a second one kills the workers.
+        The first request stops gracefully, after C{stopDelay} seconds in
+        which C{/healthz} already answers 503 and the workers go on
+        accepting (unless C{delay} is false: a hand-over to a new parent);
+        a second one kills the workers.
         """
         if self.stopRequested:
             self.log.warn("second stop request: killing every worker now")
             self.pool.killAll()
             return
         self.stopRequested = True
-        self.log.info("stopping: draining every worker")
         if self.upgrade is not None:
             self.upgrade.abandon()
-        if self.reactor.running:  # not after a failed start, which stopped it already
+        if not self.reactor.running:  # after a failed start, which stopped it already
+            return
+        if delay and self.stopDelay > 0:
+            # A load balancer sees 503 and takes this host out while it
+            # still accepts, so that no connection is refused.
+            self.pool.stopAnnounced = True
+            self.log.info(
+                "stopping in {delay}s: /healthz answers 503, the workers accept until then",
+                delay=f"{self.stopDelay:g}",
+            )
+            self.reactor.callLater(self.stopDelay, self._stopNow)
+            return
+        self._stopNow()
+
+    def _stopNow(self) -> None:
+        self.log.info("stopping: draining every worker")
+        if self.reactor.running:
             self.reactor.stop()
 
     def stopFromControl(self) -> bool:

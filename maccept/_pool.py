@@ -153,6 +153,8 @@ class WorkerPool(Service):
         self.listeners = list(listeners)
         self.settings = settings
         self.startTimeout = settings.startTimeout
+        #: A stop is asked for and comes after C{--stop-delay}: /healthz says so.
+        self.stopAnnounced = False
         self.size = settings.size
         self.onFatal = onFatal
         self.executable = executable

@@ -94,12 +94,14 @@ def makeService(options: CommandLineOptions) -> IService:
 
     pool = WorkerPool(reactor, listeners, settings, onFatal)
     service = MacceptService(reactor, listeners, pool)
+    service.stopDelay = options["stop-delay"]
     twistdConfig = getattr(options, "parent", None)
     service.upgrade = Upgrade(
         reactor, listeners, twistdConfig, lambda: pool.state is PoolState.RUNNING
     )
 
-    service.upgrade.onTakenOver = service.requestStop
+    # Taken over: the new parent serves already, so no --stop-delay.
+    service.upgrade.onTakenOver = lambda: service.requestStop(delay=False)
     service.upgrade.poolSize = lambda: pool.size
     pool.scalingPaused = lambda: (
         "an upgrade (USR2) is under way" if service.upgrade and service.upgrade.underWay else None

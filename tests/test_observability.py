@@ -203,6 +203,21 @@ class ObservabilityTests(SynchronousTestCase):
         client.close()
         self.assertEqual(server.process.wait(30), 0)
 
+    def test_stopDelay(self) -> None:
+        """
+        With C{--stop-delay}, C{/healthz} answers 503 at once on TERM while
+        the workers still accept new connections; then the pool drains and
+        the parent exits 0.
+        """
+        server = self.start("--workers", "1", "--stop-delay", "5")
+        os.kill(server.pid, signal.SIGTERM)
+        waitFor(lambda: self.get("healthz")[0] == 503, what="/healthz to answer 503")
+        self.assertIn("stopping in 5s: /healthz answers 503", server.log())
+        with server.connect() as client:
+            self.assertEqual(echoRoundTrip(client, b"still welcome"), b"still welcome")
+        self.assertEqual(server.process.wait(30), 0)
+        self.assertIn("stopping: draining every worker", server.log())
+
     def test_ctlStatusListsLiveWorkers(self) -> None:
         """
         C{maccept-ctl status --json} lists exactly the live worker pids; the

@@ -128,6 +128,14 @@ class BadValueTests(SynchronousTestCase):
         options = parsed("--max-concurrent", "10", "--idle-timeout", "2.5")
         self.assertEqual((options["max-concurrent"], options["idle-timeout"]), (10, 2.5))
 
+    def test_stopDelay(self) -> None:
+        """
+        C{--stop-delay} is 0 unless given, and never negative.
+        """
+        self.assertEqual(parsed()["stop-delay"], 0)
+        self.assertEqual(parsed("--stop-delay", "2.5")["stop-delay"], 2.5)
+        self.assertIn("at least 0", self.assertRejected("--stop-delay", "--stop-delay", "-1"))
+
     def test_startTimeout(self) -> None:
         """
         C{--start-timeout} is 10 s unless given, and at least a second.

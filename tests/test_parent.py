@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._parent import MacceptService
@@ -22,7 +22,7 @@ class RecordingPool:
         self.killed += 1
 
 
-class StoppingReactor(MemoryReactor):
+class StoppingReactor(MemoryReactorClock):
     def __init__(self, running: bool) -> None:
         super().__init__()
         self.running = running
@@ -85,6 +85,27 @@ class RequestStopTests(SynchronousTestCase):
         service.requestStop()  # SIGTERM
         self.assertFalse(service.stopFromControl())
         self.assertEqual((reactor.stops, pool.killed), (1, 0))
+
+    def test_stopDelay(self) -> None:
+        """
+        With C{--stop-delay}, a stop first tells /healthz (the pool is
+        announced as stopping) and stops the reactor only after the delay;
+        a second request meanwhile still kills, and a hand-over to a new
+        parent does not wait.
+        """
+        service, reactor, pool = self.service(running=True)
+        service.stopDelay = 2.0
+        service.requestStop()
+        self.assertEqual((reactor.stops, getattr(pool, "stopAnnounced", False)), (0, True))
+        self.assertFalse(service.stopFromControl())
+        reactor.advance(2.0)
+        self.assertEqual(reactor.stops, 1)
+        service.requestStop()
+        self.assertEqual(pool.killed, 1)
+        service, reactor, pool = self.service(running=True)
+        service.stopDelay = 2.0
+        service.requestStop(delay=False)
+        self.assertEqual(reactor.stops, 1)
 
     def test_afterAFailedStart(self) -> None:
         """
