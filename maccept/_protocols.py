@@ -153,6 +153,19 @@ BUILTIN_PROTOCOLS: dict[str, Callable[[], IProtocolFactory]] = {
 FactoryMaker = Callable[[], IProtocolFactory]
 
 
+def _where(error: BaseException) -> str:
+    """
+    Where C{error} was raised, as " (at FILE:LINE)": the one line of the
+    message must lead the user to the line of their code that failed.
+    """
+    traceback = error.__traceback__
+    if traceback is None:
+        return ""
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return f" (at {traceback.tb_frame.f_code.co_filename}:{traceback.tb_lineno})"
+
+
 def resolveProtocol(spec: str, protocolOptions: Sequence[str] = ()) -> FactoryMaker:
     """
     Turn a C{--protocol} value (and its C{--protocol-option}s) into a
@@ -186,7 +199,7 @@ def resolveProtocol(spec: str, protocolOptions: Sequence[str] = ()) -> FactoryMa
             except Exception as e:
                 # Its options' module fails to import, its postOptions raises.
                 raise ProtocolSpecError(
-                    f"{spec}: its options failed: {type(e).__name__}: {e}"
+                    f"{spec}: its options failed: {type(e).__name__}: {e}{_where(e)}"
                 ) from None
         if spec in BUILTIN_PROTOCOLS and not protocolOptions:
             return BUILTIN_PROTOCOLS[spec]
@@ -211,7 +224,7 @@ def resolveProtocol(spec: str, protocolOptions: Sequence[str] = ()) -> FactoryMa
         ) from None
     except Exception as e:
         raise ProtocolSpecError(
-            f"importing module {moduleName!r} failed: {type(e).__name__}: {e}"
+            f"importing module {moduleName!r} failed: {type(e).__name__}: {e}{_where(e)}"
         ) from None
     try:
         target: object = module

@@ -123,6 +123,21 @@ class ResolveTests(SynchronousTestCase):
         e = self.assertRaises(ProtocolSpecError, resolveProtocol, "no.such.module:factory")
         self.assertIn("cannot import module 'no.such.module'", str(e))
 
+    def test_moduleFailsAtImport(self) -> None:
+        """
+        A module that raises while imported is refused with the error and
+        the file and line that raised it.
+        """
+        e = self.assertRaises(
+            ProtocolSpecError, resolveProtocol, "tests.sample_fails_at_import:factory"
+        )
+        self.assertIn(
+            "importing module 'tests.sample_fails_at_import' failed: "
+            "RuntimeError: broken on purpose",
+            str(e),
+        )
+        self.assertRegex(str(e), r"\(at .*tests/sample_fails_at_import\.py:6\)$")
+
     def test_moduleExitsAtImport(self) -> None:
         """
         A module that calls C{sys.exit} while imported is refused with its
