@@ -100,10 +100,22 @@ def pluginFactoryMaker(
 ) -> Callable[[], IProtocolFactory]:
     """
     Parse C{protocolOptions} with the plugin's options now (so a bad value
-    fails here), and return what builds the factory from them.
+    fails here), and return what builds the factory from them (in each
+    worker), which checks that it is one.
 
     @raise usage.UsageError: the plugin refused its options.
     """
     options = plugin.options()
     options.parseOptions(optionArguments(protocolOptions))
-    return lambda: plugin.makeFactory(options)
+
+    def makeFactory() -> IProtocolFactory:
+        made = plugin.makeFactory(options)
+        if not IProtocolFactory.providedBy(made):
+            # Else Twisted fails later, deep in startListening.
+            raise TypeError(
+                f"protocol plugin {plugin.name!r}: makeFactory returned {made!r},"
+                " not a protocol factory (a Factory instance)"
+            )
+        return made
+
+    return makeFactory

@@ -34,7 +34,9 @@ class IProtocolPlugin(Interface):
     def makeFactory(options: Any) -> Any:
         """
         Build the protocol factory from the parsed C{options}; called in
-        every worker (and once in the parent, to check).
+        every worker as it starts (the parent only parses the options, so
+        that it never imports the protocol's code), and must return an
+        C{IProtocolFactory}: anything else fails the worker's start.
         """
 
 

@@ -31,6 +31,15 @@ LOOPBACK = "tcp:0:interface=127.0.0.1"
 BUILT_IN = {"echo", "discard", "chargen", "daytime", "web"}
 
 
+def protocolClassFromOptions(options: object) -> type:
+    """
+    A plugin's factory maker that returns a protocol class by mistake.
+    """
+    from tests.sample_protocols import Sleepy
+
+    return Sleepy
+
+
 class DiscoveryTests(SynchronousTestCase):
     myWeb = ProtocolPlugin("web", "My web", "tests.sample_protocols:Sleepy")
 
@@ -88,6 +97,20 @@ class DiscoveryTests(SynchronousTestCase):
         self.assertIn("2 protocol plugins are named 'web'", message)
         self.assertIn("'My web'", message)
         self.assertIn("name the factory you mean as module:attribute", message)
+
+    def test_makeFactoryReturnsAFactory(self) -> None:
+        """
+        A plugin whose C{makeFactory} returns something else than a factory
+        (a protocol class, say) fails when the factory is made, naming the
+        plugin, rather than deep in Twisted when the port starts.
+        """
+        wrong = ProtocolPlugin("wrong", "d", "tests.test_plugins:protocolClassFromOptions")
+        self.patch(_plugins, "pluginsByName", lambda: {"wrong": [wrong]})
+        make = resolveProtocol("wrong")
+        with self.assertRaises(TypeError) as caught:
+            make()
+        self.assertIn("protocol plugin 'wrong': makeFactory returned", str(caught.exception))
+        self.assertIn("not a protocol factory", str(caught.exception))
 
     def test_onePluginFoundTwice(self) -> None:
         """
