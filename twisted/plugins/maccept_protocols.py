@@ -3,7 +3,7 @@ The protocols maccept ships, as L{maccept.interfaces.IProtocolPlugin}s.
 Naming their code by string keeps this module cheap to import.
 """
 
-from maccept._plugins import ProtocolPlugin
+from maccept.plugins import ProtocolPlugin
 
 echo = ProtocolPlugin(
     "echo", "RFC 862 echo, with backpressure (the default)", "maccept._protocols:echoPlugin"

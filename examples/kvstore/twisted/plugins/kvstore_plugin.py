@@ -2,7 +2,7 @@
 Makes the key-value service available as C{twistd maccept --protocol kv}.
 """
 
-from maccept._plugins import ProtocolPlugin
+from maccept.plugins import ProtocolPlugin
 
 kv = ProtocolPlugin(
     "kv",
