@@ -96,13 +96,17 @@ def makeService(options: CommandLineOptions) -> IService:
     service = MacceptService(reactor, listeners, pool)
     service.stopDelay = options["stop-delay"]
     twistdConfig = getattr(options, "parent", None)
-    service.upgrade = Upgrade(
+    upgrade = service.upgrade = Upgrade(
         reactor, listeners, twistdConfig, lambda: pool.state is PoolState.RUNNING
     )
 
     # Taken over: the new parent serves already, so no --stop-delay.
-    service.upgrade.onTakenOver = lambda: service.requestStop(delay=False)
-    service.upgrade.poolSize = lambda: pool.size
+    upgrade.onTakenOver = lambda: service.requestStop(delay=False)
+    upgrade.poolSize = lambda: pool.size
+    upgrade.willServe = lambda: pool.state in (PoolState.STARTING, PoolState.RELOADING)
+    pool.stateObservers.append(
+        lambda state: upgrade.poolServes() if state is PoolState.RUNNING else None
+    )
     pool.scalingPaused = lambda: (
         "an upgrade (USR2) is under way" if service.upgrade and service.upgrade.underWay else None
     )

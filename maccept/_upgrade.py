@@ -152,6 +152,10 @@ class Upgrade:
         self.poolSize: Callable[[], int] = lambda: 0
         #: The parent's own ports (L{maccept._serviceports}), handed over too.
         self.servicePorts: Sequence[ServicePort] = ()
+        #: Whether the pool will serve soon (it starts or reloads): then a
+        #: USR2 waits for it, as a HUP does, rather than being dropped.
+        self.willServe: Callable[[], bool] = lambda: False
+        self._queued = False
 
     @property
     def underWay(self) -> bool:
@@ -201,8 +205,15 @@ class Upgrade:
             self.log.warn("upgrade ignored: one is already under way")
             return
         if not self.isServing():
+            if self.willServe():
+                if not self._queued:
+                    self._queued = True
+                    self.log.info("upgrade queued: it starts once the pool serves")
+                return
+            self._queued = False
             self.log.warn("upgrade ignored: the pool is not serving")
             return
+        self._queued = False
         inherited: list[dict[str, Any]] = []
         childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         handOver = [(each.description, each.fileno()) for each in self.listeners]
@@ -306,6 +317,13 @@ class Upgrade:
         )
         self.onTakenOver()
 
+    def poolServes(self) -> None:
+        """
+        The pool serves (again): start an upgrade queued meanwhile.
+        """
+        if self._queued:
+            self.reactor.callLater(0, self.start)
+
     def abandon(self) -> None:
         """
         This parent is asked to stop before the new one took over: stop
@@ -315,6 +333,7 @@ class Upgrade:
         greeted yet may run older code, whose hand-over is this very
         SIGTERM: taken for one, until a greeting says otherwise.
         """
+        self._queued = False
         if self.stage is Stage.STARTED:
             self.stage = Stage.SIGNALLED
         elif self.stage is Stage.GREETED:

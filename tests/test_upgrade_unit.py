@@ -171,6 +171,47 @@ class HandOverTests(SynchronousTestCase):
         self.assertIn("upgrade failed", " ".join(formatEvent(e) for e in events))
         self.assertFalse(self.upgrade.takenOver)
 
+    def test_queuedWhileThePoolStartsOrReloads(self) -> None:
+        """
+        A USR2 while the pool starts or reloads waits for it to serve, as a
+        HUP does, instead of being dropped; two make one upgrade.
+        """
+        serving = [False]
+        self.upgrade.isServing = lambda: serving[0]
+        self.upgrade.willServe = lambda: True
+        with capturedLogs() as events:
+            self.upgrade.start()
+            self.upgrade.start()
+        self.assertEqual(self.reactor.processes, [])
+        queued = [e for e in events if "upgrade queued" in formatEvent(e)]
+        self.assertEqual(len(queued), 1)
+        serving[0] = True
+        self.upgrade.poolServes()
+        self.reactor.advance(0)
+        self.assertEqual(len(self.reactor.processes), 1)
+        self.upgrade.poolServes()
+        self.reactor.advance(0)
+        self.assertEqual(len(self.reactor.processes), 1)
+
+    def test_queuedThenStopped(self) -> None:
+        """
+        A stop forgets a queued upgrade; a USR2 while the pool stops is
+        ignored, and logged.
+        """
+        self.upgrade.isServing = lambda: False
+        self.upgrade.willServe = lambda: True
+        self.upgrade.start()
+        self.upgrade.abandon()
+        self.upgrade.isServing = lambda: True
+        self.upgrade.poolServes()
+        self.reactor.advance(0)
+        self.assertEqual(self.reactor.processes, [])
+        self.upgrade.isServing = lambda: False
+        self.upgrade.willServe = lambda: False
+        with capturedLogs() as events:
+            self.upgrade.start()
+        self.assertIn("upgrade ignored: the pool is not serving", formatEvent(events[0]))
+
     def test_stopBeforeHandOver(self) -> None:
         """
         Asked to stop before the new parent serves, this parent stops that
