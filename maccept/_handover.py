@@ -27,6 +27,9 @@ UPGRADE_PIPE = "MACCEPT_UPGRADE_PIPE"
 UPGRADE_WORKERS = "MACCEPT_UPGRADE_WORKERS"
 HELLO = b"hello"
 SERVING = b"serving"
+#: Before a line that says why the new parent gives up (its command line
+#: refused, say), which a daemon's standard error would lose.
+ERROR = b"error "
 
 
 def pipeValue(fd: int) -> str:
@@ -83,3 +86,16 @@ def greetOldParent(environ: Mapping[str, str] = os.environ) -> None:
         return
     with contextlib.suppress(OSError):
         os.write(fd, HELLO + b"\n")
+
+
+def tellOldParentWhy(message: str, environ: Mapping[str, str] = os.environ) -> None:
+    """
+    In a new parent about to exit on an error: tell the old parent why, so
+    that its log says so (a daemon's standard error goes nowhere).
+    """
+    fd = pipeToOldParent(environ)
+    if fd is None:
+        return
+    line = " ".join(message.split())[:500]
+    with contextlib.suppress(OSError):
+        os.write(fd, ERROR + line.encode(errors="replace") + b"\n")

@@ -16,6 +16,7 @@ from twisted.python import usage
 
 from maccept._affinity import availableCPUs, parseCPUs
 from maccept._board import MAX_WORKERS
+from maccept._handover import tellOldParentWhy
 from maccept._listening import DATAGRAM_TYPES, ListenError, checkDescription
 from maccept._protocols import ProtocolSpecError, resolveProtocol
 from maccept._proxy import splitProxy
@@ -376,4 +377,5 @@ def fail(message: str) -> None:
     """
     sys.stderr.write(f"maccept: error: {message}\n")
     sys.stderr.flush()
+    tellOldParentWhy(message)
     raise SystemExit(2)

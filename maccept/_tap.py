@@ -18,7 +18,12 @@ import sys
 from twisted.application.service import IService
 from twisted.logger import Logger
 
-from maccept._handover import UPGRADE_FROM, greetOldParent, workersAfterUpgrade
+from maccept._handover import (
+    UPGRADE_FROM,
+    greetOldParent,
+    tellOldParentWhy,
+    workersAfterUpgrade,
+)
 from maccept._listening import ListenError, ListeningSocket, adoptListener, listen
 from maccept._options import CommandLineOptions, fail
 from maccept._parent import MacceptService
@@ -89,6 +94,7 @@ def makeService(options: CommandLineOptions) -> IService:
         # standard output, where the reason can scroll past unseen.
         with contextlib.suppress(OSError):
             os.write(2, f"maccept: error: {message}\n".encode(errors="replace"))
+        tellOldParentWhy(message)  # a new parent (USR2): for the old one's log
         exitWithStatus(1)
         reactor.stop()
 

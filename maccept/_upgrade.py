@@ -42,6 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from maccept._handover import (
+    ERROR,
     HELLO,
     SERVING,
     UPGRADE_FROM,
@@ -116,6 +117,8 @@ class _NewParent(ProcessProtocol):
                 self.upgrade.greet()
             elif line == SERVING:
                 self.upgrade.tookOver()
+            elif line.startswith(ERROR):
+                self.upgrade.newParentError = line[len(ERROR) :].decode(errors="replace")
 
     def processEnded(self, reason: Failure) -> None:
         self.upgrade.newParentEnded(reason)
@@ -156,6 +159,8 @@ class Upgrade:
         #: USR2 waits for it, as a HUP does, rather than being dropped.
         self.willServe: Callable[[], bool] = lambda: False
         self._queued = False
+        #: Why the new parent gave up, if it said (see L{tellOldParentWhy}).
+        self.newParentError = ""
 
     @property
     def underWay(self) -> bool:
@@ -214,6 +219,7 @@ class Upgrade:
             self.log.warn("upgrade ignored: the pool is not serving")
             return
         self._queued = False
+        self.newParentError = ""
         inherited: list[dict[str, Any]] = []
         childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         handOver = [(each.description, each.fileno()) for each in self.listeners]
@@ -356,8 +362,9 @@ class Upgrade:
         """
         if self.stage in (Stage.STARTED, Stage.GREETED):
             self.log.error(
-                "upgrade failed, keeping this parent: the new one exited ({why})",
+                "upgrade failed, keeping this parent: the new one exited ({why}){said}",
                 why=reason.getErrorMessage(),
+                said=f": {self.newParentError}" if self.newParentError else "",
             )
         if not self.takenOver:
             self._movePidfile("")

@@ -154,6 +154,9 @@ class UpgradeTests(SynchronousTestCase):
         new = self.newParent(server)
         waitFor(lambda: "upgrade failed, keeping this parent" in server.log(), what="the failure")
         waitFor(lambda: not alive(new), what="the new parent to exit")
+        # The old parent's line says why, as the new one told it.
+        [failed] = [line for line in server.log().splitlines() if "upgrade failed" in line]
+        self.assertIn("failed to start: RuntimeError: broken deploy", failed)
         self.assertEqual(self.pidfile.read_text().strip(), str(server.pid))
         self.assertEqual(len(server.workers()), 2)
         with server.connect() as client:

@@ -23,6 +23,7 @@ from maccept._handover import (
     UPGRADE_PIPE,
     UPGRADE_WORKERS,
     greetOldParent,
+    tellOldParentWhy,
     workersAfterUpgrade,
 )
 from maccept._upgrade import (
@@ -171,6 +172,19 @@ class HandOverTests(SynchronousTestCase):
         self.assertIn("upgrade failed", " ".join(formatEvent(e) for e in events))
         self.assertFalse(self.upgrade.takenOver)
 
+    def test_failureSaysWhy(self) -> None:
+        """
+        A new parent that gives up (its command line refused) says why on
+        the pipe, and the old parent's log line carries it: a daemon's
+        standard error, where it also goes, is lost.
+        """
+        process, pipe = self.start()
+        process.output(pipe, b"hello\nerror --protocol: importing module 'app' failed\n")
+        with capturedLogs() as events:
+            process.end(2)
+        [line] = [formatEvent(e) for e in events if "upgrade failed" in formatEvent(e)]
+        self.assertTrue(line.endswith(": --protocol: importing module 'app' failed"), line)
+
     def test_queuedWhileThePoolStartsOrReloads(self) -> None:
         """
         A USR2 while the pool starts or reloads waits for it to serve, as a
@@ -313,6 +327,19 @@ class NewParentTests(SynchronousTestCase):
         self.assertEqual(os.read(readEnd, 100), b"hello\nserving\n")
         self.assertRaises(OSError, os.fstat, writeEnd)
         self.assertEqual((environ, self.killed), ({}, []))
+
+    def test_saysWhyItGivesUp(self) -> None:
+        """
+        A new parent that exits on an error writes it on the pipe, on one
+        line; no pipe (no upgrade), nothing is written.
+        """
+        readEnd, writeEnd = os.pipe()
+        self.addCleanup(os.close, readEnd)
+        self.addCleanup(os.close, writeEnd)
+        old = str(os.getppid())
+        tellOldParentWhy("--listen x:\nbad", {UPGRADE_FROM: old, UPGRADE_PIPE: f"{old}:{writeEnd}"})
+        tellOldParentWhy("no upgrade", {})
+        self.assertEqual(os.read(readEnd, 100), b"error --listen x: bad\n")
 
     def test_signalsOlderCode(self) -> None:
         """
