@@ -155,7 +155,11 @@ class WorkerPool(Service):
         self.startTimeout = settings.startTimeout
         #: A stop is asked for and comes after C{--stop-delay}: /healthz says so.
         self.stopAnnounced = False
-        self.size = settings.size
+        #: Called with the new size after every change of the pool's size.
+        self.sizeObservers: list[Callable[[int], None]] = []
+        self._size = settings.size
+        #: Why the last reload failed, until one succeeds (systemd's STATUS).
+        self.reloadFailure: str | None = None
         self.onFatal = onFatal
         self.executable = executable
         self.rng = rng or random.Random()
@@ -189,6 +193,20 @@ class WorkerPool(Service):
         self._stopped: defer.Deferred[None] | None = None
         self._ticker = LoopingCall(self.tick)
         self._ticker.clock = reactor
+
+    @property
+    def size(self) -> int:
+        """
+        How many workers the pool runs (C{--workers}, then scaling).
+        """
+        return self._size
+
+    @size.setter
+    def size(self, size: int) -> None:
+        if size != self._size:
+            self._size = size
+            for observer in list(self.sizeObservers):
+                observer(size)
 
     # Queries.
 
@@ -716,6 +734,7 @@ class WorkerPool(Service):
 
     def _finishReload(self) -> None:
         self._cancelTimeout()
+        self.reloadFailure = None
         old = [w for w in self.workers if w.generation != self.pendingGeneration]
         assert self.pendingGeneration is not None
         self.generation, self.pendingGeneration = self.pendingGeneration, None
@@ -736,6 +755,7 @@ class WorkerPool(Service):
             "reload failed, keeping the old workers: {why}",
             why=why,
         )
+        self.reloadFailure = why
         for worker in self.ofGeneration(self.pendingGeneration):
             # A ready worker already serves clients: let it finish them.
             if worker.state is WorkerState.STARTING:

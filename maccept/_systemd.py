@@ -79,6 +79,7 @@ class SystemdNotifier:
         self.pool = pool
         self.silent = silent
         pool.stateObservers.append(self.poolChanged)
+        pool.sizeObservers.append(lambda size: self.sizeChanged())
 
     def poolChanged(self, state: PoolState) -> None:
         """
@@ -90,14 +91,26 @@ class SystemdNotifier:
         if state is PoolState.RUNNING:
             # MAINPID: after an upgrade (SIGUSR2) this parent is the new main
             # process (systemd takes it with NotifyAccess=all).
-            self.notify(
-                "READY=1", f"MAINPID={os.getpid()}", f"STATUS=serving with {self.pool.size} workers"
-            )
+            self.notify("READY=1", f"MAINPID={os.getpid()}", self._servingStatus())
         elif state is PoolState.RELOADING:
             monotonic = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             self.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic}", "STATUS=reloading")
         elif state is PoolState.STOPPING:
             self.notify("STOPPING=1", "STATUS=draining")
+
+    def sizeChanged(self) -> None:
+        """
+        The pool was scaled: C{systemctl status} shows the new size.
+        """
+        if not self.silent() and self.pool.state is PoolState.RUNNING:
+            self.notify(self._servingStatus())
+
+    def _servingStatus(self) -> str:
+        # A failed reload is no success: systemctl status says so until a
+        # reload succeeds.
+        failure = self.pool.reloadFailure
+        failed = f"; the last reload failed: {failure}" if failure else ""
+        return f"STATUS=serving with {self.pool.size} workers{failed}"
 
     def notify(self, *lines: str) -> None:
         try:

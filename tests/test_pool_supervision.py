@@ -509,8 +509,27 @@ class SpawnFailureTests(SupervisionTestCase):
             ],
         )
         self.assertEqual(self.delays(), [])
+        # Kept for systemd's STATUS= until a reload succeeds.
+        self.assertEqual(
+            pool.reloadFailure, "cannot start worker 2: [Errno 24] Too many open files"
+        )
         pool.reload()
         self.assertIs(pool.state, PoolState.RELOADING)
+        for worker in pool.ofGeneration(pool.pendingGeneration):
+            worker.ready()
+        self.assertIs(pool.state, PoolState.RUNNING)
+        self.assertIsNone(pool.reloadFailure)
+
+    def test_sizeObserved(self) -> None:
+        """
+        Observers hear each change of the pool's size, by scaling.
+        """
+        pool = self.readyPool(2)
+        sizes: list[int] = []
+        pool.sizeObservers.append(sizes.append)
+        pool.scaleUp()
+        pool.scaleDown()
+        self.assertEqual(sizes, [3, 2])
 
     def test_restartRetried(self) -> None:
         """

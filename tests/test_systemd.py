@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -79,7 +80,10 @@ class NotifySocket:
 class FakePool:
     def __init__(self) -> None:
         self.size = 3
+        self.state = PoolState.RUNNING
+        self.reloadFailure: str | None = None
         self.stateObservers: list[object] = []
+        self.sizeObservers: list[Any] = []
 
 
 class NotifierTests(SynchronousTestCase):
@@ -140,6 +144,28 @@ class NotifierTests(SynchronousTestCase):
         self.assertTrue(reloading["MONOTONIC_USEC"].isdigit())
         notifier.poolChanged(PoolState.STOPPING)
         self.assertEqual(notify.next()["STOPPING"], "1")
+
+    def test_statusFollowsScalingAndFailedReloads(self) -> None:
+        """
+        STATUS= follows the pool's size when it is scaled, and says that
+        the last reload failed (with why) until one succeeds: a failed
+        reload must not read as a success in C{systemctl status}.
+        """
+        notify = NotifySocket(self)
+        notifier = SystemdNotifier(Clock(), notify.path)
+        self.addCleanup(notifier.close)
+        pool = FakePool()
+        notifier.follow(pool)  # type: ignore[arg-type]
+        pool.size = 5
+        for observer in pool.sizeObservers:
+            observer(5)
+        self.assertEqual(notify.next(), {"STATUS": "serving with 5 workers"})
+        pool.reloadFailure = "worker 1 failed to start: exit code 2"
+        notifier.poolChanged(PoolState.RUNNING)
+        self.assertEqual(
+            notify.next()["STATUS"],
+            "serving with 5 workers; the last reload failed: worker 1 failed to start: exit code 2",
+        )
 
     def test_silent(self) -> None:
         """
