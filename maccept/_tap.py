@@ -31,7 +31,7 @@ from maccept._pool import PoolSettings, WorkerPool
 from maccept._serviceports import openServicePorts
 from maccept._states import PoolState
 from maccept._systemd import SystemdNotifier
-from maccept._upgrade import Upgrade, inheritedListeners, takeOver
+from maccept._upgrade import Upgrade, appendToLogFiles, inheritedListeners, takeOver
 
 _log = Logger(namespace="maccept")
 
@@ -59,6 +59,9 @@ def makeService(options: CommandLineOptions) -> IService:
 
     # After an upgrade (SIGUSR2), the old parent's sockets, by description.
     greetOldParent()
+    if UPGRADE_FROM in os.environ:
+        # twistd opens --logfile after this, and the old parent writes it.
+        appendToLogFiles()
     inherited = inheritedListeners()
     listeners: list[ListeningSocket] = []
     for description in options["listen"]:

@@ -124,6 +124,27 @@ class _NewParent(ProcessProtocol):
         self.upgrade.newParentEnded(reason)
 
 
+def appendToLogFiles() -> None:
+    """
+    In a new parent, before twistd opens C{--logfile}: open every log file
+    append-only (C{O_APPEND}).  twistd opens it at its end but not for
+    appending, and writes its first lines at once, while the old parent
+    still writes the same file: at the offset it saw, they went over the
+    old parent's latest lines (torn lines, lost lines), before this
+    parent's service could make the descriptor append-only.
+    """
+    from twisted.python import logfile
+
+    opened = logfile.LogFile._openFile
+
+    def _openFile(self: logfile.LogFile) -> None:
+        opened(self)
+        fd = self._file.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+
+    logfile.LogFile._openFile = _openFile  # type: ignore[method-assign]
+
+
 class Upgrade:
     """
     The old parent's side of an upgrade.

@@ -31,6 +31,7 @@ from maccept._upgrade import (
     INHERIT,
     Stage,
     Upgrade,
+    appendToLogFiles,
     commandLine,
     inheritedListeners,
     takeOver,
@@ -365,6 +366,32 @@ class NewParentTests(SynchronousTestCase):
         self.assertEqual(self.killed, [(old, signal.SIGTERM), (old, signal.SIGTERM)])
         os.set_blocking(readEnd, False)
         self.assertRaises(BlockingIOError, os.read, readEnd, 100)
+
+
+class SharedLogTests(SynchronousTestCase):
+    def test_newParentAppends(self) -> None:
+        """
+        In a new parent, twistd's log file is opened append-only from its
+        first line: what the old parent writes meanwhile is not written
+        over.
+        """
+        from twisted.python import logfile
+
+        self.patch(logfile.LogFile, "_openFile", logfile.LogFile._openFile)
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = Path(directory, "maccept.log")
+        path.write_bytes(b"old 1\n")
+        appendToLogFiles()
+        log = logfile.LogFile.fromFullPath(str(path), rotateLength=None)
+        self.addCleanup(log.close)
+        log.write("new 1\n")
+        oldParent = os.open(path, os.O_WRONLY | os.O_APPEND)
+        os.write(oldParent, b"old 2\n")
+        os.close(oldParent)
+        log.write("new 2\n")
+        log.flush()
+        self.assertEqual(path.read_bytes(), b"old 1\nnew 1\nold 2\nnew 2\n")
 
 
 class WorkersAfterUpgradeTests(SynchronousTestCase):
