@@ -197,8 +197,11 @@ def _systemdProblem(e: Exception) -> str:
             f"(LISTEN_FDS={passed or 'unset'}; run under socket activation)"
         )
     if isinstance(e, KeyError):
+        if not names:
+            return f"systemd passed no descriptor named {e}, nor any (run under socket activation)"
         return (
-            f"systemd passed no descriptor named {e} (see FileDescriptorName= and LISTEN_FDNAMES)"
+            f"systemd passed no descriptor named {e}, only {names}"
+            " (see FileDescriptorName= and LISTEN_FDNAMES)"
         )
     if isinstance(e, AttributeError):
         return "unknown domain (use domain=INET, INET6 or UNIX)"

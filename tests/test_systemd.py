@@ -405,6 +405,24 @@ class SocketActivationTests(SynchronousTestCase):
             self.assertNotIn("Traceback", result.stderr + result.stdout)
             self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
 
+    def test_wrongName(self) -> None:
+        """
+        A name systemd did not pass is one line naming those it did.
+        """
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        process = self.activate(port, "--listen", "systemd:domain=INET:name=web")
+        client = waitFor(lambda: connectOrNone(port), what="systemd-socket-activate to listen")
+        assert isinstance(client, socket.socket)
+        client.close()
+        self.assertEqual(process.wait(30), 2)
+        with open(self.log) as log:
+            self.assertIn(
+                "systemd passed no descriptor named 'web', only echo (see FileDescriptorName=",
+                log.read(),
+            )
+
     def test_descriptorsNotUsable(self) -> None:
         """
         Descriptors passed without names, or for another process (a
@@ -435,4 +453,10 @@ class SocketActivationTests(SynchronousTestCase):
             result.stderr.strip(),
             "maccept: error: --listen systemd:domain=INET:index=0: systemd passed no "
             "descriptor at that index (LISTEN_FDS=unset; run under socket activation)",
+        )
+        result = runMaccept(["--listen", "systemd:domain=INET:name=web"])
+        self.assertEqual(
+            result.stderr.strip(),
+            "maccept: error: --listen systemd:domain=INET:name=web: systemd passed no "
+            "descriptor named 'web', nor any (run under socket activation)",
         )
