@@ -353,6 +353,14 @@ class Worker:
     def _hook(self, name: str, *args: Any) -> Any:
         if self.factory is not None and IWorkerLifecycle.providedBy(self.factory):
             return getattr(self.factory, name)(*args)
+        if callable(getattr(self.factory, name, None)):
+            # Written as a hook, but not declared one: say so, or the
+            # author wonders why it never runs.
+            self.log.warn(
+                "the factory has a {name} method but does not provide IWorkerLifecycle"
+                " (@implementer(IWorkerLifecycle) on its class): not run",
+                name=name,
+            )
         return None
 
     def _call(self, command: type[amp.Command], **arguments: Any) -> defer.Deferred[Any]:

@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogEvent, Logger, LogLevel
+from twisted.logger import LogEvent, Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -63,6 +63,21 @@ class HookedFactory(Factory):
 
 
 HOOKED = HookedFactory()
+
+
+class UndeclaredHooks(Factory):
+    """
+    Hooks written, but IWorkerLifecycle not declared.
+    """
+
+    protocol = Echo
+    ran = False
+
+    def workerStarting(self, reactor: Any) -> None:
+        UndeclaredHooks.ran = True
+
+
+UNDECLARED = UndeclaredHooks()
 
 
 class WorkerTestCase(SynchronousTestCase):
@@ -175,6 +190,23 @@ class StartTests(WorkerTestCase):
         starting.callback(None)
         self.assertTrue(self.reactor.ports[0].reading)
         self.assertEqual(self.control.commands(), [WorkerReady])
+
+    def test_undeclaredHookNamed(self) -> None:
+        """
+        A factory with a hook's method that does not provide
+        IWorkerLifecycle is served without it, and the log says why the
+        hook did not run.
+        """
+        worker = self.makeWorker(protocol="tests.test_worker:UNDECLARED")
+        worker.start()
+        self.assertFalse(UndeclaredHooks.ran)
+        self.assertTrue(self.reactor.ports[0].reading)
+        [warning] = [formatEvent(e) for e in self.events if e["log_level"] is LogLevel.warn]
+        self.assertEqual(
+            warning,
+            "the factory has a workerStarting method but does not provide IWorkerLifecycle"
+            " (@implementer(IWorkerLifecycle) on its class): not run",
+        )
 
     def test_failingStartHook(self) -> None:
         """
