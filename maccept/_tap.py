@@ -31,7 +31,13 @@ from maccept._pool import PoolSettings, WorkerPool
 from maccept._serviceports import openServicePorts
 from maccept._states import PoolState
 from maccept._systemd import SystemdNotifier
-from maccept._upgrade import Upgrade, appendToLogFiles, inheritedListeners, takeOver
+from maccept._upgrade import (
+    Upgrade,
+    appendToLogFiles,
+    followRotatedLogs,
+    inheritedListeners,
+    takeOver,
+)
 
 _log = Logger(namespace="maccept")
 
@@ -125,7 +131,10 @@ def makeService(options: CommandLineOptions) -> IService:
             service.takeOwnership(adopted=True)
             for servicePort in service.servicePorts:
                 servicePort.answer()
+            oldParent = os.environ[UPGRADE_FROM]
             takeOver(os.environ, _log)
+            if oldParent == str(os.getppid()):
+                followRotatedLogs(reactor, int(oldParent))
 
     pool.stateObservers.append(tookOver)
     try:

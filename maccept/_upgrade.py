@@ -38,6 +38,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -141,8 +142,37 @@ def appendToLogFiles() -> None:
         opened(self)
         fd = self._file.fileno()
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+        if self not in _SHARED_LOGS:
+            _SHARED_LOGS.append(self)
 
     logfile.LogFile._openFile = _openFile  # type: ignore[method-assign]
+
+
+#: The log files a new parent opened while the old one wrote them too.
+_SHARED_LOGS: list[Any] = []
+
+
+def followRotatedLogs(reactor: Any, oldParent: int, interval: float = 1.0) -> None:
+    """
+    In a new parent that took over, while the old one (its parent) drains:
+    if the old parent rotates the shared log file, this parent's
+    descriptor is left on the renamed file, and it would write there, the
+    file named by --logfile ending with the old parent's "Server Shut
+    Down.".  Reopen the file by its name whenever it is another file,
+    until the old parent is gone.
+    """
+
+    def check() -> None:
+        for log in _SHARED_LOGS:
+            with contextlib.suppress(OSError):
+                if os.stat(log.path).st_ino != os.fstat(log._file.fileno()).st_ino:
+                    log.reopen()
+        if os.getppid() != oldParent:
+            follow.stop()
+
+    follow = LoopingCall(check)
+    follow.clock = reactor
+    follow.start(interval, now=False)
 
 
 class Upgrade:

@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from maccept import _upgrade
 from maccept._handover import (
     UPGRADE_FROM,
     UPGRADE_PIPE,
@@ -33,6 +34,7 @@ from maccept._upgrade import (
     Upgrade,
     appendToLogFiles,
     commandLine,
+    followRotatedLogs,
     inheritedListeners,
     takeOver,
 )
@@ -378,6 +380,7 @@ class SharedLogTests(SynchronousTestCase):
         from twisted.python import logfile
 
         self.patch(logfile.LogFile, "_openFile", logfile.LogFile._openFile)
+        self.patch(_upgrade, "_SHARED_LOGS", [])
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
         path = Path(directory, "maccept.log")
@@ -392,6 +395,37 @@ class SharedLogTests(SynchronousTestCase):
         log.write("new 2\n")
         log.flush()
         self.assertEqual(path.read_bytes(), b"old 1\nnew 1\nold 2\nnew 2\n")
+
+    def test_followsTheOldParentsRotation(self) -> None:
+        """
+        When the old parent rotates the shared log while it drains, the new
+        parent reopens the file by its name instead of writing on in the
+        renamed one; it stops watching once the old parent is gone.
+        """
+        from twisted.python import logfile
+
+        self.patch(logfile.LogFile, "_openFile", logfile.LogFile._openFile)
+        self.patch(_upgrade, "_SHARED_LOGS", [])
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        path = Path(directory, "maccept.log")
+        appendToLogFiles()
+        log = logfile.LogFile.fromFullPath(str(path), rotateLength=None)
+        self.addCleanup(log.close)
+        clock = Clock()
+        followRotatedLogs(clock, os.getppid())
+        log.write("before\n")
+        os.rename(path, f"{path}.1")  # the old parent rotates
+        path.write_bytes(b"old parent\n")
+        clock.advance(1)
+        log.write("after\n")
+        self.assertEqual(path.read_bytes(), b"old parent\nafter\n")
+        self.assertEqual(Path(f"{path}.1").read_bytes(), b"before\n")
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        gone = Clock()
+        followRotatedLogs(gone, os.getppid() + 1)
+        gone.advance(1)
+        self.assertEqual(gone.getDelayedCalls(), [])
 
 
 class WorkersAfterUpgradeTests(SynchronousTestCase):
