@@ -115,6 +115,10 @@ class _PoolProcess(protocol.ProcessProtocol):
     def _cancelled(self, ready: defer.Deferred[IPv4Address]) -> None:
         self.stop(0)
 
+    def connectionMade(self) -> None:
+        # The pool's process group: the parent's pid (it calls setsid).
+        self.pid: int = self.transport.pid  # type: ignore[union-attr]
+
     def output(self) -> str:
         return b"".join(self.chunks).decode("utf-8", "replace")
 
@@ -141,11 +145,29 @@ class _PoolProcess(protocol.ProcessProtocol):
         return "\n".join(self.output().splitlines()[-20:])
 
     def whenEnded(self) -> defer.Deferred[None]:
+        """
+        Fire once the parent has exited and no process of its group is
+        left: workers killed with the group may outlive it by a moment.
+        """
         if self.ended is not None:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._endWaiters.append(d)
-        return d
+            d: defer.Deferred[None] = defer.succeed(None)
+        else:
+            d = defer.Deferred()
+            self._endWaiters.append(d)
+        return d.addCallback(lambda _: self._groupGone())
+
+    def _groupGone(self, within: float = 10.0) -> defer.Deferred[None]:
+        gone: defer.Deferred[None] = defer.Deferred()
+        deadline = self.reactor.seconds() + within
+
+        def check() -> None:
+            if not groupMembers(self.pid) or self.reactor.seconds() > deadline:
+                gone.callback(None)
+            else:
+                self.reactor.callLater(0.02, check)
+
+        check()
+        return gone
 
     def stop(self, timeout: float) -> defer.Deferred[None]:
         if self.ended is None:
@@ -160,6 +182,12 @@ class _PoolProcess(protocol.ProcessProtocol):
         if self.ended is None:
             # The parent's own process group holds its workers too.
             os.killpg(self.transport.pid, signal.SIGKILL)  # type: ignore[union-attr]
+
+
+def _namesGracefulTimeout(arg: str) -> bool:
+    # getopt takes any unambiguous prefix: --graceful 5, --graceful-t=5.
+    name = arg.partition("=")[0]
+    return len(name) > 3 and "--graceful-timeout".startswith(name)
 
 
 #: The pool's --graceful-timeout unless a test sets its own.
@@ -195,7 +223,7 @@ def startPool(
     args = [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "maccept"]
     args += ["--listen", "tcp:0:interface=127.0.0.1", "--workers", str(workers)]
     args += ["--protocol", protocol, *extraArgs]
-    if not any(arg.startswith("--graceful-timeout") for arg in extraArgs):
+    if not any(_namesGracefulTimeout(arg) for arg in extraArgs):
         args += ["--graceful-timeout", str(TEST_GRACEFUL_TIMEOUT)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(

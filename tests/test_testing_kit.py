@@ -96,6 +96,7 @@ def test_shortGracefulTimeout(maccept_pool: Any) -> Any:
     for extraArgs, deadline in [
         ((), "(at most 1s)"),
         (("--graceful-timeout", "5"), "(at most 5s)"),
+        (("--graceful=3",), "(at most 3s)"),
     ]:
         pool = yield maccept_pool(extraArgs=extraArgs)
         with socket.create_connection((pool.address.host, pool.address.port)) as client:
