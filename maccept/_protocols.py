@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import sysconfig
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -158,12 +159,21 @@ def _where(error: BaseException) -> str:
     Where C{error} was raised, as " (at FILE:LINE)": the one line of the
     message must lead the user to the line of their code that failed.
     """
+    frames = []
     traceback = error.__traceback__
-    if traceback is None:
-        return ""
-    while traceback.tb_next is not None:
+    while traceback is not None:
+        frames.append((traceback.tb_frame.f_code.co_filename, traceback.tb_lineno))
         traceback = traceback.tb_next
-    return f" (at {traceback.tb_frame.f_code.co_filename}:{traceback.tb_lineno})"
+    # The innermost frame outside the standard library (json's decoder, say)
+    # and the import system's frozen frames: the user's own line, installed
+    # or not.
+    paths = sysconfig.get_paths()
+    standard = (paths["stdlib"], paths["platstdlib"], "<frozen")
+    theirs = [f for f in frames if not f[0].startswith(standard)]
+    if not (theirs or frames):
+        return ""
+    filename, line = (theirs or frames)[-1]
+    return f" (at {filename}:{line})"
 
 
 def resolveProtocol(spec: str, protocolOptions: Sequence[str] = ()) -> FactoryMaker:

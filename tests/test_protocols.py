@@ -138,6 +138,17 @@ class ResolveTests(SynchronousTestCase):
         )
         self.assertRegex(str(e), r"\(at .*tests/sample_fails_at_import\.py:6\)$")
 
+    def test_failureInALibraryNamesTheUsersLine(self) -> None:
+        """
+        An import that fails inside a library the module called names the
+        module's own line, not the library's.
+        """
+        e = self.assertRaises(
+            ProtocolSpecError, resolveProtocol, "tests.sample_fails_in_library:factory"
+        )
+        self.assertIn("JSONDecodeError", str(e))
+        self.assertRegex(str(e), r"\(at .*tests/sample_fails_in_library\.py:8\)$")
+
     def test_moduleExitsAtImport(self) -> None:
         """
         A module that calls C{sys.exit} while imported is refused with its
