@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -43,14 +44,17 @@ _V1_SIGNATURE = V1Parser.PROXYSTR + b" "
 
 def _shortIPv6(info: ProxyInfo) -> ProxyInfo:
     """
-    C{info} with its IPv6 addresses written short (C{::1}), as a v1 header
-    and every socket give them: Twisted's v2 parser writes out all eight
-    groups (C{0:0:0:0:0:0:0:1}), so one client had two spellings.
+    C{info} with its IPv6 addresses written as sockets write them (C{::1},
+    C{::ffff:192.0.2.1}), as a v1 header gives them: Twisted's v2 parser
+    writes out all eight groups (C{0:0:0:0:0:0:0:1}), so one client had two
+    spellings.
     """
 
     def short(address: Any) -> Any:
         if isinstance(address, IPv6Address):
-            host = ipaddress.ip_address(address.host).compressed
+            host = socket.inet_ntop(
+                socket.AF_INET6, socket.inet_pton(socket.AF_INET6, address.host)
+            )
             return IPv6Address(address.type, host, address.port)
         return address
 

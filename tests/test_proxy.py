@@ -92,6 +92,7 @@ class ProxyProtocolTests(SynchronousTestCase):
             (v2Header("198.51.100.9", 4444, server.port), b"198.51.100.9 4444\n"),
             # IPv6 written short from either version, as a socket gives it.
             (v2Header6("2001:db8::7", 3333, server.port), b"2001:db8::7 3333\n"),
+            (v2Header6("::ffff:192.0.2.1", 3334, server.port), b"::ffff:192.0.2.1 3334\n"),
             (f"PROXY TCP6 2001:db8::8 ::1 2222 {server.port}\r\n".encode(), b"2001:db8::8 2222\n"),
         ]:
             with server.connect() as client:
