@@ -15,7 +15,6 @@ from twisted.protocols import amp
 
 from maccept._board import MAX_WORKERS
 from maccept._pool import WorkerPool, residentBytes
-from maccept._states import PoolState
 
 
 class ControlError(Exception):
@@ -129,7 +128,7 @@ class ControlProtocol(amp.AMP):
             }
             for w in sorted(self.pool.workers, key=lambda w: (w.number, w.startedAt))
         ]
-        return {"state": self.pool.state.value, "size": self.pool.size, "workers": workers}
+        return {"state": self.pool.shownState, "size": self.pool.size, "workers": workers}
 
     @Scale.responder
     def scale(self, workers: int | None = None) -> dict[str, Any]:
@@ -148,8 +147,8 @@ class ControlProtocol(amp.AMP):
     @Reload.responder
     def reload(self) -> dict[str, Any]:
         # As SIGHUP: during a start or a reload, queued.
-        if self.pool.state in (PoolState.STOPPING, PoolState.STOPPED):
-            raise ControlError(f"cannot reload while the pool is {self.pool.state.value}")
+        if self.pool.stopping:
+            raise ControlError(f"cannot reload while the pool is {self.pool.shownState}")
         self.pool.reload()
         return {}
 

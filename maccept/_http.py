@@ -15,7 +15,7 @@ from twisted.web.server import Site
 
 from maccept._metrics import exposition, registryFor
 from maccept._pool import WorkerPool
-from maccept._states import PoolState, WorkerState
+from maccept._states import WorkerState
 
 
 def healthy(pool: WorkerPool) -> bool:
@@ -24,7 +24,7 @@ def healthy(pool: WorkerPool) -> bool:
     worker accepts, and the pool is not stopping, nor about to
     (C{--stop-delay}).
     """
-    if pool.stopAnnounced or pool.state in (PoolState.STOPPING, PoolState.STOPPED):
+    if pool.stopping:
         return False
     return any(w.state is WorkerState.READY for w in pool.workers)
 
@@ -53,7 +53,7 @@ class HealthResource(Resource):
         if healthy(self.pool):
             return b"ok\n"
         request.setResponseCode(503)
-        return f"unavailable: pool is {self.pool.state.value}\n".encode()
+        return f"unavailable: pool is {self.pool.shownState}\n".encode()
 
 
 class QuietSite(Site):

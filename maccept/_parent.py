@@ -43,6 +43,7 @@ class MacceptService(Service):
         self.stopRequested = False
         #: Seconds from a stop request to the drain (C{--stop-delay}).
         self.stopDelay = 0.0
+        self._delayedStop: Any = None
         #: The parent's own ports (metrics, control), closed after the pool.
         self.servicePorts: list[ServicePort] = []
         #: Upgrading maccept itself on SIGUSR2 (see L{maccept._upgrade}).
@@ -98,6 +99,11 @@ class MacceptService(Service):
         """
         if self.stopRequested:
             self.log.warn("second stop request: killing every worker now")
+            if self._delayedStop is not None and self._delayedStop.active():
+                # Still in --stop-delay: stop now too, or the parent would
+                # hold the socket with no worker to accept.
+                self._delayedStop.cancel()
+                self._stopNow()
             self.pool.killAll()
             return
         self.stopRequested = True
@@ -108,12 +114,12 @@ class MacceptService(Service):
         if delay and self.stopDelay > 0:
             # A load balancer sees 503 and takes this host out while it
             # still accepts, so that no connection is refused.
-            self.pool.stopAnnounced = True
             self.log.info(
                 "stopping in {delay}s: /healthz answers 503, the workers accept until then",
                 delay=f"{self.stopDelay:g}",
             )
-            self.reactor.callLater(self.stopDelay, self._stopNow)
+            self.pool.announceStop()
+            self._delayedStop = self.reactor.callLater(self.stopDelay, self._stopNow)
             return
         self._stopNow()
 

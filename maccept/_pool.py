@@ -153,8 +153,13 @@ class WorkerPool(Service):
         self.listeners = list(listeners)
         self.settings = settings
         self.startTimeout = settings.startTimeout
-        #: A stop is asked for and comes after C{--stop-delay}: /healthz says so.
+        #: A stop is asked for and comes after C{--stop-delay}: the workers
+        #: accept meanwhile, but /healthz, status, systemd and every
+        #: request to start something new (reload, scale) take it as the
+        #: stop (see L{announceStop}).
         self.stopAnnounced = False
+        #: Called when a stop is announced.
+        self.stopObservers: list[Callable[[], None]] = []
         #: Called with the new size after every change of the pool's size.
         self.sizeObservers: list[Callable[[int], None]] = []
         self._size = settings.size
@@ -207,6 +212,31 @@ class WorkerPool(Service):
             self._size = size
             for observer in list(self.sizeObservers):
                 observer(size)
+
+    def announceStop(self) -> None:
+        """
+        A stop comes after C{--stop-delay}: from now on the pool counts as
+        stopping for everything but accepting.
+        """
+        self.stopAnnounced = True
+        for observer in list(self.stopObservers):
+            observer()
+
+    @property
+    def stopping(self) -> bool:
+        """
+        Whether a stop is under way or announced: nothing new starts.
+        """
+        return self.stopAnnounced or self.state in (PoolState.STOPPING, PoolState.STOPPED)
+
+    @property
+    def shownState(self) -> str:
+        """
+        The state to show (status, /healthz): C{stopping} once announced.
+        """
+        if self.stopAnnounced and self.state not in (PoolState.STOPPING, PoolState.STOPPED):
+            return PoolState.STOPPING.value
+        return self.state.value
 
     # Queries.
 
@@ -698,6 +728,9 @@ class WorkerPool(Service):
         (code edited again since should not be left unloaded); several
         such requests make one reload.
         """
+        if self.stopAnnounced:
+            self.log.warn("reload ignored: the pool is stopping")
+            return
         if self.state in (PoolState.STARTING, PoolState.RELOADING):
             if not self._reloadQueued:
                 self._reloadQueued = True
@@ -727,6 +760,15 @@ class WorkerPool(Service):
             except OSError as e:
                 self._abandonReload(f"cannot start worker {number}: {e}")
                 return
+
+    def forgetQueuedReload(self) -> None:
+        """
+        An upgrade (USR2) starts: a reload queued meanwhile would start a
+        generation of the old code during the hand-over, for nothing.
+        """
+        if self._reloadQueued:
+            self._reloadQueued = False
+            self.log.info("queued reload dropped: the upgrade starts the new code")
 
     def _runQueuedReload(self) -> None:
         if self._reloadQueued and self.state is PoolState.RUNNING:
@@ -783,8 +825,8 @@ class WorkerPool(Service):
         scales, and not while a new parent (USR2) is being started, which
         was told the size to run and would not hear of a change.
         """
-        if self.state is not PoolState.RUNNING:
-            return f"the pool is {self.state.value}"
+        if self.stopping or self.state is not PoolState.RUNNING:
+            return f"the pool is {self.shownState}"
         return self.scalingPaused()
 
     def _grow(self) -> bool:
@@ -927,7 +969,7 @@ class WorkerPool(Service):
     def _check(self, worker: WorkerProcess, now: float) -> None:
         if worker.state is WorkerState.STARTING:
             if now - worker.startedAt > self.startTimeout and worker.failureReason is None:
-                worker.failureReason = f"not ready within {self.startTimeout:.0f}s"
+                worker.failureReason = f"not ready within {self.startTimeout:g}s (--start-timeout)"
                 worker.signal("KILL")
         elif not self._hung(worker, now):
             self._checkMemory(worker)

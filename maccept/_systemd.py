@@ -80,6 +80,7 @@ class SystemdNotifier:
         self.silent = silent
         pool.stateObservers.append(self.poolChanged)
         pool.sizeObservers.append(lambda size: self.sizeChanged())
+        pool.stopObservers.append(self.stopAnnounced)
 
     def poolChanged(self, state: PoolState) -> None:
         """
@@ -98,6 +99,14 @@ class SystemdNotifier:
         elif state is PoolState.STOPPING:
             self.notify("STOPPING=1", "STATUS=draining")
 
+    def stopAnnounced(self) -> None:
+        """
+        A stop comes after C{--stop-delay}: systemd hears of it at once
+        (the workers accept until the drain).
+        """
+        if not self.silent():
+            self.notify("STOPPING=1", "STATUS=stopping: /healthz answers 503 until the drain")
+
     def sizeChanged(self) -> None:
         """
         The pool was scaled: C{systemctl status} shows the new size.
@@ -109,7 +118,8 @@ class SystemdNotifier:
         # A failed reload is no success: systemctl status says so until a
         # reload succeeds.
         failure = self.pool.reloadFailure
-        failed = f"; the last reload failed: {failure}" if failure else ""
+        # One line: a newline would start another assignment for systemd.
+        failed = f"; the last reload failed: {' '.join(failure.split())[:200]}" if failure else ""
         return f"STATUS=serving with {self.pool.size} workers{failed}"
 
     def notify(self, *lines: str) -> None:

@@ -119,6 +119,7 @@ def makeService(options: CommandLineOptions) -> IService:
     upgrade.onTakenOver = lambda: service.requestStop(delay=False)
     upgrade.poolSize = lambda: pool.size
     upgrade.willServe = lambda: pool.state in (PoolState.STARTING, PoolState.RELOADING)
+    upgrade.beforeStart = pool.forgetQueuedReload
     pool.stateObservers.append(
         lambda state: upgrade.poolServes() if state is PoolState.RUNNING else None
     )

@@ -210,6 +210,10 @@ class Upgrade:
         #: USR2 waits for it, as a HUP does, rather than being dropped.
         self.willServe: Callable[[], bool] = lambda: False
         self._queued = False
+        #: This parent is asked to stop: no upgrade starts any more.
+        self._stopping = False
+        #: Called as an upgrade starts (a queued reload is dropped).
+        self.beforeStart: Callable[[], None] = lambda: None
         #: Why the new parent gave up, if it said (see L{tellOldParentWhy}).
         self.newParentError = ""
 
@@ -257,6 +261,9 @@ class Upgrade:
                 continue  # closed meanwhile (listdir's own descriptor)
 
     def start(self) -> None:
+        if self._stopping:
+            self.log.warn("upgrade ignored: this parent is stopping")
+            return
         if self.newParent is not None or self.takenOver:
             self.log.warn("upgrade ignored: one is already under way")
             return
@@ -271,6 +278,7 @@ class Upgrade:
             return
         self._queued = False
         self.newParentError = ""
+        self.beforeStart()
         inherited: list[dict[str, Any]] = []
         childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         handOver = [(each.description, each.fileno()) for each in self.listeners]
@@ -379,7 +387,12 @@ class Upgrade:
         The pool serves (again): start an upgrade queued meanwhile.
         """
         if self._queued:
-            self.reactor.callLater(0, self.start)
+            self.reactor.callLater(0, self._startQueued)
+
+    def _startQueued(self) -> None:
+        # Still queued: a stop in the same turn forgot it.
+        if self._queued:
+            self.start()
 
     def abandon(self) -> None:
         """
@@ -391,6 +404,7 @@ class Upgrade:
         SIGTERM: taken for one, until a greeting says otherwise.
         """
         self._queued = False
+        self._stopping = True
         if self.stage is Stage.STARTED:
             self.stage = Stage.SIGNALLED
         elif self.stage is Stage.GREETED:

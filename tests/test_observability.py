@@ -209,10 +209,15 @@ class ObservabilityTests(SynchronousTestCase):
         the workers still accept new connections; then the pool drains and
         the parent exits 0.
         """
-        server = self.start("--workers", "1", "--stop-delay", "5")
+        server = self.start("--workers", "1", "--stop-delay", "5", control=True)
         os.kill(server.pid, signal.SIGTERM)
         waitFor(lambda: self.get("healthz")[0] == 503, what="/healthz to answer 503")
         self.assertIn("stopping in 5s: /healthz answers 503", server.log())
+        # Stopping for everything but accepting: no reload, no scaling.
+        self.assertEqual(self.get("healthz")[1], "unavailable: pool is stopping\n")
+        self.assertEqual(self.statusJSON()["state"], "stopping")
+        self.assertEqual(self.ctl("reload").returncode, 1)
+        self.assertEqual(self.ctl("scale", "2").returncode, 1)
         with server.connect() as client:
             self.assertEqual(echoRoundTrip(client, b"still welcome"), b"still welcome")
         self.assertEqual(server.process.wait(30), 0)

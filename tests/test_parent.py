@@ -21,6 +21,9 @@ class RecordingPool:
     def killAll(self) -> None:
         self.killed += 1
 
+    def announceStop(self) -> None:
+        self.stopAnnounced = True
+
 
 class StoppingReactor(MemoryReactorClock):
     def __init__(self, running: bool) -> None:
@@ -105,6 +108,19 @@ class RequestStopTests(SynchronousTestCase):
         service, reactor, pool = self.service(running=True)
         service.stopDelay = 2.0
         service.requestStop(delay=False)
+        self.assertEqual(reactor.stops, 1)
+
+    def test_secondStopDuringDelay(self) -> None:
+        """
+        A second request during C{--stop-delay} kills the workers and stops
+        at once: the parent must not hold the socket with none to accept.
+        """
+        service, reactor, pool = self.service(running=True)
+        service.stopDelay = 8.0
+        service.requestStop()
+        service.requestStop()
+        self.assertEqual((reactor.stops, pool.killed), (1, 1))
+        reactor.advance(8.0)
         self.assertEqual(reactor.stops, 1)
 
     def test_afterAFailedStart(self) -> None:

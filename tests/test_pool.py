@@ -531,6 +531,23 @@ class StartFailureTests(PoolTestCase):
         self.reactor.advance(1)
         self.assertEqual(self.fatal, ["no worker became ready within 45s (--start-timeout)"])
 
+    def test_stopAnnounced(self) -> None:
+        """
+        Once a stop is announced (C{--stop-delay}) the pool counts as
+        stopping for everything but accepting: a reload or a scale is
+        refused, and its state shows as stopping.
+        """
+        pool = self.readyPool(2)
+        heard: list[bool] = []
+        pool.stopObservers.append(lambda: heard.append(True))
+        pool.announceStop()
+        self.assertEqual((heard, pool.stopping, pool.shownState), ([True], True, "stopping"))
+        pool.reload()
+        self.assertIs(pool.state, PoolState.RUNNING)
+        self.assertEqual(pool.scalingRefused(), "the pool is stopping")
+        pool.scaleUp()
+        self.assertEqual(pool.size, 2)
+
     def test_readyPoolHasNoDeadline(self) -> None:
         """
         Once every worker is ready the start deadline is gone.
@@ -845,6 +862,21 @@ class ReloadTests(PoolTestCase):
             worker.ready()
         self.reactor.advance(0)
         self.assertEqual((pool.state, pool.generation), (PoolState.RUNNING, 3))
+
+    def test_queuedReloadForgotten(self) -> None:
+        """
+        A reload queued during a reload is dropped when an upgrade starts
+        (it would start the old code once more during the hand-over).
+        """
+        pool = self.readyPool(1)
+        pool.reload()
+        pool.reload()  # queued
+        pool.forgetQueuedReload()
+        for worker in pool.ofGeneration(pool.pendingGeneration):
+            worker.ready()
+        self.reactor.advance(0)
+        self.assertIs(pool.state, PoolState.RUNNING)
+        self.assertEqual(pool.generation, 2)
 
     def test_reloadWhileStartingQueued(self) -> None:
         """

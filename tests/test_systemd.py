@@ -84,6 +84,7 @@ class FakePool:
         self.reloadFailure: str | None = None
         self.stateObservers: list[object] = []
         self.sizeObservers: list[Any] = []
+        self.stopObservers: list[Any] = []
 
 
 class NotifierTests(SynchronousTestCase):
@@ -166,6 +167,35 @@ class NotifierTests(SynchronousTestCase):
             notify.next()["STATUS"],
             "serving with 5 workers; the last reload failed: worker 1 failed to start: exit code 2",
         )
+
+    def test_stopAnnounced(self) -> None:
+        """
+        A stop announced for after C{--stop-delay} is STOPPING at once.
+        """
+        notify = NotifySocket(self)
+        notifier = SystemdNotifier(Clock(), notify.path)
+        self.addCleanup(notifier.close)
+        pool = FakePool()
+        notifier.follow(pool)  # type: ignore[arg-type]
+        for observer in pool.stopObservers:
+            observer()
+        self.assertEqual(notify.next()["STOPPING"], "1")
+
+    def test_statusOneLine(self) -> None:
+        """
+        A failed reload's reason goes into STATUS= on one line: a line
+        break would start another assignment (MAINPID=, STOPPING=).
+        """
+        notify = NotifySocket(self)
+        notifier = SystemdNotifier(Clock(), notify.path)
+        self.addCleanup(notifier.close)
+        pool = FakePool()
+        pool.reloadFailure = "ValueError: config invalid\nSTOPPING=1"
+        notifier.follow(pool)  # type: ignore[arg-type]
+        notifier.poolChanged(PoolState.RUNNING)
+        message = notify.next()
+        self.assertNotIn("STOPPING", message)
+        self.assertTrue(message["STATUS"].endswith("config invalid STOPPING=1"))
 
     def test_silent(self) -> None:
         """

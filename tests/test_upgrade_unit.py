@@ -203,9 +203,11 @@ class HandOverTests(SynchronousTestCase):
         queued = [e for e in events if "upgrade queued" in formatEvent(e)]
         self.assertEqual(len(queued), 1)
         serving[0] = True
+        started: list[bool] = []
+        self.upgrade.beforeStart = lambda: started.append(True)
         self.upgrade.poolServes()
         self.reactor.advance(0)
-        self.assertEqual(len(self.reactor.processes), 1)
+        self.assertEqual((len(self.reactor.processes), started), (1, [True]))
         self.upgrade.poolServes()
         self.reactor.advance(0)
         self.assertEqual(len(self.reactor.processes), 1)
@@ -218,15 +220,18 @@ class HandOverTests(SynchronousTestCase):
         self.upgrade.isServing = lambda: False
         self.upgrade.willServe = lambda: True
         self.upgrade.start()
-        self.upgrade.abandon()
         self.upgrade.isServing = lambda: True
         self.upgrade.poolServes()
+        self.upgrade.abandon()  # in the same turn: the start is scheduled
         self.reactor.advance(0)
         self.assertEqual(self.reactor.processes, [])
-        self.upgrade.isServing = lambda: False
-        self.upgrade.willServe = lambda: False
         with capturedLogs() as events:
-            self.upgrade.start()
+            self.upgrade.start()  # USR2 during a stop (--stop-delay)
+        self.assertEqual(self.reactor.processes, [])
+        self.assertIn("upgrade ignored: this parent is stopping", formatEvent(events[0]))
+        upgrade = Upgrade(self.reactor, [], self.config, lambda: False)
+        with capturedLogs() as events:
+            upgrade.start()
         self.assertIn("upgrade ignored: the pool is not serving", formatEvent(events[0]))
 
     def test_stopBeforeHandOver(self) -> None:
@@ -283,6 +288,8 @@ class HandOverTests(SynchronousTestCase):
         process.output(pipe, b"hello\n")
         self.assertEqual(fired, ["greeted"])
         process.end(signal=signal.SIGTERM)
+        # Another parent's upgrade (a stopped one starts none).
+        self.upgrade = Upgrade(self.reactor, [], self.config, lambda: True)
         process, _ = self.start()
         self.upgrade.abandon()
         self.upgrade.settled().addCallback(lambda _: fired.append("waited"))
