@@ -6,7 +6,6 @@ the signals that steer them.
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,7 +14,6 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from maccept._handover import UPGRADE_FROM
 from maccept._listening import ListeningSocket
 from maccept._pool import WorkerPool
 from maccept._serviceports import ServicePort
@@ -81,9 +79,6 @@ class MacceptService(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self.upgrade is not None and UPGRADE_FROM in os.environ:
-            # The old parent still writes the log file while this one starts.
-            self.upgrade.shareLogFile()
         self.takeOwnership()
         addresses = " ".join(listener.description for listener in self.listeners)
         setTitle(f"maccept: master {addresses}")
