@@ -81,11 +81,7 @@ def greetOldParent(environ: Mapping[str, str] = os.environ) -> None:
     is a stop (of both), not the hand-over.  (Said twice, it means the
     same.)
     """
-    fd = pipeToOldParent(environ)
-    if fd is None:
-        return
-    with contextlib.suppress(OSError):
-        os.write(fd, HELLO + b"\n")
+    _tellOldParent(HELLO, environ)
 
 
 def tellOldParentWhy(message: str, environ: Mapping[str, str] = os.environ) -> None:
@@ -93,9 +89,15 @@ def tellOldParentWhy(message: str, environ: Mapping[str, str] = os.environ) -> N
     In a new parent about to exit on an error: tell the old parent why, so
     that its log says so (a daemon's standard error goes nowhere).
     """
+    line = " ".join(message.split())[:500]
+    _tellOldParent(ERROR + line.encode(errors="replace"), environ)
+
+
+def _tellOldParent(line: bytes, environ: Mapping[str, str]) -> None:
+    # Nothing to tell without a pipe (no upgrade, or an old parent of older
+    # code); the old parent may be gone (EPIPE): nothing to tell either.
     fd = pipeToOldParent(environ)
     if fd is None:
         return
-    line = " ".join(message.split())[:500]
     with contextlib.suppress(OSError):
-        os.write(fd, ERROR + line.encode(errors="replace") + b"\n")
+        os.write(fd, line + b"\n")
