@@ -76,14 +76,6 @@ def pluginsByName() -> dict[str, list[IProtocolPlugin]]:
     return found
 
 
-def protocolPlugins() -> dict[str, IProtocolPlugin]:
-    """
-    Every protocol plugin installed, by name (the first found of a name
-    that several have: see L{pluginsByName}).
-    """
-    return {name: plugins[0] for name, plugins in pluginsByName().items()}
-
-
 def optionArguments(protocolOptions: Sequence[str]) -> list[str]:
     """
     C{KEY=VALUE} to C{--KEY VALUE}; a bare C{KEY} is a flag.

@@ -22,7 +22,7 @@ from zope.interface.verify import verifyObject
 from maccept import _plugins
 from maccept._builtins import Chargen
 from maccept._options import CommandLineOptions
-from maccept._plugins import ProtocolPlugin, optionArguments, protocolPlugins
+from maccept._plugins import ProtocolPlugin, optionArguments, pluginsByName
 from maccept._protocols import ProtocolSpecError, resolveProtocol
 from maccept.interfaces import IProtocolPlugin
 from tests.server import MacceptServer, runMaccept
@@ -47,11 +47,12 @@ class DiscoveryTests(SynchronousTestCase):
         """
         Every built-in protocol is found as an L{IProtocolPlugin}.
         """
-        plugins = protocolPlugins()
+        plugins = pluginsByName()
         self.assertLessEqual(BUILT_IN, set(plugins))
         for name in BUILT_IN:
-            self.assertTrue(verifyObject(IProtocolPlugin, plugins[name]))
-            self.assertEqual(plugins[name].name, name)
+            [plugin] = plugins[name]
+            self.assertTrue(verifyObject(IProtocolPlugin, plugin))
+            self.assertEqual(plugin.name, name)
 
     def test_optionArguments(self) -> None:
         """
@@ -89,7 +90,7 @@ class DiscoveryTests(SynchronousTestCase):
         A name that two installed plugins share is refused with both their
         descriptions, rather than serving whichever was found last.
         """
-        both = {"web": [protocolPlugins()["web"], self.myWeb]}
+        both = {"web": [pluginsByName()["web"][0], self.myWeb]}
         self.patch(_plugins, "pluginsByName", lambda: both)
         with self.assertRaises(ProtocolSpecError) as caught:
             resolveProtocol("web")
@@ -117,7 +118,7 @@ class DiscoveryTests(SynchronousTestCase):
         One plugin object that getPlugins yields twice (an alias, or a
         dropin importing another's plugin) is one plugin, not a clash.
         """
-        echo = protocolPlugins()["echo"]
+        echo = pluginsByName()["echo"][0]
         self.patch(_plugins, "getPlugins", lambda interface, package: iter([echo, echo]))
         self.assertEqual(_plugins.pluginsByName(), {"echo": [echo]})
         self.assertIsNotNone(resolveProtocol("echo"))
@@ -137,7 +138,7 @@ class DiscoveryTests(SynchronousTestCase):
         """
         C{--help-protocols} lists both plugins of one name, each marked.
         """
-        both = {"web": [protocolPlugins()["web"], self.myWeb]}
+        both = {"web": [pluginsByName()["web"][0], self.myWeb]}
         self.patch(_plugins, "pluginsByName", lambda: both)
         printed = io.StringIO()
         self.patch(sys, "stdout", printed)
