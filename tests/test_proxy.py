@@ -35,23 +35,12 @@ def v1Header(source: str, sourcePort: int, port: int) -> bytes:
 
 
 def v2Header(source: str, sourcePort: int, port: int) -> bytes:
-    addresses = (
-        ipaddress.IPv4Address(source).packed
-        + ipaddress.IPv4Address("127.0.0.1").packed
-        + struct.pack("!HH", sourcePort, port)
-    )
-    # Version 2, PROXY command; TCP over IPv4.
-    return V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", len(addresses)) + addresses
-
-
-def v2Header6(source: str, sourcePort: int, port: int) -> bytes:
-    addresses = (
-        ipaddress.IPv6Address(source).packed
-        + ipaddress.IPv6Address("::1").packed
-        + struct.pack("!HH", sourcePort, port)
-    )
-    # Version 2, PROXY command; TCP over IPv6.
-    return V2_SIGNATURE + bytes([0x21, 0x21]) + struct.pack("!H", len(addresses)) + addresses
+    client = ipaddress.ip_address(source)
+    server = ipaddress.ip_address("127.0.0.1" if client.version == 4 else "::1")
+    addresses = client.packed + server.packed + struct.pack("!HH", sourcePort, port)
+    # Version 2, PROXY command; TCP over IPv4 or over IPv6.
+    family = 0x11 if client.version == 4 else 0x21
+    return V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(addresses)) + addresses
 
 
 def readLine(client: socket.socket) -> bytes:
@@ -91,8 +80,8 @@ class ProxyProtocolTests(SynchronousTestCase):
             (v1Header("203.0.113.7", 5555, server.port), b"203.0.113.7 5555\n"),
             (v2Header("198.51.100.9", 4444, server.port), b"198.51.100.9 4444\n"),
             # IPv6 written short from either version, as a socket gives it.
-            (v2Header6("2001:db8::7", 3333, server.port), b"2001:db8::7 3333\n"),
-            (v2Header6("::ffff:192.0.2.1", 3334, server.port), b"::ffff:192.0.2.1 3334\n"),
+            (v2Header("2001:db8::7", 3333, server.port), b"2001:db8::7 3333\n"),
+            (v2Header("::ffff:192.0.2.1", 3334, server.port), b"::ffff:192.0.2.1 3334\n"),
             (f"PROXY TCP6 2001:db8::8 ::1 2222 {server.port}\r\n".encode(), b"2001:db8::8 2222\n"),
         ]:
             with server.connect() as client:
