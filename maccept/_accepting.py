@@ -32,7 +32,7 @@ from typing import Any
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 
-from maccept._board import LoadBoard, monotonicNs
+from maccept._board import LoadBoard, countIndex, monotonicNs
 
 
 def allowance(share: int) -> int:
@@ -48,18 +48,29 @@ class AcceptGovernor:
     Decides, before each accept, whether this worker takes the next
     connections, and posts its own count for the others.
 
+    Under churn this runs several times per connection, on every worker,
+    so it does as little as it can there: it posts only its count, reads
+    only the others' counts (which workers are alive it looks up every
+    C{rescanInterval}), and leaves a pending retry timer to fire rather
+    than cancel it (README, Even load).
+
     @ivar freshness: seconds after which another worker's post no longer
         counts (it is hung, stopped or gone).
     """
 
     freshness = 1.0
+    #: How often a worker posts that it is alive.
     postInterval = 0.25
-    #: How long a worker that got ahead stops reading the listener.  Short:
-    #: in a burst every worker gets ahead by a step in turn, and with 5 ms
-    #: the last of 256 connections was served 29 to 40 ms after the last
-    #: connect, against 0.6 to 3.3 ms with Twisted's own loop; with 1 ms,
-    #: 0.7 to 3.8 ms, the balance and the CPU per churned connection the
-    #: same (README, Even load).
+    #: How often a worker looks again at which others are alive: one that
+    #: starts counts within this, one that stops within this of its stop,
+    #: one that hangs within C{freshness} and this.
+    rescanInterval = 0.01
+    #: How long a worker that got ahead stops reading the listener, at
+    #: most.  Short: in a burst every worker gets ahead by a step in turn,
+    #: and with 5 ms the last of 256 connections was served 29 to 40 ms
+    #: after the last connect, against 0.6 to 3.3 ms with Twisted's own
+    #: loop; with 1 ms, 0.7 to 3.8 ms, the balance and the CPU per churned
+    #: connection the same (README, Even load).
     retryDelay = 0.001
 
     def __init__(
@@ -83,8 +94,11 @@ class AcceptGovernor:
         self.pausesAhead = 0
         self.pausesFull = 0
         self._accepting = False
+        #: Where on the board the counts of the other live workers are.
+        self._others: list[int] = []
+        self._rescanAt = 0.0
         self._retry: Any = None
-        self._poster = LoopingCall(self.post)
+        self._poster = LoopingCall(self.heartbeat)
         self._poster.clock = reactor
 
     def govern(self, port: IListeningPort) -> None:
@@ -114,13 +128,12 @@ class AcceptGovernor:
         more.
         """
         budget = None
-        if self.board is not None:
-            freshSince = monotonicNs() - int(self.freshness * 1e9)
-            others = self.board.loadElsewhere(self.slot, freshSince)
-            if others is not None:
-                workers, connections = others
-                share = connections // workers
-                budget = max(0, share + allowance(share) + 1 - self.openConnections)
+        if self.board is not None and self.reactor.seconds() >= self._rescanAt:
+            self._rescan()
+        others = self._others
+        if others:
+            share = self.board.connectionsAt(others) // len(others)  # type: ignore[union-attr]
+            budget = max(0, share + allowance(share) + 1 - self.openConnections)
         if self.maxConcurrent is not None:
             room = max(0, self.maxConcurrent - self.openConnections)
             budget = room if budget is None else min(budget, room)
@@ -146,33 +159,49 @@ class AcceptGovernor:
             self._poster.stop()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
-        self.post()
+        self._retry = None
+        self.heartbeat()
 
     def connectionsChanged(self, count: int) -> None:
         """
         Post the new count; a paused worker resumes early once it may
-        accept again (not on every change: under churn that would stop and
-        start reading the listener for each connection).
+        accept again.
         """
         self.openConnections = count
-        self.post()
+        if self.board is not None:
+            self.board.postCount(self.slot, count)
         if self.paused and self._accepting:
             if self.acceptBudget() != 0:
                 self.resume()
-            elif not self.full and (self._retry is None or not self._retry.active()):
+            elif not self.full and self._retry is None:
                 # Paused at the limit, now only ahead of the others: retry.
-                self._retry = self.reactor.callLater(self.retryDelay, self.resume)
+                self._retry = self.reactor.callLater(self.retryDelay, self._retryNow)
 
-    def post(self) -> None:
+    def heartbeat(self) -> None:
+        """
+        Post this worker's whole slot: alive and accepting, or no longer.
+        """
         if self.board is None:
             return
         postedAt = monotonicNs() if self._accepting else 0
         self.board.post(self.slot, self.pid, self.openConnections, postedAt)
 
+    def _rescan(self) -> None:
+        """
+        Look up where the counts of the other live workers are.
+        """
+        self._rescanAt = self.reactor.seconds() + self.rescanInterval
+        freshSince = monotonicNs() - int(self.freshness * 1e9)
+        self._others = [
+            countIndex(other)
+            for other in self.board.freshSlots(freshSince)  # type: ignore[union-attr]
+            if other != self.slot
+        ]
+
     def pause(self, retry: bool = True) -> None:
         """
-        Stop reading the listeners: for C{retryDelay}, or with C{retry}
-        false until a connection closes.
+        Stop reading the listeners: for at most C{retryDelay}, or with
+        C{retry} false until a connection closes.
         """
         if self.paused:
             return
@@ -183,15 +212,19 @@ class AcceptGovernor:
             self.pausesAhead += 1
         for port in self.ports:
             port.stopReading()  # type: ignore[attr-defined]
-        if retry:
-            self._retry = self.reactor.callLater(self.retryDelay, self.resume)
+        if retry and self._retry is None:
+            # A timer left from an earlier pause that ended early ends this
+            # one sooner: cheaper than a cancel and a new timer each time.
+            self._retry = self.reactor.callLater(self.retryDelay, self._retryNow)
+
+    def _retryNow(self) -> None:
+        self._retry = None
+        if not self.full:
+            self.resume()
 
     def resume(self) -> None:
         if not self.paused or not self._accepting:
             return
         self.paused = False
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
         for port in self.ports:
             port.startReading()  # type: ignore[attr-defined]

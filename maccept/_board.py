@@ -21,6 +21,9 @@ import time
 _HEADER = struct.Struct("=I")
 #: Slot: pid, open connections, last post while accepting (monotonic ns; 0 = not accepting).
 _SLOT = struct.Struct("=iIq")
+#: Where the count sits in a slot: after the pid, 32-bit aligned, so that
+#: it can be written as one word (see L{LoadBoard.postCount}).
+_COUNT_OFFSET = 4
 
 MAX_SLOTS = 1024
 #: The most workers a pool runs: a reload runs two generations at once, and
@@ -40,10 +43,18 @@ def monotonicNs() -> int:
 class LoadBoard:
     """
     A view of the shared page.
+
+    A worker posts its count on every connection it opens or closes, and
+    reads the others' before every accept: under churn that is several
+    times per connection, so those two touch one 32-bit word each through
+    a C{memoryview} rather than packing and unpacking whole slots.  The
+    timestamps that say who is alive change four times a second and are
+    read as often (L{freshSlots}).
     """
 
     def __init__(self, memory: mmap.mmap) -> None:
         self._memory = memory
+        self._words = memoryview(memory).cast("I")
 
     @classmethod
     def create(cls) -> tuple[LoadBoard, int]:
@@ -73,12 +84,18 @@ class LoadBoard:
 
     def post(self, slot: int, pid: int, openConnections: int, postedAt: int) -> None:
         """
-        Post a worker's count; C{postedAt} is now while it accepts, or 0
-        once it no longer does.
+        Post a worker's whole slot; C{postedAt} is now while it accepts, or
+        0 once it no longer does.
         """
         _SLOT.pack_into(
             self._memory, _HEADER.size + slot * _SLOT.size, pid, openConnections, postedAt
         )
+
+    def postCount(self, slot: int, openConnections: int) -> None:
+        """
+        Post only a worker's count, leaving its pid and timestamp.
+        """
+        self._words[countIndex(slot)] = openConnections
 
     def read(self, slot: int) -> tuple[int, int, int]:
         """
@@ -90,23 +107,33 @@ class LoadBoard:
     def clear(self, slot: int) -> None:
         self.post(slot, 0, 0, 0)
 
-    def loadElsewhere(self, slot: int, freshSince: int) -> tuple[int, int] | None:
+    def freshSlots(self, freshSince: int) -> list[int]:
         """
-        How many other workers accept and have posted since C{freshSince},
-        and the open connections they hold between them; C{None} if there
-        is no such worker (it is alone, or the others are stopped, hung or
-        draining).
+        The slots posted since C{freshSince}: the workers that accept (not
+        stopped, hung or draining).
         """
-        workers = connections = 0
         memory, offset, size = self._memory, _HEADER.size, _SLOT.size
-        for other in range(self.slotsInUse):
-            if other == slot:
-                continue
-            _, count, postedAt = _SLOT.unpack_from(memory, offset + other * size)
-            if postedAt >= freshSince:
-                workers += 1
-                connections += count
-        return (workers, connections) if workers else None
+        return [
+            slot
+            for slot in range(self.slotsInUse)
+            if _SLOT.unpack_from(memory, offset + slot * size)[2] >= freshSince
+        ]
+
+    def connectionsAt(self, indices: list[int]) -> int:
+        """
+        The open connections posted at C{indices} (from L{countIndex}),
+        between them.
+        """
+        words = self._words
+        return sum([words[index] for index in indices])
 
     def close(self) -> None:
+        self._words.release()
         self._memory.close()
+
+
+def countIndex(slot: int) -> int:
+    """
+    Where C{slot}'s count is, in 32-bit words from the start of the page.
+    """
+    return (_HEADER.size + slot * _SLOT.size + _COUNT_OFFSET) // 4

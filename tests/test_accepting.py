@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._accepting import AcceptGovernor, allowance
-from maccept._board import LoadBoard, monotonicNs
+from maccept._board import LoadBoard, countIndex, monotonicNs
 
 
 class FakeListeningPort:
@@ -51,28 +51,39 @@ class AllowanceTests(SynchronousTestCase):
 
 
 class BoardTests(SynchronousTestCase):
-    def test_loadElsewhere(self) -> None:
+    def test_freshSlots(self) -> None:
         """
-        The others' worker count and total connections, leaving out this
-        worker's own slot and any slot not posted since C{freshSince}.
+        The slots posted since C{freshSince}: a stale or cleared slot is
+        left out.
         """
         board = newBoard(self, 4)
         now = monotonicNs()
         board.post(0, 100, 50, now)
         board.post(1, 101, 0, now)
-        board.post(2, 102, 20, now)
-        board.post(3, 103, 999, now - 10**10)
-        self.assertEqual(board.loadElsewhere(0, now - 10**9), (2, 20))
-        self.assertEqual(board.loadElsewhere(1, now - 10**9), (2, 70))
+        board.post(2, 102, 20, now - 10**10)
+        board.post(3, 103, 999, 0)
+        self.assertEqual(board.freshSlots(now - 10**9), [0, 1])
 
-    def test_alone(self) -> None:
+    def test_connectionsAt(self) -> None:
         """
-        With no other fresh worker there is no load elsewhere.
+        The counts posted in the given slots, between them.
+        """
+        board = newBoard(self, 3)
+        for slot, count in enumerate([5, 7, 11]):
+            board.post(slot, 100 + slot, count, monotonicNs())
+        self.assertEqual(board.connectionsAt([countIndex(0), countIndex(2)]), 16)
+
+    def test_postCount(self) -> None:
+        """
+        Posting a count changes the count alone, not the pid or the
+        timestamp that says the worker is alive.
         """
         board = newBoard(self, 2)
-        board.post(0, 100, 5, monotonicNs())
-        board.post(1, 101, 5, 0)
-        self.assertIsNone(board.loadElsewhere(0, monotonicNs() - 10**9))
+        board.post(1, 101, 3, 12345)
+        board.postCount(1, 4)
+        self.assertEqual(board.read(1), (101, 4, 12345))
+        self.assertEqual(board.read(0), (0, 0, 0))
+        self.assertEqual(board.connectionsAt([countIndex(1)]), 4)
 
 
 class GovernorTests(SynchronousTestCase):
@@ -86,8 +97,21 @@ class GovernorTests(SynchronousTestCase):
         self.addCleanup(self.governor.stop)
 
     def others(self, *counts: int) -> None:
+        """
+        Post the other workers' counts, and let this worker look them up.
+        """
         for slot, count in enumerate(counts, start=1):
             self.board.post(slot, 100 + slot, count, monotonicNs())
+        self.clock.advance(AcceptGovernor.rescanInterval)
+
+    def pauseAhead(self) -> None:
+        """
+        Put this worker two connections past its ceiling, and let it try
+        to accept.
+        """
+        self.others(8, 8)
+        self.governor.connectionsChanged(12)
+        self.port.doRead()
 
     def test_aloneAcceptsFreely(self) -> None:
         """
@@ -125,9 +149,7 @@ class GovernorTests(SynchronousTestCase):
         A paused worker whose count changes resumes at once only if it
         may accept again; otherwise it waits out its pause.
         """
-        self.others(8, 8)
-        self.governor.connectionsChanged(12)
-        self.port.doRead()
+        self.pauseAhead()
         self.governor.connectionsChanged(11)
         self.assertFalse(self.port.reading)
         self.governor.connectionsChanged(9)
@@ -135,22 +157,67 @@ class GovernorTests(SynchronousTestCase):
 
     def test_posts(self) -> None:
         """
-        Every change of count is posted at once for the others to read.
+        Every change of count is posted at once for the others to read,
+        and the heartbeat says the worker is alive.
         """
         self.governor.connectionsChanged(7)
         _, count, postedAt = self.board.read(0)
         self.assertEqual(count, 7)
         self.assertGreater(postedAt, 0)
 
+    def test_othersLookedUpEveryRescanInterval(self) -> None:
+        """
+        A worker that starts counts once this one has looked up the live
+        workers again, C{rescanInterval} after it last did.
+        """
+        self.port.doRead()
+        self.board.post(1, 101, 30, monotonicNs())
+        self.governor.connectionsChanged(10)
+        self.port.doRead()
+        self.assertEqual(self.port.numberAccepts, 100)
+        self.clock.advance(AcceptGovernor.rescanInterval)
+        self.port.doRead()
+        self.assertEqual(self.port.numberAccepts, 30 + allowance(30) + 1 - 10)
+
+    def test_countsReadAtOnce(self) -> None:
+        """
+        Between heartbeats, the others' counts are read as they are now.
+        """
+        self.others(8, 8)
+        self.governor.connectionsChanged(10)
+        self.port.doRead()
+        self.assertEqual(self.port.reads, 0)
+        self.governor.resume()
+        self.board.postCount(1, 20)
+        self.port.doRead()
+        self.assertEqual((self.port.reads, self.port.numberAccepts), (1, 14 + 1 + 1 - 10))
+
     def test_stopLeavesTheBoard(self) -> None:
         """
         A stopped governor posts that it no longer accepts, so the others
-        leave it out of their mean.
+        leave it out of their mean from their next look-up.
         """
         self.others(8, 8)
         self.governor.connectionsChanged(50)
         self.governor.stop()
-        self.assertEqual(self.board.loadElsewhere(1, monotonicNs() - 10**9), (1, 8))
+        self.assertEqual(self.board.freshSlots(monotonicNs() - 10**9), [1, 2])
+
+    def test_oneRetryTimer(self) -> None:
+        """
+        A pause that ended early leaves its timer, and the next pause
+        uses it rather than setting another: it ends when that fires.
+        """
+        self.pauseAhead()
+        self.governor.connectionsChanged(9)
+        self.assertTrue(self.port.reading)
+        self.clock.advance(AcceptGovernor.retryDelay / 2)
+        self.governor.connectionsChanged(12)
+        self.port.doRead()
+        self.assertFalse(self.port.reading)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)  # the retry, the heartbeat
+        self.clock.advance(AcceptGovernor.retryDelay / 2)
+        self.assertTrue(self.port.reading)
+        self.assertEqual(self.governor.pausesAhead, 2)
 
 
 class MaxConcurrentTests(SynchronousTestCase):
@@ -166,6 +233,17 @@ class MaxConcurrentTests(SynchronousTestCase):
         governor.start()
         self.addCleanup(governor.stop)
         return governor, port
+
+    def governedBesideAnIdleWorker(
+        self,
+    ) -> tuple[LoadBoard, AcceptGovernor, FakeListeningPort]:
+        """
+        A governed worker, and on the board one other with no connections.
+        """
+        board = newBoard(self, 2)
+        board.post(1, 101, 0, monotonicNs())
+        governor, port = self.governed(board)
+        return board, governor, port
 
     def test_budgetIsTheRoomLeft(self) -> None:
         """
@@ -196,13 +274,26 @@ class MaxConcurrentTests(SynchronousTestCase):
         A worker paused at the limit that, once below it, is still ahead of
         the others' mean goes back to retrying, so it is never stuck.
         """
-        board = newBoard(self, 2)
-        board.post(1, 101, 0, monotonicNs())
-        governor, port = self.governed(board)
+        board, governor, port = self.governedBesideAnIdleWorker()
         governor.connectionsChanged(3)
         port.doRead()
         governor.connectionsChanged(2)
         self.assertFalse(port.reading)
         board.post(1, 101, 3, monotonicNs())
         self.clock.advance(AcceptGovernor.retryDelay)
+        self.assertTrue(port.reading)
+
+    def test_retryLeftFromAheadWaitsWhileFull(self) -> None:
+        """
+        A retry timer set while the worker was only ahead does not wake it
+        once it is at the limit: only a closing connection does.
+        """
+        board, governor, port = self.governedBesideAnIdleWorker()
+        governor.connectionsChanged(2)
+        port.doRead()
+        governor.connectionsChanged(3)
+        self.clock.advance(AcceptGovernor.retryDelay)
+        self.assertFalse(port.reading)
+        board.post(1, 101, 3, monotonicNs())
+        governor.connectionsChanged(2)
         self.assertTrue(port.reading)
