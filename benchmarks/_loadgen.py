@@ -104,7 +104,10 @@ class Load:
         return self.warmup + self.duration + 30.0
 
 
-def _pinned(cpus: set[int]) -> Any:
+def pinnedTo(cpus: set[int]) -> Any:
+    """
+    A C{preexec_fn} that moves the child onto C{cpus}.
+    """
     return lambda: os.sched_setaffinity(0, cpus)
 
 
@@ -126,7 +129,7 @@ def run(load: Load, cpus: set[int]) -> dict[str, Any]:
         text=True,
         timeout=load.timeout,
         check=False,
-        preexec_fn=_pinned(cpus),
+        preexec_fn=pinnedTo(cpus),
     )
     if done.returncode not in (0, 1):  # 1: mismatches, reported in the JSON
         raise LoadgenError(f"{' '.join(load.command())} exited {done.returncode}: {done.stderr}")
@@ -146,7 +149,7 @@ class Background:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            preexec_fn=_pinned(cpus),
+            preexec_fn=pinnedTo(cpus),
         )
         #: stderr read so far and not yet taken as lines.
         self._pending = b""

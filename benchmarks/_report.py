@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import _profile
+
 RR_TITLES = {
     "rr-1k": "Request/response, 1 KiB",
     "rr-16k": "Request/response, 16 KiB",
@@ -249,6 +251,43 @@ def _throughputSection(r: Results, workload: str) -> list[str]:
             if workload == "churn" and any("accept_path" in run for run in recorded)
             else []
         ),
+        *(_profileSection(r, workload) if any("profile" in run for run in recorded) else []),
+    ]
+
+
+def _profileSection(r: Results, workload: str) -> list[str]:
+    """
+    With --profile: the CPU per request spread over the parts of a worker
+    in the shares py-spy sampled them in one worker.
+    """
+    rows = []
+    for server in r.servers:
+        for workers in r.workers:
+            run = r.find(server, workers, workload)
+            profile = (run or {}).get("profile")
+            if run is None or profile is None:
+                continue
+            if "shares" not in profile or "server_cpu_us_per_request" not in run:
+                why = profile.get("error", "no CPU per request")
+                rows.append([server, str(workers), why, *["" for _ in _profile.NAMES[1:]], "-"])
+                continue
+            perRequest = run["server_cpu_us_per_request"]
+            shares = profile["shares"]
+            rows.append(
+                [
+                    server,
+                    str(workers),
+                    *[f"{shares.get(name, 0) * perRequest:.1f}" for name in _profile.NAMES],
+                    str(profile["samples"]),
+                ]
+            )
+    return [
+        "Where the CPU per request goes, in µs: py-spy's samples of one worker by the part of"
+        " the server their innermost frame is in (a frame's system calls count with it),"
+        " times the server CPU per request:",
+        "",
+        *_table(["server", "workers", *_profile.NAMES, "samples"], rows),
+        "",
     ]
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import _loadgen
 import _procfs
+import _profile
 import _report
 import _system
 import servers
@@ -93,6 +94,8 @@ class Settings:
     reload_load: float
     #: Times the whole sweep is run; each cell reports its median run.
     rounds: int = 1
+    #: The py-spy that profiles one maccept worker in each timed run, if any.
+    profile: str | None = None
 
 
 def parseArguments(argv: list[str] | None) -> argparse.Namespace:
@@ -130,6 +133,13 @@ def parseArguments(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=1,
         help="run the whole sweep this many times, interleaved; report each cell's median",
+    )
+    add(
+        "--profile",
+        nargs="?",
+        const="py-spy",
+        metavar="PY_SPY",
+        help="sample one maccept worker with py-spy in each timed run (default: py-spy on PATH)",
     )
     add("--render", action="store_true", help="only rewrite OUT's .md and .png from its .json")
     return parser.parse_args(argv)
@@ -177,6 +187,7 @@ def makeSettings(args: argparse.Namespace, pinning: _system.Pinning) -> Settings
         prime=args.prime,
         reload_load=args.reload_load,
         rounds=args.rounds,
+        profile=_profile.findPySpy(args.profile) if args.profile else None,
     )
 
 
@@ -358,15 +369,18 @@ class Bench:
         )
         watched = [*pids, server.pid] if server.pid not in pids else pids
         running = _loadgen.Background(load, self.pinning.client)
+        recording = None
         try:
             time.sleep(s.warmup)
             before = [_procfs.cpuTimes(p) for p in watched]
             countersBefore = server.acceptCounters()
+            recording = self._profileOne(server, workload)
             time.sleep(s.duration)
             after = [_procfs.cpuTimes(p) for p in watched]
             countersAfter = server.acceptCounters()
         finally:
             result = running.finish()
+            profile = recording.finish() if recording is not None else None
         userTime = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
         systemTime = [a[1] - b[1] for a, b in zip(after, before, strict=True)]
         spent = [u + k for u, k in zip(userTime, systemTime, strict=True)]
@@ -377,6 +391,8 @@ class Bench:
                 name: countersAfter[name] - countersBefore[name]
                 for name in countersAfter.keys() & countersBefore.keys()
             }
+        if profile is not None:
+            record["profile"] = profile
         if len(watched) > len(pids):
             # A supervising parent should cost nothing while workers serve.
             record["parent_cpu_s"] = round(spent[-1], 2)
@@ -389,6 +405,25 @@ class Bench:
         clientCapacity = min(s.threads, len(self.pinning.client)) * (s.warmup + s.duration)
         record["client_busy"] = round(result["client_cpu_s"] / clientCapacity, 3)
         return record
+
+    def _profileOne(
+        self, server: servers.RunningServer, workload: Workload
+    ) -> _profile.Recording | None:
+        """
+        With C{--profile}, start py-spy on a maccept server's first worker
+        for the measured window, on the client's CPUs.
+        """
+        if self.settings.profile is None or not server.spec.kind.startswith("maccept"):
+            return None
+        spec = server.spec
+        label = f"{spec.kind}-{spec.processes}-{workload.name}-round{self.round + 1}"
+        return _profile.Recording(
+            self.settings.profile,
+            server.workerPids()[0],
+            self.settings.duration,
+            self.out / "raw" / f"{label}.pyspy",
+            preexec=_loadgen.pinnedTo(self.pinning.client),
+        )
 
     def measureBurst(self, server: servers.RunningServer) -> dict[str, Any]:
         """
