@@ -63,7 +63,8 @@ class AcceptGovernor:
     postInterval = 0.25
     #: How often a worker looks again at which others are alive: one that
     #: starts counts within this, one that stops within this of its stop,
-    #: one that hangs within C{freshness} and this.
+    #: one that hangs within C{freshness} and this; one that exits is left
+    #: out as soon as the parent clears its slot.
     rescanInterval = 0.01
     #: How long a worker that got ahead stops reading the listener, at
     #: most.  Short: in a burst every worker gets ahead by a step in turn,
@@ -128,12 +129,16 @@ class AcceptGovernor:
         more.
         """
         budget = None
-        if self.board is not None and self.reactor.seconds() >= self._rescanAt:
-            self._rescan()
-        others = self._others
-        if others:
-            share = self.board.connectionsAt(others) // len(others)  # type: ignore[union-attr]
-            budget = max(0, share + allowance(share) + 1 - self.openConnections)
+        if self.board is not None:
+            now = self.reactor.seconds()
+            # Also when the clock has been set back, which would otherwise
+            # keep an old view of who is alive for as long as the step.
+            if now >= self._rescanAt or now < self._rescanAt - self.rescanInterval:
+                self._rescan()
+            workers, connections = self.board.connectionsAt(self._others)
+            if workers:
+                share = connections // workers
+                budget = max(0, share + allowance(share) + 1 - self.openConnections)
         if self.maxConcurrent is not None:
             room = max(0, self.maxConcurrent - self.openConnections)
             budget = room if budget is None else min(budget, room)

@@ -6,8 +6,11 @@ others before it accepts another one.
 
 The parent creates the page (an anonymous C{memfd}) and hands it to every
 worker as one more descriptor.  Each worker writes only its own slot; the
-parent writes only the header.  A torn read costs at most one accept
-decision, so no lock is taken.
+parent writes the header, and clears a slot when its worker has exited and
+before it hands the slot to a new one.  No lock is taken: a count is one
+aligned word, and a torn read of a slot's timestamp costs at most a reader's
+view of who is alive until it looks again (10 ms, see
+L{AcceptGovernor.rescanInterval}).
 """
 
 from __future__ import annotations
@@ -46,10 +49,10 @@ class LoadBoard:
 
     A worker posts its count on every connection it opens or closes, and
     reads the others' before every accept: under churn that is several
-    times per connection, so those two touch one 32-bit word each through
-    a C{memoryview} rather than packing and unpacking whole slots.  The
-    timestamps that say who is alive change four times a second and are
-    read as often (L{freshSlots}).
+    times per connection, so those two touch 32-bit words through a
+    C{memoryview} rather than packing and unpacking whole slots.  The
+    timestamps that say who is alive change four times a second, and each
+    worker reads them every 10 ms (L{freshSlots}).
     """
 
     def __init__(self, memory: mmap.mmap) -> None:
@@ -119,13 +122,18 @@ class LoadBoard:
             if _SLOT.unpack_from(memory, offset + slot * size)[2] >= freshSince
         ]
 
-    def connectionsAt(self, indices: list[int]) -> int:
+    def connectionsAt(self, indices: list[int]) -> tuple[int, int]:
         """
-        The open connections posted at C{indices} (from L{countIndex}),
-        between them.
+        How many of the slots whose counts are at C{indices} (from
+        L{countIndex}) still hold a worker, and the open connections they
+        post between them.  A slot the parent has cleared (its worker
+        exited) is left out at once, without waiting for its timestamp to
+        go stale.
         """
         words = self._words
-        return sum([words[index] for index in indices])
+        # The pid is the word before the count.
+        counts = [words[index] for index in indices if words[index - 1]]
+        return len(counts), sum(counts)
 
     def close(self) -> None:
         self._words.release()

@@ -71,7 +71,18 @@ class BoardTests(SynchronousTestCase):
         board = newBoard(self, 3)
         for slot, count in enumerate([5, 7, 11]):
             board.post(slot, 100 + slot, count, monotonicNs())
-        self.assertEqual(board.connectionsAt([countIndex(0), countIndex(2)]), 16)
+        self.assertEqual(board.connectionsAt([countIndex(0), countIndex(2)]), (2, 16))
+
+    def test_clearedSlotLeftOut(self) -> None:
+        """
+        A slot the parent has cleared (its worker exited) holds no worker,
+        whatever its timestamp said before.
+        """
+        board = newBoard(self, 2)
+        board.post(0, 100, 5, monotonicNs())
+        board.post(1, 101, 7, monotonicNs())
+        board.clear(1)
+        self.assertEqual(board.connectionsAt([countIndex(0), countIndex(1)]), (1, 5))
 
     def test_postCount(self) -> None:
         """
@@ -83,7 +94,7 @@ class BoardTests(SynchronousTestCase):
         board.postCount(1, 4)
         self.assertEqual(board.read(1), (101, 4, 12345))
         self.assertEqual(board.read(0), (0, 0, 0))
-        self.assertEqual(board.connectionsAt([countIndex(1)]), 4)
+        self.assertEqual(board.connectionsAt([countIndex(1)]), (1, 4))
 
 
 class GovernorTests(SynchronousTestCase):
@@ -202,6 +213,48 @@ class GovernorTests(SynchronousTestCase):
         self.governor.stop()
         self.assertEqual(self.board.freshSlots(monotonicNs() - 10**9), [1, 2])
 
+    def test_othersLeftOut(self) -> None:
+        """
+        Another worker that stops is left out of the mean from this one's
+        next look-up; one that exits, as soon as the parent clears its slot.
+        """
+        self.others(8, 30)
+        self.governor.connectionsChanged(5)
+        self.assertEqual(self.governor.acceptBudget(), 19 + allowance(19) + 1 - 5)
+        self.board.post(2, 102, 30, 0)
+        self.assertEqual(self.governor.acceptBudget(), 19 + allowance(19) + 1 - 5)
+        self.clock.advance(AcceptGovernor.rescanInterval)
+        self.assertEqual(self.governor.acceptBudget(), 8 + allowance(8) + 1 - 5)
+        self.board.clear(1)
+        self.assertIsNone(self.governor.acceptBudget())
+
+    def test_clockSetBack(self) -> None:
+        """
+        A wall clock set back does not keep this worker from looking again
+        at which others are alive.
+        """
+        self.governor.acceptBudget()
+        self.clock.rightNow -= 3600
+        self.board.post(1, 101, 30, monotonicNs())
+        self.governor.connectionsChanged(10)
+        self.assertEqual(self.governor.acceptBudget(), 30 + allowance(30) + 1 - 10)
+
+    def test_heartbeat(self) -> None:
+        """
+        A count posted on a change leaves the timestamp; the heartbeat
+        posts it again every C{postInterval}, so that the others go on
+        counting this worker.
+        """
+        posted = [self.board.read(0)[2]]
+        self.governor.connectionsChanged(3)
+        posted.append(self.board.read(0)[2])
+        before = monotonicNs()
+        self.clock.advance(AcceptGovernor.postInterval)
+        posted.append(self.board.read(0)[2])
+        self.assertEqual(posted[0], posted[1])
+        self.assertGreaterEqual(posted[2], before)
+        self.assertEqual(self.board.read(0)[1], 3)
+
     def test_oneRetryTimer(self) -> None:
         """
         A pause that ended early leaves its timer, and the next pause
@@ -285,15 +338,22 @@ class MaxConcurrentTests(SynchronousTestCase):
 
     def test_retryLeftFromAheadWaitsWhileFull(self) -> None:
         """
-        A retry timer set while the worker was only ahead does not wake it
-        once it is at the limit: only a closing connection does.
+        A retry timer left from a pause that ended early does not wake the
+        worker once it has accepted up to the limit and paused there: only
+        a closing connection does.
         """
         board, governor, port = self.governedBesideAnIdleWorker()
         governor.connectionsChanged(2)
         port.doRead()
+        governor.connectionsChanged(1)
+        self.assertTrue(port.reading)
+        board.postCount(1, 3)
+        port.doRead()
+        governor.connectionsChanged(2)
         governor.connectionsChanged(3)
+        port.doRead()
+        self.assertEqual((governor.pausesAhead, governor.pausesFull), (1, 1))
         self.clock.advance(AcceptGovernor.retryDelay)
         self.assertFalse(port.reading)
-        board.post(1, 101, 3, monotonicNs())
         governor.connectionsChanged(2)
         self.assertTrue(port.reading)
