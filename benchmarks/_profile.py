@@ -1,18 +1,21 @@
 """
-Where one maccept worker's time goes during a timed run.
+Where maccept's workers spend their time during a timed run.
 
 The accept-path counters say how often the balance governor pauses; they
-cannot say what that costs.  With C{--profile}, py-spy samples one worker's
-Python stacks through the measured window, each sample is charged to the
-part of the server its innermost frame belongs to (a frame that makes a
-system call carries that call's time), and the report spreads the run's
-measured CPU per request over those parts, so that ``even`` and ``greedy``
-balancing can be compared part by part (README, Even load).
+cannot say what that costs.  With C{--profile}, py-spy samples the Python
+stacks of every worker through the measured window, each sample is charged
+to the part of the server its innermost frame belongs to (a frame that
+makes a system call carries that call's time), and each worker's CPU time
+is spread over the parts in the shares of its own samples, so that
+``even`` and ``greedy`` balancing can be compared part by part (README,
+Even load).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -47,6 +50,11 @@ PARTS: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
             "twisted/internet/abstract.py",
             "twisted/internet/posixbase.py",
             "twisted/internet/protocol.py",
+            "twisted/internet/_newtls.py",
+            "twisted/internet/unix.py",
+            "twisted/internet/address.py",
+            "twisted/python/util.py",
+            "twisted/python/failure.py",
             "socket.py",
         ),
         None,
@@ -73,6 +81,37 @@ def findPySpy(given: str) -> str:
     return found
 
 
+def cannotProfile(pySpy: str) -> str | None:
+    """
+    Why C{pySpy} cannot read a process here (it needs the right to trace
+    it: root, or C{kernel.yama.ptrace_scope} 0), tried on this process; or
+    C{None} if it can.
+    """
+    try:
+        done = subprocess.run(
+            [pySpy, "dump", "--pid", str(os.getpid()), "--nonblocking"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=_quiet(),
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{pySpy}: {e}"
+    return None if done.returncode == 0 else _errorLine(done.stderr, done.returncode)
+
+
+def _quiet() -> dict[str, str]:
+    # A backtrace would bury py-spy's one line of error.
+    return {**os.environ, "RUST_BACKTRACE": "0"}
+
+
+def _errorLine(stderr: str, returncode: int) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    said = [line for line in lines if line.startswith(("Error", "Permission"))]
+    return (said or lines or [f"py-spy exited {returncode}"])[0]
+
+
 def partOf(frame: str) -> str:
     """
     The part of the server a py-spy frame (C{"function (file.py:line)"})
@@ -88,74 +127,117 @@ def partOf(frame: str) -> str:
     return OTHER
 
 
-def samplesByPart(raw: str) -> Counter[str]:
+def samplesByProcess(raw: str) -> dict[int, Counter[str]]:
     """
-    Samples per part from py-spy's raw output: one line per distinct stack,
-    its frames outermost first and separated by semicolons, then a space
-    and how many samples had that stack.
+    Samples per process and part from py-spy's raw output with
+    C{--subprocesses}: one line per distinct stack, its frames outermost
+    first and separated by semicolons (the first ones C{process PID:"..."},
+    the innermost of them the sampled process), then a space and how many
+    samples had that stack.  A sample with no Python frame counts as other.
     """
-    parts: Counter[str] = Counter()
+    processes: dict[int, Counter[str]] = {}
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
+        if not count.isdigit():
             continue
-        parts[partOf(stack.rpartition(";")[2])] += int(count)
-    return parts
+        frames = stack.split(";") if stack.strip() else []
+        pid = 0
+        python = []
+        for frame in frames:
+            if frame.startswith("process ") and ":" in frame:
+                pid = int(frame[len("process ") :].partition(":")[0])
+            else:
+                python.append(frame)
+        part = partOf(python[-1]) if python else OTHER
+        processes.setdefault(pid, Counter())[part] += int(count)
+    return processes
+
+
+def spread(
+    processes: dict[int, Counter[str]], cpuSeconds: dict[int, float], requests: int
+) -> dict[str, Any]:
+    """
+    Each worker's CPU seconds spread over the parts in the shares of its
+    own samples, summed over the workers, per request: µs of CPU per
+    request in each part.  A worker py-spy took no samples of is counted
+    as unsampled.
+    """
+    perPart: Counter[str] = Counter()
+    unsampled = 0.0
+    samples = 0
+    for pid, seconds in cpuSeconds.items():
+        parts = processes.get(pid)
+        total = sum(parts.values()) if parts else 0
+        if not parts or not total:
+            unsampled += seconds
+            continue
+        samples += total
+        for name, count in parts.items():
+            perPart[name] += seconds * count / total
+    scale = 1e6 / requests if requests else 0.0
+    return {
+        "samples": samples,
+        "us_per_request": {
+            name: round(perPart[name] * scale, 2) for name in NAMES if perPart[name]
+        },
+        "unsampled_us_per_request": round(unsampled * scale, 2),
+    }
 
 
 class Recording:
     """
-    py-spy recording one worker for a while, in the background.
+    py-spy recording a server's workers (the children of C{pid}) from now
+    until L{stop}, in the background.
     """
 
-    def __init__(
-        self, pySpy: str, pid: int, seconds: float, output: Path, preexec: Any = None
-    ) -> None:
+    def __init__(self, pySpy: str, pid: int, output: Path, preexec: Any = None) -> None:
         self.output = output
-        self.seconds = seconds
+        self.error: str | None = None
+        self._process: subprocess.Popen[str] | None = None
         output.parent.mkdir(parents=True, exist_ok=True)
-        self._process = subprocess.Popen(
-            [
-                pySpy,
-                "record",
-                "--pid",
-                str(pid),
-                "--duration",
-                str(max(1, round(seconds))),
-                "--rate",
-                str(RATE),
-                "--format",
-                "raw",
-                "--nonblocking",
-                "--output",
-                str(output),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=preexec,
-        )
-
-    def finish(self) -> dict[str, Any]:
-        """
-        Wait for py-spy; the share of samples in each part, or why there
-        are none.
-        """
         try:
-            _, errors = self._process.communicate(timeout=self.seconds + 15)
+            self._process = subprocess.Popen(
+                [
+                    pySpy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--subprocesses",
+                    "--rate",
+                    str(RATE),
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--output",
+                    str(output),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                preexec_fn=preexec,
+                env=_quiet(),
+            )
+        except OSError as e:
+            self.error = f"{pySpy}: {e}"
+
+    def stop(self) -> dict[int, Counter[str]] | str:
+        """
+        Stop sampling (py-spy writes what it took when interrupted); the
+        samples per process and part, or why there are none.
+        """
+        process = self._process
+        if process is None:
+            return self.error or "py-spy did not start"
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        try:
+            _, errors = process.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.communicate()
-            return {"error": "py-spy did not finish"}
-        if self._process.returncode != 0 or not self.output.exists():
-            lines = [line for line in errors.splitlines() if line.strip()]
-            return {"error": lines[-1] if lines else f"py-spy exited {self._process.returncode}"}
-        parts = samplesByPart(self.output.read_text())
-        total = sum(parts.values())
-        if not total:
-            return {"error": "py-spy took no samples"}
-        return {
-            "samples": total,
-            "shares": {name: round(parts[name] / total, 4) for name in NAMES if parts[name]},
-        }
+            process.kill()
+            process.communicate()
+            return "py-spy did not stop"
+        if not self.output.exists():
+            return _errorLine(errors, process.returncode)
+        processes = samplesByProcess(self.output.read_text())
+        return processes or "py-spy took no samples"

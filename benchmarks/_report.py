@@ -154,6 +154,14 @@ def _header(results: dict[str, Any]) -> list[str]:
             if s.get("rounds", 1) > 1
             else []
         ),
+        *(
+            [
+                "- Profile: asked for, but py-spy could not read processes: "
+                f"{s['profile_unavailable']}"
+            ]
+            if s.get("profile_unavailable")
+            else []
+        ),
         "",
     ]
 
@@ -257,36 +265,37 @@ def _throughputSection(r: Results, workload: str) -> list[str]:
 
 def _profileSection(r: Results, workload: str) -> list[str]:
     """
-    With --profile: the CPU per request spread over the parts of a worker
-    in the shares py-spy sampled them in one worker.
+    With --profile: the server CPU per request spread over the parts of
+    the server, each worker's CPU in the shares of its own py-spy samples.
     """
     rows = []
     for server in r.servers:
         for workers in r.workers:
             run = r.find(server, workers, workload)
             profile = (run or {}).get("profile")
-            if run is None or profile is None:
+            if profile is None:
                 continue
-            if "shares" not in profile or "server_cpu_us_per_request" not in run:
-                why = profile.get("error", "no CPU per request")
-                rows.append([server, str(workers), why, *["" for _ in _profile.NAMES[1:]], "-"])
+            if "us_per_request" not in profile:
+                why = profile.get("error", "no samples")
+                rows.append([server, str(workers), why, *["" for _ in _profile.NAMES], "-"])
                 continue
-            perRequest = run["server_cpu_us_per_request"]
-            shares = profile["shares"]
+            perPart = profile["us_per_request"]
             rows.append(
                 [
                     server,
                     str(workers),
-                    *[f"{shares.get(name, 0) * perRequest:.1f}" for name in _profile.NAMES],
+                    *[f"{perPart.get(name, 0):.1f}" for name in _profile.NAMES],
+                    f"{profile.get('unsampled_us_per_request', 0):.1f}",
                     str(profile["samples"]),
                 ]
             )
+    header = ["server", "workers", *_profile.NAMES, "unsampled", "samples"]
     return [
-        "Where the CPU per request goes, in µs: py-spy's samples of one worker by the part of"
-        " the server their innermost frame is in (a frame's system calls count with it),"
-        " times the server CPU per request:",
+        "Where the workers' CPU per request goes, in µs: each worker's CPU time spread over"
+        " the parts of the server in the shares of its py-spy samples (by the innermost"
+        " Python frame; a frame's system calls count with it):",
         "",
-        *_table(["server", "workers", *_profile.NAMES, "samples"], rows),
+        *_table(header, rows),
         "",
     ]
 

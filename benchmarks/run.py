@@ -94,8 +94,10 @@ class Settings:
     reload_load: float
     #: Times the whole sweep is run; each cell reports its median run.
     rounds: int = 1
-    #: The py-spy that profiles one maccept worker in each timed run, if any.
+    #: The py-spy that profiles maccept's workers in each timed run, if any.
     profile: str | None = None
+    #: Why --profile was asked for and could not be done.
+    profile_unavailable: str | None = None
 
 
 def parseArguments(argv: list[str] | None) -> argparse.Namespace:
@@ -163,6 +165,19 @@ def makeSettings(args: argparse.Namespace, pinning: _system.Pinning) -> Settings
         value = getattr(args, name)
         return preset[name] if value is None else value
 
+    profiler = unavailable = None
+    if args.profile:
+        profiler = _profile.findPySpy(args.profile)
+        unavailable = _profile.cannotProfile(profiler)
+        if unavailable is not None:
+            # Measure anyway: a lent machine's time is better spent on the
+            # numbers than on nothing.
+            print(
+                f"benchmark: --profile: py-spy cannot read processes here, "
+                f"measuring without it: {unavailable}",
+                file=sys.stderr,
+            )
+            profiler = None
     available = servers.available_kinds()
     wanted = _names(args.servers, servers.KINDS, "server")
     missing = [k for k in wanted if k not in available]
@@ -187,7 +202,8 @@ def makeSettings(args: argparse.Namespace, pinning: _system.Pinning) -> Settings
         prime=args.prime,
         reload_load=args.reload_load,
         rounds=args.rounds,
-        profile=_profile.findPySpy(args.profile) if args.profile else None,
+        profile=profiler,
+        profile_unavailable=unavailable,
     )
 
 
@@ -372,15 +388,17 @@ class Bench:
         recording = None
         try:
             time.sleep(s.warmup)
+            recording = self._profile(server, workload)
             before = [_procfs.cpuTimes(p) for p in watched]
             countersBefore = server.acceptCounters()
-            recording = self._profileOne(server, workload)
             time.sleep(s.duration)
             after = [_procfs.cpuTimes(p) for p in watched]
             countersAfter = server.acceptCounters()
         finally:
-            result = running.finish()
-            profile = recording.finish() if recording is not None else None
+            try:
+                samples = recording.stop() if recording is not None else None
+            finally:
+                result = running.finish()
         userTime = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
         systemTime = [a[1] - b[1] for a, b in zip(after, before, strict=True)]
         spent = [u + k for u, k in zip(userTime, systemTime, strict=True)]
@@ -391,8 +409,11 @@ class Bench:
                 name: countersAfter[name] - countersBefore[name]
                 for name in countersAfter.keys() & countersBefore.keys()
             }
-        if profile is not None:
-            record["profile"] = profile
+        if isinstance(samples, str):
+            record["profile"] = {"error": samples}
+        elif samples is not None:
+            cpu = dict(zip(pids, spent[: len(pids)], strict=True))
+            record["profile"] = _profile.spread(samples, cpu, result["requests"])
         if len(watched) > len(pids):
             # A supervising parent should cost nothing while workers serve.
             record["parent_cpu_s"] = round(spent[-1], 2)
@@ -406,12 +427,12 @@ class Bench:
         record["client_busy"] = round(result["client_cpu_s"] / clientCapacity, 3)
         return record
 
-    def _profileOne(
+    def _profile(
         self, server: servers.RunningServer, workload: Workload
     ) -> _profile.Recording | None:
         """
-        With C{--profile}, start py-spy on a maccept server's first worker
-        for the measured window, on the client's CPUs.
+        With C{--profile}, start py-spy on a maccept server's workers (the
+        parent's children) for the measured window, on the client's CPUs.
         """
         if self.settings.profile is None or not server.spec.kind.startswith("maccept"):
             return None
@@ -419,8 +440,7 @@ class Bench:
         label = f"{spec.kind}-{spec.processes}-{workload.name}-round{self.round + 1}"
         return _profile.Recording(
             self.settings.profile,
-            server.workerPids()[0],
-            self.settings.duration,
+            server.pid,
             self.out / "raw" / f"{label}.pyspy",
             preexec=_loadgen.pinnedTo(self.pinning.client),
         )

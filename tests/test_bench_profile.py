@@ -11,7 +11,9 @@ import shutil
 import stat
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -20,17 +22,20 @@ sys.path.append(str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import _profile
 import _report
 
-RAW = """\
-<module> (maccept/_worker.py:518);ReactorBase.run (twisted/internet/base.py:686);\
-WorkerReactor.doPoll (maccept/_reactor.py:32) 50
-<module> (maccept/_worker.py:518);ReactorBase.run (twisted/internet/base.py:686);\
-governedDoRead (maccept/_accepting.py:106);doRead (maccept/_acceptloop.py:94) 10
-<module> (maccept/_worker.py:518);governedDoRead (maccept/_accepting.py:106);\
-AcceptGovernor.acceptBudget (maccept/_accepting.py:120) 5
-<module> (maccept/_worker.py:518);EPollReactor._add (twisted/internet/epollreactor.py:105) 5
-<module> (maccept/_worker.py:518);_sendTCP (maccept/_connections.py:285) 20
-<module> (maccept/_worker.py:518);socket._real_close (socket.py:497) 5
-<module> (maccept/_worker.py:518);Echo.dataReceived (/home/me/app/myproto.py:9) 5
+MASTER = 'process 100:"maccept: master"'
+WORKER = f'{MASTER};process 101:"maccept: worker 1";<module> (maccept/_worker.py:518)'
+OTHER_WORKER = 'process 100:"maccept: master";process 102:"maccept: worker 2"'
+RAW = f"""\
+{WORKER};ReactorBase.run (twisted/internet/base.py:686);doPoll (maccept/_reactor.py:32) 50
+{WORKER};governedDoRead (maccept/_accepting.py:106);doRead (maccept/_acceptloop.py:94) 10
+{WORKER};AcceptGovernor.acceptBudget (maccept/_accepting.py:120) 5
+{WORKER};EPollReactor._add (twisted/internet/epollreactor.py:105) 5
+{WORKER};_sendTCP (maccept/_connections.py:285) 20
+{WORKER};socket._real_close (/usr/lib/python3.12/socket.py:497) 5
+{WORKER};Echo.dataReceived (/home/me/app/myproto.py:9) 4
+{OTHER_WORKER} 1
+{OTHER_WORKER};<module> (maccept/_worker.py:518);_sendTCP (maccept/_connections.py:285) 3
+process 100:"maccept: master";ReactorBase.run (twisted/internet/base.py:686) 7
 """
 
 
@@ -72,19 +77,47 @@ class PartTests(SynchronousTestCase):
             ],
         )
 
-    def test_samplesByPart(self) -> None:
+    def test_samplesByProcess(self) -> None:
         """
-        Each stack's samples go to the part of its innermost frame.
+        Each stack's samples go to the innermost process named in it, and
+        to the part of its innermost Python frame (none: other).
         """
+        processes = _profile.samplesByProcess(RAW + "not a stack line\n")
         self.assertEqual(
-            dict(_profile.samplesByPart(RAW + "\nnot a stack line\n")),
+            {pid: dict(parts) for pid, parts in processes.items()},
             {
-                "poll": 50,
-                "accept loop": 10,
-                "governor": 5,
-                "reactor": 5,
-                "connections": 25,
-                "other": 5,
+                101: {
+                    "poll": 50,
+                    "accept loop": 10,
+                    "governor": 5,
+                    "reactor": 5,
+                    "connections": 25,
+                    "other": 4,
+                },
+                102: {"other": 1, "connections": 3},
+                100: {"reactor": 7},
+            },
+        )
+
+    def test_spread(self) -> None:
+        """
+        Each worker's CPU time is spread over the parts in the shares of
+        its own samples; a worker with no samples is unsampled; the
+        parent's samples are not a worker's.
+        """
+        processes = _profile.samplesByProcess(RAW)
+        spread = _profile.spread(processes, {101: 0.99, 102: 0.4, 103: 0.1}, requests=10_000)
+        self.assertEqual(spread["samples"], 99 + 4)
+        self.assertEqual(spread["unsampled_us_per_request"], 10.0)
+        self.assertEqual(
+            spread["us_per_request"],
+            {
+                "governor": 5.0,
+                "accept loop": 10.0,
+                "poll": 50.0,
+                "reactor": 5.0,
+                "connections": 25.0 + 30.0,
+                "other": 4.0 + 10.0,
             },
         )
 
@@ -104,10 +137,30 @@ class RecordingTests(SynchronousTestCase):
         self.directory = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, self.directory)
 
-    def test_shares(self) -> None:
+    def record(self, pySpy: str, sampling: bool = False) -> dict[int, Any] | str:
         """
-        The share of py-spy's samples in each part, from the raw file it
-        wrote where it was told to.
+        Run C{pySpy} as the recording's py-spy and stop it: once it has
+        exited, or with C{sampling} once it says it samples (wrote
+        C{ready}), so that the interrupt finds it so.
+        """
+        recording = _profile.Recording(pySpy, os.getpid(), self.directory / "out.pyspy")
+        process = recording._process
+        if process is not None:
+            if sampling:
+                ready = self.directory / "ready"
+                for _ in range(500):
+                    if ready.exists():
+                        break
+                    time.sleep(0.01)
+            else:
+                process.wait(timeout=10)
+        result = recording.stop()
+        return result if isinstance(result, str) else {k: dict(v) for k, v in result.items()}
+
+    def test_samples(self) -> None:
+        """
+        The samples per process and part, from the raw file py-spy wrote
+        where it was told to.
         """
         (self.directory / "canned.raw").write_text(RAW)
         pySpy = standIn(
@@ -115,31 +168,54 @@ class RecordingTests(SynchronousTestCase):
             # The output path follows --output, the last option.
             f'for last; do :; done; cp {self.directory / "canned.raw"} "$last"\n',
         )
-        recording = _profile.Recording(pySpy, os.getpid(), 0.1, self.directory / "out.pyspy")
-        self.assertEqual(
-            recording.finish(),
-            {
-                "samples": 100,
-                "shares": {
-                    "governor": 0.05,
-                    "accept loop": 0.1,
-                    "poll": 0.5,
-                    "reactor": 0.05,
-                    "connections": 0.25,
-                    "other": 0.05,
-                },
-            },
+        self.assertEqual(self.record(pySpy)[102], {"other": 1, "connections": 3})  # type: ignore[index]
+
+    def test_stopsSampling(self) -> None:
+        """
+        Sampling goes on until it is stopped, with an interrupt after which
+        py-spy writes what it took.
+        """
+        canned = self.directory / "canned.raw"
+        canned.write_text(RAW)
+        script = (
+            "for last; do :; done\n"
+            f"trap 'cp {canned} \"$last\"; exit 0' INT\n"
+            f"touch {self.directory / 'ready'}\n"
+            "while :; do sleep 0.05; done\n"
         )
+        self.assertIn(101, self.record(standIn(self.directory, script), sampling=True))
 
     def test_failureSaysWhy(self) -> None:
         """
-        A py-spy that fails leaves the run its last line of error, not an
-        exception.
+        A py-spy that fails leaves the run its line of error (not a
+        backtrace's last line), not an exception.
         """
-        failing = 'echo "Error: Permission denied (os error 1)" >&2\nexit 1\n'
-        pySpy = standIn(self.directory, failing)
-        recording = _profile.Recording(pySpy, os.getpid(), 0.1, self.directory / "out.pyspy")
-        self.assertEqual(recording.finish(), {"error": "Error: Permission denied (os error 1)"})
+        failing = (
+            'echo "Error: Permission denied (os error 1)" >&2\n'
+            'echo "   6: std::sys::thread::unix::Thread::new::thread_start" >&2\nexit 1\n'
+        )
+        self.assertEqual(
+            self.record(standIn(self.directory, failing)), "Error: Permission denied (os error 1)"
+        )
+
+    def test_cannotStart(self) -> None:
+        """
+        A py-spy that cannot even be started is a run without a profile,
+        not a failed run.
+        """
+        notAProgram = self.directory / "py-spy"
+        notAProgram.write_text("not a program")
+        notAProgram.chmod(0o755)
+        self.assertIn("Exec format error", self.record(str(notAProgram)))
+
+    def test_cannotProfile(self) -> None:
+        """
+        Before the run, py-spy is tried on the harness itself: nothing to
+        say if it can read it, else its line of error.
+        """
+        self.assertIsNone(_profile.cannotProfile(standIn(self.directory, "exit 0\n")))
+        denied = standIn(self.directory, 'echo "Error: Permission denied" >&2\nexit 1\n')
+        self.assertEqual(_profile.cannotProfile(denied), "Error: Permission denied")
 
     def test_noPySpy(self) -> None:
         """
@@ -158,7 +234,7 @@ class ReportTests(SynchronousTestCase):
         """
         run = {"workload": "churn", "rps": 1000.0, "requests": 2000}
         run.update({"p50_us": 500, "p99_us": 1000, "p999_us": 2000})
-        shares = {"governor": 0.1, "poll": 0.4, "connections": 0.5}
+        perPart = {"governor": 5.0, "poll": 20.0, "connections": 25.0}
         results = {
             "settings": {"workers": [2]},
             "runs": [
@@ -167,7 +243,11 @@ class ReportTests(SynchronousTestCase):
                     "server": "maccept",
                     "workers": 2,
                     "server_cpu_us_per_request": 50.0,
-                    "profile": {"samples": 480, "shares": shares},
+                    "profile": {
+                        "samples": 480,
+                        "us_per_request": perPart,
+                        "unsampled_us_per_request": 0.0,
+                    },
                 },
                 {
                     **run,
@@ -179,5 +259,5 @@ class ReportTests(SynchronousTestCase):
             ],
         }
         text = "\n".join(_report._throughputSection(_report.Results(results), "churn"))
-        self.assertIn("| maccept | 2 | 5.0 | 0.0 | 20.0 | 0.0 | 25.0 | 0.0 | 480 |", text)
+        self.assertIn("| maccept | 2 | 5.0 | 0.0 | 20.0 | 0.0 | 25.0 | 0.0 | 0.0 | 480 |", text)
         self.assertIn("| maccept-greedy | 2 | py-spy took no samples |", text)
