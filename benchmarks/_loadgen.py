@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,7 @@ class Load:
         return self.warmup + self.duration + 30.0
 
 
-def pinnedTo(cpus: set[int]) -> Any:
+def pinnedTo(cpus: set[int]) -> Callable[[], None]:
     """
     A C{preexec_fn} that moves the child onto C{cpus}.
     """

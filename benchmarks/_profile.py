@@ -14,11 +14,13 @@ Even load).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +64,13 @@ PARTS: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
 )
 OTHER = "other"
 NAMES = (*(name for name, _, _ in PARTS), OTHER)
-#: Samples a second: enough for a few thousand in a 2-second window, few
-#: enough that py-spy (on the client's CPUs) reads the worker's memory
-#: without slowing it measurably.
+#: Samples a second per worker: 500 of each in a 2-second window, few
+#: enough that py-spy reads a worker's memory without slowing it measurably.
+#: py-spy itself runs on the client's CPUs and costs them about a tenth of a
+#: CPU per worker sampled, so a profiled run leaves the client a little less.
 RATE = 250
+#: The frame py-spy puts before a process's own frames with --subprocesses.
+_PROCESS = re.compile(r'process (\d+):".*"')
 
 
 def findPySpy(given: str) -> str:
@@ -144,8 +149,9 @@ def samplesByProcess(raw: str) -> dict[int, Counter[str]]:
         pid = 0
         python = []
         for frame in frames:
-            if frame.startswith("process ") and ":" in frame:
-                pid = int(frame[len("process ") :].partition(":")[0])
+            header = _PROCESS.fullmatch(frame)
+            if header:
+                pid = int(header.group(1))
             else:
                 python.append(frame)
         part = partOf(python[-1]) if python else OTHER
@@ -162,7 +168,7 @@ def spread(
     request in each part.  A worker py-spy took no samples of is counted
     as unsampled.
     """
-    perPart: Counter[str] = Counter()
+    perPart: dict[str, float] = dict.fromkeys(NAMES, 0.0)
     unsampled = 0.0
     samples = 0
     for pid, seconds in cpuSeconds.items():
@@ -173,7 +179,7 @@ def spread(
             continue
         samples += total
         for name, count in parts.items():
-            perPart[name] += seconds * count / total
+            perPart[name] = perPart.get(name, 0.0) + seconds * count / total
     scale = 1e6 / requests if requests else 0.0
     return {
         "samples": samples,
@@ -190,34 +196,32 @@ class Recording:
     until L{stop}, in the background.
     """
 
-    def __init__(self, pySpy: str, pid: int, output: Path, preexec: Any = None) -> None:
+    def __init__(
+        self,
+        pySpy: str,
+        pid: int,
+        output: Path,
+        preexec: Callable[[], None] | None = None,
+    ) -> None:
         self.output = output
         self.error: str | None = None
-        self._process: subprocess.Popen[str] | None = None
+        self._process: subprocess.Popen[bytes] | None = None
         output.parent.mkdir(parents=True, exist_ok=True)
+        # A file, not a pipe: py-spy's warnings over a long window must not
+        # fill a pipe that nobody reads until the end.
+        self._errors = output.with_suffix(".stderr")
+        command = [pySpy, "record", "--pid", str(pid), "--subprocesses", "--rate", str(RATE)]
+        command += ["--format", "raw", "--nonblocking", "--output", str(output)]
         try:
-            self._process = subprocess.Popen(
-                [
-                    pySpy,
-                    "record",
-                    "--pid",
-                    str(pid),
-                    "--subprocesses",
-                    "--rate",
-                    str(RATE),
-                    "--format",
-                    "raw",
-                    "--nonblocking",
-                    "--output",
-                    str(output),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-                preexec_fn=preexec,
-                env=_quiet(),
-            )
+            with self._errors.open("wb") as errors:
+                self._process = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=errors,
+                    preexec_fn=preexec,
+                    env=_quiet(),
+                )
         except OSError as e:
             self.error = f"{pySpy}: {e}"
 
@@ -232,12 +236,16 @@ class Recording:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
         try:
-            _, errors = process.communicate(timeout=30)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
-            process.communicate()
+            process.wait()
             return "py-spy did not stop"
         if not self.output.exists():
+            errors = self._errors.read_text(errors="replace")
             return _errorLine(errors, process.returncode)
-        processes = samplesByProcess(self.output.read_text())
+        try:
+            processes = samplesByProcess(self.output.read_text(errors="replace"))
+        except ValueError as e:
+            return f"py-spy's samples could not be read: {e}"
         return processes or "py-spy took no samples"

@@ -141,7 +141,7 @@ def parseArguments(argv: list[str] | None) -> argparse.Namespace:
         nargs="?",
         const="py-spy",
         metavar="PY_SPY",
-        help="sample one maccept worker with py-spy in each timed run (default: py-spy on PATH)",
+        help="sample maccept's workers with py-spy in each timed run (default: py-spy on PATH)",
     )
     add("--render", action="store_true", help="only rewrite OUT's .md and .png from its .json")
     return parser.parse_args(argv)
@@ -388,7 +388,7 @@ class Bench:
         recording = None
         try:
             time.sleep(s.warmup)
-            recording = self._profile(server, workload)
+            recording = self._startProfiling(server, workload)
             before = [_procfs.cpuTimes(p) for p in watched]
             countersBefore = server.acceptCounters()
             time.sleep(s.duration)
@@ -427,7 +427,7 @@ class Bench:
         record["client_busy"] = round(result["client_cpu_s"] / clientCapacity, 3)
         return record
 
-    def _profile(
+    def _startProfiling(
         self, server: servers.RunningServer, workload: Workload
     ) -> _profile.Recording | None:
         """
@@ -436,8 +436,7 @@ class Bench:
         """
         if self.settings.profile is None or not server.spec.kind.startswith("maccept"):
             return None
-        spec = server.spec
-        label = f"{spec.kind}-{spec.processes}-{workload.name}-round{self.round + 1}"
+        label = f"{self._serverKey(server)}-{workload.name}"
         return _profile.Recording(
             self.settings.profile,
             server.pid,

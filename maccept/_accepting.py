@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.task import LoopingCall
 
 from maccept._board import LoadBoard, countIndex, monotonicNs
@@ -98,8 +98,8 @@ class AcceptGovernor:
         #: Where on the board the counts of the other live workers are.
         self._others: list[int] = []
         self._rescanAt = 0.0
-        self._retry: Any = None
-        self._poster = LoopingCall(self.heartbeat)
+        self._retry: IDelayedCall | None = None
+        self._poster = LoopingCall(self.postAlive)
         self._poster.clock = reactor
 
     def govern(self, port: IListeningPort) -> None:
@@ -134,7 +134,7 @@ class AcceptGovernor:
             # Also when the clock has been set back, which would otherwise
             # keep an old view of who is alive for as long as the step.
             if now >= self._rescanAt or now < self._rescanAt - self.rescanInterval:
-                self._rescan()
+                self._rescan(self.board, now)
             workers, connections = self.board.connectionsAt(self._others)
             if workers:
                 share = connections // workers
@@ -165,7 +165,7 @@ class AcceptGovernor:
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
-        self.heartbeat()
+        self.postAlive()
 
     def connectionsChanged(self, count: int) -> None:
         """
@@ -182,7 +182,7 @@ class AcceptGovernor:
                 # Paused at the limit, now only ahead of the others: retry.
                 self._retry = self.reactor.callLater(self.retryDelay, self._retryNow)
 
-    def heartbeat(self) -> None:
+    def postAlive(self) -> None:
         """
         Post this worker's whole slot: alive and accepting, or no longer.
         """
@@ -191,16 +191,14 @@ class AcceptGovernor:
         postedAt = monotonicNs() if self._accepting else 0
         self.board.post(self.slot, self.pid, self.openConnections, postedAt)
 
-    def _rescan(self) -> None:
+    def _rescan(self, board: LoadBoard, now: float) -> None:
         """
         Look up where the counts of the other live workers are.
         """
-        self._rescanAt = self.reactor.seconds() + self.rescanInterval
+        self._rescanAt = now + self.rescanInterval
         freshSince = monotonicNs() - int(self.freshness * 1e9)
         self._others = [
-            countIndex(other)
-            for other in self.board.freshSlots(freshSince)  # type: ignore[union-attr]
-            if other != self.slot
+            countIndex(other) for other in board.freshSlots(freshSince) if other != self.slot
         ]
 
     def pause(self, retry: bool = True) -> None:
@@ -223,11 +221,19 @@ class AcceptGovernor:
             self._retry = self.reactor.callLater(self.retryDelay, self._retryNow)
 
     def _retryNow(self) -> None:
+        """
+        The retry timer fired: accept again, unless at C{maxConcurrent}
+        (the timer may be left from an earlier pause that was only ahead),
+        where only a closing connection makes room.
+        """
         self._retry = None
         if not self.full:
             self.resume()
 
     def resume(self) -> None:
+        """
+        Read the listeners again (not once stopped for good).
+        """
         if not self.paused or not self._accepting:
             return
         self.paused = False
