@@ -434,7 +434,7 @@ class Bench:
         With C{--profile}, start py-spy on a maccept server's workers (the
         parent's children) for the measured window, on the client's CPUs.
         """
-        if self.settings.profile is None or not server.spec.kind.startswith("maccept"):
+        if self.settings.profile is None or not server.spec.isMaccept:
             return None
         label = f"{self._serverKey(server)}-{workload.name}"
         return _profile.Recording(

@@ -152,7 +152,6 @@ class WorkerPool(Service):
         self.reactor = reactor
         self.listeners = list(listeners)
         self.settings = settings
-        self.startTimeout = settings.startTimeout
         #: A stop is asked for and comes after C{--stop-delay}: the workers
         #: accept meanwhile, but /healthz, status, systemd and every
         #: request to start something new (reload, scale) take it as the
@@ -198,6 +197,13 @@ class WorkerPool(Service):
         self._stopped: defer.Deferred[None] | None = None
         self._ticker = LoopingCall(self.tick)
         self._ticker.clock = reactor
+
+    @property
+    def startTimeout(self) -> float:
+        """
+        Seconds a new worker may take to be ready (C{--start-timeout}).
+        """
+        return self.settings.startTimeout
 
     @property
     def size(self) -> int:
