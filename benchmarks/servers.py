@@ -341,9 +341,9 @@ def serveTwisted(port: int, processes: int, backlog: int) -> None:
 
     if processes != 1:
         raise SystemExit("twisted serves from one process only")
-    reactor.listenTCP(port, _twistedFactory(), backlog=backlog, interface=HOST)  # type: ignore[attr-defined]
-    reactor.callWhenRunning(_announce)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.listenTCP(port, _twistedFactory(), backlog=backlog, interface=HOST)
+    reactor.callWhenRunning(_announce)
+    reactor.run()
 
 
 def _reusePortSockets(port: int, count: int, backlog: int) -> list[socket.socket]:
@@ -369,7 +369,7 @@ def serveRecipe(port: int, processes: int, backlog: int, reusePort: bool = False
     adopt the descriptor (with C{reusePort}, each its own); on shutdown,
     SIGTERM them.
     """
-    from twisted.internet import reactor
+    from twisted.internet import reactor, tcp
     from twisted.internet.protocol import ProcessProtocol
 
     if reusePort:
@@ -378,13 +378,14 @@ def serveRecipe(port: int, processes: int, backlog: int, reusePort: bool = False
         sockets = _reusePortSockets(port, processes, backlog)
         fds = [s.fileno() for s in sockets]
     else:
-        listening = reactor.listenTCP(port, _twistedFactory(), backlog=backlog, interface=HOST)  # type: ignore[attr-defined]
+        listening = reactor.listenTCP(port, _twistedFactory(), backlog=backlog, interface=HOST)
+        assert isinstance(listening, tcp.Port)
         listening.stopReading()
         fds = [listening.fileno()] * processes
     children = []
     for fd in fds:
         children.append(
-            reactor.spawnProcess(  # type: ignore[attr-defined]
+            reactor.spawnProcess(
                 ProcessProtocol(),
                 sys.executable,
                 [sys.executable, "-u", __file__, "recipe-worker", "--fd", str(fd)],
@@ -398,8 +399,8 @@ def serveRecipe(port: int, processes: int, backlog: int, reusePort: bool = False
             with contextlib.suppress(Exception):
                 child.signalProcess("TERM")
 
-    reactor.addSystemEventTrigger("before", "shutdown", stopChildren)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", stopChildren)
+    reactor.run()
 
 
 def serveRecipeWorker(fd: int) -> None:
@@ -410,8 +411,8 @@ def serveRecipeWorker(fd: int) -> None:
 
     reactor.adoptStreamPort(fd, socket.AF_INET, _twistedFactory())  # type: ignore[attr-defined]
     os.close(fd)
-    reactor.callWhenRunning(_announce)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.callWhenRunning(_announce)
+    reactor.run()
 
 
 class _AsyncioEcho(asyncio.Protocol):

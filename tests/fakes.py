@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,7 +122,7 @@ class FakeProcess:
     def write(self, data: bytes) -> None:
         self.written.append((0, data))
 
-    def writeSequence(self, data: list[bytes]) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         for chunk in data:
             self.write(chunk)
 
@@ -235,7 +236,7 @@ def pendingDelays(clock: Clock) -> list[float]:
     now = clock.seconds()
     return sorted(
         call.getTime() - now
-        for call in clock.getDelayedCalls()
+        for call in clock.calls
         if call.active() and not isinstance(call.func, LoopingCall)
     )
 

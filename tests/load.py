@@ -10,6 +10,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterable
 
 
 class _Load(threading.Thread):
@@ -27,6 +28,14 @@ class _Load(threading.Thread):
 
     def running(self, started: float) -> bool:
         return not self.stopping.is_set() and time.monotonic() - started < self.limit
+
+
+def stopAll(loads: Iterable[_Load]) -> None:
+    """
+    Stop each of C{loads}, in order (a test's cleanup).
+    """
+    for load in loads:
+        load.stop()
 
 
 def _recvExactly(sock: socket.socket, size: int) -> bytes:

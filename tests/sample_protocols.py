@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -32,6 +34,7 @@ class Chatty(Protocol):
     log = Logger()
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.log.warn("chatty connection from {peer}", peer=str(self.transport.getPeer()))
         print("chatty says hello on stdout", flush=True)
         print("chatty says hello on stderr", file=sys.stderr, flush=True)
@@ -39,6 +42,7 @@ class Chatty(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if data.startswith(b"crash"):
             raise ValueError("chatty was asked to crash")
+        assert self.transport is not None
         self.transport.write(data)
 
 
@@ -94,10 +98,11 @@ class HookedEchoFactory(Factory):
 
     protocol = Echo
 
-    def workerStarting(self, reactor: object) -> None:
+    def workerStarting(self, reactor: IReactorTime) -> Deferred[None] | None:
         import os
 
         print(f"hook: starting in {os.getpid()}", flush=True)
+        return None
 
     def workerDraining(self) -> None:
         print("hook: draining", flush=True)
@@ -108,7 +113,7 @@ class HookedEchoFactory(Factory):
 
 @implementer(IWorkerLifecycle)
 class FailingHookFactory(HookedEchoFactory):
-    def workerStarting(self, reactor: object) -> None:
+    def workerStarting(self, reactor: IReactorTime) -> None:
         raise RuntimeError("the database is down")
 
 
@@ -131,13 +136,13 @@ class SlowToStartFactory(HookedEchoFactory):
     C{MACCEPT_TEST_SLOW} exists (a new parent caught mid-start).
     """
 
-    def workerStarting(self, reactor: object) -> object:
+    def workerStarting(self, reactor: IReactorTime) -> Deferred[None] | None:
         import os
 
         from twisted.internet.task import deferLater
 
         if os.path.exists(os.environ.get("MACCEPT_TEST_SLOW", "/nonexistent")):
-            return deferLater(reactor, 60, lambda: None)  # type: ignore[arg-type]
+            return deferLater(reactor, 60, lambda: None)
         return None
 
 
@@ -151,6 +156,7 @@ class Hog(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         _hoard.append(bytearray(100 * 2**20))
+        assert self.transport is not None
         self.transport.write(data)
 
 

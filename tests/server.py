@@ -17,9 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -29,8 +29,10 @@ TWISTD = str(Path(sys.executable).with_name("twistd"))
 READY = re.compile(r"all (\d+) workers ready on (.+)$", re.M)
 HERE = Path(__file__).resolve().parent
 
+T = TypeVar("T")
 
-def waitFor(predicate: Callable[[], object], timeout: float = 20.0, what: str = "") -> object:
+
+def waitFor(predicate: Callable[[], T], timeout: float = 20.0, what: str = "") -> T:
     """
     Poll C{predicate} until it returns something true; fail after C{timeout}
     seconds (a bound on a hang, not a speed requirement).
@@ -229,13 +231,21 @@ def runMaccept(
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+def closeAll(sockets: Iterable[socket.socket]) -> None:
+    """
+    Close each of C{sockets}, in order (a test's cleanup).
+    """
+    for s in sockets:
+        s.close()
+
+
 def echoRoundTrip(sock: socket.socket, payload: bytes) -> bytes:
     """
     Send C{payload}, half-close, and read everything echoed back.
     """
     sock.sendall(payload)
     sock.shutdown(socket.SHUT_WR)
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         data = sock.recv(65536)
         if not data:

@@ -33,7 +33,7 @@ class RecordingFactory(Factory):
         self.refuse = refuse
         self.fail = fail
 
-    def buildProtocol(self, addr: Any) -> Recorder | None:  # type: ignore[override]
+    def buildProtocol(self, addr: Any) -> Recorder | None:
         self.addresses.append(addr)
         if self.fail:
             raise RuntimeError("factory broke")
@@ -95,7 +95,7 @@ class LeanAcceptTests(SynchronousTestCase):
         self.assertEqual(transports[0].socket.gettimeout(), 0.0)
         clients[0].sendall(b"hello")
         received: list[bytes] = []
-        factory.built[0].dataReceived = received.append  # type: ignore[method-assign]
+        factory.built[0].dataReceived = lambda data: received.append(data)  # type: ignore[method-assign]
         self.assertIsNone(transports[0].doRead())
         self.assertEqual(received, [b"hello"])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import cast
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -19,6 +20,12 @@ import servers
 
 
 class FakeServer:
+    """
+    Stands for a L{servers.RunningServer} (cast to one where it is served):
+    says when it is started and stopped, and fails to start if its kind is
+    in C{broken}.  Starts no process.
+    """
+
     def __init__(self, kind: str, broken: set[str], log: list[str]) -> None:
         self.kind = kind
         self.broken = broken
@@ -36,7 +43,9 @@ class FakeServer:
 def bench(kinds: tuple[str, ...], broken: set[str], log: list[str]) -> harness.Bench:
     b = harness.Bench.__new__(harness.Bench)
     b.settings = SimpleNamespace(servers=kinds)  # type: ignore[assignment]
-    b.serve = lambda kind, workers, label="", metrics=False: FakeServer(kind, broken, log)  # type: ignore[method-assign]
+    b.serve = lambda kind, workers, label="", metrics=False: cast(  # type: ignore[method-assign]
+        servers.RunningServer, FakeServer(kind, broken, log)
+    )
     return b
 
 
@@ -77,7 +86,9 @@ class SurpriseTests(SynchronousTestCase):
                 raise IndexError("list index out of range")
 
         b = bench(("maccept",), set(), log)
-        b.serve = lambda kind, workers, label="", metrics=False: Vanishing(kind, set(), log)  # type: ignore[method-assign]
+        b.serve = lambda kind, workers, label="", metrics=False: cast(  # type: ignore[method-assign]
+            servers.RunningServer, Vanishing(kind, set(), log)
+        )
         b.settings = SimpleNamespace(servers=("maccept",), rounds=1)  # type: ignore[assignment]
         b.results = {"failures": []}
         b.save = lambda: None  # type: ignore[method-assign]

@@ -19,6 +19,8 @@ from types import SimpleNamespace
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.server import closeAll
+
 sys.path.append(str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import _loadgen
@@ -35,7 +37,7 @@ class ReusePortTests(SynchronousTestCase):
         """
         port = servers.freePort()
         sockets = servers._reusePortSockets(port, 3, 16)
-        self.addCleanup(lambda: [s.close() for s in sockets])
+        self.addCleanup(closeAll, sockets)
         self.assertEqual(len({s.fileno() for s in sockets}), 3)
         self.assertEqual({s.getsockname() for s in sockets}, {(servers.HOST, port)})
         with socket.create_connection((servers.HOST, port), timeout=5):
@@ -84,7 +86,7 @@ class CountConnectionsTests(SynchronousTestCase):
             port = listener.getsockname()[1]
             clients = [socket.create_connection((servers.HOST, port)) for _ in range(3)]
             accepted = [listener.accept()[0] for _ in clients]
-            self.addCleanup(lambda: [s.close() for s in [*clients, *accepted]])
+            self.addCleanup(closeAll, [*clients, *accepted])
             pid = os.getpid()
             self.assertEqual(harness.countConnections(port, [pid], 3, 5.0), [3])
             self.assertEqual(harness.countConnections(port, [pid], 4, 0.05), [3])

@@ -5,6 +5,8 @@ kernel's topology files (here a fake /sys tree).
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,15 +59,16 @@ class WithoutTheUsualTests(SynchronousTestCase):
         still recorded, with the commit unnamed.
         """
 
-        run = _system.subprocess.run
+        run = subprocess.run
 
         def noGit(command: list[str], **kwargs: Any) -> Any:
             if command[0] == "git":
                 raise FileNotFoundError(2, "No such file or directory: 'git'")
             return run(command, **kwargs)
 
-        self.patch(_system.subprocess, "run", noGit)
-        self.patch(_system.os, "environ", {})
+        # The same module objects as _system.subprocess and _system.os.
+        self.patch(subprocess, "run", noGit)
+        self.patch(os, "environ", {})
         self.assertIsNone(_system._git("rev-parse", "HEAD"))
         self.assertIn("cpu_model", _system.environment())
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.load import Churn
+from tests.load import Churn, stopAll
 from tests.server import MacceptServer, alive, echoRoundTrip, freePort, waitFor
 
 HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
@@ -147,13 +147,20 @@ class HAProxyTests(SynchronousTestCase):
         loads = [Churn("127.0.0.1", front, limit=60) for _ in range(4)]
         for load in loads:
             load.start()
-        self.addCleanup(lambda: [load.stop() for load in loads])
+        self.addCleanup(stopAll, loads)
         time.sleep(0.5)
         for _, server, _ in hosts:
             old = server.workers()
             os.kill(server.pid, signal.SIGHUP)
-            waitFor(lambda s=server: "generation 2 ready" in s.log(), what="the reload")
-            waitFor(lambda o=old: not any(alive(pid) for pid in o), what="the old workers")
+
+            def reloaded(s: MacceptServer = server) -> bool:
+                return "generation 2 ready" in s.log()
+
+            def oldGone(o: list[int] = old) -> bool:
+                return not any(alive(pid) for pid in o)
+
+            waitFor(reloaded, what="the reload")
+            waitFor(oldGone, what="the old workers")
         time.sleep(0.5)
         for load in loads:
             load.stop()

@@ -106,7 +106,7 @@ class LifecycleTests(SynchronousTestCase):
         """
         server = self.start("--workers", "2")
         old = server.workers()
-        loads = [Churn("127.0.0.1", server.port) for _ in range(3)]
+        loads: list[Churn | Stream] = [Churn("127.0.0.1", server.port) for _ in range(3)]
         loads += [Stream("127.0.0.1", server.port) for _ in range(4)]
         for load in loads:
             load.start()

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import io
 import sys
+from typing import cast
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.logger import (
+    ILogObserver,
     LogEvent,
     Logger,
     LogLevel,
@@ -40,7 +42,7 @@ def logged(emit: str, format: str, **fields: object) -> LogEvent:
     The event a L{Logger} in namespace C{app.db} makes with C{emit}.
     """
     events: list[LogEvent] = []
-    log = Logger(namespace="app.db", observer=events.append)
+    log = Logger(namespace="app.db", observer=cast(ILogObserver, events.append))
     getattr(log, emit)(format, **fields)
     [event] = events
     return event
@@ -103,7 +105,7 @@ class RoundTripTests(SynchronousTestCase):
         Twisted's JSON would lose) and the frames.
         """
         events: list[LogEvent] = []
-        log = Logger(namespace="app.db", observer=events.append)
+        log = Logger(namespace="app.db", observer=cast(ILogObserver, events.append))
         try:
             1 / 0  # noqa: B018
         except ZeroDivisionError:
@@ -133,7 +135,7 @@ class RoundTripTests(SynchronousTestCase):
         and the exception at the end of the traceback are kept.
         """
         events: list[LogEvent] = []
-        log = Logger(namespace="app.db", observer=events.append)
+        log = Logger(namespace="app.db", observer=cast(ILogObserver, events.append))
         try:
             raise ValueError("the reason " + "x" * (MAX_VALUE_LENGTH * 2))
         except ValueError:

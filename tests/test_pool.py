@@ -11,11 +11,18 @@ import random
 import signal
 import socket
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogEvent, Logger, LogLevel, capturedLogs, formatEvent
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    LogLevel,
+    capturedLogs,
+    formatEvent,
+)
 from twisted.python.failure import Failure
 from twisted.python.log import addObserver, removeObserver
 from twisted.trial.unittest import SynchronousTestCase
@@ -463,7 +470,7 @@ class StartFailureTests(PoolTestCase):
         """
         pool = self.startPool(2)
         events: list[LogEvent] = []
-        pool.log = Logger(observer=events.append)
+        pool.log = Logger(observer=cast(ILogObserver, events.append))
         worker = self.workerIn(pool, 1)
         worker.failed("RuntimeError: no database")
         self.process(worker).end(3)
@@ -576,10 +583,11 @@ class StopTests(PoolTestCase):
         connected worker's control channel, and signals nobody.
         """
         pool = self.readyPool(2, gracefulTimeout=12.0)
-        controls = []
+        controls: list[FakeControl] = []
         for worker in pool.workers:
-            worker.control = FakeControl()  # type: ignore[assignment]
-            controls.append(worker.control)
+            control = FakeControl()
+            worker.control = control  # type: ignore[assignment]
+            controls.append(control)
         pool.stopService()
         self.assertIs(pool.state, PoolState.STOPPING)
         for worker, control in zip(pool.workers, controls, strict=True):

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from maccept import _pool
-from maccept._board import MAX_WORKERS
+from maccept._board import MAX_SLOTS, MAX_WORKERS
 from maccept._pool import WorkerPool
 from maccept._states import PoolState, WorkerState
 from tests.test_pool import PoolTestCase, texts
@@ -608,7 +608,7 @@ class BoardFullTests(SupervisionTestCase):
         """
         pool = self.readyPool(2, balance=True)
         assert pool.board is not None
-        for n in range(_pool.MAX_SLOTS):
+        for n in range(MAX_SLOTS):
             pool._boardSlots[object()] = n  # type: ignore[index]
         with capturedLogs() as events:
             pool.reload()

@@ -226,7 +226,7 @@ class PrivilegesTests(SynchronousTestCase):
             workers = server.workers()
             return workers if len(workers) == 2 and not set(workers) & set(first) else []
 
-        for pid in waitFor(replaced, what="workers replaced by the reload"):  # type: ignore[union-attr]
+        for pid in waitFor(replaced, what="workers replaced by the reload"):
             self.assertEqual(identities(pid), nobody)
         with server.connect(f"127.0.0.1:{port}") as client:
             self.assertEqual(echoRoundTrip(client, b"after reload"), b"after reload")

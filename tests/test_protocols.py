@@ -10,6 +10,7 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
@@ -199,7 +200,7 @@ class ResolveTests(SynchronousTestCase):
 
 class EchoTests(SynchronousTestCase):
     def connect(self) -> tuple[Echo, StringTransport]:
-        protocol = echoFactory().buildProtocol(None)
+        protocol = echoFactory().buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         assert isinstance(protocol, Echo)
         transport = StringTransport()
         protocol.makeConnection(transport)

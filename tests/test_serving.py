@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.server import (
     MacceptServer,
+    closeAll,
     echoRoundTrip,
     serverSideInodes,
     socketInodes,
@@ -86,7 +87,7 @@ class EchoTests(SynchronousTestCase):
         """
         server = startServer(self, "--workers", "4", "--listen", "tcp:0:interface=127.0.0.1")
         clients = [server.connect() for _ in range(100)]
-        self.addCleanup(lambda: [c.close() for c in clients])
+        self.addCleanup(closeAll, clients)
         for c in clients:
             c.sendall(b"x")
             self.assertEqual(c.recv(1), b"x")

@@ -14,7 +14,7 @@ import unittest
 from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._pool import residentBytes
-from tests.load import Churn
+from tests.load import Churn, stopAll
 from tests.server import MacceptServer
 
 SOAK = os.environ.get("MACCEPT_SOAK") == "1"
@@ -53,7 +53,7 @@ class SoakTests(SynchronousTestCase):
         loads = [Churn("127.0.0.1", server.port, limit=SECONDS + 60) for _ in range(4)]
         for load in loads:
             load.start()
-        self.addCleanup(lambda: [load.stop() for load in loads])
+        self.addCleanup(stopAll, loads)
         warmUp = min(30.0, SECONDS / 5)
         time.sleep(warmUp)
         startFds, startRss = descriptors(server.pid), residentBytes(server.pid) or 0

@@ -22,12 +22,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._states import PoolState
 from maccept._systemd import MIN_WATCHDOG_PING, SystemdNotifier
+from maccept.testing import childrenOf
 from tests.server import (
     HERE,
     TWISTD,
     MacceptServer,
     alive,
-    childrenOf,
     echoRoundTrip,
     killGroup,
     runMaccept,

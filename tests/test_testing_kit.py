@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_twisted
+import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.python.failure import Failure
 
 from maccept.testing import RunningPool, childrenOf, startPool
 from tests.server import alive, waitFor
@@ -42,7 +43,7 @@ class EchoClient(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.received += data
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.done.callback(self.received)
 
 
@@ -55,7 +56,7 @@ def echo(pool: RunningPool, message: bytes) -> Any:
     return received
 
 
-@pytest_twisted.inlineCallbacks
+@pytest_twisted.inlineCallbacks  # type: ignore[untyped-decorator]
 def test_fixtureServesAndStops(maccept_pool: Any) -> Any:
     """
     The fixture's pool listens on loopback with the workers asked for and
@@ -71,7 +72,7 @@ def test_fixtureServesAndStops(maccept_pool: Any) -> Any:
     assert not any(alive(pid) for pid in workers)
 
 
-@pytest_twisted.inlineCallbacks
+@pytest_twisted.inlineCallbacks  # type: ignore[untyped-decorator]
 def test_cancelledStartLeavesNothing() -> Any:
     """
     Cancelling a start (a test's timeout) kills the pool and fails with
@@ -87,7 +88,7 @@ def test_cancelledStartLeavesNothing() -> Any:
     assert not any(alive(pid) for pid in started)
 
 
-@pytest_twisted.inlineCallbacks
+@pytest_twisted.inlineCallbacks  # type: ignore[untyped-decorator]
 def test_shortGracefulTimeout(maccept_pool: Any) -> Any:
     """
     A kit's pool drains for at most 1 s, not 30, so that a failed test
@@ -117,7 +118,7 @@ def workersAfterTeardown() -> Iterator[list[int]]:
     assert pids and not any(alive(pid) for pid in pids)
 
 
-@pytest_twisted.inlineCallbacks
+@pytest_twisted.inlineCallbacks  # type: ignore[untyped-decorator]
 def test_fixtureStopsAtTeardown(workersAfterTeardown: list[int], maccept_pool: Any) -> Any:
     """
     A pool the test leaves running is stopped by the fixture, workers and

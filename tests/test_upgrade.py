@@ -25,7 +25,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from maccept.testing import childrenOf
-from tests.load import Churn, Stream
+from tests.load import Churn, Stream, stopAll
 from tests.server import (
     HERE,
     READY,
@@ -110,11 +110,11 @@ class UpgradeTests(SynchronousTestCase):
         self.addCleanup(held.close)
         held.sendall(b"before")
         self.assertEqual(held.recv(6), b"before")
-        loads = [Churn("127.0.0.1", server.port) for _ in range(3)]
+        loads: list[Churn | Stream] = [Churn("127.0.0.1", server.port) for _ in range(3)]
         loads.append(Stream("127.0.0.1", server.port))
         for load in loads:
             load.start()
-        self.addCleanup(lambda: [load.stop() for load in loads])
+        self.addCleanup(stopAll, loads)
         time.sleep(0.3)
         os.kill(old, signal.SIGUSR2)
         new = self.newParent(server)
@@ -350,12 +350,13 @@ class DaemonUpgradeTests(SynchronousTestCase):
             check=False,
         )
         self.assertEqual(started.returncode, 0, started.stderr)
-        old = int(waitFor(lambda: pidfile.exists() and pidfile.read_text().strip()))  # type: ignore[arg-type]
+        old = int(waitFor(lambda: pidfile.exists() and pidfile.read_text().strip()))
         # The daemon, its workers and any new parent share one process group.
         self.addCleanup(killGroup, os.getpgid(old))
         log = lambda: logfile.read_text(errors="replace")  # noqa: E731
         ready = waitFor(lambda: READY.search(log()), what="the daemon's workers")
-        tcpPort = int(ready.group(2).split()[0].rsplit(":", 1)[1])  # type: ignore[union-attr]
+        assert ready is not None
+        tcpPort = int(ready.group(2).split()[0].rsplit(":", 1)[1])
 
         # twistd made the lock before daemonising; the daemon took it.
         self.assertEqual(os.readlink(f"{controlPath}.lock"), str(old))

@@ -271,6 +271,7 @@ class ControlChannelTests(SynchronousTestCase):
         counts it as connected: a stop then signals instead.
         """
         self.connect()
+        assert self.parentControl.transport is not None
         self.parentControl.transport.loseConnection()
         self.pump.flush()
         self.assertFalse(self.workerReactor.running)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogEvent, Logger, LogLevel, formatEvent
+from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -109,7 +109,7 @@ class WorkerTestCase(SynchronousTestCase):
         )
         worker = Worker(self.reactor, spec)
         self.events: list[LogEvent] = []
-        worker.log = Logger(observer=self.events.append)
+        worker.log = Logger(observer=cast(ILogObserver, self.events.append))
         self.control = control or FakeControl()
         worker.control = self.control  # type: ignore[assignment]
         return worker
@@ -383,9 +383,9 @@ class DrainTests(WorkerTestCase):
         worker = self.makeWorker()
         worker.start()
         [port] = self.reactor.ports
-        port.connected = True  # type: ignore[attr-defined]
+        port.connected = True
         worker.drain(30.0)
-        self.assertEqual(port.sweeps, [10000])  # type: ignore[attr-defined]
+        self.assertEqual(port.sweeps, [10000])
 
     def test_sweepWithinMaxConcurrent(self) -> None:
         """
@@ -396,7 +396,7 @@ class DrainTests(WorkerTestCase):
             worker = self.makeWorker(maxConcurrent=3)
             worker.start()
             [port] = self.reactor.ports
-            port.connected = True  # type: ignore[attr-defined]
+            port.connected = True
             for _ in range(held):
                 port.accept()
             worker.drain(30.0)
@@ -414,7 +414,7 @@ class DrainTests(WorkerTestCase):
         worker = self.makeWorker(protocol="tests.test_worker:HOOKED")
         worker.start()
         [port] = self.reactor.ports
-        port.connected = True  # type: ignore[attr-defined]
+        port.connected = True
         worker.drain(30.0)
         self.assertFalse(hasattr(port, "sweeps"))
         self.assertFalse(port.reading)

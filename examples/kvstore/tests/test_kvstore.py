@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest_twisted
+import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.protocols.basic import LineOnlyReceiver
@@ -36,7 +36,7 @@ def connect(pool: Any) -> Any:
     return client
 
 
-@pytest_twisted.inlineCallbacks
+@pytest_twisted.inlineCallbacks  # type: ignore[untyped-decorator]
 def test_setGetDelAcrossConnections(maccept_pool: Any, tmp_path: Any) -> Any:
     """
     A value stored on one connection is read on others, whichever worker
