@@ -108,6 +108,8 @@ def _fields(description: str) -> list[str]:
 
 #: Options whose value names a file the parent must be able to read.
 _FILE_OPTIONS = ("privateKey", "certKey", "extraCertChain", "dhParameters", "caCertsDir")
+#: A UNIX socket's C{mode=}: octal, as chmod(1) takes it.
+_FILE_MODE = re.compile(r"(0o)?0*[0-7]{1,4}")
 #: The largest backlog listen(2) takes (an int; the kernel caps it further).
 _MAX_BACKLOG = 2**31 - 1
 
@@ -138,12 +140,18 @@ def _optionProblem(description: str) -> str | None:
                 return f"backlog must be at least 1, got {backlog}"
             if backlog > _MAX_BACKLOG:
                 return f"backlog {backlog} is too large (at most {_MAX_BACKLOG})"
+        if key == "mode" and not _FILE_MODE.fullmatch(value):
+            # Twisted reads it in octal, and reports only "invalid literal".
+            return f"mode must be an octal file mode such as 0660, got {value!r}"
         if key in _FILE_OPTIONS and not os.access(value, os.R_OK):
             return f"cannot read {key}={value}"
         if key == "index" and value.startswith("-"):
             # Python would count it from the end of systemd's descriptors.
             return f"index must be 0 or more, got {value}"
     return None
+
+
+_STRAY_OPTION = re.compile(r":([A-Za-z]\w*=.*)$")
 
 
 def parseUDP(description: str) -> tuple[int, str]:
@@ -166,6 +174,10 @@ def parseUDP(description: str) -> tuple[int, str]:
         if key != "interface" or not equals:
             raise ListenError(f"unknown option {fields[1]!r} (udp takes interface=ADDR)")
         interface = value.replace("\\:", ":")
+        # An address holds no '=', so a ':name=' in it starts another option.
+        stray = _STRAY_OPTION.search(interface)
+        if stray:
+            raise ListenError(f"unknown option {stray[1]!r} (udp takes interface=ADDR)")
         try:
             ipaddress.ip_address(interface)
         except ValueError:

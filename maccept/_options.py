@@ -17,7 +17,7 @@ from twisted.python import usage
 from maccept._affinity import availableCPUs, parseCPUs
 from maccept._board import MAX_WORKERS
 from maccept._handover import tellOldParentWhy
-from maccept._listening import DATAGRAM_TYPES, ListenError, checkDescription
+from maccept._listening import DATAGRAM_TYPES, ListenError, checkDescription, unixPath
 from maccept._protocols import ProtocolSpecError, resolveProtocol
 from maccept._proxy import splitProxy
 from maccept._reactor import WORKER_REACTORS
@@ -254,6 +254,26 @@ class Options(usage.Options):
                 f"unexpected argument {arguments[0]!r} (every option starts with --)"
             )
 
+    def _refuseSharedPaths(self) -> None:
+        """
+        Refuse two of maccept's sockets at one UNIX path: the second would
+        only fail to take the path's lock, in words that name neither.
+        """
+        sockets = [("--listen", d, unixPath(splitProxy(d)[1])) for d in self["listen"]]
+        if self["metrics"] is not None:
+            metrics = self["metrics"]
+            sockets.append(("--metrics", metrics, unixPath(splitProxy(metrics)[1])))
+        if self["control"] is not None:
+            sockets.append(("--control", self["control"], self["control"]))
+        owners: dict[str, str] = {}
+        for option, value, path in sockets:
+            if not path or path.startswith(("@", "\0")):
+                continue
+            key = os.path.abspath(path)
+            if key in owners:
+                raise usage.UsageError(f"{option} {shown(value)}: the same path as {owners[key]}")
+            owners[key] = f"{option} {shown(value)}"
+
     def postOptions(self) -> None:
         self["workers"] = parseWorkers(self["workers"])
         if self["balance"] not in BALANCE_MODES:
@@ -331,6 +351,7 @@ class Options(usage.Options):
                     raise ListenError("the metrics are served over HTTP, not UDP")
             except ListenError as e:
                 raise usage.UsageError(f"--metrics {shown(metrics)}: {e}") from None
+        self._refuseSharedPaths()
         try:
             resolveProtocol(self["protocol"], self["protocol-option"])
         except ProtocolSpecError as e:

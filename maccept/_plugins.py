@@ -98,6 +98,11 @@ def pluginFactoryMaker(
     @raise usage.UsageError: the plugin refused its options.
     """
     options = plugin.options()
+    if getattr(options, "synopsis", None) is None:
+        # Else --protocol-option help opens with twistd's own "Usage: twistd [options]".
+        options.synopsis = (
+            f"Usage: twistd maccept --protocol {plugin.name} --protocol-option KEY=VALUE ..."
+        )
     options.parseOptions(optionArguments(protocolOptions))
 
     def makeFactory() -> IProtocolFactory:

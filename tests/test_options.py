@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import sys
+import tempfile
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -181,6 +183,31 @@ class BadValueTests(SynchronousTestCase):
             message = self.assertRejected("--control", "--control", path)
             self.assertIn("empty or holds a line break", message)
 
+    def test_oneUNIXPathPerSocket(self) -> None:
+        """
+        Two of maccept's sockets at one UNIX path are refused before any
+        listens, naming both (the second would only fail to take the
+        path's lock).
+        """
+        sock = os.path.join(tempfile.mkdtemp(), "m.sock")
+        self.addCleanup(shutil.rmtree, os.path.dirname(sock))
+        self.assertEqual(
+            self.assertRejected("--control", "--listen", f"unix:{sock}", "--control", sock),
+            f"--control {sock}: the same path as --listen unix:{sock}",
+        )
+        self.assertEqual(
+            self.assertRejected(
+                "--listen", "--listen", f"unix:{sock}", "--listen", f"haproxy:unix:address={sock}"
+            ),
+            f"--listen haproxy:unix:address={sock}: the same path as --listen unix:{sock}",
+        )
+        relative = os.path.relpath(sock)
+        self.assertEqual(
+            self.assertRejected("--control", "--metrics", f"unix:{sock}", "--control", relative),
+            f"--control {relative}: the same path as --metrics unix:{sock}",
+        )
+        parsed("--listen", f"unix:{sock}", "--control", sock + ".control")
+
     def test_jitterWithoutMaxConnections(self) -> None:
         """
         C{--max-connections-jitter} alone would do nothing: refused.
@@ -210,6 +237,12 @@ class BadValueTests(SynchronousTestCase):
             self.assertRejected("--listen", "--listen", "systemd:domain=INET:index=-1"),
             "--listen systemd:domain=INET:index=-1: index must be 0 or more, got -1",
         )
+        self.assertEqual(
+            self.assertRejected("--listen", "--listen", "unix:/tmp/m.sock:mode=999"),
+            "--listen unix:/tmp/m.sock:mode=999: mode must be an octal file mode such as 0660, "
+            "got '999'",
+        )
+        parsed("--listen", "unix:/tmp/m.sock:mode=0660")
 
     def test_listenKnownButUnsupported(self) -> None:
         """

@@ -300,11 +300,15 @@ class PluginCommandLineTests(SynchronousTestCase):
     def test_pluginOptionHelp(self) -> None:
         """
         C{--protocol-option help} prints the plugin's own options and exits
-        0, as C{--help} does.
+        0, as C{--help} does, under a usage line that says how to give them.
         """
         result = runMaccept(["--protocol", "web", "--protocol-option", "help"])
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("--path", result.stdout)
+        self.assertEqual(
+            result.stdout.splitlines()[0],
+            "Usage: twistd maccept --protocol web --protocol-option KEY=VALUE ...",
+        )
 
     def assertOneLine(self, args: list[str], expected: str) -> None:
         result = runMaccept(args)

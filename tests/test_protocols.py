@@ -5,6 +5,10 @@ How a C{--protocol} value names a factory, and the built-in echo protocol.
 from __future__ import annotations
 
 import errno
+import os
+import shutil
+import sys
+import tempfile
 from types import SimpleNamespace
 from typing import Any
 
@@ -149,6 +153,23 @@ class ResolveTests(SynchronousTestCase):
         )
         self.assertIn("JSONDecodeError", str(e))
         self.assertRegex(str(e), r"\(at .*tests/sample_fails_in_library\.py:8\)$")
+
+    def test_syntaxErrorNamesTheUsersLine(self) -> None:
+        """
+        A module that does not compile is refused naming its own file and
+        line (the compiler raises from no frame of that file).
+        """
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        with open(os.path.join(directory, "maccept_sample_bad_syntax.py"), "w") as f:
+            f.write("from twisted.internet.protocol import Factory\n\ndef f(:\n")
+        sys.path.insert(0, directory)
+        self.addCleanup(sys.path.remove, directory)
+        e = self.assertRaises(
+            ProtocolSpecError, resolveProtocol, "maccept_sample_bad_syntax:factory"
+        )
+        self.assertIn("SyntaxError", str(e))
+        self.assertTrue(str(e).endswith(f"(at {directory}/maccept_sample_bad_syntax.py:3)"), str(e))
 
     def test_moduleExitsAtImport(self) -> None:
         """

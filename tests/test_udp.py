@@ -34,6 +34,12 @@ class ParseTests(SynchronousTestCase):
             ("udp:echo", "expected a number, got 'echo'"),
             ("udp:70000", "port 70000 is out of range (0-65535)"),
             ("udp:7:backlog=5", "unknown option 'backlog=5' (udp takes interface=ADDR)"),
+            # After the interface, not read as part of the address:
+            (
+                "udp:7:interface=127.0.0.1:backlog=5",
+                "unknown option 'backlog=5' (udp takes interface=ADDR)",
+            ),
+            ("udp:7:interface=::1:bogus=1", "unknown option 'bogus=1' (udp takes interface=ADDR)"),
             ("udp:7:interface=example.invalid", "interface 'example.invalid' is not an IP address"),
         ]:
             e = self.assertRaises(ListenError, checkDescription, description)
