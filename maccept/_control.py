@@ -31,6 +31,11 @@ class Status(amp.Command):
     response = [
         (b"state", amp.Unicode()),
         (b"size", amp.Integer()),
+        # The generation serving; the last one a reload started that is ready
+        # or has failed; and why the last reload failed, until one succeeds.
+        (b"generation", amp.Integer(optional=True)),
+        (b"lastReloadDone", amp.Integer(optional=True)),
+        (b"reloadFailure", amp.Unicode(optional=True)),
         (
             b"workers",
             amp.AmpList(
@@ -74,7 +79,8 @@ class Scale(amp.Command):
 
 class Reload(amp.Command):
     arguments = []
-    response = []
+    #: The generation that carries the reload, now or once its turn comes.
+    response = [(b"generation", amp.Integer(optional=True))]
     errors = _ERRORS
 
 
@@ -128,7 +134,14 @@ class ControlProtocol(amp.AMP):
             }
             for w in sorted(self.pool.workers, key=lambda w: (w.number, w.startedAt))
         ]
-        return {"state": self.pool.shownState, "size": self.pool.size, "workers": workers}
+        return {
+            "state": self.pool.shownState,
+            "size": self.pool.size,
+            "generation": self.pool.generation,
+            "lastReloadDone": self.pool.lastReloadDone,
+            "reloadFailure": self.pool.reloadFailure,
+            "workers": workers,
+        }
 
     @Scale.responder
     def scale(self, workers: int | None = None) -> dict[str, Any]:
@@ -149,8 +162,7 @@ class ControlProtocol(amp.AMP):
         # As SIGHUP: during a start or a reload, queued.
         if self.pool.stopping:
             raise ControlError(f"cannot reload while the pool is {self.pool.shownState}")
-        self.pool.reload()
-        return {}
+        return {"generation": self.pool.reload()}
 
     @Stop.responder
     def stopPool(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from twisted.internet import defer, task
@@ -48,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p = _OneLineParser(
         prog="maccept-ctl",
         description="See and steer a running maccept pool through its control socket.",
-        epilog="Exit status: 0 done, 1 the pool refused the request, 2 no pool at PATH.",
+        epilog="Exit status: 0 done, 1 the pool refused the request (or the reload that "
+        "reload --wait waited for failed), 2 no pool at PATH.",
     )
     p.add_argument("path", help="the control socket (twistd maccept --control PATH)")
     p.add_argument(
@@ -65,7 +67,12 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON for machines")
     scale = commands.add_parser("scale", help="set the number of workers")
     scale.add_argument("workers", type=int)
-    commands.add_parser("reload", help="replace every worker, new ones first")
+    reload = commands.add_parser("reload", help="replace every worker, new ones first")
+    reload.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until the new workers serve (exit 0) or the reload fails (exit 1)",
+    )
     commands.add_parser("stop", help="stop gracefully")
     return p
 
@@ -74,8 +81,14 @@ def formatStatus(status: dict[str, Any]) -> str:
     """
     The C{status} table a person reads.
     """
-    lines = [
-        f"pool: {status['state']}, {status['size']} workers wanted",
+    lines = [f"pool: {status['state']}, {status['size']} workers wanted"]
+    if status.get("reloadFailure"):
+        lines.append(
+            f"last reload (generation {status['lastReloadDone']}) failed: "
+            f"{' '.join(status['reloadFailure'].split())}; generation "
+            f"{status['generation']} serves"
+        )
+    lines += [
         f"{'WORKER':>6} {'PID':>8} {'STATE':<9} {'GEN':>3} {'OPEN':>6} "
         f"{'ACCEPTED':>9} {'RSS MiB':>8} {'UPTIME s':>9}",
     ]
@@ -117,8 +130,11 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
             result = await call(Scale, workers=options.workers)
             print(f"scaling to {result['size']} workers")
         elif options.command == "reload":
-            await call(Reload)
-            print("reloading")
+            result = await call(Reload)
+            if not options.wait or result.get("generation") is None:
+                print("reloading")
+            else:
+                return await _waitForReload(reactor, call, result["generation"])
         elif options.command == "stop":
             await call(Stop)
             print("stopping")
@@ -150,6 +166,34 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
     finally:
         control.transport.loseConnection()
     return 0
+
+
+async def _waitForReload(
+    reactor: Any, call: Callable[..., defer.Deferred[Any]], generation: int
+) -> int:
+    """
+    Ask for the pool's status until C{generation} serves, or has failed.
+    A reload is bounded by the pool's C{--start-timeout}; a parent that
+    stops answering fails the status call on C{--timeout}.
+    """
+    while True:
+        status = await call(Status)
+        if status["generation"] >= generation:
+            print(f"reloaded: generation {status['generation']} serves")
+            return 0
+        if (status["lastReloadDone"] or 0) >= generation:
+            why = " ".join((status["reloadFailure"] or "unknown").split())
+            print(
+                f"maccept-ctl: reload: generation {generation} failed, "
+                f"generation {status['generation']} serves on: {why}",
+                file=sys.stderr,
+            )
+            return EXIT_REFUSED
+        await task.deferLater(reactor, _POLL_INTERVAL)
+
+
+#: How often C{reload --wait} asks how the reload goes.
+_POLL_INTERVAL = 0.1
 
 
 def _unreachable(path: str, error: Exception) -> int:

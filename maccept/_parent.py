@@ -47,7 +47,7 @@ class MacceptService(Service):
         #: Upgrading maccept itself on SIGUSR2 (see L{maccept._upgrade}).
         self.upgrade: Upgrade | None = None
 
-    def signalHandlers(self) -> dict[signal.Signals, Callable[[], None]]:
+    def signalHandlers(self) -> dict[signal.Signals, Callable[[], object]]:
         """
         The signals the parent answers, as in the README's table.
         """

@@ -164,6 +164,9 @@ class WorkerPool(Service):
         self._size = settings.size
         #: Why the last reload failed, until one succeeds (systemd's STATUS).
         self.reloadFailure: str | None = None
+        #: The generation the last reload started, once it is ready or has
+        #: failed (C{maccept-ctl reload --wait} waits for it).
+        self.lastReloadDone: int | None = None
         self.onFatal = onFatal
         self.executable = executable
         self.rng = rng or random.Random()
@@ -725,7 +728,7 @@ class WorkerPool(Service):
         for worker, (reason, why) in remembered.items():
             self.replace(worker, reason, why)
 
-    def reload(self) -> None:
+    def reload(self) -> int | None:
         """
         Start a new generation of workers; drain the old one once all of the
         new are ready.  If the new generation fails, the old keeps serving.
@@ -733,10 +736,13 @@ class WorkerPool(Service):
         Asked while the pool starts or reloads, the reload waits its turn
         (code edited again since should not be left unloaded); several
         such requests make one reload.
+
+        @return: the generation that carries this request (started now or
+            once its turn comes); C{None} if it is ignored.
         """
         if self.stopAnnounced:
             self.log.warn("reload ignored: the pool is stopping")
-            return
+            return None
         if self.state in (PoolState.STARTING, PoolState.RELOADING):
             if not self._reloadQueued:
                 self._reloadQueued = True
@@ -744,10 +750,10 @@ class WorkerPool(Service):
                     "reload queued: it starts once the pool is no longer {state}",
                     state=self.state.value,
                 )
-            return
+            return self._newestGeneration + 1
         if self.state is not PoolState.RUNNING:
             self.log.warn("reload ignored: the pool is {state}", state=self.state.value)
-            return
+            return None
         self._reloadQueued = False
         self.transition("reload")
         self._newestGeneration += 1
@@ -760,12 +766,14 @@ class WorkerPool(Service):
             self._abandonReload,
             f"not all workers were ready within {self.startTimeout:g}s (--start-timeout)",
         )
+        started = self.pendingGeneration
         for number in range(1, self.size + 1):
             try:
                 self._spawn(number, self.pendingGeneration)
             except OSError as e:
                 self._abandonReload(f"cannot start worker {number}: {e}")
-                return
+                break
+        return started
 
     def forgetQueuedReload(self) -> None:
         """
@@ -785,6 +793,7 @@ class WorkerPool(Service):
         self.reloadFailure = None
         old = [w for w in self.workers if w.generation != self.pendingGeneration]
         assert self.pendingGeneration is not None
+        self.lastReloadDone = self.pendingGeneration
         self.generation, self.pendingGeneration = self.pendingGeneration, None
         self.transition("generation ready")
         for restart in [r for r in self._restarts if r.generation != self.generation]:
@@ -804,6 +813,7 @@ class WorkerPool(Service):
             why=why,
         )
         self.reloadFailure = why
+        self.lastReloadDone = self.pendingGeneration
         for worker in self.ofGeneration(self.pendingGeneration):
             # A ready worker already serves clients: let it finish them.
             if worker.state is WorkerState.STARTING:

@@ -48,14 +48,16 @@ def ampBox(**fields: str) -> bytes:
 
 
 class ObservabilityTests(SynchronousTestCase):
-    def start(self, *args: str, control: bool = False) -> MacceptServer:
+    def start(
+        self, *args: str, control: bool = False, env: dict[str, str] | None = None
+    ) -> MacceptServer:
         argv = ["--listen", LOOPBACK, "--metrics", LOOPBACK, *args]
         if control:
             directory = tempfile.mkdtemp(prefix="maccept-ctl-")
             self.addCleanup(shutil.rmtree, directory, True)
             self.controlPath = os.path.join(directory, "control.sock")
             argv += ["--control", self.controlPath]
-        server = MacceptServer(argv)
+        server = MacceptServer(argv, env=env)
         self.addCleanup(server.cleanup)
         server.waitReady()
         match = waitFor(lambda: METRICS_AT.search(server.log()), what="the metrics address")
@@ -256,6 +258,48 @@ class ObservabilityTests(SynchronousTestCase):
         done = self.ctl("stop")
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(server.process.wait(30), 0)
+
+    def test_ctlReloadWait(self) -> None:
+        """
+        C{reload --wait} returns once the new generation serves (exit 0),
+        or once it has failed (exit 1, with why); C{status} then says the
+        last reload failed, until one succeeds.
+        """
+        marker = os.path.join(tempfile.mkdtemp(prefix="maccept-break-"), "broken")
+        self.addCleanup(shutil.rmtree, os.path.dirname(marker), True)
+        server = self.start(
+            "--workers",
+            "2",
+            "--protocol",
+            "tests.sample_protocols:breakableEcho",
+            control=True,
+            env={"MACCEPT_TEST_BREAK": marker},
+        )
+        done = self.ctl("reload", "--wait")
+        self.assertEqual((done.returncode, done.stdout), (0, "reloaded: generation 2 serves\n"))
+        # Not only said: the new generation is ready when it returns.
+        self.assertIn("generation 2 ready", server.log())
+        with open(marker, "w"):
+            pass
+        done = self.ctl("reload", "--wait")
+        self.assertEqual(done.returncode, 1, done.stdout)
+        self.assertTrue(
+            done.stderr.startswith(
+                "maccept-ctl: reload: generation 3 failed, generation 2 serves on: "
+            ),
+            done.stderr,
+        )
+        self.assertIn("broken deploy", done.stderr)
+        self.assertEqual(len(done.stderr.splitlines()), 1)
+        table = self.ctl("status").stdout.splitlines()
+        self.assertTrue(table[1].startswith("last reload (generation 3) failed: "), table)
+        self.assertTrue(table[1].endswith("; generation 2 serves"), table)
+        os.unlink(marker)
+        done = self.ctl("reload", "--wait")
+        self.assertEqual((done.returncode, done.stdout), (0, "reloaded: generation 4 serves\n"))
+        self.assertNotIn("last reload", self.ctl("status").stdout)
+        # Without --wait, as before: the request is taken, not awaited.
+        self.assertEqual(self.ctl("reload").stdout, "reloading\n")
 
     def test_ctlRefusedScale(self) -> None:
         """

@@ -856,13 +856,13 @@ class ReloadTests(PoolTestCase):
         requests make one reload.
         """
         pool = self.readyPool(2)
-        pool.reload()
-        pool.reload()
-        pool.reload()
+        # Each says which generation will carry it (maccept-ctl reload --wait).
+        self.assertEqual([pool.reload(), pool.reload(), pool.reload()], [2, 3, 3])
         self.assertEqual(pool.pendingGeneration, 2)
         for worker in pool.ofGeneration(2):
             worker.ready()
         self.assertIs(pool.state, PoolState.RUNNING)
+        self.assertEqual(pool.lastReloadDone, 2)
         self.reactor.advance(0)
         self.assertIs(pool.state, PoolState.RELOADING)
         self.assertEqual(pool.pendingGeneration, 3)
@@ -892,7 +892,7 @@ class ReloadTests(PoolTestCase):
         cancels it.
         """
         pool = self.startPool(1)
-        pool.reload()
+        self.assertEqual(pool.reload(), 2)
         pool.workers[0].ready()
         self.reactor.advance(0)
         self.assertEqual(pool.pendingGeneration, 2)
@@ -900,6 +900,7 @@ class ReloadTests(PoolTestCase):
         pool.stopService()
         self.reactor.advance(0)
         self.assertIs(pool.state, PoolState.STOPPING)
+        self.assertIsNone(pool.reload())
 
     def test_failedReloadKeepsOld(self) -> None:
         """
@@ -917,6 +918,9 @@ class ReloadTests(PoolTestCase):
         self.assertIs(pool.state, PoolState.RUNNING)
         self.assertEqual(pool.generation, 1)
         self.assertEqual(self.fatal, [])
+        # Done, and failed: what maccept-ctl reload --wait reports.
+        self.assertEqual(pool.lastReloadDone, 2)
+        self.assertIn("SyntaxError", pool.reloadFailure or "")
 
 
 class DescribeExitTests(SynchronousTestCase):
