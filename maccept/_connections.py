@@ -18,6 +18,7 @@ from collections.abc import Callable
 from errno import EWOULDBLOCK
 from typing import Any
 
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IListeningPort, ITransport
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.logger import Logger
@@ -73,6 +74,16 @@ class ConnectionTracker:
             "out of file descriptors: closed {count} new connection(s) at once "
             "(raise the limit, ulimit -n / LimitNOFILE=, or lower --max-concurrent)",
         )
+        #: Connections the client reset, or broke by going away while the
+        #: server still wrote (ECONNRESET, EPIPE): not the server's aborts.
+        #: Routine for some clients, so counted and logged at info, at
+        #: most once a minute.
+        self.resets = Tally(
+            _log,
+            "clients reset {count} connection(s) since the last such line",
+            interval=60.0,
+            level="info",
+        )
         self.onChange = onChange
         self._idleWaiters: list[Callable[[], None]] = []
 
@@ -82,7 +93,11 @@ class ConnectionTracker:
         if self.onChange is not None:
             self.onChange(len(self.open))
 
-    def closed(self, transport: ITransport) -> None:
+    def closed(self, transport: ITransport, reason: Failure | None = None) -> None:
+        # Exactly ConnectionLost: its subclass ConnectionAborted is an
+        # abortConnection (the idle timeout, a drain's end, a bad header).
+        if reason is not None and type(reason.value) is ConnectionLost:
+            self.resets.add()
         self.open.discard(transport)
         if self.onChange is not None:
             self.onChange(len(self.open))
@@ -180,7 +195,7 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
             tracker.opened(self)
 
         def connectionLost(self, reason: Failure) -> None:
-            tracker.closed(self)
+            tracker.closed(self, reason)
             super().connectionLost(reason)
 
         # Byte counts: one addition per read and per write.

@@ -122,6 +122,11 @@ class PoolCollector(Collector):
             "Connections closed at once because the worker was out of file descriptors.",
             value=totals["shed"],
         )
+        yield CounterMetricFamily(
+            "maccept_connections_reset",
+            "Connections the client reset, or dropped while the server still wrote to them.",
+            value=totals["resets"],
+        )
         pauses = CounterMetricFamily(
             "maccept_accept_pauses",
             "Times a worker stopped reading the listeners: ahead of the others' mean "

@@ -30,9 +30,13 @@ class Tally:
         line: str,
         interval: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        level: str = "warn",
     ) -> None:
         self.log = log
         self.line = line
+        #: The log level of its lines: C{warn}, or C{info} for what is
+        #: routine but worth seeing.
+        self.level = level
         self.interval = interval
         self.clock = clock
         self.total = 0
@@ -49,5 +53,5 @@ class Tally:
         if now - self._lastLine < self.interval:
             return
         self._lastLine = now
-        self.log.warn(self.line, count=self.unlogged, **fields)
+        getattr(self.log, self.level)(self.line, count=self.unlogged, **fields)
         self.unlogged = 0

@@ -220,6 +220,7 @@ class Worker:
             "proxyRejected": tracker.proxyRejectedCount,
             "handshakesFailed": tracker.handshakesFailedCount,
             "shed": tracker.shedding.total,
+            "resets": tracker.resets.total,
             "acceptPausesAhead": governor.pausesAhead if governor else 0,
             "acceptPausesFull": governor.pausesFull if governor else 0,
             "emptyWakeups": tracker.emptyWakeups,

@@ -18,6 +18,7 @@ from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -292,6 +293,39 @@ class RealPortTests(SynchronousTestCase):
                 break
             received += chunk
         return received
+
+    def test_clientResetCounted(self) -> None:
+        """
+        A connection the client resets is counted (and logged, at most
+        once a minute), as C{maccept_connections_reset_total}.
+        """
+        client, transport = self.accepted()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        why = transport.doRead()
+        with capturedLogs() as events:
+            # As the reactor does with what doRead returned.
+            transport.connectionLost(Failure(why))
+        self.assertEqual((self.tracker.resets.total, len(self.tracker.open)), (1, 0))
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            ["clients reset 1 connection(s) since the last such line"],
+        )
+        # Routine for some clients: not a warning.
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.info])
+
+    def test_closesAndAbortsNotCounted(self) -> None:
+        """
+        A client's clean close is no reset, and neither is the server's
+        own abort (the idle timeout, the end of a drain).
+        """
+        client, transport = self.accepted()
+        client.close()
+        transport.connectionLost(Failure(transport.doRead()))
+        client, transport = self.accepted()
+        transport.abortConnection()
+        self.reactor.advance(0)
+        self.assertEqual((self.tracker.resets.total, len(self.tracker.open)), (0, 0))
 
     def test_writeThrough(self) -> None:
         """

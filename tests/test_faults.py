@@ -91,15 +91,21 @@ class FaultTests(SynchronousTestCase):
     def test_resetMidTransfer(self) -> None:
         """
         Clients that reset while the worker is still sending them a large
-        echo leave it serving.
+        echo leave it serving; each reset is counted, and logged in one
+        line, not one each.
         """
-        server, worker = self.start()
+        server, worker = self.start("--metrics", LOOPBACK)
         for _ in range(20):
             client = server.connect()
             client.sendall(os.urandom(1 << 20))
             client.recv(1000)
             reset(client)
         self.assertServes(server, worker)
+        waitFor(
+            lambda: metric(server, "maccept_connections_reset_total") == 20,
+            what="the resets to be counted",
+        )
+        self.assertEqual(server.log().count("clients reset "), 1)
 
     def test_connectCloseFlood(self) -> None:
         """

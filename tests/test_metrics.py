@@ -92,6 +92,19 @@ class CollectorTests(PoolTestCase):
         self.process(first).end(1)
         self.assertEqual(scrape(pool)[("maccept_accept_empty_wakeups_total", ())], 42)
 
+    def test_resets(self) -> None:
+        """
+        Connections clients reset are summed over workers, departed ones
+        too; a worker of older code that lacks the count changes nothing.
+        """
+        pool = self.readyPool(2)
+        first, second = pool.workers
+        first.heartbeat(resets=5)
+        second.heartbeat(resets=None)
+        self.process(first).end(1)
+        second.heartbeat(resets=3)
+        self.assertEqual(scrape(pool)[("maccept_connections_reset_total", ())], 8)
+
     def test_workersByState(self) -> None:
         """
         C{maccept_workers} counts workers in every state but stopped.
