@@ -108,7 +108,7 @@ class BadInputTests(SynchronousTestCase):
         """
         cases = [
             ("udp:0:interface=999.1.1.1", "'999.1.1.1' is not an IP address"),
-            ("udp:0:interface=127.0.0.1:backlog=5", "'127.0.0.1:backlog=5' is not an IP address"),
+            ("udp:0:interface=127.0.0.1:backlog=5", "unknown option 'backlog=5' (udp takes"),
             ("tcp", "port is missing"),
             ("tcp:0:interface=::1", "escape the colons of an IPv6 address"),
             ("tcp:0:interface=127.0.0.1:foo=bar", "unknown option foo="),
