@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from errno import EWOULDBLOCK
+from errno import EINTR, ENOBUFS, EWOULDBLOCK
 from typing import Any
 
 from twisted.internet.error import ConnectionLost
@@ -209,6 +209,8 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
             #: pauses a streaming producer once that much output is queued,
             #: and that should stay 64 KiB per connection.
             readSize = READ_SIZE
+            #: A write-through's send failed on a reset (see L{_sendTCP}).
+            sendFailed = False
 
             def doRead(self) -> Any:
                 # tcp.Connection.doRead and _dataReceived in one call, with
@@ -218,7 +220,9 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
                 except OSError as e:
                     return None if e.args[0] == EWOULDBLOCK else CONNECTION_LOST
                 if not data:
-                    return CONNECTION_DONE
+                    # A reset that a write-through's send took (L{_sendTCP})
+                    # leaves only this end of file for the read to find.
+                    return CONNECTION_LOST if self.sendFailed else CONNECTION_DONE
                 tracker.bytesReceived += len(data)
                 self.lastActive = monotonic()
                 self.protocol.dataReceived(data)
@@ -298,6 +302,11 @@ def _sendTCP(transport: Any, data: bytes) -> int:
     """
     try:
         sent: int = transport.socket.send(data)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (EWOULDBLOCK, ENOBUFS, EINTR):
+            # The kernel hands a reset (ECONNRESET, EPIPE) over once, here;
+            # the bytes stay queued for Twisted's write to fail on, but a
+            # read may come first, and it would find a clean end of file.
+            transport.sendFailed = True
         return 0
     return sent

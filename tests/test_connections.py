@@ -314,6 +314,23 @@ class RealPortTests(SynchronousTestCase):
         # Routine for some clients: not a warning.
         self.assertEqual([e["log_level"] for e in events], [LogLevel.info])
 
+    def test_resetTakenByAWriteThrough(self) -> None:
+        """
+        The kernel reports a reset once: when a write-through's send takes
+        it (and leaves the bytes queued, as Twisted would), the next read
+        finds only an end of file, which must still be reported, and
+        counted, as the connection lost, not as a clean close.
+        """
+        client, transport = self.accepted()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        select.select([transport.socket], [], [], 5)
+        transport.write(b"too late")
+        why = transport.doRead()
+        self.assertIs(why, CONNECTION_LOST)
+        transport.connectionLost(Failure(why))
+        self.assertEqual(self.tracker.resets.total, 1)
+
     def test_closesAndAbortsNotCounted(self) -> None:
         """
         A client's clean close is no reset, and neither is the server's
