@@ -435,7 +435,9 @@ def _loopFactory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
     if kind == "uvloop":
         import uvloop
 
-        return uvloop.new_event_loop
+        # Typed here: where uvloop is not installed mypy knows nothing of it.
+        newLoop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+        return newLoop
     return asyncio.new_event_loop
 
 
