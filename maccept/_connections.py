@@ -94,9 +94,7 @@ class ConnectionTracker:
             self.onChange(len(self.open))
 
     def closed(self, transport: ITransport, reason: Failure | None = None) -> None:
-        # Exactly ConnectionLost: its subclass ConnectionAborted is an
-        # abortConnection (the idle timeout, a drain's end, a bad header).
-        if reason is not None and type(reason.value) is ConnectionLost:
+        if reason is not None and _resetByClient(transport, reason):
             self.resets.add()
         self.open.discard(transport)
         if self.onChange is not None:
@@ -166,6 +164,23 @@ class ConnectionTracker:
         """
         for transport in list(self.open):
             transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def _resetByClient(transport: Any, reason: Failure) -> bool:
+    """
+    Whether the client reset C{transport}, or went away, before the server
+    was done with it.
+
+    Exactly C{ConnectionLost}: its subclass C{ConnectionAborted} is the
+    server's own C{abortConnection} (the idle timeout, a drain's end, a bad
+    header).  And not while the server was closing with nothing left to
+    send: a client that closes at once after its last message (TLS's
+    close_notify, say) may reset a connection the server is closing, and
+    Twisted, no longer reading, reports that as lost; nothing was.
+    """
+    if type(reason.value) is not ConnectionLost:
+        return False
+    return not (transport.disconnecting and not transport.dataBuffer and not transport._tempDataLen)
 
 
 def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:

@@ -109,7 +109,7 @@ def _fields(description: str) -> list[str]:
 #: Options whose value names a file the parent must be able to read.
 _FILE_OPTIONS = ("privateKey", "certKey", "extraCertChain", "dhParameters", "caCertsDir")
 #: A UNIX socket's C{mode=}: octal, as chmod(1) takes it.
-_FILE_MODE = re.compile(r"(0o)?0*[0-7]{1,4}")
+_FILE_MODE = re.compile(r"(0[oO])?0*[0-7]{1,4}")
 #: The largest backlog listen(2) takes (an int; the kernel caps it further).
 _MAX_BACKLOG = 2**31 - 1
 

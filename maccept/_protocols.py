@@ -159,8 +159,9 @@ def _where(error: BaseException) -> str:
     Where C{error} was raised, as " (at FILE:LINE)": the one line of the
     message must lead the user to the line of their code that failed.
     """
-    if isinstance(error, SyntaxError) and error.filename:
-        # Raised by the compiler, from no frame of the file it names.
+    if isinstance(error, SyntaxError) and error.filename and not error.filename.startswith("<"):
+        # Raised by the compiler, from no frame of the file it names (but
+        # a string that eval or literal_eval compiles has no file: frames).
         return f" (at {error.filename}:{error.lineno})"
     frames = []
     traceback = error.__traceback__

@@ -14,7 +14,7 @@ import tempfile
 import time
 
 from twisted.internet import tcp, unix
-from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import Factory, Protocol
@@ -330,6 +330,20 @@ class RealPortTests(SynchronousTestCase):
         self.assertIs(why, CONNECTION_LOST)
         transport.connectionLost(Failure(why))
         self.assertEqual(self.tracker.resets.total, 1)
+
+    def test_resetWhileClosingCountedOnlyIfDataWasLost(self) -> None:
+        """
+        A reset that meets the server's own close (Twisted, no longer
+        reading, reports it as lost) counts only if the server still had
+        bytes to send: a client that closes at once after its last message
+        (TLS's close_notify) lost nothing.
+        """
+        for queued, counted in [(b"", 0), (b"unsent", 1)]:
+            client, transport = self.accepted()
+            transport.dataBuffer = queued
+            transport.loseConnection()
+            transport.connectionLost(Failure(ConnectionLost()))
+            self.assertEqual(self.tracker.resets.total, counted)
 
     def test_closesAndAbortsNotCounted(self) -> None:
         """

@@ -242,7 +242,8 @@ class BadValueTests(SynchronousTestCase):
             "--listen unix:/tmp/m.sock:mode=999: mode must be an octal file mode such as 0660, "
             "got '999'",
         )
-        parsed("--listen", "unix:/tmp/m.sock:mode=0660")
+        for mode in ["0660", "660", "0o660", "0O660"]:
+            parsed("--listen", f"unix:/tmp/m.sock:mode={mode}")
 
     def test_listenKnownButUnsupported(self) -> None:
         """

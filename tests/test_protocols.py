@@ -171,6 +171,24 @@ class ResolveTests(SynchronousTestCase):
         self.assertIn("SyntaxError", str(e))
         self.assertTrue(str(e).endswith(f"(at {directory}/maccept_sample_bad_syntax.py:3)"), str(e))
 
+    def test_syntaxErrorInAStringNamesTheUsersLine(self) -> None:
+        """
+        A string the module compiles (C{ast.literal_eval}) has no file of
+        its own: the module's line that compiled it is named.
+        """
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        with open(os.path.join(directory, "maccept_sample_bad_literal.py"), "w") as f:
+            f.write("import ast\n\nSETTINGS = ast.literal_eval('{1: ')\n")
+        sys.path.insert(0, directory)
+        self.addCleanup(sys.path.remove, directory)
+        e = self.assertRaises(
+            ProtocolSpecError, resolveProtocol, "maccept_sample_bad_literal:factory"
+        )
+        self.assertTrue(
+            str(e).endswith(f"(at {directory}/maccept_sample_bad_literal.py:3)"), str(e)
+        )
+
     def test_moduleExitsAtImport(self) -> None:
         """
         A module that calls C{sys.exit} while imported is refused with its
