@@ -339,7 +339,7 @@ class RealPortTests(SynchronousTestCase):
         (TLS's close_notify) lost nothing.
         """
         for queued, counted in [(b"", 0), (b"unsent", 1)]:
-            client, transport = self.accepted()
+            _client, transport = self.accepted()
             transport.dataBuffer = queued
             transport.loseConnection()
             transport.connectionLost(Failure(ConnectionLost()))

@@ -154,40 +154,38 @@ class ResolveTests(SynchronousTestCase):
         self.assertIn("JSONDecodeError", str(e))
         self.assertRegex(str(e), r"\(at .*tests/sample_fails_in_library\.py:8\)$")
 
+    def failedImport(self, module: str, source: str) -> tuple[str, str]:
+        """
+        Write C{source} as C{module} in a new folder on C{sys.path}; return
+        the error resolving C{module:factory} gives, and the folder.
+        """
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        with open(os.path.join(directory, f"{module}.py"), "w") as f:
+            f.write(source)
+        sys.path.insert(0, directory)
+        self.addCleanup(sys.path.remove, directory)
+        e = self.assertRaises(ProtocolSpecError, resolveProtocol, f"{module}:factory")
+        return str(e), directory
+
     def test_syntaxErrorNamesTheUsersLine(self) -> None:
         """
         A module that does not compile is refused naming its own file and
         line (the compiler raises from no frame of that file).
         """
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory)
-        with open(os.path.join(directory, "maccept_sample_bad_syntax.py"), "w") as f:
-            f.write("from twisted.internet.protocol import Factory\n\ndef f(:\n")
-        sys.path.insert(0, directory)
-        self.addCleanup(sys.path.remove, directory)
-        e = self.assertRaises(
-            ProtocolSpecError, resolveProtocol, "maccept_sample_bad_syntax:factory"
-        )
-        self.assertIn("SyntaxError", str(e))
-        self.assertTrue(str(e).endswith(f"(at {directory}/maccept_sample_bad_syntax.py:3)"), str(e))
+        source = "from twisted.internet.protocol import Factory\n\ndef f(:\n"
+        message, directory = self.failedImport("maccept_sample_bad_syntax", source)
+        self.assertIn("SyntaxError", message)
+        self.assertTrue(message.endswith(f"(at {directory}/maccept_sample_bad_syntax.py:3)"))
 
     def test_syntaxErrorInAStringNamesTheUsersLine(self) -> None:
         """
         A string the module compiles (C{ast.literal_eval}) has no file of
         its own: the module's line that compiled it is named.
         """
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory)
-        with open(os.path.join(directory, "maccept_sample_bad_literal.py"), "w") as f:
-            f.write("import ast\n\nSETTINGS = ast.literal_eval('{1: ')\n")
-        sys.path.insert(0, directory)
-        self.addCleanup(sys.path.remove, directory)
-        e = self.assertRaises(
-            ProtocolSpecError, resolveProtocol, "maccept_sample_bad_literal:factory"
-        )
-        self.assertTrue(
-            str(e).endswith(f"(at {directory}/maccept_sample_bad_literal.py:3)"), str(e)
-        )
+        source = "import ast\n\nSETTINGS = ast.literal_eval('{1: ')\n"
+        message, directory = self.failedImport("maccept_sample_bad_literal", source)
+        self.assertTrue(message.endswith(f"(at {directory}/maccept_sample_bad_literal.py:3)"))
 
     def test_moduleExitsAtImport(self) -> None:
         """
