@@ -36,6 +36,9 @@ class Status(amp.Command):
         (b"generation", amp.Integer(optional=True)),
         (b"lastReloadDone", amp.Integer(optional=True)),
         (b"reloadFailure", amp.Unicode(optional=True)),
+        # The generation a queued reload would have started, had an upgrade
+        # not dropped it.
+        (b"reloadDropped", amp.Integer(optional=True)),
         (
             b"workers",
             amp.AmpList(
@@ -140,6 +143,7 @@ class ControlProtocol(amp.AMP):
             "generation": self.pool.generation,
             "lastReloadDone": self.pool.lastReloadDone,
             "reloadFailure": self.pool.reloadFailure,
+            "reloadDropped": self.pool.reloadDropped,
             "workers": workers,
         }
 

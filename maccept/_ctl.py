@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
         prog="maccept-ctl",
         description="See and steer a running maccept pool through its control socket.",
         epilog="Exit status: 0 done, 1 the pool refused the request (or the reload that "
-        "reload --wait waited for failed), 2 no pool at PATH.",
+        "reload --wait waited for did not serve), 2 no pool at PATH.",
     )
     p.add_argument("path", help="the control socket (twistd maccept --control PATH)")
     p.add_argument(
@@ -131,8 +131,16 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
             print(f"scaling to {result['size']} workers")
         elif options.command == "reload":
             result = await call(Reload)
-            if not options.wait or result.get("generation") is None:
+            if not options.wait:
                 print("reloading")
+            elif result.get("generation") is None:
+                # A parent of a version before --wait: asked, not awaited.
+                print(
+                    "maccept-ctl: reload: asked for, but this parent is too old to say how it "
+                    "ends (see its log)",
+                    file=sys.stderr,
+                )
+                return EXIT_REFUSED
             else:
                 return await _waitForReload(reactor, call, result["generation"])
         elif options.command == "stop":
@@ -164,7 +172,9 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
         )
         return EXIT_UNREACHABLE
     finally:
-        control.transport.loseConnection()
+        # AMP lets go of a transport that has closed.
+        if control.transport is not None:
+            control.transport.loseConnection()
     return 0
 
 
@@ -172,7 +182,8 @@ async def _waitForReload(
     reactor: Any, call: Callable[..., defer.Deferred[Any]], generation: int
 ) -> int:
     """
-    Ask for the pool's status until C{generation} serves, or has failed.
+    Ask for the pool's status until C{generation} serves, or will not: it
+    failed, an upgrade dropped it while it was queued, or the pool stops.
     A reload is bounded by the pool's C{--start-timeout}; a parent that
     stops answering fails the status call on C{--timeout}.
     """
@@ -186,6 +197,20 @@ async def _waitForReload(
             print(
                 f"maccept-ctl: reload: generation {generation} failed, "
                 f"generation {status['generation']} serves on: {why}",
+                file=sys.stderr,
+            )
+            return EXIT_REFUSED
+        if (status["reloadDropped"] or 0) >= generation:
+            print(
+                "maccept-ctl: reload: dropped before it started: an upgrade (USR2) "
+                "starts the new code instead",
+                file=sys.stderr,
+            )
+            return EXIT_REFUSED
+        if status["state"] in ("stopping", "stopped"):
+            print(
+                f"maccept-ctl: reload: the pool is stopping; generation {generation} "
+                "will not serve",
                 file=sys.stderr,
             )
             return EXIT_REFUSED

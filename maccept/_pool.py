@@ -168,6 +168,9 @@ class WorkerPool(Service):
         #: The generation the last reload started, once it is ready or has
         #: failed (C{maccept-ctl reload --wait} waits for it).
         self.lastReloadDone: int | None = None
+        #: The generation a queued reload would have started, once an
+        #: upgrade has dropped it.
+        self.reloadDropped: int | None = None
         self.onFatal = onFatal
         self.executable = executable
         self.rng = rng or random.Random()
@@ -783,6 +786,7 @@ class WorkerPool(Service):
         """
         if self._reloadQueued:
             self._reloadQueued = False
+            self.reloadDropped = self._newestGeneration + 1
             self.log.info("queued reload dropped: the upgrade starts the new code")
 
     def _runQueuedReload(self) -> None:

@@ -40,8 +40,10 @@ class ControlTests(PoolTestCase):
         pool = self.readyPool(1)
         stops: list[int] = []
         control = self.connect(pool, stops)
-        control.reload()
-        control.reload()
+        # Each answer names the generation that carries it (reload --wait).
+        self.assertEqual(
+            [control.reload(), control.reload()], [{"generation": 2}, {"generation": 3}]
+        )
         for worker in pool.ofGeneration(2):
             worker.ready()
         self.reactor.advance(0)

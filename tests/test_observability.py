@@ -450,6 +450,82 @@ class ObservabilityTests(SynchronousTestCase):
             [line] = done.stderr.strip().splitlines()
             self.assertIn("not an answer maccept gives", line)
 
+    def fakeParent(self, answers: list[dict[bytes, bytes] | None]) -> threading.Thread:
+        """
+        Answer maccept-ctl's commands, in turn, with C{answers} (AMP boxes
+        without their C{_answer} tag); C{None} closes the connection.
+        """
+        listening = self.fakeControlSocket()
+
+        def readBox(connection: socket.socket, buffered: bytearray) -> dict[bytes, bytes]:
+            box: dict[bytes, bytes] = {}
+            key = None
+            while True:
+                while len(buffered) < 2 or len(buffered) < 2 + struct.unpack("!H", buffered[:2])[0]:
+                    chunk = connection.recv(4096)
+                    if not chunk:
+                        raise ConnectionResetError("maccept-ctl hung up")
+                    buffered += chunk
+                size = struct.unpack("!H", buffered[:2])[0]
+                field, buffered[:] = bytes(buffered[2 : 2 + size]), buffered[2 + size :]
+                if key is None:
+                    if not field:
+                        return box
+                    key = field
+                else:
+                    box[key], key = field, None
+
+        def answer() -> None:
+            connection, _ = listening.accept()
+            buffered = bytearray()
+            with connection, contextlib.suppress(OSError):
+                for reply in answers:
+                    asked = readBox(connection, buffered)
+                    if reply is None:
+                        return
+                    box = amp.AmpBox({b"_answer": asked[b"_ask"], **reply})
+                    connection.sendall(box.serialize())
+
+        answering = threading.Thread(target=answer)
+        answering.start()
+        self.addCleanup(answering.join)
+        return answering
+
+    def test_ctlReloadWaitEndings(self) -> None:
+        """
+        C{reload --wait} also returns when the reload will not serve: an
+        upgrade dropped it while queued, or the pool stops (exit 1); when
+        the parent closes the connection (exit 2); and when the parent is
+        of a version that cannot say (exit 1).  One line on stderr each,
+        never a traceback.
+        """
+        status = {b"size": b"1", b"generation": b"1", b"workers": b""}
+        cases: list[tuple[list[dict[bytes, bytes] | None], int, str]] = [
+            (
+                [{b"generation": b"3"}, {**status, b"state": b"running", b"reloadDropped": b"3"}],
+                1,
+                "dropped before it started: an upgrade (USR2) starts the new code instead",
+            ),
+            (
+                [{b"generation": b"2"}, {**status, b"state": b"stopping"}],
+                1,
+                "the pool is stopping; generation 2 will not serve",
+            ),
+            (
+                [{b"generation": b"2"}, {**status, b"state": b"reloading"}, None],
+                2,
+                "the connection closed before the answer",
+            ),
+            ([{}], 1, "this parent is too old to say how it ends"),
+        ]
+        for answers, code, why in cases:
+            answering = self.fakeParent(answers)
+            done = self.ctl("reload", "--wait")
+            answering.join()
+            self.assertEqual(done.returncode, code, done.stderr)
+            [line] = done.stderr.strip().splitlines()
+            self.assertIn(why, line)
+
     def test_controlGarbage(self) -> None:
         """
         Garbage on the control socket closes that connection and is logged;

@@ -878,8 +878,10 @@ class ReloadTests(PoolTestCase):
         """
         pool = self.readyPool(1)
         pool.reload()
-        pool.reload()  # queued
+        self.assertEqual(pool.reload(), 3)  # queued
         pool.forgetQueuedReload()
+        # Said, for maccept-ctl reload --wait: generation 3 will not start.
+        self.assertEqual(pool.reloadDropped, 3)
         for worker in pool.ofGeneration(pool.pendingGeneration):
             worker.ready()
         self.reactor.advance(0)
