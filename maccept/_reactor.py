@@ -19,8 +19,8 @@ import errno
 from typing import Any
 
 from twisted.internet import epollreactor
-from twisted.internet.epollreactor import EPOLLIN
-from twisted.internet.main import installReactor
+from twisted.internet.epollreactor import EPOLLERR, EPOLLIN
+from twisted.internet.main import CONNECTION_LOST, installReactor
 from twisted.python import log
 
 
@@ -55,6 +55,14 @@ class WorkerReactor(epollreactor.EPollReactor):
                         log.err()
                     if why:
                         self._disconnectSelectable(selectable, why, True)
+                elif event & EPOLLERR and not event & EPOLLIN:
+                    # An error, a reset most often.  Twisted's _doReadOrWrite
+                    # calls a hang-up without EPOLLIN a clean close when the
+                    # descriptor is being read, and a reset can come so while
+                    # the kernel is still taking it in (about one in 3000
+                    # resets under load): the protocol, and the reset count,
+                    # would take it for a clean close.
+                    self._disconnectSelectable(selectable, CONNECTION_LOST, False)
                 else:
                     doReadOrWrite(selectable, fd, event)
             except KeyboardInterrupt:

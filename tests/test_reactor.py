@@ -6,9 +6,11 @@ each, and still logs what a handler raises rather than let it escape.
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.error import ConnectionDone
+from twisted.internet.epollreactor import EPOLLERR, EPOLLHUP
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.main import CONNECTION_DONE
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -43,6 +45,23 @@ class Reader(FileDescriptor):
     def connectionLost(self, reason: object) -> None:
         self.lost.append(reason)
         super().connectionLost(reason)
+
+
+class ScriptedPoller:
+    """
+    An epoll whose C{poll} returns the events given, for what a real socket
+    cannot be made to show on demand.
+    """
+
+    def __init__(self, real: Any, events: list[tuple[int, int]]) -> None:
+        self.real = real
+        self.events = events
+
+    def poll(self, timeout: float, maxevents: int) -> list[tuple[int, int]]:
+        return self.events
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
 
 
 class WorkerReactorTests(SynchronousTestCase):
@@ -124,3 +143,23 @@ class WorkerReactorTests(SynchronousTestCase):
         self.assertNotIn(closed, self.reactor.getReaders())
         self.assertEqual((stillOpen.reads, stillOpen.lost), ([b"more"], []))
         self.assertIn(stillOpen, self.reactor.getReaders())
+
+    def test_errorWithoutReadableIsLost(self) -> None:
+        """
+        An error event without C{EPOLLIN} on a descriptor being read (a
+        reset the kernel is still taking in) disconnects it as lost, not as
+        the clean close Twisted's dispatch would make of it; a hang-up alone
+        is still a clean close.
+        """
+        for event, lost in [
+            (EPOLLERR | EPOLLHUP, ConnectionLost),
+            (EPOLLHUP, ConnectionDone),
+        ]:
+            _peer, reader = self.pair()
+            real = self.reactor._poller
+            self.reactor._poller = ScriptedPoller(real, [(reader.fileno(), event)])
+            self.reactor.doPoll(0)
+            self.reactor._poller = real
+            [reason] = reader.lost
+            self.assertIs(reason.type, lost)  # type: ignore[attr-defined]
+            self.assertNotIn(reader, self.reactor.getReaders())
