@@ -59,9 +59,10 @@ class WorkerReactor(epollreactor.EPollReactor):
                     # An error, a reset most often.  Twisted's _doReadOrWrite
                     # calls a hang-up without EPOLLIN a clean close when the
                     # descriptor is being read, and a reset can come so while
-                    # the kernel is still taking it in (about one in 3000
-                    # resets under load): the protocol, and the reset count,
-                    # would take it for a clean close.
+                    # the kernel is still taking it in (tcp_poll reads the
+                    # socket's state without a lock): the protocol, and the
+                    # reset count, would take it for a clean close (README,
+                    # The per-message path).
                     self._disconnectSelectable(selectable, CONNECTION_LOST, False)
                 else:
                     doReadOrWrite(selectable, fd, event)

@@ -9,7 +9,7 @@ import socket
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.epollreactor import EPOLLERR, EPOLLHUP
+from twisted.internet.epollreactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.main import CONNECTION_DONE
 from twisted.trial.unittest import SynchronousTestCase
@@ -144,22 +144,44 @@ class WorkerReactorTests(SynchronousTestCase):
         self.assertEqual((stillOpen.reads, stillOpen.lost), ([b"more"], []))
         self.assertIn(stillOpen, self.reactor.getReaders())
 
+    def scripted(self, reader: Reader, event: int) -> None:
+        """
+        One poll in which C{reader}'s descriptor shows C{event}.
+        """
+        real = self.reactor._poller
+        self.reactor._poller = ScriptedPoller(real, [(reader.fileno(), event)])
+        try:
+            self.reactor.doPoll(0)
+        finally:
+            self.reactor._poller = real
+
     def test_errorWithoutReadableIsLost(self) -> None:
         """
         An error event without C{EPOLLIN} on a descriptor being read (a
         reset the kernel is still taking in) disconnects it as lost, not as
-        the clean close Twisted's dispatch would make of it; a hang-up alone
-        is still a clean close.
+        the clean close Twisted's dispatch would make of it, and no longer
+        reads or writes it; a hang-up alone is still a clean close.
         """
         for event, lost in [
             (EPOLLERR | EPOLLHUP, ConnectionLost),
+            (EPOLLERR, ConnectionLost),
+            (EPOLLERR | EPOLLOUT, ConnectionLost),
             (EPOLLHUP, ConnectionDone),
         ]:
             _peer, reader = self.pair()
-            real = self.reactor._poller
-            self.reactor._poller = ScriptedPoller(real, [(reader.fileno(), event)])
-            self.reactor.doPoll(0)
-            self.reactor._poller = real
+            self.reactor.addWriter(reader)
+            self.scripted(reader, event)
             [reason] = reader.lost
             self.assertIs(reason.type, lost)  # type: ignore[attr-defined]
             self.assertNotIn(reader, self.reactor.getReaders())
+            self.assertNotIn(reader, self.reactor.getWriters())
+
+    def test_errorWithReadableStillReads(self) -> None:
+        """
+        An error event that comes with C{EPOLLIN} is read first, as
+        Twisted does: what the peer sent before it reset is delivered.
+        """
+        peer, reader = self.pair()
+        peer.sendall(b"data")
+        self.scripted(reader, EPOLLIN | EPOLLERR | EPOLLHUP)
+        self.assertEqual((reader.reads, reader.lost), ([b"data"], []))
