@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from errno import EINTR, ENOBUFS, EWOULDBLOCK
+from errno import ENOBUFS, EWOULDBLOCK
 from typing import Any
 
 from twisted.internet.error import ConnectionLost
@@ -318,7 +318,8 @@ def _sendTCP(transport: Any, data: bytes) -> int:
     try:
         sent: int = transport.socket.send(data)
     except OSError as e:
-        if e.errno not in (EWOULDBLOCK, ENOBUFS, EINTR):
+        # (Python retries EINTR itself.)
+        if e.errno not in (EWOULDBLOCK, ENOBUFS):
             # The kernel hands a reset (ECONNRESET, EPIPE) over once, here;
             # the bytes stay queued for Twisted's write to fail on, but a
             # read may come first, and it would find a clean end of file.

@@ -85,7 +85,7 @@ def formatStatus(status: dict[str, Any]) -> str:
     if status.get("reloadFailure"):
         lines.append(
             f"last reload (generation {status['lastReloadDone']}) failed: "
-            f"{' '.join(status['reloadFailure'].split())}; generation "
+            f"{_oneLine(status['reloadFailure'])}; generation "
             f"{status['generation']} serves"
         )
     lines += [
@@ -193,7 +193,7 @@ async def _waitForReload(
             print(f"reloaded: generation {status['generation']} serves")
             return 0
         if (status["lastReloadDone"] or 0) >= generation:
-            why = " ".join((status["reloadFailure"] or "unknown").split())
+            why = _oneLine(status["reloadFailure"] or "unknown")
             print(
                 f"maccept-ctl: reload: generation {generation} failed, "
                 f"generation {status['generation']} serves on: {why}",
@@ -215,6 +215,13 @@ async def _waitForReload(
             )
             return EXIT_REFUSED
         await task.deferLater(reactor, _POLL_INTERVAL)
+
+
+def _oneLine(text: str) -> str:
+    """
+    C{text} (why a reload failed: a worker's last words, say) on one line.
+    """
+    return " ".join(text.split())
 
 
 #: How often C{reload --wait} asks how the reload goes.
