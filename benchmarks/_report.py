@@ -221,9 +221,10 @@ def _throughputSection(r: Results, workload: str) -> list[str]:
         "",
     ]
     acceptPath = [
-        "maccept's accept path per 1000 connections accepted (from its own /metrics, "
-        "which lag by up to a second): balance pauses / wake-ups that found nothing "
-        "(another worker took the connection):",
+        "maccept's accept path (from its own /metrics, which lag by up to a second): "
+        "balance pauses / wake-ups that found nothing (another worker took the "
+        "connection), each per 1000 connections accepted / connections per wake-up "
+        "that accepted any (the mean accept batch):",
         "",
         *_perWorkerCount(r, workload, _acceptPath),
         "",
@@ -327,10 +328,13 @@ def _acceptPath(run: dict[str, Any] | None) -> str:
     accepted = counts.get("accepted", 0)
     if not accepted:
         return "-"
-    return " / ".join(
+    perThousand = [
         f"{counts[name] * 1000 / accepted:.1f}" if name in counts else "-"
         for name in ("balance_pauses", "empty_wakeups")
-    )
+    ]
+    batches = counts.get("batches")
+    perBatch = f"{accepted / batches:.1f}" if batches else "-"
+    return " / ".join([*perThousand, perBatch])
 
 
 def _clientBusy(run: dict[str, Any] | None) -> str:

@@ -161,6 +161,7 @@ ACCEPT_COUNTERS = {
     "accepted": ("maccept_connections_accepted_total", ()),
     "balance_pauses": ("maccept_accept_pauses_total", (("reason", "balance"),)),
     "empty_wakeups": ("maccept_accept_empty_wakeups_total", ()),
+    "batches": ("maccept_accept_batches_total", ()),
 }
 
 

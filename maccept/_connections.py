@@ -68,6 +68,9 @@ class ConnectionTracker:
         #: Wake-ups to accept that found the connection gone to another
         #: worker: every worker's epoll wakes for each new connection.
         self.emptyWakeups = 0
+        #: Wake-ups that accepted at least one connection: C{accepted}
+        #: over this is the mean accept batch.
+        self.acceptBatches = 0
         #: Connections closed at once for want of a descriptor (EMFILE).
         self.shedding = Tally(
             _log,
@@ -130,6 +133,12 @@ class ConnectionTracker:
         A wake-up to accept found no connection waiting.
         """
         self.emptyWakeups += 1
+
+    def acceptedBatch(self) -> None:
+        """
+        A wake-up to accept took at least one connection.
+        """
+        self.acceptBatches += 1
 
     def shed(self, count: int) -> None:
         """

@@ -142,6 +142,12 @@ class PoolCollector(Collector):
             "worker took it (every worker's epoll wakes for each new connection).",
             value=totals["emptyWakeups"],
         )
+        yield CounterMetricFamily(
+            "maccept_accept_batches",
+            "Times a worker woke to accept and took at least one connection: "
+            "connections accepted over this is the mean accept batch.",
+            value=totals["acceptBatches"],
+        )
         restarts = CounterMetricFamily(
             "maccept_worker_restarts",
             "Workers that left the pool, by reason.",

@@ -51,6 +51,7 @@ COUNTERS = (
     "acceptPausesAhead",
     "acceptPausesFull",
     "emptyWakeups",
+    "acceptBatches",
     "resets",
 )
 

@@ -151,6 +151,7 @@ STATS = [
     (b"acceptPausesAhead", amp.Integer(optional=True)),
     (b"acceptPausesFull", amp.Integer(optional=True)),
     (b"emptyWakeups", amp.Integer(optional=True)),
+    (b"acceptBatches", amp.Integer(optional=True)),
     (b"resets", amp.Integer(optional=True)),
     (b"lag", amp.Float()),
 ]

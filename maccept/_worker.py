@@ -140,7 +140,7 @@ class Worker:
             port.stopReading()  # type: ignore[attr-defined]
             if isinstance(port, tcp.Port):
                 self._acceptLoops[port] = acceptQuickly(
-                    port, self.tracker.shed, self._wokeForNothing
+                    port, self.tracker.shed, self._wokeForNothing, self.tracker.acceptedBatch
                 )
             trackConnections(port, self.tracker)
             if self.governor is not None:
@@ -224,6 +224,7 @@ class Worker:
             "acceptPausesAhead": governor.pausesAhead if governor else 0,
             "acceptPausesFull": governor.pausesFull if governor else 0,
             "emptyWakeups": tracker.emptyWakeups,
+            "acceptBatches": tracker.acceptBatches,
             "lag": self.lag.worstSinceLastAsked(),
         }
 

@@ -252,6 +252,23 @@ class LeanAcceptTests(SynchronousTestCase):
         port.doRead()
         self.assertEqual((factory.addresses, self.flushLoggedErrors()), ([], []))
 
+    def test_batchesTold(self) -> None:
+        """
+        A wake-up that accepts is told to C{onBatch} once, however many it
+        took; one that finds nothing is not.
+        """
+        factory = RecordingFactory()
+        port = self.listen(factory, lean=False)
+        batches: list[None] = []
+        acceptQuickly(port, onBatch=lambda: batches.append(None))
+        port.doRead()
+        self.assertEqual(batches, [])
+        self.connect(port, 3)
+        port.numberAccepts = 5
+        port.doRead()
+        self.assertEqual((len(batches), len(factory.built)), (1, 3))
+        self.closeTransports(factory)
+
     def test_emptyWakeupsTold(self) -> None:
         """
         A wake-up that finds no connection waiting (another worker took it)

@@ -113,7 +113,8 @@ class AcceptCountersTests(SynchronousTestCase):
         counters = harness.waitUntil(lambda: server.acceptCounters().get("accepted") == 3, 30)
         self.assertIsNotNone(counters, "the workers never reported 3 connections")
         self.assertEqual(
-            set(server.acceptCounters()), {"accepted", "balance_pauses", "empty_wakeups"}
+            set(server.acceptCounters()),
+            {"accepted", "balance_pauses", "empty_wakeups", "batches"},
         )
 
     def test_olderServerLacksSome(self) -> None:
@@ -132,11 +133,17 @@ class AcceptCountersTests(SynchronousTestCase):
     def test_reportedPerThousand(self) -> None:
         """
         The report gives pauses and empty wake-ups per 1000 connections
-        accepted in the window, and a dash where nothing was counted.
+        accepted in the window, connections per accept batch, and a dash
+        where nothing was counted.
         """
-        counts = {"accepted": 20000.0, "balance_pauses": 300.0, "empty_wakeups": 50.0}
-        self.assertEqual(_report._acceptPath({"accept_path": counts}), "15.0 / 2.5")
-        self.assertEqual(_report._acceptPath({"accept_path": {"accepted": 10.0}}), "- / -")
+        counts = {
+            "accepted": 20000.0,
+            "balance_pauses": 300.0,
+            "empty_wakeups": 50.0,
+            "batches": 8000.0,
+        }
+        self.assertEqual(_report._acceptPath({"accept_path": counts}), "15.0 / 2.5 / 2.5")
+        self.assertEqual(_report._acceptPath({"accept_path": {"accepted": 10.0}}), "- / - / -")
         self.assertEqual(_report._acceptPath({"rps": 1.0}), "-")
 
     def test_unreadablePageIsNoCounters(self) -> None:

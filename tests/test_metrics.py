@@ -92,6 +92,17 @@ class CollectorTests(PoolTestCase):
         self.process(first).end(1)
         self.assertEqual(scrape(pool)[("maccept_accept_empty_wakeups_total", ())], 42)
 
+    def test_acceptBatches(self) -> None:
+        """
+        Wake-ups that accepted are summed over workers, departed ones too.
+        """
+        pool = self.readyPool(2)
+        first, second = pool.workers
+        first.heartbeat(acceptBatches=30)
+        second.heartbeat(acceptBatches=None)
+        self.process(first).end(1)
+        self.assertEqual(scrape(pool)[("maccept_accept_batches_total", ())], 30)
+
     def test_resets(self) -> None:
         """
         Connections clients reset are summed over workers, departed ones

@@ -129,6 +129,11 @@ class ObservabilityTests(SynchronousTestCase):
         assert isinstance(samples, dict)
         self.assertEqual(samples[("maccept_workers", (("state", "ready"),))], 2)
         self.assertEqual(samples[("maccept_connections_open", ())], 0)
+        # One client at a time: each wake-up took one connection.
+        self.assertEqual(
+            samples[("maccept_accept_batches_total", ())],
+            samples[("maccept_connections_accepted_total", ())],
+        )
         memory = {
             dict(labels)["pid"]: value
             for (name, labels), value in samples.items()

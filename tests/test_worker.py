@@ -295,10 +295,11 @@ class ServingTests(WorkerTestCase):
         worker = self.startedWorker()
         worker.tracker.wokeForNothing()
         worker.tracker.wokeForNothing()
+        worker.tracker.acceptedBatch()
         self.reactor.advance(worker.spec.heartbeatInterval)
         [beat] = [arguments for command, arguments in self.control.calls if command is Heartbeat]
         self.assertEqual(set(beat), {name.decode() for name, _ in STATS})
-        self.assertEqual(beat["emptyWakeups"], 2)
+        self.assertEqual((beat["emptyWakeups"], beat["acceptBatches"]), (2, 1))
 
     def test_recycleAfter(self) -> None:
         """
