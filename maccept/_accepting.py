@@ -37,8 +37,9 @@ from maccept._board import LoadBoard, countIndex, monotonicNs
 
 def allowance(share: int) -> int:
     """
-    How far ahead of the others' mean a worker may get: one connection
-    when counts are small, an eighth when they are large.
+    How far ahead of the others' mean (rounded down) a worker may get,
+    besides one connection more: one when counts are small, an eighth of
+    the mean when they are large.
     """
     return max(1, share // 8)
 

@@ -53,7 +53,8 @@ def acceptQuickly(
     C{onShed} is told how many connections were closed at once for want
     of a descriptor, and C{onEmpty} called for each wake-up that found no
     connection waiting (another worker took it), and C{onBatch} for each
-    that accepted at least one.
+    call that made at least one connection (a draining worker's last sweep
+    too: its connections count as accepted).
     """
     port.doRead = _leanDoRead(port, port.doRead, onShed, onEmpty, onBatch)
     return port.doRead  # type: ignore[no-any-return]
@@ -93,6 +94,7 @@ def _leanDoRead(
     def doRead() -> None:
         limit = port.numberAccepts
         accepted = 0
+        firstSession = port.sessionno
         try:
             while accepted < limit:
                 try:
@@ -125,8 +127,6 @@ def _leanDoRead(
                 session = port.sessionno
                 port.sessionno = session + 1
                 protocol.makeConnection(port.transport(skt, protocol, addr, port, session, reactor))
-            if accepted:
-                onBatch()
             # Twisted's adaptation: reaching the limit means more may be
             # waiting next time; otherwise ask for no more than came.
             if accepted == limit:
@@ -137,5 +137,10 @@ def _leanDoRead(
             # As tcp.Port.doRead: a protocol that fails to build is logged,
             # and the port goes on accepting.
             log.deferr()
+        finally:
+            # Each connection made takes a session number, by this loop or
+            # by Twisted's after an error; one the factory refused does not.
+            if port.sessionno != firstSession:
+                onBatch()
 
     return doRead

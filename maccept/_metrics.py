@@ -144,8 +144,8 @@ class PoolCollector(Collector):
         )
         yield CounterMetricFamily(
             "maccept_accept_batches",
-            "Times a worker woke to accept and took at least one connection: "
-            "connections accepted over this is the mean accept batch.",
+            "Times a worker accepted connections in one go (a wake-up, or a draining "
+            "worker's last sweep): connections accepted over this is the mean accept batch.",
             value=totals["acceptBatches"],
         )
         restarts = CounterMetricFamily(

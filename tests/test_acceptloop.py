@@ -192,24 +192,34 @@ class LeanAcceptTests(SynchronousTestCase):
     def test_acceptErrorGoesToTwisted(self) -> None:
         """
         An accept error other than "nothing waiting" and "out of
-        descriptors" (here ECONNABORTED) is left to Twisted's own loop,
-        with what is left of the limit.
+        descriptors" (here ECONNABORTED, after one connection) is left to
+        Twisted's own loop, with what is left of the limit; the connection
+        made before it counts as a batch.
         """
-        port = self.listen(RecordingFactory(), lean=False)
+        factory = RecordingFactory()
+        port = self.listen(factory, lean=False)
+        self.connect(port, 1)
         limits: list[int] = []
+        listener = port.socket
 
-        class FullProcess:
-            family, type, proto = socket.AF_INET, socket.SOCK_STREAM, 0
+        class AbortsTheSecond:
+            family, type, proto = listener.family, listener.type, listener.proto
+            accepts = 0
 
             def _accept(self) -> Any:
-                raise OSError(errno.ECONNABORTED, "Software caused connection abort")
+                self.accepts += 1
+                if self.accepts > 1:
+                    raise OSError(errno.ECONNABORTED, "Software caused connection abort")
+                return listener._accept()
 
-        port.socket = FullProcess()
+        port.socket = AbortsTheSecond()
         port.doRead = lambda: limits.append(port.numberAccepts)
-        acceptQuickly(port)
+        batches: list[None] = []
+        acceptQuickly(port, onBatch=lambda: batches.append(None))
         port.numberAccepts = 7
         port.doRead()
-        self.assertEqual(limits, [7])
+        self.assertEqual((limits, len(factory.built), len(batches)), ([6], 1, 1))
+        self.closeTransports(factory)
 
     def test_outOfDescriptorsSheds(self) -> None:
         """
@@ -255,7 +265,8 @@ class LeanAcceptTests(SynchronousTestCase):
     def test_batchesTold(self) -> None:
         """
         A wake-up that accepts is told to C{onBatch} once, however many it
-        took; one that finds nothing is not.
+        took; one that finds nothing is not, nor one whose only connection
+        the factory refused.
         """
         factory = RecordingFactory()
         port = self.listen(factory, lean=False)
@@ -267,6 +278,33 @@ class LeanAcceptTests(SynchronousTestCase):
         port.numberAccepts = 5
         port.doRead()
         self.assertEqual((len(batches), len(factory.built)), (1, 3))
+        self.closeTransports(factory)
+        factory.refuse = True
+        self.connect(port, 1)
+        port.doRead()
+        self.assertEqual(len(batches), 1)
+
+    def test_batchWithAFailingBuild(self) -> None:
+        """
+        A wake-up whose second connection fails to build (logged, as
+        Twisted does) still counts its first.
+        """
+
+        class FailsTheSecond(RecordingFactory):
+            def buildProtocol(self, addr: Any) -> Recorder | None:
+                if self.built:
+                    raise RuntimeError("no second")
+                return super().buildProtocol(addr)
+
+        factory = FailsTheSecond()
+        port = self.listen(factory, lean=False)
+        batches: list[None] = []
+        acceptQuickly(port, onBatch=lambda: batches.append(None))
+        self.connect(port, 2)
+        port.numberAccepts = 5
+        port.doRead()
+        self.assertEqual((len(batches), len(factory.built)), (1, 1))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.closeTransports(factory)
 
     def test_emptyWakeupsTold(self) -> None:

@@ -96,12 +96,13 @@ class CollectorTests(PoolTestCase):
         """
         Wake-ups that accepted are summed over workers, departed ones too.
         """
-        pool = self.readyPool(2)
-        first, second = pool.workers
+        pool = self.readyPool(3)
+        first, second, third = pool.workers
         first.heartbeat(acceptBatches=30)
-        second.heartbeat(acceptBatches=None)
+        second.heartbeat(acceptBatches=12)
+        third.heartbeat(acceptBatches=None)
         self.process(first).end(1)
-        self.assertEqual(scrape(pool)[("maccept_accept_batches_total", ())], 30)
+        self.assertEqual(scrape(pool)[("maccept_accept_batches_total", ())], 42)
 
     def test_resets(self) -> None:
         """
