@@ -107,8 +107,10 @@ def _leanDoRead(
                     if e.errno == errno.EMFILE and tcp._reservedFD.available():
                         onShed(_shed(rawAccept, limit - accepted))
                         break
-                    # ECONNABORTED, EPERM...: Twisted's loop, which meets
-                    # the same error again, knows what to do.
+                    # A lasting error (ENFILE, ENOBUFS, ENOMEM) Twisted's
+                    # loop meets again and handles as it does; a one-off
+                    # (ECONNABORTED, EPERM: a connection gone before its
+                    # accept) was used up here, and its loop goes on.
                     port.numberAccepts = limit - accepted
                     twistedDoRead()
                     return
