@@ -939,7 +939,10 @@ class WorkerPool(Service):
         if not candidates:
             self.log.warn("not scaling down: no worker to drain")
             return False
-        victim = max(candidates, key=lambda w: w.number)
+        # One being replaced already (recycled, or sent SIGTERM on its own)
+        # is leaving anyway: take it and stop its replacement, rather than
+        # drain a healthy worker too.
+        victim = max(candidates, key=lambda w: (self._replacementOf(w) is not None, w.number))
         self.size -= 1
         self.log.info(
             "scaling down to {size} workers: draining worker {number}",

@@ -173,6 +173,45 @@ class ScaleDownTests(SupervisionTestCase):
         self.assertEqual(self.numbers(pool), [2])
         self.assertIs(self.workerIn(pool, 2).state, WorkerState.READY)
 
+    def test_signalledWorkerWithReplacementIsTheVictim(self) -> None:
+        """
+        Once its replacement has started, a signalled worker is still the
+        one taken out: the replacement is stopped, and the healthy worker
+        goes on serving.
+        """
+        pool = self.readyPool(2)
+        leaving = self.workerIn(pool, 1)
+        leaving.askedToBeReplaced("received SIGTERM", signalled=True)
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        [replacement] = [w for w in pool.workers if w.replaces is leaving]
+        pool.scaleDown()
+        self.assertEqual(pool.size, 1)
+        healthy = self.workerIn(pool, 2)
+        self.assertIs(healthy.state, WorkerState.READY)
+        self.assertEqual(self.process(healthy).signals, [])
+        self.assertEqual(replacement.stopReason, "scale")
+        self.process(replacement).end(0)
+        self.process(leaving).end(0)
+        self.reactor.advance(pool.maxRestartDelay)
+        self.assertEqual(pool.workers, [healthy])
+
+    def test_recycledWorkerBeforeHigherNumbers(self) -> None:
+        """
+        So is a worker being recycled (its replacement starting), though
+        others have higher numbers: it is leaving anyway.
+        """
+        pool = self.readyPool(3)
+        recycled = self.workerIn(pool, 1)
+        pool.replace(recycled, "recycle", why="it accepted 100 connections")
+        [replacement] = [w for w in pool.workers if w.replaces is recycled]
+        pool.scaleDown()
+        self.assertEqual(pool.size, 2)
+        self.assertIs(recycled.state, WorkerState.DRAINING)
+        self.assertEqual(replacement.stopReason, "scale")
+        for number in (2, 3):
+            self.assertIs(self.workerIn(pool, number).state, WorkerState.READY)
+            self.assertEqual(self.process(self.workerIn(pool, number)).signals, [])
+
     def test_signalledWorkerTakenOutOnce(self) -> None:
         """
         A signalled worker taken out of the pool is no longer a member: the
