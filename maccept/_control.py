@@ -128,7 +128,7 @@ class ControlProtocol(amp.AMP):
             {
                 "number": w.number,
                 "pid": w.pid or 0,
-                "state": w.state.value,
+                "state": w.shownState.value,
                 "generation": w.generation,
                 "open": w.stats["open"],
                 "accepted": w.stats["accepted"],
@@ -157,6 +157,8 @@ class ControlProtocol(amp.AMP):
             raise ControlError(f"the pool runs at most {MAX_WORKERS} workers (asked for {workers})")
         refused = self.pool.scalingRefused()
         if refused is not None:
+            # Logged as TTIN and TTOU are: the parent's log tells of it too.
+            self.log.warn("scaling to {workers} ignored: {why}", workers=workers, why=refused)
             raise ControlError(f"cannot scale: {refused}")
         self.pool.scaleTo(workers)
         return {"size": self.pool.size}

@@ -26,7 +26,7 @@ def healthy(pool: WorkerPool) -> bool:
     """
     if pool.stopping:
         return False
-    return any(w.state is WorkerState.READY for w in pool.workers)
+    return any(w.shownState is WorkerState.READY for w in pool.workers)
 
 
 class MetricsResource(Resource):

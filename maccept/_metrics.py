@@ -77,7 +77,7 @@ class PoolCollector(Collector):
         )
         for state in WorkerState:
             if state is not WorkerState.STOPPED:
-                count = sum(1 for w in pool.workers if w.state is state)
+                count = sum(1 for w in pool.workers if w.shownState is state)
                 workers.add_metric([state.value], count)
         yield workers
 

@@ -139,6 +139,18 @@ class WorkerProcess(ProcessProtocol):
             self.lastWords.append(line)
         self._emitLine(line, "warn")
 
+    @property
+    def shownState(self) -> WorkerState:
+        """
+        The state to report: a worker that received SIGTERM on its own
+        stopped accepting at once, though it stays C{READY} to the pool
+        until its replacement is (the pool's bookkeeping of replacements
+        keys on that).
+        """
+        if self.signalled and self.state is WorkerState.READY:
+            return WorkerState.DRAINING
+        return self.state
+
     # What the worker tells us.
 
     def ready(self) -> None:

@@ -104,6 +104,25 @@ class CollectorTests(PoolTestCase):
         self.process(first).end(1)
         self.assertEqual(scrape(pool)[("maccept_accept_batches_total", ())], 42)
 
+    def test_signalledWorkerShownDraining(self) -> None:
+        """
+        A worker that received SIGTERM on its own stopped accepting: the
+        metrics, the status and the health check say it drains, though it
+        stays ready to the pool until its replacement is.
+        """
+        from maccept._control import controlFactory
+
+        pool = self.readyPool(1)
+        [worker] = pool.workers
+        worker.askedToBeReplaced("it received SIGTERM", signalled=True)
+        samples = scrape(pool)
+        self.assertEqual(samples[("maccept_workers", (("state", "ready"),))], 0)
+        self.assertEqual(samples[("maccept_workers", (("state", "draining"),))], 1)
+        control = controlFactory(pool, lambda: True).buildProtocol(None)
+        assert control is not None
+        self.assertEqual([w["state"] for w in control.status()["workers"]], ["draining"])
+        self.assertFalse(healthy(pool))
+
     def test_resets(self) -> None:
         """
         Connections clients reset are summed over workers, departed ones
