@@ -495,9 +495,28 @@ def listenNow(
     if isinstance(outcome, Failure):
         if path is not None:
             dropOwnLock(path)
+            holder = _lockHolder(path, outcome.value)
+            if holder is not None:
+                raise ListenError(
+                    f"cannot listen: another process (pid {holder}) holds {path} "
+                    f"(its lock, {path}.lock, names it)"
+                ) from None
         raise ListenError(_listenProblem(outcome.value or Exception())) from None
     port: IListeningPort = outcome  # type: ignore[assignment]
     return port
+
+
+def _lockHolder(path: str, error: BaseException | None) -> str | None:
+    """
+    The pid in C{PATH.lock} when Twisted could not take that lock: a
+    live process listens at C{path} (Twisted takes over a dead one's).
+    """
+    if not isinstance(error, CannotListenError) or error.socketError != "Cannot acquire lock":
+        return None
+    try:
+        return os.readlink(path + ".lock")
+    except OSError:
+        return None
 
 
 def _listenProblem(error: BaseException) -> str:

@@ -4,6 +4,8 @@ The control socket's answers (what C{maccept-ctl} asks), on a fake pool.
 
 from __future__ import annotations
 
+from twisted.logger import capturedLogs, formatEvent
+
 from maccept._control import ControlError, ControlProtocol, controlFactory
 from maccept._pool import WorkerPool
 from maccept._states import PoolState
@@ -61,8 +63,13 @@ class ControlTests(PoolTestCase):
         pool = self.readyPool(2)
         pool.scalingPaused = lambda: "an upgrade (USR2) is under way"
         control = self.connect(pool, [])
-        with self.assertRaises(ControlError) as caught:
+        with capturedLogs() as events, self.assertRaises(ControlError) as caught:
             control.scale(workers=4)
         self.assertIn("upgrade (USR2) is under way", str(caught.exception))
+        # Logged, as TTIN and TTOU log theirs.
+        self.assertIn(
+            "scaling to 4 ignored: an upgrade (USR2) is under way",
+            [formatEvent(event) for event in events],
+        )
         pool.scaleUp()
         self.assertEqual((pool.size, len(pool.workers)), (2, 2))

@@ -7,11 +7,17 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 
+from twisted.internet import reactor
+from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from maccept._listening import ListenError, listenNow
 from maccept._socketpath import SocketPath, dropOwnLock, pathProblem
 
 
@@ -132,3 +138,28 @@ class PathProblemTests(SynchronousTestCase):
         dropOwnLock(theirs)
         self.assertFalse(os.path.islink(mine + ".lock"))
         self.assertTrue(os.path.islink(theirs + ".lock"))
+
+
+class LockHeldTests(SynchronousTestCase):
+    def test_holderNamed(self) -> None:
+        """
+        A UNIX path whose lock a live process holds is refused naming that
+        process's pid, not with Twisted's "Cannot acquire lock".
+        """
+
+        directory = tempfile.mkdtemp(prefix="maccept-lockheld-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "c.sock")
+        holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        self.addCleanup(holder.wait)
+        self.addCleanup(holder.kill)
+        os.symlink(str(holder.pid), path + ".lock")
+        endpoint = UNIXServerEndpoint(reactor, path, wantPID=True)
+        with self.assertRaises(ListenError) as caught:
+            listenNow(endpoint, Factory(), path)
+        self.assertEqual(
+            str(caught.exception),
+            f"cannot listen: another process (pid {holder.pid}) holds {path} "
+            f"(its lock, {path}.lock, names it)",
+        )
+        self.assertEqual(os.readlink(path + ".lock"), str(holder.pid))
