@@ -68,8 +68,9 @@ class ConnectionTracker:
         #: Wake-ups to accept that found the connection gone to another
         #: worker: every worker's epoll wakes for each new connection.
         self.emptyWakeups = 0
-        #: Wake-ups that accepted at least one connection: C{accepted}
-        #: over this is the mean accept batch.
+        #: Calls of the accept loop that made at least one connection (a
+        #: wake-up, or a draining worker's last sweep): C{accepted} over
+        #: this is the mean accept batch.
         self.acceptBatches = 0
         #: Connections closed at once for want of a descriptor (EMFILE).
         self.shedding = Tally(
@@ -136,7 +137,7 @@ class ConnectionTracker:
 
     def acceptedBatch(self) -> None:
         """
-        A wake-up to accept took at least one connection.
+        A call of the accept loop made at least one connection.
         """
         self.acceptBatches += 1
 
