@@ -322,13 +322,15 @@ class Options(usage.Options):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         # After an upgrade the old parent's sockets come ready-made: a
-        # systemd: description, for one, no longer finds LISTEN_FDS.
+        # systemd: description, for one, no longer finds LISTEN_FDS.  An
+        # ssl: one is still checked: its certificate and key are read
+        # anew, and a bad pair should stop this parent, not its workers.
         try:
             inherited = set(inheritedDescriptions())
         except HandOverError as e:
             raise usage.UsageError(str(e)) from None
         for description in self["listen"]:
-            if description in inherited:
+            if description in inherited and splitProxy(description)[1][:4].lower() != "ssl:":
                 continue
             try:
                 checkDescription(description)

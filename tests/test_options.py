@@ -6,10 +6,12 @@ clear line naming the option for each bad value.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,6 +21,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from maccept._affinity import availableCPUs
 from maccept._board import MAX_WORKERS
 from maccept._options import DEFAULT_LISTEN, CommandLineOptions, Options
+from maccept._upgrade import INHERIT
+from tests.test_tls import selfSignedCertificate
 
 
 def parsed(*args: str) -> Options:
@@ -327,3 +331,42 @@ class WorkersPropertyTests(SynchronousTestCase):
         """
         e = self.assertRaises(usage.UsageError, parsed, f"--workers={text}")
         self.assertTrue(str(e).startswith("--workers:"), str(e))
+
+
+class InheritedListenerTests(SynchronousTestCase):
+    """
+    A new parent (USR2) skips the checks of the sockets it inherits, but
+    not the certificate and key of an ssl: one.
+    """
+
+    def inherit(self, *descriptions: str) -> None:
+        os.environ[INHERIT] = json.dumps([{"description": d, "fd": 99} for d in descriptions])
+        self.addCleanup(os.environ.pop, INHERIT, None)
+
+    def test_systemdSkipped(self) -> None:
+        """
+        An inherited systemd: listener no longer finds LISTEN_FDS, and is
+        not asked to.
+        """
+        self.inherit("systemd:domain=INET:index=0")
+        self.assertEqual(
+            parsed("--listen", "systemd:domain=INET:index=0")["listen"],
+            ["systemd:domain=INET:index=0"],
+        )
+
+    def test_mismatchedCertificateRefused(self) -> None:
+        """
+        An inherited ssl: listener whose key no longer matches its
+        certificate (replaced on disk since) stops the new parent with one
+        line, before any worker starts.
+        """
+        first, second = (Path(tempfile.mkdtemp(prefix="maccept-inherit-")) for _ in range(2))
+        for directory in (first, second):
+            self.addCleanup(shutil.rmtree, directory, True)
+        key, _ = selfSignedCertificate(first)
+        _, certificate = selfSignedCertificate(second)
+        description = f"haproxy:ssl:0:privateKey={key}:certKey={certificate}"
+        self.inherit(description)
+        message = str(self.assertRaises(usage.UsageError, parsed, "--listen", description))
+        self.assertTrue(message.startswith("--listen haproxy:ssl:0:"), message)
+        self.assertIn("do not match", message)
