@@ -70,6 +70,9 @@ def headerKind(start: bytes) -> type[V1Parser] | type[V2Parser] | bool | None:
     if start.startswith(_V2_SIGNATURE):
         if len(start) > len(_V2_SIGNATURE) and start[len(_V2_SIGNATURE)] & 0xF0 != 0x20:
             return False
+        if len(start) > len(_V2_SIGNATURE) + 1 and start[len(_V2_SIGNATURE) + 1] & 0x0F == 0x2:
+            # A datagram's addresses (UDP over IPv4 or IPv6), on a stream.
+            return False
         # Twisted's v2 parser wants the 16 bytes before the length.
         return V2Parser if len(start) >= 16 else None
     if start.startswith(_V1_SIGNATURE):
@@ -83,7 +86,8 @@ class _V1Parser(V1Parser):
     """
     Twisted's v1 parser, plus the bare C{PROXY UNKNOWN} line the
     specification allows (HAProxy sends it), and addresses and ports
-    checked: Twisted takes C{PROXY TCP4 notanip ::1 99999 +5} as given, and
+    checked, and no field more than the six: Twisted takes
+    C{PROXY TCP4 notanip ::1 99999 +5 extra} as given, and
     raises bare C{ValueError}s for a port that is not a number; and the
     107-byte limit on any line, not only on one without its CRLF yet.
     """
@@ -101,6 +105,8 @@ class _V1Parser(V1Parser):
             info = super().parse(line)
             fields = line.split(b" ")
             if fields[1] != cls.UNKNOWN_PROTO:
+                if len(fields) != 6:
+                    raise ValueError(fields)  # a field more than the six
                 version = 4 if fields[1] == cls.TCP4_PROTO else 6
                 for host in fields[2:4]:
                     if ipaddress.ip_address(host.decode("ascii")).version != version:

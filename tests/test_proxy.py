@@ -241,9 +241,12 @@ class WrapperTests(SynchronousTestCase):
     def test_badValuesRejected(self) -> None:
         """
         A v1 header whose addresses or ports are not addresses and ports (of
-        the version it names), or longer than 107 bytes, is malformed:
-        dropped, counted, and the protocol never connected.
+        the version it names), with a field more, or longer than 107 bytes,
+        is malformed, as is a v2 header with a datagram's addresses: dropped,
+        counted, and the protocol never connected.
         """
+        udp = v2Header("10.9.8.7", 1234, 80)
+        udp = udp[:13] + b"\x12" + udp[14:]
         for header in [
             b"PROXY TCP4 1.2.3.4 127.0.0.1 abc 80\r\n",
             b"PROXY TCP4 \xff\xfe 127.0.0.1 1 80\r\n",
@@ -255,6 +258,8 @@ class WrapperTests(SynchronousTestCase):
             b"PROXY TCP4 ::1 ::2 1 2\r\n",
             b"PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n",
             b"PROXY TCP4 1.2.3.4 127.0.0.1 1 80 " + b"x" * 100 + b"\r\n",
+            b"PROXY TCP4 1.2.3.4 127.0.0.1 1 80 3\r\n",
+            udp,
             b"GET / HTTP/1.0\r\n",
         ]:
             with capturedLogs() as events:
@@ -262,7 +267,7 @@ class WrapperTests(SynchronousTestCase):
                 wrapper.dataReceived(header)
             self.assertTrue(transport.disconnecting, header)
             self.assertIn("malformed PROXY protocol header", " ".join(texts(events)))
-        self.assertEqual(self.rejections, 11)
+        self.assertEqual(self.rejections, 13)
         self.assertEqual([r.peers for r in self.recorders], [[]] * len(self.recorders))
 
     def test_headerDeadline(self) -> None:
