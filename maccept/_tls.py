@@ -12,7 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import SSL
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -28,10 +30,17 @@ class _HandshakeWatchingProtocol(TLSMemoryBIOProtocol):
     #: TCP health check) or is closed idle never began a handshake, which
     #: OpenSSL still reports as an unexpected EOF.
     _spoke = False
+    #: Whether the client reset the connection: counted as a reset (see
+    #: L{maccept._connections}), not as a failed handshake as well.
+    _reset = False
 
     def dataReceived(self, bytes: bytes) -> None:
         self._spoke = True
         super().dataReceived(bytes)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._reset = type(reason.value) is ConnectionLost
+        super().connectionLost(reason)
 
     def _tlsShutdownFinished(self, reason: Failure | None) -> None:
         if (
@@ -42,6 +51,7 @@ class _HandshakeWatchingProtocol(TLSMemoryBIOProtocol):
             # Not one this worker aborted itself (--idle-timeout, the drain
             # deadline): that is counted where it is decided.
             and not getattr(self.transport, "_aborting", False)
+            and not self._reset
         ):
             self.factory.handshakeFailed(self, reason)
         super()._tlsShutdownFinished(reason)
@@ -66,7 +76,7 @@ class HandshakeCountingFactory(PassesRefusals, TLSMemoryBIOFactory):
 
     def handshakeFailed(self, protocol: Any, reason: Failure) -> None:
         _log.warn(
-            "dropped a connection from {peer}: TLS handshake failed ({why})",
+            "TLS handshake from {peer} failed: {why}",
             peer=protocol.transport.getPeer() if protocol.transport else None,
             why=handshakeProblem(reason.value or Exception()),
         )
@@ -75,8 +85,14 @@ class HandshakeCountingFactory(PassesRefusals, TLSMemoryBIOFactory):
 
 def handshakeProblem(error: BaseException) -> str:
     """
-    OpenSSL's reason, short: C{wrong version number}, C{no shared cipher}.
+    OpenSSL's reason, short: C{wrong version number}, C{no shared cipher};
+    or that the client closed the connection before the handshake was
+    done (OpenSSL's C{(-1, 'Unexpected EOF')}).
     """
+    if isinstance(error, SSL.SysCallError):
+        if error.args and error.args[0] == -1:
+            return "the client closed the connection before the handshake was done"
+        return f"system error {error.args[-1] if error.args else error}"
     details = error.args[0] if error.args else None
     if isinstance(details, list) and details and isinstance(details[-1], tuple):
         return str(details[-1][-1])

@@ -19,9 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -120,7 +121,7 @@ class TLSTests(SynchronousTestCase):
                 except ConnectionResetError:
                     pass
         waitFor(lambda: metric(server, "maccept_tls_handshakes_failed_total") == 2, what="count")
-        self.assertEqual(server.log().count("TLS handshake failed"), 2)
+        self.assertEqual(server.log().count("TLS handshake from"), 2)
         self.assertNotIn("Traceback", server.log())
         self.roundTrips(server)
         self.assertEqual(server.workers(), [worker])
@@ -200,6 +201,32 @@ class HandshakeWatchingTests(SynchronousTestCase):
         protocol.dataReceived(b"\x16\x03\x01\x00")  # the start of a ClientHello
         protocol.transport._aborting = True
         protocol.connectionLost(Failure(ConnectionAborted()))
+        self.assertEqual(self.failed, [])
+
+    def test_closedMidHandshakeIsAFailure(self) -> None:
+        """
+        A client that closes after the start of a ClientHello failed its
+        handshake, and the log says so in words, not OpenSSL's tuple.
+        """
+        protocol = self.connect()
+        protocol.dataReceived(b"\x16\x03\x01\x00")
+        with capturedLogs() as events:
+            protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.failed, [None])
+        self.assertIn(
+            "failed: the client closed the connection before the handshake was done",
+            " ".join(formatEvent(event) for event in events),
+        )
+
+    def test_resetMidHandshakeIsAReset(self) -> None:
+        """
+        A client that resets the connection mid-handshake is counted once,
+        as a reset (where every connection's reset is), not as a failed
+        handshake too.
+        """
+        protocol = self.connect()
+        protocol.dataReceived(b"\x16\x03\x01\x00")
+        protocol.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(self.failed, [])
 
     def test_garbageIsAFailure(self) -> None:
