@@ -331,7 +331,13 @@ class Upgrade:
         pid = self.newParent.pid if self.newParent is not None else "?"
         if self.stage is Stage.STARTED:
             self.stage = Stage.GREETED
-            self.log.info("upgrade: the new parent (pid {pid}) starts its workers", pid=pid)
+            # It greets before it reads its command line, which may still
+            # refuse: the line says no more than it knows.
+            self.log.info(
+                "upgrade: the new parent (pid {pid}) answered; it checks its command line, "
+                "then starts its workers",
+                pid=pid,
+            )
         elif self.stage is Stage.SIGNALLED:
             # The stop taken for an older parent's hand-over was someone's
             # stop: it is the new parent's too, and the sockets' paths, left
