@@ -70,8 +70,14 @@ def headerKind(start: bytes) -> type[V1Parser] | type[V2Parser] | bool | None:
     if start.startswith(_V2_SIGNATURE):
         if len(start) > len(_V2_SIGNATURE) and start[len(_V2_SIGNATURE)] & 0xF0 != 0x20:
             return False
-        if len(start) > len(_V2_SIGNATURE) + 1 and start[len(_V2_SIGNATURE) + 1] & 0x0F == 0x2:
-            # A datagram's addresses (UDP over IPv4 or IPv6), on a stream.
+        if (
+            len(start) > len(_V2_SIGNATURE) + 1
+            and start[len(_V2_SIGNATURE)] & 0x0F == 0x1
+            and start[len(_V2_SIGNATURE) + 1] & 0x0F == 0x2
+        ):
+            # PROXY with a datagram's addresses (UDP, or a UNIX datagram
+            # socket), on a stream.  LOCAL (a proxy's own health check) is
+            # taken whatever its family, as the specification says.
             return False
         # Twisted's v2 parser wants the 16 bytes before the length.
         return V2Parser if len(start) >= 16 else None

@@ -238,6 +238,22 @@ class WrapperTests(SynchronousTestCase):
             (recorder.received, recorder.peers), (b"hello", [IPv4Address("TCP", "10.9.8.7", 1234)])
         )
 
+    def test_localWhateverItsFamily(self) -> None:
+        """
+        A v2 LOCAL header (a proxy's health check) connects the protocol,
+        whose peer is then the proxy, whatever family it names, a
+        datagram's too: the specification says to ignore it.
+        """
+        for family in (0x00, 0x11, 0x12):
+            header = v2Header("10.0.0.1", 1, 2)
+            wrapper, _ = self.connect()
+            wrapper.dataReceived(header[:12] + bytes([0x20, family]) + header[14:] + b"hi")
+        self.assertEqual(
+            [(r.received, r.peers) for r in self.recorders],
+            [(b"hi", [IPv4Address("TCP", "10.9.8.7", 1234)])] * 3,
+        )
+        self.assertEqual(self.rejections, 0)
+
     def test_badValuesRejected(self) -> None:
         """
         A v1 header whose addresses or ports are not addresses and ports (of
