@@ -98,7 +98,7 @@ class ConnectionTracker:
             self.onChange(len(self.open))
 
     def closed(self, transport: ITransport, reason: Failure | None = None) -> None:
-        if reason is not None and _resetByClient(transport, reason):
+        if reason is not None and resetByClient(transport, reason):
             self.resets.add()
         self.open.discard(transport)
         if self.onChange is not None:
@@ -176,7 +176,7 @@ class ConnectionTracker:
             transport.abortConnection()  # type: ignore[attr-defined]
 
 
-def _resetByClient(transport: Any, reason: Failure) -> bool:
+def resetByClient(transport: Any, reason: Failure) -> bool:
     """
     Whether the client reset C{transport}, or went away, before the server
     was done with it.

@@ -330,7 +330,8 @@ class Options(usage.Options):
         except HandOverError as e:
             raise usage.UsageError(str(e)) from None
         for description in self["listen"]:
-            if description in inherited and splitProxy(description)[1][:4].lower() != "ssl:":
+            kind = splitProxy(description)[1].split(":", 1)[0].lower()
+            if description in inherited and kind != "ssl":
                 continue
             try:
                 checkDescription(description)

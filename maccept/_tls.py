@@ -12,13 +12,13 @@ from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
+from maccept._connections import resetByClient
 from maccept._protocols import PassesRefusals
 
 _log = Logger(namespace="maccept")
@@ -30,8 +30,8 @@ class _HandshakeWatchingProtocol(TLSMemoryBIOProtocol):
     #: TCP health check) or is closed idle never began a handshake, which
     #: OpenSSL still reports as an unexpected EOF.
     _spoke = False
-    #: Whether the client reset the connection: counted as a reset (see
-    #: L{maccept._connections}), not as a failed handshake as well.
+    #: Whether the client reset the connection: counted as a reset (by
+    #: the same test, L{resetByClient}), not as a failed handshake as well.
     _reset = False
 
     def dataReceived(self, bytes: bytes) -> None:
@@ -39,7 +39,7 @@ class _HandshakeWatchingProtocol(TLSMemoryBIOProtocol):
         super().dataReceived(bytes)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._reset = type(reason.value) is ConnectionLost
+        self._reset = resetByClient(self.transport, reason)
         super().connectionLost(reason)
 
     def _tlsShutdownFinished(self, reason: Failure | None) -> None:
