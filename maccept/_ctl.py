@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_observability -*-
+# -*- test-case-name: tests.test_ctl,tests.test_observability -*-
 """
 C{maccept-ctl PATH COMMAND}: see and steer a running pool through its
 control socket (C{twistd maccept --control PATH}).
@@ -192,8 +192,13 @@ async def _waitForReload(
         if status["generation"] >= generation:
             print(f"reloaded: generation {status['generation']} serves")
             return 0
-        if (status["lastReloadDone"] or 0) >= generation:
+        lastDone = status["lastReloadDone"] or 0
+        if lastDone >= generation:
+            # The pool keeps only the last failure's reason: a queued
+            # reload that failed within one poll of ours has replaced it.
             why = _oneLine(status["reloadFailure"] or "unknown")
+            if lastDone > generation:
+                why = f"generation {lastDone}, started since, failed too: {why}"
             print(
                 f"maccept-ctl: reload: generation {generation} failed, "
                 f"generation {status['generation']} serves on: {why}",
