@@ -73,6 +73,15 @@ class Results:
         runs = sorted(self.all(server, workers, workload), key=_rank)
         return runs[(len(runs) - 1) // 2] if runs else None
 
+    def median(self, server: str, workers: int, workload: str, field: str) -> float | None:
+        """
+        The median of one field over a cell's rounds (the lower middle of
+        an even count), each round's own: the run of median rate may have
+        had the worst p99 of all.  None when no round measured it.
+        """
+        values = sorted(run[field] for run in self.all(server, workers, workload) if field in run)
+        return float(values[(len(values) - 1) // 2]) if values else None
+
     def spread(self, server: str, workers: int, workload: str) -> float | None:
         """
         Half the range of a cell's rates over its rounds, as a share of the
