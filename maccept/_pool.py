@@ -661,14 +661,18 @@ class WorkerPool(Service):
         try:
             self._spawn(number, generation, replaces)
         except OSError as e:
-            delay = self._restartDelay(young=True)
-            self.log.error(
-                "cannot restart worker {number}: {why}; trying again in {delay:.0f}s",
-                number=number,
-                why=e,
-                delay=delay,
-            )
-            self._addRestart(number, generation, replaces, delay)
+            self._spawnLater(number, generation, replaces, f"cannot restart worker {number}: {e}")
+
+    def _spawnLater(
+        self, number: int, generation: int, replaces: WorkerProcess | None, why: str
+    ) -> None:
+        """
+        No process could be started: try again later, backing off as for a
+        crash loop.
+        """
+        delay = self._restartDelay(young=True)
+        self.log.error("{why}; trying again in {delay:.0f}s", why=why, delay=delay)
+        self._addRestart(number, generation, replaces, delay)
 
     # Lifecycle requests.
 
@@ -696,6 +700,12 @@ class WorkerPool(Service):
         try:
             self._spawn(worker.number, worker.generation, replaces=worker)
         except OSError as e:
+            if worker.signalled:
+                # It leaves whatever the pool does (SIGTERM): it cannot
+                # serve on, so its replacement must come later.
+                why = f"cannot replace worker {worker.number}: {e}"
+                self._spawnLater(worker.number, worker.generation, worker, why)
+                return
             worker.stopReason = None
             self.log.error(
                 "cannot replace worker {number}: {why}; it serves on", number=worker.number, why=e
@@ -722,7 +732,11 @@ class WorkerPool(Service):
             # While a sibling still starts, kept until the pool runs (or,
             # should it leave first, until it has gone: see _departed).
             self.replace(worker, "recycle", why=why)
-        elif self._replacementOf(worker) is None and self._startsAgain(worker):
+        elif (
+            worker.stopReason is None
+            and self._replacementOf(worker) is None
+            and self._startsAgain(worker)
+        ):
             # It had no connection to finish and is gone already (while the
             # pool starts too: it cannot run without this worker).
             self.log.info("starting worker {number} again: {why}", number=worker.number, why=why)
@@ -921,6 +935,9 @@ class WorkerPool(Service):
             pending = self._signalledReplacements.pop(worker, None)
             if pending is not None and pending.active():
                 pending.cancel()
+            # A signalled worker drains itself; give it the deadline every
+            # drained worker gets.
+            worker.drain("scale", self.settings.gracefulTimeout, self.killTime)
             self.size -= 1
             self.log.info(
                 "scaling down to {size} workers: worker {number}, leaving already, is not replaced",

@@ -17,6 +17,7 @@ from maccept import _pool
 from maccept._board import MAX_SLOTS, MAX_WORKERS
 from maccept._pool import WorkerPool
 from maccept._states import PoolState, WorkerState
+from maccept._workerprocess import WorkerProcess
 from tests.test_pool import PoolTestCase, texts
 
 
@@ -695,3 +696,129 @@ class WatchdogTimerTests(SupervisionTestCase):
             self.process(worker).end(0)
         self.successResultOf(d)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class SignalledCrossingTests(SupervisionTestCase):
+    """
+    A worker's own SIGTERM crossing what the pool already does with it
+    (recycling, the watchdog, a scale-down, a failed spawn): the pool ends
+    with the size asked for, and every leaving worker has a deadline.
+    """
+
+    def test_signalledReplacementCannotStart(self) -> None:
+        """
+        A worker sent SIGTERM drains itself whatever the parent does; if its
+        replacement cannot be started (EMFILE), it must still be replaced
+        once it has gone, not "serve on".
+        """
+        pool = self.readyPool(2)
+        leaving = self.workerIn(pool, 2)
+        leaving.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.failSpawns(1)
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        # The worker finishes its connections and exits, as it was told to.
+        self.process(leaving).end(0)
+        self.reactor.advance(pool.maxRestartDelay * 2)
+        self.assertEqual(self.numbers(pool), [1, 2])
+
+    def test_recycledWorkerSignalledAndGone(self) -> None:
+        """
+        A worker being recycled (replacement starting) that then receives
+        SIGTERM and leaves before the signal's grace is over is replaced
+        once: by the replacement already starting.
+        """
+        pool = self.readyPool(2, maxConnections=100)
+        old = self.workerIn(pool, 2)
+        old.askedToBeReplaced("accepted 100 connections")
+        [new] = [w for w in pool.workers if w.replaces is old]
+        # Still accepting, so its SIGTERM handler asks for a replacement too.
+        old.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.process(old).end(0)
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        new.ready()
+        self.assertEqual(self.numbers(pool), [1, 2])
+        self.assertEqual(len(pool.serving()), pool.size)
+
+    def test_drainedWorkerSignalledAndGone(self) -> None:
+        """
+        Same when SIGTERM reaches a worker whose replacement just became
+        ready (the parent's Drain and the worker's ReplaceMe cross).
+        """
+        pool = self.readyPool(2)
+        old = self.workerIn(pool, 2)
+        old.askedToBeReplaced("accepted 100 connections")
+        [new] = [w for w in pool.workers if w.replaces is old]
+        new.ready()
+        self.assertIs(old.state, WorkerState.DRAINING)
+        old.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.process(old).end(0)
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        self.assertEqual(self.numbers(pool), [1, 2])
+
+    def test_hungWorkerSignalledAndKilled(self) -> None:
+        """
+        A worker the watchdog declared hung that still gets its SIGTERM
+        handled (it asks to be replaced) before the watchdog's SIGKILL is
+        started again once, not twice.
+        """
+        pool = self.readyPool(2, watchdogTimeout=3.0)
+        hung = self.workerIn(pool, 2)
+        self.workerIn(pool, 1).lastHeartbeat = 1e9
+        self.reactor.advance(4.0)
+        self.assertEqual(hung.stopReason, "watchdog")
+        hung.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.process(hung).end(signal=signal.SIGKILL)
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        self.assertEqual(self.numbers(pool), [1, 2])
+
+    def test_scaleVictimSignalledAndGone(self) -> None:
+        """
+        A worker drained by TTOU whose own SIGTERM crossed the Drain is not
+        started again: the pool stays at the size asked for.
+        """
+        pool = self.readyPool(3)
+        victim = self.workerIn(pool, 3)
+        pool.scaleDown()
+        self.assertEqual(victim.stopReason, "scale")
+        victim.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.process(victim).end(0)
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        self.assertEqual(pool.size, 2)
+        self.assertEqual(self.numbers(pool), [1, 2])
+
+    def assertKilledAfterDeadline(self, pool: WorkerPool, leaving: WorkerProcess) -> None:
+        """
+        C{leaving} beats on (its reactor runs) but never exits (its
+        workerStopping hook never ends): it is killed once the time for
+        draining and killTime are over.
+        """
+        for _ in range(int(pool.settings.gracefulTimeout + pool.killTime) + 2):
+            for worker in pool.workers:
+                worker.heartbeat()
+            self.reactor.advance(1.0)
+        self.assertIn(signal.SIGKILL, self.process(leaving).signals)
+
+    def test_signalledVictimKilledAfterGracefulTimeout(self) -> None:
+        """
+        A signalled worker taken out by TTOU (not replaced) is killed, as
+        every drained worker is, if it is still there --graceful-timeout
+        plus killTime later (a workerStopping hook that never finishes).
+        """
+        pool = self.readyPool(2)
+        leaving = self.workerIn(pool, 2)
+        leaving.askedToBeReplaced("it received SIGTERM", signalled=True)
+        pool.scaleDown()
+        self.assertKilledAfterDeadline(pool, leaving)
+
+    def test_signalledReplacedKilledAfterGracefulTimeout(self) -> None:
+        """
+        For comparison, the ordinary path: once its replacement is ready a
+        signalled worker gets the same deadline.
+        """
+        pool = self.readyPool(2)
+        leaving = self.workerIn(pool, 2)
+        leaving.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        [new] = [w for w in pool.workers if w.replaces is leaving]
+        new.ready()
+        self.assertKilledAfterDeadline(pool, leaving)
