@@ -168,6 +168,10 @@ class ControlProtocol(amp.AMP):
         # As SIGHUP: during a start or a reload, queued.
         if self.pool.stopping:
             raise ControlError(f"cannot reload while the pool is {self.pool.shownState}")
+        upgrading = self.pool.upgrading()
+        if upgrading is not None:
+            self.log.warn("reload ignored: {why}", why=upgrading)
+            raise ControlError(f"cannot reload: {upgrading}")
         return {"generation": self.pool.reload()}
 
     @Stop.responder

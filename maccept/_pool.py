@@ -200,8 +200,10 @@ class WorkerPool(Service):
         self._timeoutCall: Any = None
         #: A reload asked for while the pool started or reloaded.
         self._reloadQueued = False
-        #: Why scaling must wait (an upgrade under way), or C{None}.
-        self.scalingPaused: Callable[[], str | None] = lambda: None
+        #: Why the pool must neither scale nor reload now, or C{None}: a
+        #: new parent (USR2) being started was told the size to run, and
+        #: imports the code anew itself.
+        self.upgrading: Callable[[], str | None] = lambda: None
         self._stopped: defer.Deferred[None] | None = None
         self._ticker = LoopingCall(self.tick)
         self._ticker.clock = reactor
@@ -762,6 +764,10 @@ class WorkerPool(Service):
         if self.stopAnnounced:
             self.log.warn("reload ignored: the pool is stopping")
             return None
+        upgrading = self.upgrading()
+        if upgrading is not None:
+            self.log.warn("reload ignored: {why}", why=upgrading)
+            return None
         if self.state in (PoolState.STARTING, PoolState.RELOADING):
             if not self._reloadQueued:
                 self._reloadQueued = True
@@ -863,7 +869,7 @@ class WorkerPool(Service):
         """
         if self.stopping or self.state is not PoolState.RUNNING:
             return f"the pool is {self.shownState}"
-        return self.scalingPaused()
+        return self.upgrading()
 
     def _grow(self) -> bool:
         """

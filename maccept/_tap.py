@@ -123,7 +123,7 @@ def makeService(options: CommandLineOptions) -> IService:
     pool.stateObservers.append(
         lambda state: upgrade.poolServes() if state is PoolState.RUNNING else None
     )
-    pool.scalingPaused = lambda: (
+    pool.upgrading = lambda: (
         "an upgrade (USR2) is under way" if service.upgrade and service.upgrade.underWay else None
     )
 

@@ -61,7 +61,7 @@ class ControlTests(PoolTestCase):
         than done here and lost.
         """
         pool = self.readyPool(2)
-        pool.scalingPaused = lambda: "an upgrade (USR2) is under way"
+        pool.upgrading = lambda: "an upgrade (USR2) is under way"
         control = self.connect(pool, [])
         with capturedLogs() as events, self.assertRaises(ControlError) as caught:
             control.scale(workers=4)
@@ -73,3 +73,24 @@ class ControlTests(PoolTestCase):
         )
         pool.scaleUp()
         self.assertEqual((pool.size, len(pool.workers)), (2, 2))
+
+    def test_reloadRefusedDuringUpgrade(self) -> None:
+        """
+        So is a reload, by maccept-ctl and by HUP alike: the new parent
+        imports the code anew itself, and a generation started here would
+        be drained as soon as it took over.
+        """
+        pool = self.readyPool(2)
+        pool.upgrading = lambda: "an upgrade (USR2) is under way"
+        control = self.connect(pool, [])
+        with capturedLogs() as events:
+            with self.assertRaises(ControlError) as caught:
+                control.reload()
+            self.assertIsNone(pool.reload())  # HUP
+        self.assertEqual(str(caught.exception), "cannot reload: an upgrade (USR2) is under way")
+        self.assertEqual(
+            [formatEvent(event) for event in events],
+            ["reload ignored: an upgrade (USR2) is under way"] * 2,
+        )
+        self.assertEqual((pool.state, pool.generation), (PoolState.RUNNING, 1))
+        self.assertEqual(len(pool.workers), 2)

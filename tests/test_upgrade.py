@@ -214,7 +214,8 @@ class UpgradeTests(SynchronousTestCase):
         While the new parent starts its workers, only the old one answers
         on the metrics port, though both hold it: /healthz does not flap to
         503, nor the workers ready to 0, during a zero-downtime upgrade.  It
-        refuses to scale meanwhile (the new parent was told the size).
+        refuses to scale meanwhile (the new parent was told the size), and to
+        reload (the new parent imports the code anew).
         """
         marker = os.path.join(tempfile.gettempdir(), f"maccept-slow-metrics-{os.getpid()}")
         port = freePort()
@@ -244,6 +245,12 @@ class UpgradeTests(SynchronousTestCase):
         )
         self.assertEqual(scaled.returncode, 1, scaled.stderr)
         self.assertIn("an upgrade (USR2) is under way", scaled.stderr)
+        reloaded = subprocess.run(
+            [MACCEPT_CTL, self.controlPath, "reload"], capture_output=True, text=True
+        )
+        self.assertEqual(reloaded.returncode, 1, reloaded.stderr)
+        self.assertIn("cannot reload: an upgrade (USR2) is under way", reloaded.stderr)
+        self.assertNotIn("reloading: starting generation", server.log())
 
     def test_scaledSizeFollows(self) -> None:
         """
