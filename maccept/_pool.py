@@ -515,9 +515,11 @@ class WorkerPool(Service):
             self.workers.remove(worker)
             for name in COUNTERS:
                 self.departedTotals[name] += worker.stats[name]
-        # A worker that received SIGTERM alone left as asked, not crashed
-        # (its replacement comes from replaceSignalled).
-        reason = worker.stopReason or ("recycle" if worker.signalled else "crash")
+        # A worker that received SIGTERM alone and exits cleanly left as
+        # asked, not crashed (its replacement comes from replaceSignalled);
+        # one that dies while it drains crashed all the same.
+        leftAsAsked = worker.signalled and worker.exitedCleanly
+        reason = worker.stopReason or ("recycle" if leftAsAsked else "crash")
         if reason in self.restarts:
             self.restarts[reason] += 1
         if self.state is PoolState.STOPPING:
@@ -537,6 +539,8 @@ class WorkerPool(Service):
                 replacement.replaces = None  # it takes the place of one gone
             self._departed(worker, reason)
         else:
+            # Its crash restarts it: a replacement for its SIGTERM would be a second.
+            self._cancelSignalledReplacement(worker)
             self._crashed(worker)
 
     def _keepServing(self, old: WorkerProcess) -> None:
@@ -725,6 +729,11 @@ class WorkerPool(Service):
             return  # signalled twice: one replacement
         call = self.reactor.callLater(SIGNAL_GRACE, self._replaceSignalled, worker, why)
         self._signalledReplacements[worker] = call
+
+    def _cancelSignalledReplacement(self, worker: WorkerProcess) -> None:
+        call = self._signalledReplacements.pop(worker, None)
+        if call is not None and call.active():
+            call.cancel()
 
     def _replaceSignalled(self, worker: WorkerProcess, why: str) -> None:
         self._signalledReplacements.pop(worker, None)
@@ -938,9 +947,7 @@ class WorkerPool(Service):
             worker.leavesPool = True
             # Not a member any more: not to be drained or replaced again.
             worker.stopReason = worker.stopReason or "scale"
-            pending = self._signalledReplacements.pop(worker, None)
-            if pending is not None and pending.active():
-                pending.cancel()
+            self._cancelSignalledReplacement(worker)
             # A signalled worker drains itself; give it the deadline every
             # drained worker gets.
             worker.drain("scale", self.settings.gracefulTimeout, self.killTime)

@@ -75,6 +75,8 @@ class WorkerProcess(ProcessProtocol):
         self.control: amp.AMP | None = None
         self.failureReason: str | None = None
         self.exitDescription: str | None = None
+        #: It exited with status 0 (not killed, no error).
+        self.exitedCleanly = False
         self.stopReason: str | None = None
         #: It received SIGTERM on its own and drains (see L{WorkerPool.replaceSignalled}).
         self.signalled = False
@@ -128,6 +130,7 @@ class WorkerProcess(ProcessProtocol):
                 call.cancel()
         self._killCalls = []
         self.exitDescription = describeExit(reason)
+        self.exitedCleanly = reason.check(error.ProcessDone) is not None
         self.handle("exit")
         self.pool.workerEnded(self)
 

@@ -822,3 +822,28 @@ class SignalledCrossingTests(SupervisionTestCase):
         [new] = [w for w in pool.workers if w.replaces is leaving]
         new.ready()
         self.assertKilledAfterDeadline(pool, leaving)
+
+    def test_signalledWorkerDyingIsACrash(self) -> None:
+        """
+        A signalled worker that dies before its replacement is started (a
+        segfault as it drains) crashed: it is counted so, and replaced once.
+        """
+        pool = self.readyPool(2)
+        leaving = self.workerIn(pool, 2)
+        leaving.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.process(leaving).end(signal=signal.SIGSEGV)
+        self.reactor.advance(_pool.SIGNAL_GRACE + pool.maxRestartDelay * 2)
+        self.assertEqual((pool.restarts["crash"], pool.restarts["recycle"]), (1, 0))
+        self.assertEqual(self.numbers(pool), [1, 2])
+
+    def test_signalledWorkerExitingIsARecycle(self) -> None:
+        """
+        One that finished draining and exited 0 left as asked.
+        """
+        pool = self.readyPool(2)
+        leaving = self.workerIn(pool, 2)
+        leaving.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.process(leaving).end(0)
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        self.assertEqual((pool.restarts["crash"], pool.restarts["recycle"]), (0, 1))
+        self.assertEqual(self.numbers(pool), [1, 2])
