@@ -14,7 +14,8 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from maccept._board import MAX_WORKERS
-from maccept._pool import WorkerPool, residentBytes
+from maccept._pool import WorkerPool
+from maccept._procfs import residentBytes
 
 
 class ControlError(Exception):

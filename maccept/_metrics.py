@@ -20,7 +20,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from maccept._listening import ListeningSocket
-from maccept._pool import WorkerPool, residentBytes
+from maccept._pool import WorkerPool
+from maccept._procfs import cpuSeconds, residentBytes
 from maccept._states import WorkerState
 
 #: struct tcp_info up to tcpi_sacked: for a listening socket the kernel puts
@@ -48,18 +49,6 @@ def listenQueue(listener: ListeningSocket) -> tuple[int, int] | None:
         sock.close()
     fields = _TCP_INFO.unpack(raw[: _TCP_INFO.size])
     return fields[8 + 4], fields[8 + 5]
-
-
-def cpuSeconds(pid: int) -> float | None:
-    """
-    User plus system CPU time of C{pid}, from C{/proc}.
-    """
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class PoolCollector(Collector):

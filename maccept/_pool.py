@@ -1,21 +1,17 @@
-# -*- test-case-name: tests.test_pool -*-
+# -*- test-case-name: tests.test_pool,tests.test_pool_supervision -*-
 """
 The parent's side: a supervised pool of worker processes.
 
-The pool spawns each worker with the listening sockets, its control socket
-and the load board as its only descriptors beyond stdio; follows each
-worker through its states (L{maccept._states}); replaces workers that die,
-hang or grow too old, always starting the replacement before the old one
-drains; reloads by starting a whole new generation first; and drains every
-worker when it stops.
+The pool starts its workers (L{maccept._spawning}); follows each through
+its states (L{maccept._states}); replaces workers that die, hang
+(L{maccept._watchdog}) or grow too old, always starting the replacement
+before the old one drains; reloads by starting a whole new generation
+first; scales; and drains every worker when it stops.
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import random
-import socket
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -24,17 +20,14 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from maccept._affinity import cpuForWorker
-from maccept._board import MAX_SLOTS, MAX_WORKERS, LoadBoard
+from maccept._board import MAX_WORKERS, LoadBoard
 from maccept._listening import ListeningSocket
-from maccept._signals import parentSignalsBlocked
+from maccept._spawning import WorkerLauncher
 from maccept._states import PoolState, WorkerState, nextPoolState
-from maccept._wire import CONTROL_FD, FIRST_LISTENER_FD, BoardHandle, WorkerSpec
-from maccept._workerprocess import ParentControl, WorkerProcess
+from maccept._watchdog import Watchdog
+from maccept._workerprocess import WorkerProcess
 
 #: Why a worker left the pool, for C{maccept_worker_restarts_total}.
 RESTART_REASONS = ("crash", "recycle", "watchdog", "reload", "scale")
@@ -100,17 +93,6 @@ class PendingRestart:
     call: Any = None
 
 
-def residentBytes(pid: int) -> int | None:
-    """
-    Resident set size of C{pid}, from C{/proc}; C{None} if it is gone.
-    """
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 #: Seconds the pool waits before replacing a worker that received SIGTERM:
 #: long enough for a SIGTERM sent to the whole group to reach the parent.
 SIGNAL_GRACE = 0.2
@@ -138,9 +120,6 @@ class WorkerPool(Service):
     minRestartDelay = 1.0
     maxRestartDelay = 60.0
     killTime = 5.0
-    tickInterval = 1.0
-    #: Seconds between the stack dump of a hung worker and its kill.
-    stackDumpGrace = 1.0
 
     def __init__(
         self,
@@ -173,8 +152,6 @@ class WorkerPool(Service):
         #: upgrade has dropped it.
         self.reloadDropped: int | None = None
         self.onFatal = onFatal
-        self.executable = executable
-        self.rng = rng or random.Random()
         self.state = PoolState.STARTING
         self.generation = 1
         self.pendingGeneration: int | None = None
@@ -187,11 +164,12 @@ class WorkerPool(Service):
         #: Called with the new state after every change of the pool's state.
         self.stateObservers: list[Callable[[PoolState], None]] = []
         self.nextRestartDelay = self.minRestartDelay
-        self.board: LoadBoard | None = None
-        self._boardFd: int | None = None
-        if settings.balance:
-            self.board, self._boardFd = LoadBoard.create()
-        self._boardSlots: dict[WorkerProcess, int] = {}
+        board = LoadBoard.create() if settings.balance else None
+        self.launcher = WorkerLauncher(
+            reactor, self.listeners, settings, board, executable, rng or random.Random()
+        )
+        #: Where every worker posts its open connections (C{--balance even}).
+        self.board = self.launcher.board
         self._restarts: list[PendingRestart] = []
         #: Recycle requests that came while the pool was starting: why, by worker.
         self._replaceWhenRunning: dict[WorkerProcess, tuple[str, str]] = {}
@@ -205,8 +183,7 @@ class WorkerPool(Service):
         #: imports the code anew itself.
         self.upgrading: Callable[[], str | None] = lambda: None
         self._stopped: defer.Deferred[None] | None = None
-        self._ticker = LoopingCall(self.tick)
-        self._ticker.clock = reactor
+        self.watchdog = Watchdog(self)
 
     @property
     def startTimeout(self) -> float:
@@ -315,7 +292,7 @@ class WorkerPool(Service):
                 self.reactor.callWhenRunning(self._fatal, why)
                 return
         self._timeoutCall = self.reactor.callLater(self.startTimeout, self._startTimedOut)
-        self._ticker.start(self.tickInterval, now=False)
+        self.watchdog.start()
 
     def stopService(self) -> defer.Deferred[None]:
         """
@@ -338,8 +315,7 @@ class WorkerPool(Service):
         self._signalledReplacements = {}
         for restart in list(self._restarts):
             self._cancelRestart(restart)
-        if self._ticker.running:
-            self._ticker.stop()
+        self.watchdog.stop()
 
     def _checkStopped(self) -> None:
         if self._stopped is not None and not self.workers and not self._stopped.called:
@@ -355,48 +331,6 @@ class WorkerPool(Service):
 
     # Spawning.
 
-    def workerSpec(
-        self, number: int, boardSlot: int | None = None
-    ) -> tuple[WorkerSpec, dict[int, Any]]:
-        """
-        What worker C{number} is told, and the descriptors it gets: stdio,
-        then its control socket, then one per listener, then the load board;
-        nothing else.
-        """
-        childFDs: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
-        handles = []
-        fd = FIRST_LISTENER_FD
-        for listener in self.listeners:
-            childFDs[fd] = listener.fileno()
-            handles.append(listener.handleAt(fd))
-            fd += 1
-        board = None
-        if self._boardFd is not None and boardSlot is not None:
-            childFDs[fd] = self._boardFd
-            board = BoardHandle(fd=fd, slot=boardSlot)
-        settings = self.settings
-        recycleAfter = None
-        if settings.maxConnections is not None:
-            jitter = self.rng.randint(0, settings.maxConnectionsJitter)
-            recycleAfter = settings.maxConnections + jitter
-        watchdog = settings.watchdogTimeout
-        spec = WorkerSpec(
-            number=number,
-            protocol=settings.protocol,
-            protocolOptions=settings.protocolOptions,
-            parentPid=os.getpid(),
-            listeners=tuple(handles),
-            board=board,
-            gracefulTimeout=settings.gracefulTimeout,
-            heartbeatInterval=min(1.0, watchdog / 4) if watchdog else 1.0,
-            recycleAfter=recycleAfter,
-            maxConcurrent=settings.maxConcurrent,
-            idleTimeout=settings.idleTimeout,
-            reactor=settings.reactor,
-            cpu=cpuForWorker(number, settings.cpus),
-        )
-        return spec, childFDs
-
     def _spawn(
         self, number: int, generation: int, replaces: WorkerProcess | None = None
     ) -> WorkerProcess:
@@ -408,41 +342,8 @@ class WorkerPool(Service):
         """
         worker = WorkerProcess(self, number, generation, self.reactor.seconds())
         worker.replaces = replaces
-        spec, childFDs = self.workerSpec(number, self._takeBoardSlot(worker))
-        try:
-            parentEnd, childEnd = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        except OSError:
-            self._freeBoardSlot(worker)
-            raise
-        try:
-            childFDs[CONTROL_FD] = childEnd.fileno()
-            try:
-                with parentSignalsBlocked():
-                    self.reactor.spawnProcess(
-                        worker,
-                        self.executable,
-                        [self.executable, "-m", "maccept._worker", spec.toArgument()],
-                        env=os.environ.copy(),
-                        childFDs=childFDs,
-                    )
-            except OSError:
-                self._freeBoardSlot(worker)
-                raise
-            self.workers.append(worker)
-            try:
-                self.reactor.adoptStreamConnection(
-                    parentEnd.fileno(),
-                    socket.AF_UNIX,
-                    Factory.forProtocol(lambda: ParentControl(worker)),
-                )
-            except OSError as e:
-                # The process runs but cannot be supervised: it ends as a
-                # crash, and is restarted as one.
-                worker.failureReason = f"no control channel: {e}"
-                worker.signal("KILL")
-        finally:
-            parentEnd.close()
-            childEnd.close()
+        self.launcher.launch(worker)
+        self.workers.append(worker)
         self.log.info(
             "started worker {number} (pid {pid}, generation {generation})",
             number=number,
@@ -450,29 +351,6 @@ class WorkerPool(Service):
             generation=generation,
         )
         return worker
-
-    def _takeBoardSlot(self, worker: WorkerProcess) -> int | None:
-        """
-        Give C{worker} the lowest free slot on the load board.
-        """
-        if self.board is None:
-            return None
-        taken = set(self._boardSlots.values())
-        slot = next((n for n in range(MAX_SLOTS) if n not in taken), None)
-        if slot is None:
-            # Reloads in a row of a pool near MAX_WORKERS, its old workers
-            # still draining: as for any worker that cannot start now.
-            raise OSError(errno.ENOSPC, f"all {MAX_SLOTS} load board slots are taken")
-        self._boardSlots[worker] = slot
-        self.board.clear(slot)
-        self.board.slotsInUse = max(self.board.slotsInUse, slot + 1)
-        return slot
-
-    def _freeBoardSlot(self, worker: WorkerProcess) -> None:
-        slot = self._boardSlots.pop(worker, None)
-        if self.board is not None and slot is not None:
-            self.board.clear(slot)
-            self.board.slotsInUse = max(self._boardSlots.values(), default=-1) + 1
 
     # Workers report.
 
@@ -510,7 +388,7 @@ class WorkerPool(Service):
                 self.departedTotals[name] += increase
 
     def workerEnded(self, worker: WorkerProcess) -> None:
-        self._freeBoardSlot(worker)
+        self.launcher.freeBoardSlot(worker)
         if worker in self.workers:
             self.workers.remove(worker)
             for name in COUNTERS:
@@ -1007,61 +885,6 @@ class WorkerPool(Service):
             for w in [*hung, *signalled]
             if not w.leavesPool and w.replaces is None and self._replacementOf(w) is None
         ]
-
-    # Periodic checks.
-
-    def tick(self) -> None:
-        """
-        The watchdog and the memory limit.
-        """
-        now = self.reactor.seconds()
-        for worker in list(self.workers):
-            try:
-                self._check(worker, now)
-            except Exception:
-                self.log.failure("checking worker {number}", number=worker.number)
-
-    def _check(self, worker: WorkerProcess, now: float) -> None:
-        if worker.state is WorkerState.STARTING:
-            if now - worker.startedAt > self.startTimeout and worker.failureReason is None:
-                worker.failureReason = f"not ready within {self.startTimeout:g}s (--start-timeout)"
-                worker.signal("KILL")
-        elif not self._hung(worker, now):
-            self._checkMemory(worker)
-
-    def _hung(self, worker: WorkerProcess, now: float) -> bool:
-        timeout = self.settings.watchdogTimeout
-        if not timeout or worker.declaredHung or worker.state is WorkerState.STOPPED:
-            return False
-        silent = now - worker.lastHeartbeat
-        if silent <= timeout:
-            return False
-        self.log.error(
-            "worker {number} (pid {pid}) silent for {silent:.0f}s (--timeout {timeout:g}): "
-            "dumping its stacks, then replacing it",
-            number=worker.number,
-            pid=worker.pid,
-            silent=silent,
-            timeout=timeout,
-        )
-        worker.declaredHung = True
-        # A draining worker keeps its reason: it is not to be replaced.
-        worker.stopReason = worker.stopReason or "watchdog"
-        worker.signal("USR1")
-        worker.killAfter(self.stackDumpGrace)
-        return True
-
-    def _checkMemory(self, worker: WorkerProcess) -> None:
-        limit = self.settings.maxMemory
-        if limit is None or worker.pid is None or worker.state is not WorkerState.READY:
-            return
-        rss = residentBytes(worker.pid)
-        if rss is not None and rss > limit:
-            self.replace(
-                worker,
-                "recycle",
-                why=f"resident memory {rss // 2**20} MiB over --max-memory {limit // 2**20} MiB",
-            )
 
     # Failing.
 

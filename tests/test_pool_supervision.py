@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-from maccept import _pool
+from maccept import _pool, _watchdog
 from maccept._board import MAX_SLOTS, MAX_WORKERS
 from maccept._pool import WorkerPool
 from maccept._states import PoolState, WorkerState
@@ -235,10 +235,10 @@ class ScaleDownTests(SupervisionTestCase):
         """
         pool = self.readyPool(2, maxMemory=2**30)
         leaving = self.workerIn(pool, 2)
-        self.patch(_pool, "residentBytes", lambda pid: 2**31 if pid == leaving.pid else 1)
+        self.patch(_watchdog, "residentBytes", lambda pid: 2**31 if pid == leaving.pid else 1)
         leaving.askedToBeReplaced("received SIGTERM", signalled=True)
         pool.scaleDown()
-        pool.tick()
+        pool.watchdog.tick()
         self.assertEqual(self.numbers(pool), [1, 2])
         self.assertEqual(len(self.reactor.processes), 2)
 
@@ -594,7 +594,7 @@ class SpawnFailureTests(SupervisionTestCase):
         So is the restart of a worker killed by the watchdog.
         """
         pool = self.readyPool(1, watchdogTimeout=3.0)
-        self.reactor.advance(4.0 + pool.stackDumpGrace)
+        self.reactor.advance(4.0 + pool.watchdog.stackDumpGrace)
         self.failSpawns(1)
         self.process(pool.workers[0]).end(signal=signal.SIGKILL)
         self.assertEqual(pool.workers, [])
@@ -649,7 +649,7 @@ class BoardFullTests(SupervisionTestCase):
         pool = self.readyPool(2, balance=True)
         assert pool.board is not None
         for n in range(MAX_SLOTS):
-            pool._boardSlots[object()] = n  # type: ignore[index]
+            pool.launcher.boardSlots[object()] = n  # type: ignore[index]
         with capturedLogs() as events:
             pool.reload()
         self.assertIn("load board slots are taken", " ".join(texts(events)))
@@ -683,7 +683,7 @@ class WatchdogTimerTests(SupervisionTestCase):
         self.reactor.advance(4.0)
         self.assertEqual(self.process(worker).signals, [signal.SIGUSR1])
         self.process(worker).end(signal=signal.SIGABRT)
-        self.assertNotIn(pool.stackDumpGrace, self.delays())
+        self.assertNotIn(pool.watchdog.stackDumpGrace, self.delays())
 
     def test_nothingPendingAfterStop(self) -> None:
         """

@@ -13,7 +13,7 @@ import unittest
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from maccept._pool import residentBytes
+from maccept._procfs import residentBytes
 from tests.load import Churn, stopAll
 from tests.server import MacceptServer
 
