@@ -13,6 +13,7 @@ import errno
 import os
 import random
 import socket
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,16 @@ from maccept._workerprocess import ParentControl, WorkerProcess
 
 if TYPE_CHECKING:
     from maccept._pool import PoolSettings
+
+
+#: C{-m} puts the current directory first on C{sys.path}, where the parent
+#: (twistd, a script) has its own directory instead: a C{maccept/} or any
+#: module of a dependency's name in the directory maccept was started from
+#: would shadow the installed one in the workers only (a checkout pulled
+#: but not installed, say, would run its new worker code on HUP).  C{-P}
+#: (Python 3.11 on) leaves it out, so that a worker imports what the parent
+#: would.
+SAFE_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
 
 
 class WorkerLauncher:
@@ -120,7 +131,7 @@ class WorkerLauncher:
                     self.reactor.spawnProcess(
                         worker,
                         self.executable,
-                        [self.executable, "-m", "maccept._worker", spec.toArgument()],
+                        [self.executable, *SAFE_PATH, "-m", "maccept._worker", spec.toArgument()],
                         env=os.environ.copy(),
                         childFDs=childFDs,
                     )

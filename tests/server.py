@@ -106,10 +106,12 @@ class MacceptServer:
         env: dict[str, str] | None = None,
         passFds: Sequence[int] = (),
         twistd: Sequence[str] = (TWISTD,),
+        cwd: str | None = None,
     ) -> None:
         """
         C{twistd} is the command that runs twistd; the repository goes on the
-        front of C{PYTHONPATH} unless C{env} sets C{PYTHONPATH} itself.
+        front of C{PYTHONPATH} unless C{env} sets C{PYTHONPATH} itself.  It
+        runs in C{cwd}, by default the temporary directory.
         """
         self.args = list(args)
         self.logFile = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in cleanup)
@@ -125,7 +127,7 @@ class MacceptServer:
             stdout=self.logFile,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            cwd=tempfile.gettempdir(),
+            cwd=cwd or tempfile.gettempdir(),
             env=fullEnv,
             pass_fds=passFds,
             start_new_session=True,

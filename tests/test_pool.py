@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import socket
+import sys
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -29,6 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._logforward import encodeEvent
 from maccept._pool import PoolSettings, WorkerPool
+from maccept._spawning import SAFE_PATH
 from maccept._states import PoolState, WorkerState
 from maccept._wire import CONTROL_FD, Drain, ListenerHandle, WorkerSpec
 from maccept._workerprocess import ParentControl, WorkerProcess, describeExit
@@ -101,7 +103,7 @@ class PoolTestCase(SynchronousTestCase):
         return worker
 
     def specOf(self, process: FakeProcess) -> WorkerSpec:
-        return WorkerSpec.fromArgument(process.args[3])
+        return WorkerSpec.fromArgument(process.args[-1])
 
     def delays(self) -> list[float]:
         return pendingDelays(self.reactor)
@@ -126,14 +128,15 @@ class SpawnTests(PoolTestCase):
 
     def test_commandLine(self) -> None:
         """
-        A worker runs C{EXECUTABLE -m maccept._worker SPEC} with the parent's
-        environment, no terminal and no change of user or directory.
+        A worker runs C{EXECUTABLE -P -m maccept._worker SPEC} (no C{-P}
+        before Python 3.11) with the parent's environment, no terminal and no
+        change of user or directory.
         """
         self.startPool(1)
         [process] = self.reactor.processes
         self.assertEqual(process.executable, EXECUTABLE)
-        self.assertEqual(process.args[:3], [EXECUTABLE, "-m", "maccept._worker"])
-        self.assertEqual(len(process.args), 4)
+        self.assertEqual(process.args[:-1], [EXECUTABLE, *SAFE_PATH, "-m", "maccept._worker"])
+        self.assertEqual(SAFE_PATH, ("-P",) if sys.version_info >= (3, 11) else ())
         self.assertEqual(process.env, dict(os.environ))
         self.assertFalse(process.usePTY)
         self.assertEqual((process.uid, process.gid, process.path), (None, None, None))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import socket
 import stat
 import subprocess
@@ -101,6 +102,27 @@ class EchoTests(SynchronousTestCase):
             self.assertEqual(len(holders), 1, f"connection held by {holders}")
             self.assertIn(holders[0], workers)
             self.assertNotEqual(holders[0], server.pid)
+
+    def test_startingDirectoryShadowsNothing(self) -> None:
+        """
+        A C{maccept/} package in the directory maccept was started from (a
+        checkout not installed) is not what the workers import: they import
+        what the parent does, as C{-m} alone would not have them.
+        """
+        directory = tempfile.mkdtemp(prefix="maccept-shadow-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        os.mkdir(os.path.join(directory, "maccept"))
+        with open(os.path.join(directory, "maccept", "__init__.py"), "w") as shadow:
+            shadow.write("raise ImportError('the shadow package was imported')\n")
+        server = MacceptServer(
+            ["--workers", "2", "--listen", "tcp:0:interface=127.0.0.1"], cwd=directory
+        )
+        self.addCleanup(server.cleanup)
+        server.waitReady()
+        with server.connect() as s:
+            self.assertEqual(echoRoundTrip(s, b"the real one\n"), b"the real one\n")
+        self.assertNotIn("shadow package", server.log())
+        self.assertEqual(server.stop(), 0)
 
     def test_unixAndTcpTogether(self) -> None:
         """
