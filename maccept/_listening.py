@@ -145,9 +145,38 @@ def _optionProblem(description: str) -> str | None:
             return f"mode must be an octal file mode such as 0660, got {value!r}"
         if key in _FILE_OPTIONS and not os.access(value, os.R_OK):
             return f"cannot read {key}={value}"
+        problem = _tlsOptionProblem(key, value)
+        if problem is not None:
+            return problem
         if key == "index" and value.startswith("-"):
             # Python would count it from the end of systemd's descriptors.
             return f"index must be 0 or more, got {value}"
+    return None
+
+
+def _tlsOptionProblem(key: str, value: str) -> str | None:
+    """
+    What Twisted's C{ssl:} parser leaves for the first handshake to find
+    (in a worker, once per connection): Diffie-Hellman parameters OpenSSL
+    will not load, and reports an C{sslmethod} as a missing attribute.
+    """
+    if key not in ("dhParameters", "sslmethod"):
+        return None
+    from OpenSSL import SSL
+
+    if key == "sslmethod":
+        methods = [
+            name
+            for name in dir(SSL)
+            if name.endswith("_METHOD") and "CLIENT" not in name and not name.startswith("DTLS")
+        ]
+        if value not in methods:
+            return f"sslmethod must be one of {', '.join(sorted(methods))}, got {value!r}"
+        return None
+    try:
+        SSL.Context(SSL.TLS_METHOD).load_tmp_dh(value.encode())
+    except SSL.Error as e:
+        return f"cannot load dhParameters={value}: {_sslReason(e)}"
     return None
 
 
@@ -547,6 +576,9 @@ def adopt(
         from maccept._tls import HandshakeCountingFactory
 
         contextFactory = serverFromString(reactor, inner)._sslContextFactory
+        # Load the files now: one changed since the parent checked them
+        # (before a HUP) fails this worker's start, not every handshake.
+        contextFactory.getContext()
         factory = HandshakeCountingFactory(contextFactory, factory, onHandshakeFailed)
     if proxied:
         from maccept._proxy import ProxyWrappingFactory

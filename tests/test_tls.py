@@ -6,7 +6,9 @@ every worker loads it and serves TLS on the shared socket.
 from __future__ import annotations
 
 import datetime
+import os
 import shutil
+import signal
 import socket
 import ssl
 import tempfile
@@ -59,6 +61,19 @@ def selfSignedCertificate(directory: Path) -> tuple[Path, Path]:
     )
     certificatePath.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     return keyPath, certificatePath
+
+
+#: RFC 7919's ffdhe2048 group: Diffie-Hellman parameters OpenSSL takes,
+#: without the seconds that generating some would cost.
+FFDHE2048 = b"""-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
 
 
 class TLSTests(SynchronousTestCase):
@@ -159,6 +174,48 @@ class TLSTests(SynchronousTestCase):
             result.stderr.strip(),
             f"maccept: error: --listen {description}: cannot read certKey=/no/such/cert.pem",
         )
+
+    def test_unusableOptionsRefused(self) -> None:
+        """
+        Diffie-Hellman parameters OpenSSL will not load, and an sslmethod
+        that is no server method of OpenSSL's, are one line at start-up,
+        not a failure at every handshake.
+        """
+        garbage = self.key.with_name("dh.pem")
+        garbage.write_bytes(b"not PEM\n")
+        for option, problem in [
+            (f"dhParameters={garbage}", f"cannot load dhParameters={garbage}: PEM routines"),
+            ("sslmethod=BOGUS", "sslmethod must be one of "),
+            ("sslmethod=DTLS_METHOD", "sslmethod must be one of "),
+        ]:
+            description = f"{self.description()}:{option}"
+            result = runMaccept(["--listen", description])
+            self.assertEqual(result.returncode, 2, result.stderr)
+            [line] = result.stderr.splitlines()
+            self.assertTrue(
+                line.startswith(f"maccept: error: --listen {description}: {problem}"), line
+            )
+            self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    def test_parametersSpoiledBeforeReload(self) -> None:
+        """
+        Parameters spoiled on disk after the start fail the reload's new
+        workers as they start, with the reason, rather than every handshake
+        of theirs: the old workers serve on.
+        """
+        parameters = self.key.with_name("dh.pem")
+        parameters.write_bytes(FFDHE2048)
+        server = MacceptServer(
+            ["--workers", "1", "--listen", f"{self.description()}:dhParameters={parameters}"]
+        )
+        self.addCleanup(server.cleanup)
+        server.waitReady()
+        self.roundTrips(server)
+        parameters.write_bytes(b"not PEM\n")
+        os.kill(server.pid, signal.SIGHUP)
+        waitFor(lambda: "reload failed, keeping the old workers" in server.log(), what="failure")
+        self.assertIn("no start line", server.log())
+        self.roundTrips(server)
 
 
 class HandshakeWatchingTests(SynchronousTestCase):
