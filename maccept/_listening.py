@@ -62,6 +62,9 @@ def checkDescription(description: str) -> None:
     """
     if any(character in description for character in "\r\n\0"):
         raise ListenError("the description holds a line break or a NUL")
+    if (len(description) - len(description.rstrip("\\"))) % 2:
+        # Twisted's parser fails on it with "generator raised StopIteration".
+        raise ListenError("it ends in a backslash, which escapes nothing")
     proxied, inner = splitProxy(description)
     if proxied:
         if inner.split(":", 1)[0].lower() in DATAGRAM_TYPES:
@@ -78,6 +81,8 @@ def checkDescription(description: str) -> None:
         problem = _optionProblem(description)
         if problem is not None:
             raise ListenError(problem)
+    if kind == "unix" and not unixPath(description):
+        raise ListenError("the socket's path is empty (unix:PATH)")
     try:
         # Parsing only stores the reactor; nothing runs on it.
         serverFromString(None, description)

@@ -119,9 +119,14 @@ class BadInputTests(SynchronousTestCase):
             ("haproxy:haproxy:tcp:0", "haproxy: is given twice"),
             ("ssl:0:privateKey=/no/such/key.pem", "cannot read"),
             ("tcp:0:interface=127.0.0.1\n", "line break"),
+            ("tcp:0\\", "ends in a backslash, which escapes nothing"),
+            ("haproxy:unix:/tmp/x.sock\\", "ends in a backslash"),
+            ("unix:", "the socket's path is empty"),
+            ("unix:address=:mode=600", "the socket's path is empty"),
         ]
         for description, problem in cases:
             self.check(["--listen", description], "--listen", problem)
+        self.check(["--metrics", "tcp:0\\"], "--metrics", "ends in a backslash")
 
     def test_tlsFilesChecked(self) -> None:
         """
