@@ -251,7 +251,25 @@ def resolveProtocol(spec: str, protocolOptions: Sequence[str] = ()) -> FactoryMa
     return _asFactoryMaker(spec, target)
 
 
+def _buildsNothing(factory: object) -> bool:
+    """
+    Whether C{factory} (a L{Factory}, or a subclass) would build from no
+    protocol class: Twisted's own C{Factory}, say, which asserts in every
+    C{buildProtocol}, a traceback per connection.
+    """
+    factoryClass = factory if isinstance(factory, type) else type(factory)
+    return (
+        issubclass(factoryClass, Factory)
+        and factoryClass.buildProtocol is Factory.buildProtocol
+        and getattr(factory, "protocol", None) is None
+    )
+
+
 def _asFactoryMaker(spec: str, target: object) -> FactoryMaker:
+    if _buildsNothing(target):
+        raise ProtocolSpecError(
+            f"{spec!r} has no protocol to build (its protocol attribute is None)"
+        )
     if IProtocolFactory.providedBy(target):
         factory = target
         return lambda: factory
@@ -274,6 +292,8 @@ def _checkedMaker(spec: str, maker: Callable[[], object]) -> FactoryMaker:
         made = maker()
         if not IProtocolFactory.providedBy(made):
             raise ProtocolSpecError(f"{spec!r} returned {made!r}, not a protocol factory")
+        if _buildsNothing(made):
+            raise ProtocolSpecError(f"{spec!r} returned a factory with no protocol to build")
         return made
 
     return make

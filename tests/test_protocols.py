@@ -52,6 +52,18 @@ def makeFactory() -> Factory:
     return Factory.forProtocol(Shout)
 
 
+BARE_FACTORY = Factory()
+
+
+def makeBareFactory() -> Factory:
+    return Factory()
+
+
+class BuildsItsOwn(Factory):
+    def buildProtocol(self, addr: object) -> Protocol:
+        return Protocol()
+
+
 def makeNothing() -> object:
     return 42
 
@@ -233,6 +245,21 @@ class ResolveTests(SynchronousTestCase):
         maker = resolveProtocol(f"{HERE}:makeNothing")
         e = self.assertRaises(ProtocolSpecError, maker)
         self.assertIn("returned 42, not a protocol factory", str(e))
+
+    def test_factoryWithoutProtocol(self) -> None:
+        """
+        A factory with no protocol to build (Twisted's own C{Factory}, its
+        class or an instance, or one a callable returns) is refused, rather
+        than asserting at every connection; one whose C{buildProtocol} is
+        its own is taken.
+        """
+        for spec in ["twisted.internet.protocol:ServerFactory", f"{HERE}:BARE_FACTORY"]:
+            e = self.assertRaises(ProtocolSpecError, resolveProtocol, spec)
+            self.assertIn("has no protocol to build (its protocol attribute is None)", str(e))
+        maker = resolveProtocol(f"{HERE}:makeBareFactory")
+        e = self.assertRaises(ProtocolSpecError, maker)
+        self.assertIn("returned a factory with no protocol to build", str(e))
+        self.assertIsInstance(resolveProtocol(f"{HERE}:BuildsItsOwn")(), BuildsItsOwn)
 
 
 class EchoTests(SynchronousTestCase):
