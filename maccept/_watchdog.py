@@ -37,8 +37,13 @@ class Watchdog:
         self.pool = pool
         self._loop = LoopingCall(self.tick)
         self._loop.clock = pool.reactor
+        #: When the last round ran, and when the parent last came back
+        #: from a stall of its own (see L{_parentStalled}).
+        self._lastRound: float | None = None
+        self._resumedAt = 0.0
 
     def start(self) -> None:
+        self._lastRound = self.pool.reactor.seconds()
         self._loop.start(self.interval, now=False)
 
     def stop(self) -> None:
@@ -51,11 +56,34 @@ class Watchdog:
         checked is logged, and the others are checked still).
         """
         now = self.pool.reactor.seconds()
+        self._parentStalled(now)
         for worker in list(self.pool.workers):
             try:
                 self._check(worker, now)
             except Exception:
                 self.log.failure("checking worker {number}", number=worker.number)
+
+    def _parentStalled(self, now: float) -> None:
+        """
+        Notice a round that comes late by half the watchdog timeout or more:
+        the parent itself was stopped or stalled (a full log pipe, a paused
+        VM, the clock stepped forward), and the heartbeats sent meanwhile
+        wait unread in its control channels.  A worker's silence is then
+        counted from now, or the parent would kill every healthy worker.
+        Shorter delays cannot make a beating worker look silent for the
+        whole timeout, since workers beat four times per timeout.
+        """
+        last, self._lastRound = self._lastRound, now
+        timeout = self.pool.settings.watchdogTimeout
+        if last is None or not timeout or now - last < max(2 * self.interval, timeout / 2):
+            return
+        self._resumedAt = now
+        self.log.warn(
+            "the parent itself did not run for {gap:.0f}s: counting the workers' silence"
+            " (--timeout {timeout:g}) from now",
+            gap=now - last,
+            timeout=timeout,
+        )
 
     def _check(self, worker: WorkerProcess, now: float) -> None:
         startTimeout = self.pool.startTimeout
@@ -70,7 +98,11 @@ class Watchdog:
         timeout = self.pool.settings.watchdogTimeout
         if not timeout or worker.declaredHung or worker.state is WorkerState.STOPPED:
             return False
-        silent = now - worker.lastHeartbeat
+        if worker.readyAt is None:
+            # Drained while it started: still importing, say, and bounded
+            # by its drain's deadline, not by silence.
+            return False
+        silent = now - max(worker.lastHeartbeat, self._resumedAt)
         if silent <= timeout:
             return False
         self.log.error(

@@ -775,7 +775,7 @@ class WatchdogTests(PoolTestCase):
         """
         pool = self.readyPool(1, watchdogTimeout=3.0)
         [worker] = pool.workers
-        self.reactor.advance(3.0)
+        self.reactor.pump([1.0] * 3)
         self.assertEqual(self.process(worker).signals, [])
         self.reactor.advance(1.0)
         self.assertEqual(self.process(worker).signals, [signal.SIGUSR1])
@@ -823,6 +823,65 @@ class WatchdogTests(PoolTestCase):
         self.assertEqual(pool.totals()["accepted"], 5)
         worker.heartbeat(accepted=301, bytesReceived=3010)
         self.assertEqual((pool.totals()["accepted"], pool.totals()["bytesReceived"]), (301, 3010))
+
+    def test_parentStallSparesWorkers(self) -> None:
+        """
+        A parent that itself did not run for longer than the timeout (it
+        was stopped, or blocked writing its log) finds every worker's last
+        heartbeat old: it counts their silence from when it came back, by
+        which time it has read the heartbeats sent meanwhile.
+        """
+        pool = self.readyPool(2, watchdogTimeout=5.0)
+
+        def beat() -> None:
+            for worker in pool.workers:
+                worker.heartbeat()
+
+        for _ in range(3):
+            self.reactor.advance(1.0)
+            beat()
+        with capturedLogs() as events:
+            self.reactor.advance(8.0)
+        self.assertIn(
+            "the parent itself did not run for 8s: counting the workers' silence"
+            " (--timeout 5) from now",
+            texts(events),
+        )
+        beat()
+        for _ in range(10):
+            self.reactor.advance(1.0)
+            beat()
+        for worker in pool.workers:
+            self.assertEqual(self.process(worker).signals, [])
+
+    def test_hungThroughParentStall(self) -> None:
+        """
+        A worker that stays silent after the parent came back is still
+        found hung, a timeout later.
+        """
+        pool = self.readyPool(1, watchdogTimeout=5.0)
+        [worker] = pool.workers
+        self.reactor.advance(1.0)
+        with capturedLogs():
+            self.reactor.advance(8.0)
+        self.reactor.pump([1.0] * 5)
+        self.assertEqual(self.process(worker).signals, [])
+        self.reactor.advance(1.0)
+        self.assertEqual(self.process(worker).signals, [signal.SIGUSR1])
+
+    def test_drainedWhileStartingNotJudgedBySilence(self) -> None:
+        """
+        A worker drained before it was ever ready (scaled away as it
+        started) is bounded by its drain's deadline, not taken for hung
+        while it imports: no stack dump.
+        """
+        pool = self.readyPool(1, watchdogTimeout=1.0)
+        pool.scaleUp()
+        pool.scaleDown()
+        starting = self.workerIn(pool, 2)
+        self.assertIs(starting.state, WorkerState.DRAINING)
+        self.reactor.pump([0.5] * 10)
+        self.assertNotIn(signal.SIGUSR1, self.process(starting).signals)
 
     def test_noWatchdog(self) -> None:
         """

@@ -122,10 +122,10 @@ class ScaleDownTests(SupervisionTestCase):
         restarted, and the healthy workers go on serving.
         """
         pool = self.readyPool(3, watchdogTimeout=3.0)
-        self.reactor.advance(2.0)
+        self.reactor.pump([1.0] * 2)
         for number in (1, 3):
             self.workerIn(pool, number).heartbeat()
-        self.reactor.advance(2.0)
+        self.reactor.pump([1.0] * 2)
         hung = self.workerIn(pool, 2)
         self.assertEqual(hung.stopReason, "watchdog")
         with capturedLogs() as events:
@@ -490,7 +490,7 @@ class SignalledWorkerTests(SupervisionTestCase):
         for worker in pool.workers:
             if worker is not hung:
                 worker.lastHeartbeat = 1e9
-        self.reactor.advance(6.0)
+        self.reactor.pump([1.0] * 6)
         self.assertEqual(hung.stopReason, "watchdog")
         pool.scaleUp()
         self.process(hung).end(signal=signal.SIGKILL)
@@ -594,7 +594,7 @@ class SpawnFailureTests(SupervisionTestCase):
         So is the restart of a worker killed by the watchdog.
         """
         pool = self.readyPool(1, watchdogTimeout=3.0)
-        self.reactor.advance(4.0 + pool.watchdog.stackDumpGrace)
+        self.reactor.pump([1.0] * 4 + [pool.watchdog.stackDumpGrace])
         self.failSpawns(1)
         self.process(pool.workers[0]).end(signal=signal.SIGKILL)
         self.assertEqual(pool.workers, [])
@@ -680,7 +680,7 @@ class WatchdogTimerTests(SupervisionTestCase):
         """
         pool = self.readyPool(1, watchdogTimeout=3.0)
         [worker] = pool.workers
-        self.reactor.advance(4.0)
+        self.reactor.pump([1.0] * 4)
         self.assertEqual(self.process(worker).signals, [signal.SIGUSR1])
         self.process(worker).end(signal=signal.SIGABRT)
         self.assertNotIn(pool.watchdog.stackDumpGrace, self.delays())
@@ -690,7 +690,7 @@ class WatchdogTimerTests(SupervisionTestCase):
         Once a pool with hung workers has stopped, no timer is left.
         """
         pool = self.readyPool(2, watchdogTimeout=3.0)
-        self.reactor.advance(4.0)
+        self.reactor.pump([1.0] * 4)
         d = pool.stopService()
         for worker in list(pool.workers):
             self.process(worker).end(0)
@@ -764,7 +764,7 @@ class SignalledCrossingTests(SupervisionTestCase):
         pool = self.readyPool(2, watchdogTimeout=3.0)
         hung = self.workerIn(pool, 2)
         self.workerIn(pool, 1).lastHeartbeat = 1e9
-        self.reactor.advance(4.0)
+        self.reactor.pump([1.0] * 4)
         self.assertEqual(hung.stopReason, "watchdog")
         hung.askedToBeReplaced("it received SIGTERM", signalled=True)
         self.process(hung).end(signal=signal.SIGKILL)

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -55,6 +56,26 @@ class SupervisionTests(SynchronousTestCase):
         os.kill(server.pid, signal.SIGKILL)
         server.process.wait()
         waitFor(lambda: not any(alive(pid) for pid in workers), 10, "the workers to exit")
+
+    def test_stoppedParentKillsNoWorker(self) -> None:
+        """
+        A parent stopped for longer than --timeout (SIGSTOP here; a full log
+        pipe or a paused VM alike) does not take its workers for hung when
+        it runs again: the heartbeats they sent meanwhile are read first.
+        """
+        server = self.start("--workers", "2", "--listen", LOOPBACK, "--timeout", "2")
+        workers = server.workers()
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            time.sleep(4)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        waitFor(lambda: "the parent itself did not run for" in server.log(), what="the stall")
+        time.sleep(3)  # more than --timeout since the parent ran again
+        self.assertNotIn("silent for", server.log())
+        self.assertEqual(server.workers(), workers)
+        with server.connect() as s:
+            self.assertEqual(echoRoundTrip(s, b"still here"), b"still here")
 
     def test_sigtermStopsEverything(self) -> None:
         """
