@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_observability -*-
+# -*- test-case-name: tests.test_control,tests.test_observability -*-
 """
 The parent's control socket (C{--control PATH}): AMP over a UNIX socket
 that only its owner may use, for C{maccept-ctl}.
@@ -167,12 +167,10 @@ class ControlProtocol(amp.AMP):
     @Reload.responder
     def reload(self) -> dict[str, Any]:
         # As SIGHUP: during a start or a reload, queued.
-        if self.pool.stopping:
-            raise ControlError(f"cannot reload while the pool is {self.pool.shownState}")
-        upgrading = self.pool.upgrading()
-        if upgrading is not None:
-            self.log.warn("reload ignored: {why}", why=upgrading)
-            raise ControlError(f"cannot reload: {upgrading}")
+        refused = self.pool.reloadRefused()
+        if refused is not None:
+            self.log.warn("reload ignored: {why}", why=refused)
+            raise ControlError(f"cannot reload: {refused}")
         return {"generation": self.pool.reload()}
 
     @Stop.responder

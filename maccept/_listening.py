@@ -313,13 +313,12 @@ def _parseProblem(e: Exception) -> str:
 
 def _sslReason(e: Exception) -> str:
     """
-    The reason in OpenSSL's error stack (C{[(library, function, reason)]}).
+    Every reason on OpenSSL's error stack, on one line.
     """
-    stack = e.args[0] if e.args and isinstance(e.args[0], list) else []
+    from maccept._tls import openSSLReasons
+
     reasons = [
-        f"{entry[0]}: {entry[-1]}" if entry[0] else entry[-1]
-        for entry in stack
-        if isinstance(entry, tuple) and entry and entry[-1]
+        f"{library}: {reason}" if library else reason for library, reason in openSSLReasons(e)
     ]
     return "; ".join(reasons) or str(e) or "not a PEM certificate and key"
 

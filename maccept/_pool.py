@@ -100,7 +100,8 @@ SIGNAL_GRACE = 0.2
 
 class WorkerPool(Service):
     """
-    Keep C{settings.size} workers accepting on C{listeners}.
+    Keep C{size} workers (C{settings.size} at start, then as scaled)
+    accepting on C{listeners}.
 
     Restart policy, after L{twisted.runner.procmon.ProcessMonitor} but for
     the whole pool: a worker that crashed after being ready and living at
@@ -648,12 +649,9 @@ class WorkerPool(Service):
         @return: the generation that carries this request (started now or
             once its turn comes); C{None} if it is ignored.
         """
-        if self.stopAnnounced:
-            self.log.warn("reload ignored: the pool is stopping")
-            return None
-        upgrading = self.upgrading()
-        if upgrading is not None:
-            self.log.warn("reload ignored: {why}", why=upgrading)
+        refused = self.reloadRefused()
+        if refused is not None:
+            self.log.warn("reload ignored: {why}", why=refused)
             return None
         if self.state in (PoolState.STARTING, PoolState.RELOADING):
             if not self._reloadQueued:
@@ -735,6 +733,16 @@ class WorkerPool(Service):
                 worker.drain("abandoned", self.settings.gracefulTimeout, self.killTime)
         self.pendingGeneration = None
         self.transition("generation failed")
+
+    def reloadRefused(self) -> str | None:
+        """
+        Why a reload is refused now, or C{None}: not while the pool stops,
+        nor while a new parent (USR2) is being started, which imports the
+        code anew itself.  (While the pool starts or reloads, it is queued.)
+        """
+        if self.stopping:
+            return f"the pool is {self.shownState}"
+        return self.upgrading()
 
     def scaleUp(self) -> None:
         """

@@ -2,7 +2,7 @@
 """
 The protocols a worker serves, and how a C{--protocol} value names one.
 
-A value is either a built-in name (C{echo}) or C{module:attribute}, where
+A value is either a protocol plugin's name (C{echo}) or C{module:attribute}, where
 the attribute is an L{IProtocolFactory} provider, a factory class, a protocol
 class, or a zero-argument callable that returns a factory.  The parent
 resolves the value once at start-up so that a typo fails before any worker

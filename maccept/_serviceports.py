@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_upgrade -*-
+# -*- test-case-name: tests.test_serviceports,tests.test_upgrade -*-
 """
 The parent's own ports: C{--metrics} (HTTP) and C{--control} (AMP on a
 UNIX socket).

@@ -71,9 +71,9 @@ class WorkerLauncher:
         self, number: int, boardSlot: int | None = None
     ) -> tuple[WorkerSpec, dict[int, Any]]:
         """
-        What worker C{number} is told, and the descriptors it gets: stdio,
-        then its control socket, then one per listener, then the load board;
-        nothing else.
+        What worker C{number} is told, and the descriptors it gets besides
+        its control socket (which L{launch} adds): stdio, one per listener,
+        then the load board; nothing else.
         """
         childFDs: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         handles = []

@@ -69,8 +69,8 @@ class SystemdNotifier:
 
     def follow(self, pool: WorkerPool, silent: Callable[[], bool] = lambda: False) -> None:
         """
-        Report C{pool}'s changes while C{silent} says this parent speaks
-        for the service: not after it handed over to a new parent (SIGUSR2),
+        Report C{pool}'s changes unless C{silent} says this parent does not
+        speak for the service: after it handed over to a new parent (SIGUSR2),
         and not in a new parent before it takes over.  With NotifyAccess=all
         systemd takes a message from any process of the unit as the
         service's: an old parent's STOPPING=1, or a failed new parent's,

@@ -63,11 +63,11 @@ def exitWithStatus(code: int) -> None:
 def makeService(options: CommandLineOptions) -> IService:
     from twisted.internet import reactor
 
-    # After an upgrade (SIGUSR2), the old parent's sockets, by description.
     greetOldParent()
     if UPGRADE_FROM in os.environ:
         # twistd opens --logfile after this, and the old parent writes it.
         appendToLogFiles()
+    # After an upgrade (SIGUSR2), the old parent's sockets, by description.
     inherited = inheritedListeners()
     listeners: list[ListeningSocket] = []
     for description in options["listen"]:

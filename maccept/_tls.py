@@ -83,6 +83,19 @@ class HandshakeCountingFactory(PassesRefusals, TLSMemoryBIOFactory):
         self.onFailed()
 
 
+def openSSLReasons(error: BaseException) -> list[tuple[str, str]]:
+    """
+    The C{(library, reason)} of each entry on the error stack an OpenSSL
+    error carries (C{[(library, function, reason)]}), innermost first.
+    """
+    stack = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    return [
+        (str(entry[0] or ""), str(entry[-1]))
+        for entry in stack
+        if isinstance(entry, tuple) and entry and entry[-1]
+    ]
+
+
 def handshakeProblem(error: BaseException) -> str:
     """
     OpenSSL's reason, short: C{wrong version number}, C{no shared cipher};
@@ -93,7 +106,7 @@ def handshakeProblem(error: BaseException) -> str:
         if error.args and error.args[0] == -1:
             return "the client closed the connection before the handshake was done"
         return f"system error {error.args[-1] if error.args else error}"
-    details = error.args[0] if error.args else None
-    if isinstance(details, list) and details and isinstance(details[-1], tuple):
-        return str(details[-1][-1])
+    reasons = openSSLReasons(error)
+    if reasons:
+        return reasons[-1][1]
     return str(error) or error.__class__.__name__

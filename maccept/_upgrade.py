@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_upgrade -*-
+# -*- test-case-name: tests.test_upgrade_unit,tests.test_upgrade -*-
 """
 Upgrading maccept itself (SIGUSR2), as nginx and unicorn do: the parent
 starts a new parent from the code now on disk, handing it the listening

@@ -54,8 +54,9 @@ class WorkerProcess(ProcessProtocol):
     One worker process.
 
     @ivar stopReason: why the parent asked this worker to go (C{reload},
-        C{scale}, C{recycle}, C{watchdog}, C{stop}), or C{None} while it
-        has not: a worker that exits with no stop reason crashed.
+        C{scale}, C{recycle}, C{watchdog}, C{stop}, C{abandoned}: its
+        generation failed to start), or C{None} while it has not: a worker
+        that exits with no stop reason crashed (unless it was signalled).
     @ivar replaces: the worker this one takes over from once ready.
     @ivar readyAt: when it reported ready, or C{None} while it has not.
     """
