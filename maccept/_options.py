@@ -18,6 +18,7 @@ from maccept._affinity import availableCPUs, parseCPUs
 from maccept._board import MAX_WORKERS
 from maccept._handover import tellOldParentWhy
 from maccept._listening import DATAGRAM_TYPES, ListenError, checkDescription, unixPath
+from maccept._procfs import residentBytes
 from maccept._protocols import ProtocolSpecError, resolveProtocol
 from maccept._proxy import splitProxy
 from maccept._reactor import WORKER_REACTORS
@@ -54,9 +55,7 @@ def startupMiB() -> int:
     protocol's code loaded, which is what a worker needs before it serves
     anything.
     """
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return -(-pages * os.sysconf("SC_PAGE_SIZE") // 2**20)
+    return -(-(residentBytes(os.getpid()) or 0) // 2**20)
 
 
 def parseWorkers(value: str) -> int:
