@@ -176,6 +176,17 @@ class ConnectionTracker:
             transport.abortConnection()  # type: ignore[attr-defined]
 
 
+def queuedBytes(transport: Any) -> int | None:
+    """
+    How many bytes C{transport} holds that the kernel has not taken yet;
+    C{None} where it cannot tell (a wrapper's, such as TLS's).
+    """
+    try:
+        return len(transport.dataBuffer) + transport._tempDataLen  # type: ignore[no-any-return]
+    except AttributeError:
+        return None
+
+
 def resetByClient(transport: Any, reason: Failure) -> bool:
     """
     Whether the client reset C{transport}, or went away, before the server
@@ -190,7 +201,7 @@ def resetByClient(transport: Any, reason: Failure) -> bool:
     """
     if type(reason.value) is not ConnectionLost:
         return False
-    return not (transport.disconnecting and not transport.dataBuffer and not transport._tempDataLen)
+    return not (transport.disconnecting and queuedBytes(transport) == 0)
 
 
 def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:

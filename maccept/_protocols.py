@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.python import usage
 
+from maccept._connections import queuedBytes
 from maccept._tally import Tally
 
 
@@ -44,12 +45,7 @@ def hasPendingOutput(transport: object) -> bool:
     Whether C{transport} still holds bytes it has not handed to the kernel;
     C{True} where it cannot tell (a wrapper's), C{False} with no transport.
     """
-    if transport is None:
-        return False
-    try:
-        return bool(transport.dataBuffer or transport._tempDataLen)  # type: ignore[attr-defined]
-    except AttributeError:
-        return True
+    return transport is not None and queuedBytes(transport) != 0
 
 
 class Echo(Protocol):

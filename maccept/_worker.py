@@ -30,7 +30,7 @@ from maccept._accepting import AcceptGovernor
 from maccept._acceptloop import acceptQuickly
 from maccept._affinity import pinTo
 from maccept._board import LoadBoard
-from maccept._connections import ConnectionTracker, trackConnections
+from maccept._connections import ConnectionTracker, queuedBytes, trackConnections
 from maccept._listening import adopt, release
 from maccept._logforward import ForwardingObserver
 from maccept._protocols import DatagramEcho, resolveProtocol
@@ -425,7 +425,8 @@ class WorkerControl(amp.AMP):
         super().connectionMade()
         self.worker.control = self
         self.forwarder.attach(
-            lambda text: self.callRemote(LogEvent, event=text), lambda: queuedBytes(self.transport)
+            lambda text: self.callRemote(LogEvent, event=text),
+            lambda: queuedBytes(self.transport) or 0,
         )
 
     @Drain.responder
@@ -451,13 +452,6 @@ def _dieWithParent(parentPid: int) -> None:
         pass
     if os.getppid() != parentPid:
         sys.exit(0)
-
-
-def queuedBytes(transport: Any) -> int:
-    """
-    How many bytes C{transport} holds that the kernel has not taken yet.
-    """
-    return len(getattr(transport, "dataBuffer", b"")) + getattr(transport, "_tempDataLen", 0)
 
 
 def _handleSignals(reactor: Any, worker: Worker) -> None:
