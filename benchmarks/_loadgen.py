@@ -132,7 +132,7 @@ def run(load: Load, cpus: set[int]) -> dict[str, Any]:
         check=False,
         preexec_fn=pinnedTo(cpus),
     )
-    if done.returncode not in (0, 1):  # 1: mismatches, reported in the JSON
+    if done.returncode not in (0, 1):  # 1: mismatches or stalls, reported in the JSON
         raise LoadgenError(f"{' '.join(load.command())} exited {done.returncode}: {done.stderr}")
     return _parse(done.stdout, load)
 

@@ -30,7 +30,8 @@ def oneLine(record: dict[str, Any]) -> str:
         return f"burst: per worker {record['per_worker']} max/min {record['max_min_ratio']}"
     return (
         f"{record['workload']}: {record['rps']:.0f}/s p99 {record['p99_us'] / 1000:.1f} ms "
-        f"errors {record['errors']} mismatches {record['mismatches']}"
+        f"errors {record['errors']} mismatches {record['mismatches']} "
+        f"stalled {record.get('stalled', '?')}"
     )
 
 
@@ -52,7 +53,10 @@ class Results:
     def __init__(self, results: dict[str, Any]) -> None:
         self.raw = results
         self.runs: list[dict[str, Any]] = results["runs"]
-        self.workers: list[int] = results["settings"]["workers"]
+        #: The worker counts asked for, and 1 where only the one-process
+        #: server ran it (--workers without 1): its column, not hidden.
+        asked = results["settings"]["workers"]
+        self.workers: list[int] = sorted({*asked, *(run["workers"] for run in self.runs)})
         seen: dict[str, None] = {}
         for run in self.runs:
             seen.setdefault(run["server"], None)
@@ -476,26 +480,43 @@ def _reloadLines(reload: dict[str, Any]) -> list[str]:
         f"{reload['old_generation_gone_s']} s.  Clients meanwhile: "
         f"{load['rps']:.0f} connections/s, "
         f"{load['connect_failures']} connect failures, {load['errors']} errors, "
-        f"{load['mismatches']} mismatches, p99 {load['p99_us'] / 1000:.1f} ms, "
+        f"{load['mismatches']} mismatches, {load.get('stalled', '?')} stalled, "
+        f"p99 {load['p99_us'] / 1000:.1f} ms, "
         f"max {load.get('max_us', 0) / 1000:.1f} ms.",
     ]
 
 
 def _healthSection(results: dict[str, Any]) -> list[str]:
     runs = results["runs"]
-    keys = ("errors", "connect_failures", "mismatches")
+    keys = ("errors", "connect_failures", "mismatches", "stalled")
     totals = {k: sum(r.get(k, 0) for r in runs) for k in keys}
     lines = ["## Errors", ""]
-    lines.append(", ".join(f"{k}: {v}" for k, v in totals.items()) + " over all runs.")
+    lines.append(
+        ", ".join(f"{k}: {v}" for k, v in totals.items())
+        + " over all runs (stalled: requests left without their echo for over a second"
+        " when the run ended; mismatches and stalled fail the run)."
+    )
     for r in runs:
         if any(r.get(k) for k in keys):
             counts = ", ".join(f"{k} {r[k]}" for k in keys if r.get(k))
             first = f" (first: {r['first_error']})" if r.get("first_error") else ""
             lines.append(f"- {r['server']} {r['workers']} w {r['workload']}: {counts}{first}")
+    for key, server in results.get("servers", {}).items():
+        prime = server.get("prime", {})
+        if any(prime.get(k) for k in keys):
+            counts = ", ".join(f"{k} {prime[k]}" for k in keys if prime.get(k))
+            first = f" (first: {prime['first_error']})" if prime.get("first_error") else ""
+            lines.append(f"- {key} prime (unmeasured): {counts}{first}")
     for failure in results.get("failures", []):
         where = f"{failure['server']} {failure.get('workers', '?')} w"
         if "round" in failure and results["settings"].get("rounds", 1) > 1:
             where += f", round {failure['round'] + 1}"
+        if "workload" in failure:
+            where += f" {failure['workload']}"
+        elif failure.get("reload"):
+            where += " reload"
+        elif failure.get("startup"):
+            where += " start-up"
         lines.append(f"- FAILED {where}: {failure['error'].splitlines()[0]}")
     return [*lines, ""]
 

@@ -193,7 +193,10 @@ def environment() -> dict[str, Any]:
     """
     # A copy without .git (a lent machine) names its commit in MACCEPT_COMMIT.
     commit = os.environ.get("MACCEPT_COMMIT")
-    dirty = "" if commit else _git("status", "--porcelain", "--", "maccept", "twisted")
+    # benchmarks/ too, a changed harness or load generator changes the
+    # numbers; not its results/, where this run may be writing.
+    paths = ["maccept", "twisted", "benchmarks", ":(exclude)benchmarks/results"]
+    dirty = "" if commit else _git("status", "--porcelain", "--", *paths)
     return {
         "cpu_model": _cpuModel(),
         "cpu_count": os.cpu_count(),

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import _loadgen
@@ -40,6 +41,8 @@ import servers
 
 #: maccept's log line once a reload's new generation accepts.
 RELOADED = re.compile(r"generation \d+ ready")
+#: The most seconds a reload's new generation has to serve, and its old one to go.
+RELOAD_LIMIT = 60.0
 
 
 @dataclass(frozen=True)
@@ -122,19 +125,29 @@ def parseArguments(argv: list[str] | None) -> argparse.Namespace:
     add("--burst-connections", type=int, default=256, help="connections in the burst")
     add("--threads", type=int, help="client threads (default: one per client CPU)")
     add("--sources", type=int, default=64, help="churn: client source addresses 127.0.0.2..")
-    add("--burst-wait", type=float, default=5.0, help="most seconds for the burst to be served")
+    add(
+        "--burst-wait",
+        type=float,
+        default=5.0,
+        help="the burst is served within this + 5 s, and counted within this",
+    )
     add("--startup-workers", type=int, default=4, help="workers for start-up and idle memory")
     add("--startup-runs", type=int, help="start-ups to take the median of (default 5)")
     add("--startup-servers", default="maccept,recipe", help="servers timed at start-up")
     add("--idle-wait", type=float, default=1.0, help="seconds idle before reading memory")
     add("--backlog", type=int, default=servers.BACKLOG, help="accept queue of every server")
     add("--prime", type=float, default=1.0, help="unmeasured seconds of load on a new server")
-    add("--reload-load", type=float, default=5.0, help="seconds of churn around a reload")
+    add(
+        "--reload-load",
+        type=float,
+        default=5.0,
+        help="least seconds of churn around a reload (it lasts until the old workers are gone)",
+    )
     add(
         "--rounds",
         type=int,
         default=1,
-        help="run the whole sweep this many times, interleaved; report each cell's median",
+        help="run the whole sweep this many times, one after the other; report each cell's median",
     )
     add(
         "--profile",
@@ -346,6 +359,33 @@ class Bench:
         result = _loadgen.run(load, self.pinning.client)
         key = self._serverKey(server)
         self.results["servers"][key]["prime_rps"] = result["rps"]
+        # Unmeasured, but a wrong or missing echo here is as wrong as anywhere.
+        self.results["servers"][key]["prime"] = {
+            k: result[k]
+            for k in ("errors", "connect_failures", *PROBLEMS, "first_error")
+            if k in result
+        }
+        self._checkRun(server, "prime", result)
+
+    def _checkRun(
+        self, server: servers.RunningServer, workload: str, result: dict[str, Any]
+    ) -> None:
+        """
+        Record a load generator run whose echoes were wrong or never came
+        back (L{failed}) as a failure of its cell, so that the run exits 1.
+        """
+        why = failed(result)
+        if why is None:
+            return
+        failure = {
+            "server": server.spec.kind,
+            "workers": server.spec.processes,
+            "round": self.round,
+            "workload": workload,
+            "error": why,
+        }
+        self.results["failures"].append(failure)
+        print(f"   FAILED: {workload}: {why}", file=sys.stderr, flush=True)
 
     def _measureWorkload(self, server: servers.RunningServer, workload: Workload) -> None:
         if workload.mode == "burst":
@@ -363,6 +403,7 @@ class Bench:
         }
         self.results["runs"].append(record)
         print(f"   {_report.oneLine(record)}", file=sys.stderr, flush=True)
+        self._checkRun(server, workload.name, record)
 
     def measureLoad(self, server: servers.RunningServer, workload: Workload) -> dict[str, Any]:
         """
@@ -385,13 +426,18 @@ class Bench:
         )
         watched = [*pids, server.pid] if server.pid not in pids else pids
         running = _loadgen.Background(load, self.pinning.client)
+        # The client's measured window, as near as this process can tell:
+        # the CPU readings bound it, and the slower work (py-spy's start,
+        # /metrics) goes outside them, so that CPU per request divides the
+        # window's CPU by the window's requests.
+        windowEnds = time.monotonic() + s.warmup + s.duration
         recording = None
         try:
             time.sleep(s.warmup)
-            recording = self._startProfiling(server, workload)
             before = [_procfs.cpuTimes(p) for p in watched]
+            recording = self._startProfiling(server, workload)
             countersBefore = server.acceptCounters()
-            time.sleep(s.duration)
+            time.sleep(max(0.0, windowEnds - time.monotonic()))
             after = [_procfs.cpuTimes(p) for p in watched]
             countersAfter = server.acceptCounters()
         finally:
@@ -424,7 +470,8 @@ class Bench:
         # The client's CPU over its whole run (warm-up included), as a share
         # of what its threads could use: near 1, the client set the pace.
         clientCapacity = min(s.threads, len(self.pinning.client)) * (s.warmup + s.duration)
-        record["client_busy"] = round(result["client_cpu_s"] / clientCapacity, 3)
+        if clientCapacity > 0:
+            record["client_busy"] = round(result["client_cpu_s"] / clientCapacity, 3)
         return record
 
     def _startProfiling(
@@ -521,11 +568,18 @@ class Bench:
         server = self.serve("maccept", s.startup_workers, "-reload")
         try:
             server.start()
-            self.results["reload"] = self._reload(server)
+            reload = self._reload(server)
+            why = reloadFailed(reload)
         except Exception as e:  # as in measureServer: the sweep goes on
-            self.results["reload"] = {"seconds": None, "note": f"failed: {_why(e)}"}
+            why = _why(e)
+            reload = {"seconds": None, "note": f"failed: {why}"}
         finally:
             server.stop()
+        self.results["reload"] = reload
+        if why is not None:
+            failure = {"server": "maccept", "workers": s.startup_workers, "reload": True}
+            self.results["failures"].append({**failure, "error": why})
+            print(f"   FAILED: reload: {why}", file=sys.stderr, flush=True)
         self.save()
 
     def _reload(self, server: servers.RunningServer) -> dict[str, Any]:
@@ -536,18 +590,23 @@ class Bench:
             port=server.spec.port,
             connections=s.connections,
             threads=s.threads,
-            duration=s.reload_load,
+            # Longer than the reload may take: ended (SIGTERM) once it is over.
+            duration=s.reload_load + 2 * RELOAD_LIMIT,
             sources=s.sources,
         )
         churn = _loadgen.Background(load, self.pinning.client)
+        started = time.monotonic()
         try:
             time.sleep(min(1.0, s.reload_load / 4))
             began = time.monotonic()
             os.kill(server.pid, signal.SIGHUP)
-            ready = waitUntil(lambda: bool(RELOADED.search(server.log())), 60)
-            gone = waitUntil(lambda: not set(old) & set(server.workerPids()), 60)
+            ready = waitUntil(lambda: bool(RELOADED.search(server.log())), RELOAD_LIMIT)
+            gone = waitUntil(lambda: not set(old) & set(server.workerPids()), RELOAD_LIMIT)
+            # Churn for --reload-load at least, and through the whole reload,
+            # so that what the clients saw covers all of it.
+            time.sleep(max(0.0, started + s.reload_load - time.monotonic()))
         finally:
-            result = churn.finish()
+            result = churn.finish(early=True)
         new = server.workerPids()
         return {
             "seconds": None if gone is None else round(gone - began, 3),
@@ -557,8 +616,8 @@ class Bench:
             "workers_after": new,
             "load": result,
             "note": (
-                f"SIGHUP to the parent during {s.reload_load:.0f} s of connection churn; "
-                "seconds: until the last old worker exited"
+                f"SIGHUP to the parent during {result['seconds']:.1f} s of connection churn, "
+                "which lasted until the last old worker exited; seconds: until it exited"
             ),
         }
 
@@ -621,6 +680,55 @@ def reloadSupported() -> bool:
     except ImportError:
         return False
     return hasattr(WorkerPool, "reload")
+
+
+#: The load generator's counts that make a run wrong, not just slow: echoes
+#: that differed from what was sent, and requests left without one.
+PROBLEMS = ("mismatches", "stalled")
+
+
+def failed(result: dict[str, Any]) -> str | None:
+    """
+    Why a load generator run failed (wrong or missing echoes: the client's
+    exit status 1), or None.  Broken connections and failed connects are
+    reported, not failed: a full accept queue (--backlog 50) causes them.
+    """
+    counts = [f"{k} {result[k]}" for k in PROBLEMS if result.get(k)]
+    if not counts:
+        return None
+    first = f" (first: {result['first_error']})" if result.get("first_error") else ""
+    return ", ".join(counts) + first
+
+
+def reloadFailed(reload: dict[str, Any]) -> str | None:
+    """
+    Why a measured reload failed: a generation that never served or never
+    left, or wrong or missing echoes meanwhile; None if it did not.
+    """
+    if reload["new_generation_ready_s"] is None:
+        return f"the new generation did not serve within {RELOAD_LIMIT:.0f} s"
+    if reload["old_generation_gone_s"] is None:
+        return f"the old generation had not exited after {RELOAD_LIMIT:.0f} s"
+    why = failed(reload["load"])
+    return None if why is None else f"clients during the reload: {why}"
+
+
+def exitOnSignals() -> None:
+    """
+    Make SIGTERM and SIGHUP end the run as an exception would, so that
+    every server is stopped on the way out (each runs in a session of its
+    own, where no signal to this process reaches it).  A second signal
+    during that clean-up is ignored; SIGKILL still ends everything but the
+    servers.
+    """
+
+    def end(signum: int, frame: FrameType | None) -> None:
+        for other in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(other, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, end)
 
 
 def _why(error: Exception) -> str:
@@ -687,6 +795,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(e)) from None
     if args.rounds < 1:
         raise SystemExit(f"--rounds: expected 1 or more, got {args.rounds}")
+    if args.duration is not None and args.duration <= 0:
+        raise SystemExit(f"--duration: expected more than 0 seconds, got {args.duration}")
+    if args.warmup is not None and args.warmup < 0:
+        raise SystemExit(f"--warmup: expected 0 seconds or more, got {args.warmup}")
+    exitOnSignals()
     _loadgen.build()
     settings = makeSettings(args, pinning)
     bench = Bench(settings, pinning, args.out)

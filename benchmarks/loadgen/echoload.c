@@ -27,17 +27,26 @@
  * Output fields: requests completed in the measured window, rps, mib_s (payload
  * echoed back per second, one direction), latency p50_us / p99_us / p999_us /
  * max_us from the first byte sent to the last byte of the echo (churn and burst:
- * from connect(), so a burst's latency includes the wait to be accepted), errors (connections that broke),
- * connect_failures, mismatches (requests whose echo differed from what was
- * sent), client_cpu_s and first_error.
+ * from connect(), so a burst's latency includes the wait to be accepted; each
+ * clamped to the smallest and largest latency seen, since a bucket's middle can
+ * lie beyond them), errors (connections that broke), connect_failures,
+ * mismatches (requests whose echo differed from what was sent), stalled,
+ * client_cpu_s and first_error.
+ *
+ * stalled (rr and churn): connections whose request had been sent and its echo
+ * not completed for more than STALL_SECONDS (1 s) when the run ended: a server
+ * that drops a byte or never answers would otherwise leave them waiting
+ * unnoticed.  A second is hundreds of times a loopback echo's usual latency,
+ * and the clock starts when the request is sent, so a connect() slowed by
+ * dropped SYNs does not count.  A run shorter than that cannot see a stall.
  *
  * Only requests that complete inside the measured window (after the warm-up)
  * count towards requests, rps and the latency percentiles.  errors,
  * connect_failures and mismatches count over the whole run; first_error says
- * what broke first and when, and client_cpu_s how much CPU the client itself
- * used (near threads x elapsed means the client, not the server, is the
- * limit).  The exit status is 1 when any echo differed from what was sent,
- * 2 on a usage error.
+ * what broke first (the earliest over all threads) and when, and client_cpu_s
+ * how much CPU the client itself used (near threads x elapsed means the
+ * client, not the server, is the limit).  The exit status is 1 when any echo
+ * differed from what was sent or stalled, 2 on a usage error.
  * SIGTERM or SIGINT ends a run early; it still reports what it measured.
  *
  * Build: cc -O2 -pthread -o echoload echoload.c
@@ -125,6 +134,7 @@ static void sleep_seconds(double seconds)
 struct histogram {
     uint64_t counts[BUCKETS];
     uint64_t total;
+    uint64_t min; /* meaningful only when total > 0 */
     uint64_t max;
 };
 
@@ -148,6 +158,8 @@ static double bucket_middle(int index)
 static void histogram_add(struct histogram *h, uint64_t micros)
 {
     h->counts[bucket_of(micros)]++;
+    if (h->total == 0 || micros < h->min)
+        h->min = micros;
     h->total++;
     if (micros > h->max)
         h->max = micros;
@@ -157,9 +169,21 @@ static void histogram_merge(struct histogram *into, const struct histogram *from
 {
     for (int i = 0; i < BUCKETS; i++)
         into->counts[i] += from->counts[i];
+    if (from->total > 0 && (into->total == 0 || from->min < into->min))
+        into->min = from->min;
     into->total += from->total;
     if (from->max > into->max)
         into->max = from->max;
+}
+
+/* A bucket's middle, within what was seen: p99.9 never above max. */
+static double clamp_seen(const struct histogram *h, double value)
+{
+    if (value > (double)h->max)
+        return (double)h->max;
+    if (value < (double)h->min)
+        return (double)h->min;
+    return value;
 }
 
 static double histogram_percentile(const struct histogram *h, double fraction)
@@ -173,9 +197,9 @@ static double histogram_percentile(const struct histogram *h, double fraction)
     for (int i = 0; i < BUCKETS; i++) {
         seen += h->counts[i];
         if (seen > rank)
-            return bucket_middle(i);
+            return clamp_seen(h, bucket_middle(i));
     }
-    return bucket_middle(BUCKETS - 1);
+    return clamp_seen(h, bucket_middle(BUCKETS - 1));
 }
 
 /* ------------------------------------------------------------- run state */
@@ -220,6 +244,7 @@ struct conn {
     bool counted_settled;
     bool counted_finished;
     uint64_t started_ns;
+    uint64_t asked_ns; /* when the request now outstanding was started */
     uint64_t retry_at_ns;
     unsigned char *payload;
 };
@@ -238,10 +263,15 @@ struct worker {
     uint64_t errors;
     uint64_t connect_failures;
     uint64_t mismatches;
+    uint64_t stalled;
     char first_error[96]; /* what broke first, to tell a server bug from a full queue */
+    uint64_t first_error_ns;
 };
 
 #define RETRY_DELAY_NS 10000000u
+/* A request unanswered for this long when the run ends has stalled. */
+#define STALL_SECONDS 1
+#define STALL_NS (STALL_SECONDS * 1000000000ull)
 #define MAX_EVENTS 256
 
 static void fatal(const char *format, ...)
@@ -338,7 +368,8 @@ static void note_error(struct worker *w, const char *what, int error)
 {
     if (w->first_error[0] != '\0')
         return;
-    double at = (double)(now_ns() - run_started_ns) / 1e9;
+    w->first_error_ns = now_ns();
+    double at = (double)(w->first_error_ns - run_started_ns) / 1e9;
     if (error < 0)
         snprintf(w->first_error, sizeof w->first_error, "%s at %.3f s", what, at);
     else
@@ -430,8 +461,9 @@ static void start_request(struct conn *c)
     c->sent = 0;
     c->received = 0;
     c->corrupt = false;
+    c->asked_ns = now_ns();
     if (c->worker->options->mode == MODE_RR)
-        c->started_ns = now_ns(); /* churn times connect + echo */
+        c->started_ns = c->asked_ns; /* churn times connect + echo */
     pump_send(c);
 }
 
@@ -563,6 +595,25 @@ static void run_retries(struct worker *w)
     }
 }
 
+/*
+ * At the end of the run, in the thread that owns them: connections whose
+ * request has waited more than STALL_NS for its echo.  Nothing else would
+ * tell a server that lost a byte from one that is slow.
+ */
+static void count_stalled(struct worker *w)
+{
+    if (w->options->mode == MODE_BURST)
+        return; /* held on purpose; the burst counts what was served */
+    uint64_t now = now_ns();
+    for (int i = 0; i < w->count; i++) {
+        const struct conn *c = &w->conns[i];
+        if (c->state == CONN_ACTIVE && now - c->asked_ns > STALL_NS)
+            w->stalled++;
+    }
+    if (w->stalled > 0)
+        note_error(w, "echo stalled (none for over 1 s), found", -1);
+}
+
 static void *worker_main(void *arg)
 {
     struct worker *w = arg;
@@ -578,6 +629,7 @@ static void *worker_main(void *arg)
         if (w->retrying > 0)
             run_retries(w);
     }
+    count_stalled(w);
     for (int i = 0; i < w->count; i++)
         close_conn(&w->conns[i]);
     return NULL;
@@ -675,7 +727,7 @@ static int report(struct worker *workers, const struct options *o, double second
 {
     struct histogram *all = allocate(sizeof *all);
     struct worker sum = {0};
-    const char *first_error = NULL;
+    const struct worker *first = NULL; /* the thread whose error came first */
     for (int t = 0; t < o->threads; t++) {
         struct worker *w = &workers[t];
         histogram_merge(all, &w->histogram);
@@ -683,9 +735,11 @@ static int report(struct worker *workers, const struct options *o, double second
         sum.errors += w->errors;
         sum.connect_failures += w->connect_failures;
         sum.mismatches += w->mismatches;
-        if (first_error == NULL && w->first_error[0])
-            first_error = w->first_error;
+        sum.stalled += w->stalled;
+        if (w->first_error[0] && (first == NULL || w->first_error_ns < first->first_error_ns))
+            first = w;
     }
+    const char *first_error = first ? first->first_error : NULL;
     double rps = (double)sum.requests / seconds;
     double mib_s = o->mode == MODE_BURST ? 0 : rps * (double)o->size / 1048576.0;
     printf("{\"mode\": \"%s\", \"connections\": %d, \"threads\": %d, \"size\": %zu, "
@@ -696,9 +750,9 @@ static int report(struct worker *workers, const struct options *o, double second
            histogram_percentile(all, 0.50), histogram_percentile(all, 0.99),
            histogram_percentile(all, 0.999), (unsigned long long)all->max);
     printf("\"errors\": %llu, \"connect_failures\": %llu, \"mismatches\": %llu, "
-           "\"client_cpu_s\": %.2f, ",
+           "\"stalled\": %llu, \"client_cpu_s\": %.2f, ",
            (unsigned long long)sum.errors, (unsigned long long)sum.connect_failures,
-           (unsigned long long)sum.mismatches, cpu_seconds());
+           (unsigned long long)sum.mismatches, (unsigned long long)sum.stalled, cpu_seconds());
     if (o->mode == MODE_BURST) {
         uint64_t connected = __atomic_load_n(&last_connected_ns, __ATOMIC_ACQUIRE);
         uint64_t served = __atomic_load_n(&last_echoed_ns, __ATOMIC_ACQUIRE);
@@ -711,7 +765,7 @@ static int report(struct worker *workers, const struct options *o, double second
         printf("\"first_error\": null}\n");
     fflush(stdout);
     free(all);
-    return sum.mismatches ? 1 : 0;
+    return sum.mismatches || sum.stalled ? 1 : 0;
 }
 
 /* ------------------------------------------------------------- options */
