@@ -51,6 +51,65 @@ def listenQueue(listener: ListeningSocket) -> tuple[int, int] | None:
     return fields[8 + 4], fields[8 + 5]
 
 
+#: The pool's counters summed over every worker there ever was (L{COUNTERS},
+#: but the two accept pauses, which are one metric by reason): the worker's
+#: name for each, and how C{/metrics} shows it.
+_COUNTERS = [
+    (
+        "accepted",
+        "maccept_connections_accepted",
+        "Connections accepted by all workers, past and present.",
+    ),
+    (
+        "bytesReceived",
+        "maccept_bytes_received",
+        "Bytes received from clients by all workers, past and present.",
+    ),
+    (
+        "bytesSent",
+        "maccept_bytes_sent",
+        "Bytes sent to clients by all workers, past and present.",
+    ),
+    (
+        "idleClosed",
+        "maccept_connections_idle_closed",
+        "Connections closed after --idle-timeout seconds of silence.",
+    ),
+    (
+        "proxyRejected",
+        "maccept_proxy_headers_rejected",
+        "Connections dropped for a malformed PROXY protocol header.",
+    ),
+    (
+        "handshakesFailed",
+        "maccept_tls_handshakes_failed",
+        "Connections dropped for a failed TLS handshake.",
+    ),
+    (
+        "shed",
+        "maccept_connections_shed",
+        "Connections closed at once because the worker was out of file descriptors.",
+    ),
+    (
+        "resets",
+        "maccept_connections_reset",
+        "Connections the client reset, or dropped while the server still wrote to them.",
+    ),
+    (
+        "emptyWakeups",
+        "maccept_accept_empty_wakeups",
+        "Times a worker woke to accept and found no connection waiting: another "
+        "worker took it (every worker's epoll wakes for each new connection).",
+    ),
+    (
+        "acceptBatches",
+        "maccept_accept_batches",
+        "Times a worker accepted connections in one go (a wake-up, or a draining "
+        "worker's last sweep): connections accepted over this is the mean accept batch.",
+    ),
+]
+
+
 class PoolCollector(Collector):
     """
     Everything C{/metrics} shows, read from the pool at scrape time.
@@ -71,50 +130,12 @@ class PoolCollector(Collector):
         yield workers
 
         totals = pool.totals()
-        yield CounterMetricFamily(
-            "maccept_connections_accepted",
-            "Connections accepted by all workers, past and present.",
-            value=totals["accepted"],
-        )
+        for name, metric, documentation in _COUNTERS:
+            yield CounterMetricFamily(metric, documentation, value=totals[name])
         yield GaugeMetricFamily(
             "maccept_connections_open",
             "Connections open now, over all workers.",
             value=sum(w.stats["open"] for w in pool.workers),
-        )
-        yield CounterMetricFamily(
-            "maccept_bytes_received",
-            "Bytes received from clients by all workers, past and present.",
-            value=totals["bytesReceived"],
-        )
-        yield CounterMetricFamily(
-            "maccept_bytes_sent",
-            "Bytes sent to clients by all workers, past and present.",
-            value=totals["bytesSent"],
-        )
-        yield CounterMetricFamily(
-            "maccept_connections_idle_closed",
-            "Connections closed after --idle-timeout seconds of silence.",
-            value=totals["idleClosed"],
-        )
-        yield CounterMetricFamily(
-            "maccept_proxy_headers_rejected",
-            "Connections dropped for a malformed PROXY protocol header.",
-            value=totals["proxyRejected"],
-        )
-        yield CounterMetricFamily(
-            "maccept_tls_handshakes_failed",
-            "Connections dropped for a failed TLS handshake.",
-            value=totals["handshakesFailed"],
-        )
-        yield CounterMetricFamily(
-            "maccept_connections_shed",
-            "Connections closed at once because the worker was out of file descriptors.",
-            value=totals["shed"],
-        )
-        yield CounterMetricFamily(
-            "maccept_connections_reset",
-            "Connections the client reset, or dropped while the server still wrote to them.",
-            value=totals["resets"],
         )
         pauses = CounterMetricFamily(
             "maccept_accept_pauses",
@@ -125,18 +146,6 @@ class PoolCollector(Collector):
         pauses.add_metric(["balance"], totals["acceptPausesAhead"])
         pauses.add_metric(["max_concurrent"], totals["acceptPausesFull"])
         yield pauses
-        yield CounterMetricFamily(
-            "maccept_accept_empty_wakeups",
-            "Times a worker woke to accept and found no connection waiting: another "
-            "worker took it (every worker's epoll wakes for each new connection).",
-            value=totals["emptyWakeups"],
-        )
-        yield CounterMetricFamily(
-            "maccept_accept_batches",
-            "Times a worker accepted connections in one go (a wake-up, or a draining "
-            "worker's last sweep): connections accepted over this is the mean accept batch.",
-            value=totals["acceptBatches"],
-        )
         restarts = CounterMetricFamily(
             "maccept_worker_restarts",
             "Workers that left the pool, by reason.",

@@ -27,26 +27,11 @@ from maccept._listening import ListeningSocket
 from maccept._spawning import WorkerLauncher
 from maccept._states import PoolState, WorkerState, nextPoolState
 from maccept._watchdog import Watchdog
+from maccept._wire import COUNTERS
 from maccept._workerprocess import WorkerProcess
 
 #: Why a worker left the pool, for C{maccept_worker_restarts_total}.
 RESTART_REASONS = ("crash", "recycle", "watchdog", "reload", "scale")
-
-#: Worker counters that only grow, summed over every worker there ever was.
-COUNTERS = (
-    "accepted",
-    "bytesReceived",
-    "bytesSent",
-    "idleClosed",
-    "proxyRejected",
-    "handshakesFailed",
-    "shed",
-    "acceptPausesAhead",
-    "acceptPausesFull",
-    "emptyWakeups",
-    "acceptBatches",
-    "resets",
-)
 
 
 @dataclass

@@ -156,6 +156,10 @@ STATS = [
     (b"lag", amp.Float()),
 ]
 
+#: Those of L{STATS} that only grow (all but the open connections and the
+#: lag): the pool sums them over every worker there ever was.
+COUNTERS = tuple(name.decode() for name, _ in STATS if name not in (b"open", b"lag"))
+
 
 class Heartbeat(amp.Command):
     """

@@ -26,6 +26,7 @@ from twisted.web.resource import Resource
 from maccept._http import QuietSite, healthy
 from maccept._metrics import listenQueue, registryFor
 from maccept._pool import WorkerPool
+from maccept._wire import COUNTERS
 from tests.test_pool import PoolTestCase
 from tests.test_tls import selfSignedCertificate
 
@@ -103,6 +104,18 @@ class CollectorTests(PoolTestCase):
         third.heartbeat(acceptBatches=None)
         self.process(first).end(1)
         self.assertEqual(scrape(pool)[("maccept_accept_batches_total", ())], 42)
+
+    def test_everyCounterShown(self) -> None:
+        """
+        Every counter a worker reports (L{COUNTERS}) reaches C{/metrics}:
+        one added to the heartbeat cannot be left out of it unseen.
+        """
+        pool = self.readyPool(1)
+        [worker] = pool.workers
+        values = {name: 1000 + index for index, name in enumerate(COUNTERS)}
+        worker.heartbeat(**values)
+        shown = set(scrape(pool).values())
+        self.assertEqual({n for n, v in values.items() if v not in shown}, set())
 
     def test_signalledWorkerShownDraining(self) -> None:
         """
