@@ -587,7 +587,7 @@ def adopt(
     if proxied:
         from maccept._proxy import ProxyWrappingFactory
 
-        factory = ProxyWrappingFactory(factory, onProxyRejected)
+        factory = ProxyWrappingFactory(factory, onProxyRejected, clock=reactor)
     return adoptStream(reactor, handle.fd, handle.addressFamily, factory)
 
 

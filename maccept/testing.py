@@ -102,9 +102,8 @@ class RunningPool:
 
 
 class _PoolProcess(protocol.ProcessProtocol):
-    def __init__(self, reactor: Any, workers: int) -> None:
+    def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
-        self.workers = workers
         self.chunks: list[bytes] = []
         # Cancelled (a test's timeout, addTimeout): kill the pool, which
         # then fails the start with CancelledError once it is gone.
@@ -116,7 +115,8 @@ class _PoolProcess(protocol.ProcessProtocol):
         self.stop(0)
 
     def connectionMade(self) -> None:
-        # The pool's process group: the parent's pid (it calls setsid).
+        # The pool's process group: the parent's pid (it calls setsid),
+        # kept for once the transport has forgotten it.
         self.pid: int = self.transport.pid  # type: ignore[union-attr]
 
     def output(self) -> str:
@@ -219,7 +219,7 @@ def startPool(
         from twisted.internet import reactor as installed
 
         reactor = installed
-    process = _PoolProcess(reactor, workers)
+    process = _PoolProcess(reactor)
     args = [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "maccept"]
     args += ["--listen", "tcp:0:interface=127.0.0.1", "--workers", str(workers)]
     args += ["--protocol", protocol, *extraArgs]

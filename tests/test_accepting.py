@@ -14,7 +14,7 @@ from maccept._accepting import AcceptGovernor, allowance
 from maccept._board import LoadBoard, countIndex, monotonicNs
 
 
-class FakeListeningPort:
+class GovernedPort:
     """
     The parts of C{tcp.Port} the governor touches.
     """
@@ -101,7 +101,7 @@ class GovernorTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.board = newBoard(self, 3)
-        self.port = FakeListeningPort()
+        self.port = GovernedPort()
         self.governor = AcceptGovernor(self.clock, self.board, 0, 100)
         self.governor.govern(self.port)  # type: ignore[arg-type]
         self.governor.start()
@@ -278,9 +278,9 @@ class MaxConcurrentTests(SynchronousTestCase):
     C{--max-concurrent}, with no board (C{--balance greedy}) and with one.
     """
 
-    def governed(self, board: LoadBoard | None = None) -> tuple[AcceptGovernor, FakeListeningPort]:
+    def governed(self, board: LoadBoard | None = None) -> tuple[AcceptGovernor, GovernedPort]:
         self.clock = Clock()
-        port = FakeListeningPort()
+        port = GovernedPort()
         governor = AcceptGovernor(self.clock, board, 0, 100, maxConcurrent=3)
         governor.govern(port)  # type: ignore[arg-type]
         governor.start()
@@ -289,7 +289,7 @@ class MaxConcurrentTests(SynchronousTestCase):
 
     def governedBesideAnIdleWorker(
         self,
-    ) -> tuple[LoadBoard, AcceptGovernor, FakeListeningPort]:
+    ) -> tuple[LoadBoard, AcceptGovernor, GovernedPort]:
         """
         A governed worker, and on the board one other with no connections.
         """
