@@ -31,7 +31,7 @@ from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from maccept._proxy import splitProxy
+from maccept._proxy import endpointType, splitProxy
 from maccept._socketpath import SocketPath, dropOwnLock, pathProblem
 from maccept._wire import ListenerHandle
 
@@ -67,13 +67,13 @@ def checkDescription(description: str) -> None:
         raise ListenError("it ends in a backslash, which escapes nothing")
     proxied, inner = splitProxy(description)
     if proxied:
-        if inner.split(":", 1)[0].lower() in DATAGRAM_TYPES:
+        if endpointType(inner) in DATAGRAM_TYPES:
             raise ListenError("the PROXY protocol (haproxy:) needs a stream listener, not udp")
         if splitProxy(inner)[0]:
             raise ListenError("haproxy: is given twice (one PROXY header per connection)")
         checkDescription(inner)
         return
-    kind = description.split(":", 1)[0].lower()
+    kind = endpointType(description)
     if kind in DATAGRAM_TYPES:
         parseUDP(description)
         return
@@ -399,23 +399,24 @@ def listen(reactor: Any, description: str) -> ListeningSocket:
         bound (address in use, permission denied, missing directory).
     """
     checkDescription(description)
-    if description.split(":", 1)[0].lower() in DATAGRAM_TYPES:
+    if endpointType(description) in DATAGRAM_TYPES:
         return _listenUDP(reactor, description)
     # haproxy:INNER: the parent makes INNER's socket; workers add the PROXY
     # protocol when they adopt it (they read the prefix from the description).
     _, inner = splitProxy(description)
+    fromSystemd = endpointType(inner) == "systemd"
     endpoint = serverFromString(reactor, inner)
-    if inner.startswith("systemd:"):
+    if fromSystemd:
         _checkSystemdSocket(endpoint)
     port = listenNow(endpoint, _NeverAccepts(), unixPath(inner))
     port.stopReading()  # type: ignore[attr-defined]
-    if "backlog=" not in inner and not inner.startswith("systemd:"):
+    if "backlog=" not in inner and not fromSystemd:
         # Twisted's default backlog (50) overflows under a burst of
         # connections; an overflowing SYN waits a second to be retried.
         port.socket.listen(DEFAULT_BACKLOG)  # type: ignore[attr-defined]
     family = socket.AddressFamily(port.socket.family).name  # type: ignore[attr-defined]
     # A systemd socket's path belongs to systemd.
-    owned = None if inner.startswith("systemd:") else SocketPath.of(f"--listen {description}", port)
+    owned = None if fromSystemd else SocketPath.of(f"--listen {description}", port)
     return ListeningSocket(description=description, port=port, family=family, socketPath=owned)
 
 
@@ -458,7 +459,7 @@ def unixPath(description: str) -> str | None:
     The path of a C{unix:} description (C{unix:PATH} or
     C{unix:address=PATH}); C{None} for other types.
     """
-    if description.split(":", 1)[0].lower() != "unix":
+    if endpointType(description) != "unix":
         return None
     for field in _fields(description):
         key, equals, value = field.partition("=")
@@ -495,7 +496,7 @@ def adoptListener(reactor: Any, description: str, fd: int) -> ListeningSocket:
     finally:
         os.close(fd)
     # Its path and lock are the old parent's until this one takes over.
-    fromSystemd = splitProxy(description)[1].startswith("systemd:")
+    fromSystemd = endpointType(splitProxy(description)[1]) == "systemd"
     path = None if fromSystemd else SocketPath.of(f"--listen {description}", port, owned=False)
     return ListeningSocket(
         description=description,
@@ -576,7 +577,7 @@ def adopt(
     header comes before the TLS handshake.
     """
     proxied, inner = splitProxy(handle.description)
-    if inner.split(":", 1)[0].lower() == "ssl":
+    if endpointType(inner) == "ssl":
         from maccept._tls import HandshakeCountingFactory
 
         contextFactory = serverFromString(reactor, inner)._sslContextFactory

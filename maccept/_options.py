@@ -20,7 +20,7 @@ from maccept._handover import tellOldParentWhy
 from maccept._listening import DATAGRAM_TYPES, ListenError, checkDescription, unixPath
 from maccept._procfs import residentBytes
 from maccept._protocols import ProtocolSpecError, resolveProtocol
-from maccept._proxy import splitProxy
+from maccept._proxy import endpointType, splitProxy
 from maccept._reactor import WORKER_REACTORS
 from maccept._upgrade import HandOverError, inheritedDescriptions
 
@@ -329,7 +329,7 @@ class Options(usage.Options):
         except HandOverError as e:
             raise usage.UsageError(str(e)) from None
         for description in self["listen"]:
-            kind = splitProxy(description)[1].split(":", 1)[0].lower()
+            kind = endpointType(splitProxy(description)[1])
             if description in inherited and kind != "ssl":
                 continue
             try:
@@ -349,7 +349,7 @@ class Options(usage.Options):
             metrics = self["metrics"]
             try:
                 checkDescription(metrics)
-                if splitProxy(metrics)[1].split(":", 1)[0].lower() in DATAGRAM_TYPES:
+                if endpointType(splitProxy(metrics)[1]) in DATAGRAM_TYPES:
                     raise ListenError("the metrics are served over HTTP, not UDP")
             except ListenError as e:
                 raise usage.UsageError(f"--metrics {shown(metrics)}: {e}") from None

@@ -259,6 +259,14 @@ class ProxyWrappingFactory(PassesRefusals, HAProxyWrappingFactory):
         self.onRejected()
 
 
+def endpointType(description: str) -> str:
+    """
+    The endpoint type a description starts with, lower case (C{tcp},
+    C{unix}, C{haproxy}...): Twisted takes C{TCP:} too.
+    """
+    return description.split(":", 1)[0].lower()
+
+
 def splitProxy(description: str) -> tuple[bool, str]:
     """
     C{(True, inner)} for C{haproxy:INNER}, else C{(False, description)}.
