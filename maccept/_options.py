@@ -16,8 +16,8 @@ from twisted.python import usage
 
 from maccept._affinity import availableCPUs, parseCPUs
 from maccept._board import MAX_WORKERS
+from maccept._descriptions import DATAGRAM_TYPES, ListenError, checkDescription, unixPath
 from maccept._handover import tellOldParentWhy
-from maccept._listening import DATAGRAM_TYPES, ListenError, checkDescription, unixPath
 from maccept._procfs import residentBytes
 from maccept._protocols import ProtocolSpecError, resolveProtocol
 from maccept._proxy import endpointType, splitProxy

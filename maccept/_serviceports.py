@@ -26,14 +26,9 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from maccept._listening import (
-    ListenError,
-    adoptStream,
-    listenNow,
-    release,
-    socketKind,
-    unixPath,
-)
+from maccept._adopting import adoptStream, release, socketKind
+from maccept._descriptions import ListenError, unixPath
+from maccept._listening import listenNow
 from maccept._socketpath import SocketPath
 
 _log = Logger(namespace="maccept")

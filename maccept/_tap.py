@@ -18,13 +18,14 @@ import sys
 from twisted.application.service import IService
 from twisted.logger import Logger
 
+from maccept._descriptions import ListenError
 from maccept._handover import (
     UPGRADE_FROM,
     greetOldParent,
     tellOldParentWhy,
     workersAfterUpgrade,
 )
-from maccept._listening import ListenError, ListeningSocket, adoptListener, listen
+from maccept._listening import ListeningSocket, adoptListener, listen
 from maccept._options import CommandLineOptions, fail
 from maccept._parent import MacceptService
 from maccept._pool import PoolSettings, WorkerPool

@@ -28,10 +28,10 @@ from twisted.python.failure import Failure
 
 from maccept._accepting import AcceptGovernor
 from maccept._acceptloop import acceptQuickly
+from maccept._adopting import adopt, release
 from maccept._affinity import pinTo
 from maccept._board import LoadBoard
 from maccept._connections import ConnectionTracker, queuedBytes, trackConnections
-from maccept._listening import adopt, release
 from maccept._logforward import ForwardingObserver
 from maccept._protocols import DatagramEcho, resolveProtocol
 from maccept._signals import PARENT_SIGNALS

@@ -15,7 +15,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from maccept._listening import AdoptedUNIXPort
+from maccept._adopting import AdoptedUNIXPort
 from maccept._reactor import WorkerReactor
 
 

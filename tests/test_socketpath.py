@@ -17,7 +17,8 @@ from twisted.internet.protocol import Factory
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from maccept._listening import ListenError, listenNow
+from maccept._descriptions import ListenError
+from maccept._listening import listenNow
 from maccept._socketpath import SocketPath, dropOwnLock, pathProblem
 
 

@@ -9,7 +9,7 @@ import socket
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from maccept._listening import ListenError, checkDescription, parseUDP
+from maccept._descriptions import ListenError, checkDescription, parseUDP
 from tests.server import MacceptServer, echoRoundTrip, runMaccept
 
 
