@@ -729,18 +729,6 @@ class WorkerPool(Service):
             return f"the pool is {self.shownState}"
         return self.upgrading()
 
-    def scaleUp(self) -> None:
-        """
-        Add one worker.
-        """
-        self._grow()
-
-    def scaleDown(self) -> None:
-        """
-        Take one member out of the pool.
-        """
-        self._shrink()
-
     def scalingRefused(self) -> str | None:
         """
         Why the pool cannot be scaled now, or C{None}: only a running pool
@@ -751,7 +739,7 @@ class WorkerPool(Service):
             return f"the pool is {self.shownState}"
         return self.upgrading()
 
-    def _grow(self) -> bool:
+    def scaleUp(self) -> bool:
         """
         Add one worker; say whether one was added.
         """
@@ -780,16 +768,16 @@ class WorkerPool(Service):
         """
         Add or drain workers until the pool has C{size}.
         """
-        while self.size < size and self.state is PoolState.RUNNING and self._grow():
+        while self.size < size and self.state is PoolState.RUNNING and self.scaleUp():
             pass
-        while self.size > max(1, size) and self.state is PoolState.RUNNING and self._shrink():
+        while self.size > max(1, size) and self.state is PoolState.RUNNING and self.scaleDown():
             pass
 
-    def _shrink(self) -> bool:
+    def scaleDown(self) -> bool:
         """
-        Take one member out of the pool: a pending restart if there is one,
-        as it costs nothing, otherwise the highest-numbered worker, drained.
-        Say whether one was taken out.
+        Take one member out of the pool, the one that costs least: a pending
+        restart, else a worker leaving anyway, else the highest-numbered
+        worker, drained.  Say whether one was taken out.
         """
         refused = self.scalingRefused()
         if refused is not None:
@@ -798,38 +786,54 @@ class WorkerPool(Service):
         if self.size <= 1:
             self.log.warn("not scaling down: the pool keeps at least one worker")
             return False
+        return self._dropPendingRestart() or self._dropLeaving() or self._drainOne()
+
+    def _dropPendingRestart(self) -> bool:
         restarts = [r for r in self.pendingRestarts() if r.replaces is None]
-        if restarts:
-            restart = max(restarts, key=lambda r: r.number)
-            self._cancelRestart(restart)
-            self.size -= 1
-            self.log.info(
-                "scaling down to {size} workers: worker {number} is not restarted",
-                size=self.size,
-                number=restart.number,
-            )
-            return True
+        if not restarts:
+            return False
+        restart = max(restarts, key=lambda r: r.number)
+        self._cancelRestart(restart)
+        self.size -= 1
+        self.log.info(
+            "scaling down to {size} workers: worker {number} is not restarted",
+            size=self.size,
+            number=restart.number,
+        )
+        return True
+
+    def _dropLeaving(self) -> bool:
+        """
+        Take out a worker already on its way out (the watchdog's stack dump,
+        its own SIGTERM's grace): draining a healthy worker as well would
+        leave the pool a worker short until the next start.
+        """
         leaving = self._leavingUnreplaced()
-        if leaving:
-            # Already on its way out (the watchdog's stack dump, its own
-            # SIGTERM's grace): draining a healthy worker as well would
-            # leave the pool a worker short until the next start.
-            worker = max(leaving, key=lambda w: w.number)
-            worker.leavesPool = True
-            # Not a member any more: not to be drained or replaced again.
-            worker.stopReason = worker.stopReason or "scale"
-            self._cancelSignalledReplacement(worker)
-            # A signalled worker drains itself; give it the deadline every
-            # drained worker gets.
-            worker.drain("scale", self.settings.gracefulTimeout, self.killTime)
-            self.size -= 1
-            self.log.info(
-                "scaling down to {size} workers: worker {number}, leaving already, is not replaced",
-                size=self.size,
-                number=worker.number,
-            )
-            return True
-        # A replacement is never the victim: the worker it replaces is.
+        if not leaving:
+            return False
+        worker = max(leaving, key=lambda w: w.number)
+        worker.leavesPool = True
+        # Not a member any more: not to be drained or replaced again.
+        worker.stopReason = worker.stopReason or "scale"
+        self._cancelSignalledReplacement(worker)
+        # A signalled worker drains itself; give it the deadline every
+        # drained worker gets.
+        worker.drain("scale", self.settings.gracefulTimeout, self.killTime)
+        self.size -= 1
+        self.log.info(
+            "scaling down to {size} workers: worker {number}, leaving already, is not replaced",
+            size=self.size,
+            number=worker.number,
+        )
+        return True
+
+    def _drainOne(self) -> bool:
+        """
+        Drain the highest-numbered worker, preferring one being replaced
+        already (recycled, or sent SIGTERM on its own), which leaves anyway:
+        its replacement is stopped rather than a healthy worker drained too.
+        A replacement is never the one: the worker it replaces is.
+        """
         candidates = [
             w
             for w in self.ofGeneration(self.generation)
@@ -840,9 +844,6 @@ class WorkerPool(Service):
         if not candidates:
             self.log.warn("not scaling down: no worker to drain")
             return False
-        # One being replaced already (recycled, or sent SIGTERM on its own)
-        # is leaving anyway: take it and stop its replacement, rather than
-        # drain a healthy worker too.
         victim = max(candidates, key=lambda w: (self._replacementOf(w) is not None, w.number))
         self.size -= 1
         self.log.info(

@@ -271,7 +271,7 @@ class ScaleDownTests(SupervisionTestCase):
             steps.append(pool.size)
             return False
 
-        pool._shrink = refuse  # type: ignore[method-assign]
+        pool.scaleDown = refuse  # type: ignore[method-assign]
         pool.scaleTo(1)
         self.assertEqual(steps, [3])
         self.assertEqual(pool.size, 3)
