@@ -30,12 +30,11 @@ from maccept._options import CommandLineOptions, fail
 from maccept._parent import MacceptService
 from maccept._pool import PoolSettings, WorkerPool
 from maccept._serviceports import openServicePorts
+from maccept._sharedlog import appendToLogFiles, followRotatedLogs
 from maccept._states import PoolState
 from maccept._systemd import SystemdNotifier
 from maccept._upgrade import (
     Upgrade,
-    appendToLogFiles,
-    followRotatedLogs,
     inheritedListeners,
     takeOver,
 )

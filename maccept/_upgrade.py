@@ -25,11 +25,9 @@ it is ready, the old one renames the pidfile back and keeps serving.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
-import stat
 import sys
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from enum import Enum
@@ -38,7 +36,6 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -55,6 +52,7 @@ from maccept._handover import (
 )
 from maccept._listening import ListeningSocket
 from maccept._serviceports import ServicePort
+from maccept._sharedlog import shareLogFile
 
 #: What the old parent tells the new one: the inherited sockets (and, see
 #: L{maccept._handover}, its pid and the pipe to say when to stop it).
@@ -125,56 +123,6 @@ class _NewParent(ProcessProtocol):
         self.upgrade.newParentEnded(reason)
 
 
-def appendToLogFiles() -> None:
-    """
-    In a new parent, before twistd opens C{--logfile}: open every log file
-    append-only (C{O_APPEND}).  twistd opens it at its end but not for
-    appending, and writes its first lines at once, while the old parent
-    still writes the same file: at the offset it saw, they went over the
-    old parent's latest lines (torn lines, lost lines), before this
-    parent's service could make the descriptor append-only.
-    """
-    from twisted.python import logfile
-
-    opened = logfile.LogFile._openFile
-
-    def _openFile(self: logfile.LogFile) -> None:
-        opened(self)
-        fd = self._file.fileno()
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
-        if self not in _SHARED_LOGS:
-            _SHARED_LOGS.append(self)
-
-    logfile.LogFile._openFile = _openFile  # type: ignore[method-assign]
-
-
-#: The log files a new parent opened while the old one wrote them too.
-_SHARED_LOGS: list[Any] = []
-
-
-def followRotatedLogs(reactor: Any, oldParent: int, interval: float = 1.0) -> None:
-    """
-    In a new parent that took over, while the old one (its parent) drains:
-    if the old parent rotates the shared log file, this parent's
-    descriptor is left on the renamed file, and it would write there, the
-    file named by --logfile ending with the old parent's "Server Shut
-    Down.".  Reopen the file by its name whenever it is another file,
-    until the old parent is gone.
-    """
-
-    def check() -> None:
-        for log in _SHARED_LOGS:
-            with contextlib.suppress(OSError):
-                if os.stat(log.path).st_ino != os.fstat(log._file.fileno()).st_ino:
-                    log.reopen()
-        if os.getppid() != oldParent:
-            follow.stop()
-
-    follow = LoopingCall(check)
-    follow.clock = reactor
-    follow.start(interval, now=False)
-
-
 class Upgrade:
     """
     The old parent's side of an upgrade.
@@ -232,34 +180,6 @@ class Upgrade:
         """
         return self.stage in (Stage.SERVING, Stage.SIGNALLED)
 
-    def shareLogFile(self) -> None:
-        """
-        Make the descriptor of twistd's C{--logfile} append-only
-        (C{O_APPEND}): during an upgrade two parents write that file, and
-        each would otherwise write at its own offset, over the other's
-        lines.  (When twistd rotates the file during the upgrade, the
-        rotating parent reopens a new file alone, so that needs no flag;
-        only a rotation before the new parent has opened the log would be
-        shared without one.)
-        """
-        config = self.twistdConfig or {}
-        logfile = config.get("logfile") or ("twistd.log" if not config.get("nodaemon") else None)
-        if not logfile or logfile == "-":
-            return
-        name = os.path.basename(logfile)
-        for entry in os.listdir("/proc/self/fd"):
-            fd = int(entry)
-            try:
-                if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) != name:
-                    continue
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    continue
-                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-                if flags & os.O_ACCMODE != os.O_RDONLY:
-                    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_APPEND)
-            except OSError:
-                continue  # closed meanwhile (listdir's own descriptor)
-
     def start(self) -> None:
         if self._stopping:
             self.log.warn("upgrade ignored: this parent is stopping")
@@ -299,7 +219,7 @@ class Upgrade:
         env[UPGRADE_FROM] = str(os.getpid())
         env[UPGRADE_PIPE] = pipeValue(pipe)
         env[UPGRADE_WORKERS] = str(self.poolSize())
-        self.shareLogFile()
+        shareLogFile(self.twistdConfig)
         self._movePidfile(".oldbin")
         command = commandLine(sys.argv, self.twistdConfig)
         try:

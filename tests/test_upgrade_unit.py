@@ -18,7 +18,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from maccept import _upgrade
+from maccept import _sharedlog
 from maccept._handover import (
     UPGRADE_FROM,
     UPGRADE_PIPE,
@@ -27,14 +27,13 @@ from maccept._handover import (
     tellOldParentWhy,
     workersAfterUpgrade,
 )
+from maccept._sharedlog import appendToLogFiles, followRotatedLogs
 from maccept._upgrade import (
     GREETING_WAIT,
     INHERIT,
     Stage,
     Upgrade,
-    appendToLogFiles,
     commandLine,
-    followRotatedLogs,
     inheritedListeners,
     takeOver,
 )
@@ -387,7 +386,7 @@ class SharedLogTests(SynchronousTestCase):
         from twisted.python import logfile
 
         self.patch(logfile.LogFile, "_openFile", logfile.LogFile._openFile)
-        self.patch(_upgrade, "_SHARED_LOGS", [])
+        self.patch(_sharedlog, "_SHARED_LOGS", [])
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
         path = Path(directory, "maccept.log")
@@ -412,7 +411,7 @@ class SharedLogTests(SynchronousTestCase):
         from twisted.python import logfile
 
         self.patch(logfile.LogFile, "_openFile", logfile.LogFile._openFile)
-        self.patch(_upgrade, "_SHARED_LOGS", [])
+        self.patch(_sharedlog, "_SHARED_LOGS", [])
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
         path = Path(directory, "maccept.log")
