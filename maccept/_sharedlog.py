@@ -20,12 +20,12 @@ from twisted.internet.task import LoopingCall
 def shareLogFile(twistdConfig: Mapping[str, Any] | None) -> None:
     """
     In the old parent, as an upgrade starts: make the descriptor of
-    twistd's C{--logfile} append-only (C{O_APPEND}): during an upgrade two parents write that file, and
-    each would otherwise write at its own offset, over the other's
-    lines.  (When twistd rotates the file during the upgrade, the
-    rotating parent reopens a new file alone, so that needs no flag;
-    only a rotation before the new parent has opened the log would be
-    shared without one.)
+    twistd's C{--logfile} append-only (C{O_APPEND}).  Two parents write
+    that file during an upgrade, and each would otherwise write at its own
+    offset, over the other's lines.  (When twistd rotates the file during
+    the upgrade, the rotating parent reopens a new file alone, so that
+    needs no flag; only a rotation before the new parent has opened the
+    log would be shared without one.)
     """
     config = twistdConfig or {}
     logfile = config.get("logfile") or ("twistd.log" if not config.get("nodaemon") else None)
