@@ -14,6 +14,8 @@ import atexit
 import contextlib
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.service import IService
 from twisted.logger import Logger
@@ -69,8 +71,42 @@ def makeService(options: CommandLineOptions) -> IService:
         appendToLogFiles()
     # After an upgrade (SIGUSR2), the old parent's sockets, by description.
     inherited = inheritedListeners()
+    listeners = _openListeners(reactor, options["listen"], inherited)
+    pool = WorkerPool(reactor, listeners, _poolSettings(options), _onFatal(reactor))
+    service = MacceptService(reactor, listeners, pool)
+    service.stopDelay = options["stop-delay"]
+    upgrade = _wireUpgrade(reactor, service, pool, listeners, getattr(options, "parent", None))
+    try:
+        service.servicePorts = openServicePorts(
+            reactor, options, pool, service.stopFromControl, inherited
+        )
+    except ListenError as e:
+        for listener in listeners:
+            listener.close()
+        fail(str(e))
+    upgrade.servicePorts = service.servicePorts
+    for fd in inherited.values():
+        os.close(fd)  # the old parent listened on more than we were asked to
+    notifier = SystemdNotifier.fromEnvironment(reactor)
+    if notifier is not None:
+        # Silent in a parent that handed over, or that has not taken over.
+        notifier.follow(
+            pool,
+            silent=lambda: UPGRADE_FROM in os.environ or upgrade.takenOver,
+        )
+    return service
+
+
+def _openListeners(
+    reactor: Any, descriptions: list[str], inherited: dict[str, int]
+) -> list[ListeningSocket]:
+    """
+    A socket for each C{--listen}: the one an old parent handed over for
+    the same description (USR2), or a new one.  One that cannot listen
+    ends the start-up with one line, closing those already made.
+    """
     listeners: list[ListeningSocket] = []
-    for description in options["listen"]:
+    for description in descriptions:
         try:
             if description in inherited:
                 listeners.append(adoptListener(reactor, description, inherited.pop(description)))
@@ -80,8 +116,15 @@ def makeService(options: CommandLineOptions) -> IService:
             for listener in listeners:
                 listener.close()
             fail(f"--listen {description}: {e}")
+    return listeners
 
-    settings = PoolSettings(
+
+def _poolSettings(options: CommandLineOptions) -> PoolSettings:
+    """
+    What the command line decides about the pool (its size as the old
+    parent ran it, after an upgrade).
+    """
+    return PoolSettings(
         size=workersAfterUpgrade(os.environ, options["workers"]),
         protocol=options["protocol"],
         protocolOptions=tuple(options["protocol-option"]),
@@ -98,6 +141,8 @@ def makeService(options: CommandLineOptions) -> IService:
         cpus=options["cpu-affinity"] or (),
     )
 
+
+def _onFatal(reactor: Any) -> Callable[[str], None]:
     def onFatal(message: str) -> None:
         # One line on the terminal too: under twistd -n the log goes to
         # standard output, where the reason can scroll past unseen.
@@ -107,14 +152,24 @@ def makeService(options: CommandLineOptions) -> IService:
         exitWithStatus(1)
         reactor.stop()
 
-    pool = WorkerPool(reactor, listeners, settings, onFatal)
-    service = MacceptService(reactor, listeners, pool)
-    service.stopDelay = options["stop-delay"]
-    twistdConfig = getattr(options, "parent", None)
+    return onFatal
+
+
+def _wireUpgrade(
+    reactor: Any,
+    service: MacceptService,
+    pool: WorkerPool,
+    listeners: list[ListeningSocket],
+    twistdConfig: Any,
+) -> Upgrade:
+    """
+    Both sides of USR2: this parent as the old one (an upgrade it starts,
+    which waits for its pool and pauses its scaling and reloads), and as
+    the new one (taking over once its pool runs).
+    """
     upgrade = service.upgrade = Upgrade(
         reactor, listeners, twistdConfig, lambda: pool.state is PoolState.RUNNING
     )
-
     # Taken over: the new parent serves already, so no --stop-delay.
     upgrade.onTakenOver = lambda: service.requestStop(delay=False)
     upgrade.poolSize = lambda: pool.size
@@ -123,9 +178,7 @@ def makeService(options: CommandLineOptions) -> IService:
     pool.stateObservers.append(
         lambda state: upgrade.poolServes() if state is PoolState.RUNNING else None
     )
-    pool.upgrading = lambda: (
-        "an upgrade (USR2) is under way" if service.upgrade and service.upgrade.underWay else None
-    )
+    pool.upgrading = lambda: "an upgrade (USR2) is under way" if upgrade.underWay else None
 
     def tookOver(state: PoolState) -> None:
         if state is PoolState.RUNNING and UPGRADE_FROM in os.environ:
@@ -138,25 +191,4 @@ def makeService(options: CommandLineOptions) -> IService:
                 followRotatedLogs(reactor, int(oldParent))
 
     pool.stateObservers.append(tookOver)
-    try:
-        service.servicePorts = openServicePorts(
-            reactor, options, pool, service.stopFromControl, inherited
-        )
-    except ListenError as e:
-        for listener in listeners:
-            listener.close()
-        fail(str(e))
-    service.upgrade.servicePorts = service.servicePorts
-    for fd in inherited.values():
-        os.close(fd)  # the old parent listened on more than we were asked to
-    notifier = SystemdNotifier.fromEnvironment(reactor)
-    if notifier is not None:
-        # Silent in a parent that handed over, or that has not taken over.
-        notifier.follow(
-            pool,
-            silent=lambda: (
-                UPGRADE_FROM in os.environ
-                or (service.upgrade is not None and service.upgrade.takenOver)
-            ),
-        )
-    return service
+    return upgrade
