@@ -274,6 +274,27 @@ class Options(usage.Options):
             owners[key] = f"{option} {shown(value)}"
 
     def postOptions(self) -> None:
+        """
+        Check every value, in the order a user reads them: the numbers and
+        names, then the endpoints, then the protocol (whose code is then
+        loaded, which --max-memory's floor measures).
+        """
+        self._checkChoicesAndNumbers()
+        self._checkListeners()
+        self._checkServicePorts()
+        self._refuseSharedPaths()
+        try:
+            resolveProtocol(self["protocol"], self["protocol-option"])
+        except ProtocolSpecError as e:
+            raise usage.UsageError(f"--protocol: {e}") from None
+        if self["max-memory"] is not None:
+            # Measured now that the protocol's code is loaded, as a worker's
+            # will be: a limit below that would replace workers without end.
+            self["max-memory"] = int(
+                parseNumber("max-memory", self["max-memory"], True, startupMiB() + 1)
+            )
+
+    def _checkChoicesAndNumbers(self) -> None:
         self["workers"] = parseWorkers(self["workers"])
         if self["balance"] not in BALANCE_MODES:
             raise usage.UsageError(
@@ -284,14 +305,14 @@ class Options(usage.Options):
                 f"--worker-reactor: expected one of {', '.join(WORKER_REACTORS)}, "
                 f"got {self['worker-reactor']!r}"
             )
-        self["graceful-timeout"] = parseNumber(
-            "graceful-timeout", self["graceful-timeout"], integer=False, minimum=0
-        )
-        self["stop-delay"] = parseNumber("stop-delay", self["stop-delay"], integer=False, minimum=0)
-        self["start-timeout"] = parseNumber(
-            "start-timeout", self["start-timeout"], integer=False, minimum=1
-        )
-        self["timeout"] = parseNumber("timeout", self["timeout"], integer=False, minimum=0)
+        for seconds, minimum in [
+            ("graceful-timeout", 0),
+            ("stop-delay", 0),
+            ("start-timeout", 1),
+            ("timeout", 0),
+            ("idle-timeout", 0),
+        ]:
+            self[seconds] = parseNumber(seconds, self[seconds], integer=False, minimum=minimum)
         if 0 < self["timeout"] < MIN_WATCHDOG_TIMEOUT:
             # Workers beat four times per timeout: shorter, and idle workers
             # spin on heartbeats or are all killed as hung.
@@ -302,22 +323,20 @@ class Options(usage.Options):
         self["max-connections-jitter"] = int(
             parseNumber("max-connections-jitter", self["max-connections-jitter"], True, 0)
         )
-        if self["max-connections"] is not None:
-            self["max-connections"] = int(
-                parseNumber("max-connections", self["max-connections"], True, 1)
-            )
-        if self["max-concurrent"] is not None:
-            self["max-concurrent"] = int(
-                parseNumber("max-concurrent", self["max-concurrent"], True, 1)
-            )
-        self["idle-timeout"] = parseNumber(
-            "idle-timeout", self["idle-timeout"], integer=False, minimum=0
-        )
+        for count in ("max-connections", "max-concurrent"):
+            if self[count] is not None:
+                self[count] = int(parseNumber(count, self[count], True, 1))
         if self["cpu-affinity"] is not None:
             try:
                 self["cpu-affinity"] = parseCPUs(self["cpu-affinity"], availableCPUs())
             except ValueError as e:
                 raise usage.UsageError(f"--cpu-affinity: {e}") from None
+        if self["max-connections"] is None and self["max-connections-jitter"]:
+            raise usage.UsageError(
+                "--max-connections-jitter: spreads --max-connections, which is not given"
+            )
+
+    def _checkListeners(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         # After an upgrade the old parent's sockets come ready-made: a
@@ -336,14 +355,12 @@ class Options(usage.Options):
                 checkDescription(description)
             except ListenError as e:
                 raise usage.UsageError(f"--listen {shown(description)}: {e}") from None
+
+    def _checkServicePorts(self) -> None:
         control = self["control"]
         if control is not None and (not control or any(c in control for c in "\r\n\0")):
             raise usage.UsageError(
                 f"--control {shown(control)}: the path is empty or holds a line break or a NUL"
-            )
-        if self["max-connections"] is None and self["max-connections-jitter"]:
-            raise usage.UsageError(
-                "--max-connections-jitter: spreads --max-connections, which is not given"
             )
         if self["metrics"] is not None:
             metrics = self["metrics"]
@@ -353,17 +370,6 @@ class Options(usage.Options):
                     raise ListenError("the metrics are served over HTTP, not UDP")
             except ListenError as e:
                 raise usage.UsageError(f"--metrics {shown(metrics)}: {e}") from None
-        self._refuseSharedPaths()
-        try:
-            resolveProtocol(self["protocol"], self["protocol-option"])
-        except ProtocolSpecError as e:
-            raise usage.UsageError(f"--protocol: {e}") from None
-        if self["max-memory"] is not None:
-            # Measured now that the protocol's code is loaded, as a worker's
-            # will be: a limit below that would replace workers without end.
-            self["max-memory"] = int(
-                parseNumber("max-memory", self["max-memory"], True, startupMiB() + 1)
-            )
 
 
 # usage.Options keeps a docstring's line breaks and indentation inside the
