@@ -15,6 +15,7 @@ from twisted.plugin import IPlugin, getPlugins
 from twisted.python import usage
 from zope.interface import implementer
 
+from maccept._protocols import buildsNothing
 from maccept.interfaces import IProtocolPlugin
 
 
@@ -112,6 +113,11 @@ def pluginFactoryMaker(
             raise TypeError(
                 f"protocol plugin {plugin.name!r}: makeFactory returned {made!r},"
                 " not a protocol factory (a Factory instance)"
+            )
+        if buildsNothing(made):
+            raise TypeError(
+                f"protocol plugin {plugin.name!r}: makeFactory returned a factory with no"
+                " protocol to build"
             )
         return made
 

@@ -247,22 +247,24 @@ def resolveProtocol(spec: str, protocolOptions: Sequence[str] = ()) -> FactoryMa
     return _asFactoryMaker(spec, target)
 
 
-def _buildsNothing(factory: object) -> bool:
+def buildsNothing(factory: object) -> bool:
     """
     Whether C{factory} (a L{Factory}, or a subclass) would build from no
     protocol class: Twisted's own C{Factory}, say, which asserts in every
-    C{buildProtocol}, a traceback per connection.
+    C{buildProtocol}, a traceback per connection.  Of a class, only when
+    none of it could set C{protocol} later (its own C{__init__}).
     """
     factoryClass = factory if isinstance(factory, type) else type(factory)
     return (
         issubclass(factoryClass, Factory)
         and factoryClass.buildProtocol is Factory.buildProtocol
         and getattr(factory, "protocol", None) is None
+        and (not isinstance(factory, type) or factoryClass.__init__ is Factory.__init__)
     )
 
 
 def _asFactoryMaker(spec: str, target: object) -> FactoryMaker:
-    if _buildsNothing(target):
+    if buildsNothing(target):
         raise ProtocolSpecError(
             f"{spec!r} has no protocol to build (its protocol attribute is None)"
         )
@@ -270,7 +272,9 @@ def _asFactoryMaker(spec: str, target: object) -> FactoryMaker:
         factory = target
         return lambda: factory
     if isinstance(target, type) and IProtocolFactory.implementedBy(target):
-        return target  # a factory class: calling it makes an instance
+        # A factory class: calling it makes an instance, checked in the
+        # worker (its __init__ may set the protocol, or not).
+        return _checkedMaker(spec, target)
     if isinstance(target, type) and IProtocol.implementedBy(target):
         protocolClass = cast(type[Protocol], target)
         return lambda: Factory.forProtocol(protocolClass)
@@ -288,7 +292,7 @@ def _checkedMaker(spec: str, maker: Callable[[], object]) -> FactoryMaker:
         made = maker()
         if not IProtocolFactory.providedBy(made):
             raise ProtocolSpecError(f"{spec!r} returned {made!r}, not a protocol factory")
-        if _buildsNothing(made):
+        if buildsNothing(made):
             raise ProtocolSpecError(f"{spec!r} returned a factory with no protocol to build")
         return made
 

@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -29,6 +30,13 @@ from tests.server import MacceptServer, runMaccept
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 BUILT_IN = {"echo", "discard", "chargen", "daytime", "web"}
+
+
+def bareFactoryFromOptions(options: object) -> Factory:
+    """
+    A plugin's factory maker that returns Twisted's bare C{Factory}.
+    """
+    return Factory()
 
 
 def protocolClassFromOptions(options: object) -> type:
@@ -112,6 +120,20 @@ class DiscoveryTests(SynchronousTestCase):
             make()
         self.assertIn("protocol plugin 'wrong': makeFactory returned", str(caught.exception))
         self.assertIn("not a protocol factory", str(caught.exception))
+
+    def test_makeFactoryReturnsAFactoryThatBuilds(self) -> None:
+        """
+        A plugin whose C{makeFactory} returns a factory with no protocol to
+        build fails when the factory is made, not at every connection.
+        """
+        bare = ProtocolPlugin("bare", "d", "tests.test_plugins:bareFactoryFromOptions")
+        self.patch(_plugins, "pluginsByName", lambda: {"bare": [bare]})
+        with self.assertRaises(TypeError) as caught:
+            resolveProtocol("bare")()
+        self.assertEqual(
+            str(caught.exception),
+            "protocol plugin 'bare': makeFactory returned a factory with no protocol to build",
+        )
 
     def test_onePluginFoundTwice(self) -> None:
         """

@@ -59,6 +59,16 @@ def makeBareFactory() -> Factory:
     return Factory()
 
 
+class SetsItInInit(Factory):
+    def __init__(self) -> None:
+        self.protocol = Protocol
+
+
+class ForgetsItsProtocol(Factory):
+    def __init__(self) -> None:
+        self.ready = True
+
+
 class BuildsItsOwn(Factory):
     def buildProtocol(self, addr: object) -> Protocol:
         return Protocol()
@@ -256,10 +266,14 @@ class ResolveTests(SynchronousTestCase):
         for spec in ["twisted.internet.protocol:ServerFactory", f"{HERE}:BARE_FACTORY"]:
             e = self.assertRaises(ProtocolSpecError, resolveProtocol, spec)
             self.assertIn("has no protocol to build (its protocol attribute is None)", str(e))
-        maker = resolveProtocol(f"{HERE}:makeBareFactory")
-        e = self.assertRaises(ProtocolSpecError, maker)
-        self.assertIn("returned a factory with no protocol to build", str(e))
+        for spec in [f"{HERE}:makeBareFactory", f"{HERE}:ForgetsItsProtocol"]:
+            e = self.assertRaises(ProtocolSpecError, resolveProtocol(spec))
+            self.assertIn("returned a factory with no protocol to build", str(e))
         self.assertIsInstance(resolveProtocol(f"{HERE}:BuildsItsOwn")(), BuildsItsOwn)
+        # Its __init__ sets the protocol, as Twisted code often does.
+        made = resolveProtocol(f"{HERE}:SetsItInInit")()
+        self.assertIsInstance(made, SetsItInInit)
+        self.assertIsInstance(made.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)), Protocol)
 
 
 class EchoTests(SynchronousTestCase):
