@@ -35,26 +35,30 @@ import servers
 class _Echo(socketserver.BaseRequestHandler):
     """
     RFC 862 echo; with the server's C{dropFirst}, without each
-    connection's first byte, so that no request ever completes.
+    connection's first byte, so that no request ever completes; each echo
+    C{delay} seconds late.
     """
 
     def handle(self) -> None:
         drop = cast(Any, self.server).dropFirst
+        delay = cast(Any, self.server).delay
         # The client resets connections it closes with echoes unread.
         with contextlib.suppress(ConnectionError):
             while data := self.request.recv(65536):
                 if drop:
                     data, drop = data[1:], False
+                time.sleep(delay)
                 self.request.sendall(data)
 
 
-def echoServer(testCase: SynchronousTestCase, dropFirst: bool) -> int:
+def echoServer(testCase: SynchronousTestCase, dropFirst: bool, delay: float = 0.0) -> int:
     """
     Serve echo on a loopback port for the test; return the port.
     """
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
     server.daemon_threads = True
     cast(Any, server).dropFirst = dropFirst
+    cast(Any, server).delay = delay
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     testCase.addCleanup(server.server_close)
@@ -85,6 +89,16 @@ class StalledTests(SynchronousTestCase):
         self.assertEqual((status, report["stalled"], report["mismatches"]), (1, 4, 0))
         self.assertIn("echo stalled", report["first_error"])
         self.assertIn("stalled 4", harness.failed(report) or "")
+
+    def test_slowServerNotStalled(self) -> None:
+        """
+        A correct server slower than a second per echo (as one with large
+        messages can be) is not taken for one that lost a byte: the bound
+        grows with the slowest echo seen.
+        """
+        status, report = echoload(echoServer(self, dropFirst=False, delay=1.2), 2.5)
+        self.assertEqual((status, report["stalled"], report["mismatches"]), (0, 0, 0))
+        self.assertGreater(report["requests"], 0)
 
     def test_echoServer(self) -> None:
         """

@@ -34,7 +34,8 @@
  * client_cpu_s and first_error.
  *
  * stalled (rr and churn): connections whose request had been sent and its echo
- * not completed for more than STALL_SECONDS (1 s) when the run ended: a server
+ * not completed when the run ended for more than STALL_SECONDS (1 s), or three
+ * times the slowest echo the thread saw if that is longer: a server
  * that drops a byte or never answers would otherwise leave them waiting
  * unnoticed.  A second is hundreds of times a loopback echo's usual latency,
  * and the clock starts when the request is sent, so a connect() slowed by
@@ -264,14 +265,20 @@ struct worker {
     uint64_t connect_failures;
     uint64_t mismatches;
     uint64_t stalled;
+    uint64_t slowest_ns; /* the longest any request took to be echoed, warm-up too */
     char first_error[96]; /* what broke first, to tell a server bug from a full queue */
     uint64_t first_error_ns;
 };
 
 #define RETRY_DELAY_NS 10000000u
-/* A request unanswered for this long when the run ends has stalled. */
+/*
+ * A request unanswered for this long when the run ends has stalled, or for
+ * STALL_SLOWEST times the slowest echo its thread saw, whichever is longer: a
+ * correct server that is slow (256 KiB messages) takes seconds at times.
+ */
 #define STALL_SECONDS 1
 #define STALL_NS (STALL_SECONDS * 1000000000ull)
+#define STALL_SLOWEST 3
 #define MAX_EVENTS 256
 
 static void fatal(const char *format, ...)
@@ -472,6 +479,9 @@ static void request_done(struct conn *c)
     struct worker *w = c->worker;
     if (c->corrupt)
         w->mismatches++;
+    uint64_t took = now_ns() - c->asked_ns;
+    if (took > w->slowest_ns)
+        w->slowest_ns = took;
     if (measuring && !stopping) {
         w->requests++;
         histogram_add(&w->histogram, (now_ns() - c->started_ns) / 1000u);
@@ -605,13 +615,19 @@ static void count_stalled(struct worker *w)
     if (w->options->mode == MODE_BURST)
         return; /* held on purpose; the burst counts what was served */
     uint64_t now = now_ns();
+    uint64_t bound = STALL_SLOWEST * w->slowest_ns > STALL_NS ? STALL_SLOWEST * w->slowest_ns
+                                                                : STALL_NS;
     for (int i = 0; i < w->count; i++) {
         const struct conn *c = &w->conns[i];
-        if (c->state == CONN_ACTIVE && now - c->asked_ns > STALL_NS)
+        if (c->state == CONN_ACTIVE && now - c->asked_ns > bound)
             w->stalled++;
     }
-    if (w->stalled > 0)
-        note_error(w, "echo stalled (none for over 1 s), found", -1);
+    if (w->stalled > 0) {
+        char what[80];
+        snprintf(what, sizeof what, "echo stalled (none for over %.1f s), found",
+                 (double)bound / 1e9);
+        note_error(w, what, -1);
+    }
 }
 
 static void *worker_main(void *arg)
