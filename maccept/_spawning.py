@@ -31,13 +31,27 @@ if TYPE_CHECKING:
 
 
 #: C{-m} puts the current directory first on C{sys.path}, where the parent
-#: (twistd, a script) has its own directory instead: a C{maccept/} or any
+#: has its own first entry: twistd's directory, or the current directory
+#: only when it was started as C{python -m twisted}.  A C{maccept/} or any
 #: module of a dependency's name in the directory maccept was started from
 #: would shadow the installed one in the workers only (a checkout pulled
 #: but not installed, say, would run its new worker code on HUP).  C{-P}
-#: (Python 3.11 on) leaves it out, so that a worker imports what the parent
-#: would.
+#: (Python 3.11 on) leaves it out, and L{workerEnvironment} puts the
+#: parent's first entry in its place, so that a worker imports what the
+#: parent would.
 SAFE_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
+
+
+def workerEnvironment() -> dict[str, str]:
+    """
+    The parent's environment, with the first entry of the parent's
+    C{sys.path} first on C{PYTHONPATH}.
+    """
+    environment = os.environ.copy()
+    head = sys.path[0] or os.getcwd()
+    rest = environment.get("PYTHONPATH")
+    environment["PYTHONPATH"] = os.pathsep.join([head, rest]) if rest else head
+    return environment
 
 
 class WorkerLauncher:
@@ -132,7 +146,7 @@ class WorkerLauncher:
                         worker,
                         self.executable,
                         [self.executable, *SAFE_PATH, "-m", "maccept._worker", spec.toArgument()],
-                        env=os.environ.copy(),
+                        env=workerEnvironment(),
                         childFDs=childFDs,
                     )
             except OSError:

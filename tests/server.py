@@ -107,11 +107,13 @@ class MacceptServer:
         passFds: Sequence[int] = (),
         twistd: Sequence[str] = (TWISTD,),
         cwd: str | None = None,
+        runner: Sequence[str] | None = None,
     ) -> None:
         """
         C{twistd} is the command that runs twistd; the repository goes on the
         front of C{PYTHONPATH} unless C{env} sets C{PYTHONPATH} itself.  It
-        runs in C{cwd}, by default the temporary directory.
+        runs in C{cwd}, by default the temporary directory.  C{runner}, if
+        given, runs the plugin instead of C{twistd -n} (C{python -m twisted}).
         """
         self.args = list(args)
         self.logFile = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in cleanup)
@@ -123,7 +125,7 @@ class MacceptServer:
                 [str(HERE.parent), fullEnv.get("PYTHONPATH", "")]
             )
         self.process = subprocess.Popen(
-            [*twistd, "-n", "--pidfile=", *twistdArgs, "maccept", *self.args],
+            [*(runner or (*twistd, "-n", "--pidfile=", *twistdArgs)), "maccept", *self.args],
             stdout=self.logFile,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

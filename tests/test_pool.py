@@ -30,7 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._logforward import encodeEvent
 from maccept._pool import PoolSettings, WorkerPool
-from maccept._spawning import SAFE_PATH
+from maccept._spawning import SAFE_PATH, workerEnvironment
 from maccept._states import PoolState, WorkerState
 from maccept._wire import CONTROL_FD, Drain, ListenerHandle, WorkerSpec
 from maccept._workerprocess import ParentControl, WorkerProcess, describeExit
@@ -129,15 +129,16 @@ class SpawnTests(PoolTestCase):
     def test_commandLine(self) -> None:
         """
         A worker runs C{EXECUTABLE -P -m maccept._worker SPEC} (no C{-P}
-        before Python 3.11) with the parent's environment, no terminal and no
-        change of user or directory.
+        before Python 3.11) with the parent's environment (the first entry
+        of its path first on PYTHONPATH), no terminal and no change of user
+        or directory.
         """
         self.startPool(1)
         [process] = self.reactor.processes
         self.assertEqual(process.executable, EXECUTABLE)
         self.assertEqual(process.args[:-1], [EXECUTABLE, *SAFE_PATH, "-m", "maccept._worker"])
         self.assertEqual(SAFE_PATH, ("-P",) if sys.version_info >= (3, 11) else ())
-        self.assertEqual(process.env, dict(os.environ))
+        self.assertEqual(process.env, workerEnvironment())
         self.assertFalse(process.usePTY)
         self.assertEqual((process.uid, process.gid, process.path), (None, None, None))
 

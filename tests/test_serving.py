@@ -12,6 +12,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -122,6 +123,38 @@ class EchoTests(SynchronousTestCase):
         with server.connect() as s:
             self.assertEqual(echoRoundTrip(s, b"the real one\n"), b"the real one\n")
         self.assertNotIn("shadow package", server.log())
+        self.assertEqual(server.stop(), 0)
+
+    def test_protocolBesideTheRunner(self) -> None:
+        """
+        Started as C{python -m twisted maccept} from the directory of the
+        protocol's module, the parent finds it on its path (the current
+        directory, from C{-m}), and so do the workers.
+        """
+        directory = tempfile.mkdtemp(prefix="maccept-beside-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        with open(os.path.join(directory, "shoutbeside.py"), "w") as module:
+            module.write(
+                "from twisted.internet.protocol import Factory, Protocol\n"
+                "class Shout(Protocol):\n"
+                "    def dataReceived(self, data):\n"
+                "        self.transport.write(data.upper())\n"
+                "factory = Factory.forProtocol(Shout)\n"
+            )
+        server = MacceptServer(
+            [
+                *("--workers", "2", "--listen", "tcp:0:interface=127.0.0.1"),
+                *("--protocol", "shoutbeside:factory"),
+            ],
+            env={"PYTHONPATH": ""},
+            cwd=directory,
+            runner=(sys.executable, "-m", "twisted", "--log-format", "text"),
+        )
+        self.addCleanup(server.cleanup)
+        server.waitReady()
+        for _ in range(4):
+            with server.connect() as s:
+                self.assertEqual(echoRoundTrip(s, b"beside\n"), b"BESIDE\n")
         self.assertEqual(server.stop(), 0)
 
     def test_unixAndTcpTogether(self) -> None:
