@@ -427,9 +427,10 @@ class Bench:
         watched = [*pids, server.pid] if server.pid not in pids else pids
         running = _loadgen.Background(load, self.pinning.client)
         # The client's measured window, as near as this process can tell:
-        # the CPU readings bound it, and the slower work (py-spy's start,
-        # /metrics) goes outside them, so that CPU per request divides the
-        # window's CPU by the window's requests.
+        # the CPU readings bound it, and its end is fixed from the client's
+        # start, so that the slower work inside it (py-spy's start, a
+        # /metrics fetch) does not lengthen it, and CPU per request divides
+        # the window's CPU by the window's requests.
         windowEnds = time.monotonic() + s.warmup + s.duration
         recording = None
         try:

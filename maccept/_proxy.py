@@ -262,7 +262,8 @@ class ProxyWrappingFactory(PassesRefusals, HAProxyWrappingFactory):
 def endpointType(description: str) -> str:
     """
     The endpoint type a description starts with, lower case (C{tcp},
-    C{unix}, C{haproxy}...): Twisted takes C{TCP:} too.
+    C{unix}, C{haproxy}...), as the checks compare it: a description in
+    upper case is refused by name (L{maccept._descriptions}).
     """
     return description.split(":", 1)[0].lower()
 

@@ -29,6 +29,7 @@ class Watchdog:
 
     log = Logger()
 
+    #: Seconds between rounds, at most (a quarter of --timeout if less).
     interval = 1.0
     #: Seconds between the stack dump of a hung worker and its kill.
     stackDumpGrace = 1.0
@@ -43,6 +44,10 @@ class Watchdog:
         self._resumedAt = 0.0
 
     def start(self) -> None:
+        timeout = self.pool.settings.watchdogTimeout
+        # At least four rounds per timeout, as workers beat: so that a
+        # stall of half the timeout shows as a late round.
+        self.interval = min(Watchdog.interval, timeout / 4) if timeout else Watchdog.interval
         self._lastRound = self.pool.reactor.seconds()
         self._loop.start(self.interval, now=False)
 
@@ -71,7 +76,9 @@ class Watchdog:
         wait unread in its control channels.  A worker's silence is then
         counted from now, or the parent would kill every healthy worker.
         Shorter delays cannot make a beating worker look silent for the
-        whole timeout, since workers beat four times per timeout.
+        whole timeout, since workers beat four times per timeout.  (A parent
+        that stalls that long at every round would catch no hung worker:
+        it is in no state to supervise, and says so each time.)
         """
         last, self._lastRound = self._lastRound, now
         timeout = self.pool.settings.watchdogTimeout

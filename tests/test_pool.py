@@ -855,6 +855,23 @@ class WatchdogTests(PoolTestCase):
         for worker in pool.workers:
             self.assertEqual(self.process(worker).signals, [])
 
+    def test_shortTimeoutStall(self) -> None:
+        """
+        With a short timeout the rounds come as often as the heartbeats (a
+        quarter of it), so a stall of half of it is noticed too.
+        """
+        pool = self.readyPool(2, watchdogTimeout=2.0)
+        self.assertEqual(pool.watchdog.interval, 0.5)
+        self.reactor.pump([0.5] * 2)
+        for worker in pool.workers:
+            worker.heartbeat()
+        self.reactor.advance(0.5)
+        with capturedLogs() as events:
+            self.reactor.advance(1.9)
+        self.assertIn("the parent itself did not run for 2s", " ".join(texts(events)))
+        for worker in pool.workers:
+            self.assertEqual(self.process(worker).signals, [])
+
     def test_hungThroughParentStall(self) -> None:
         """
         A worker that stays silent after the parent came back is still
