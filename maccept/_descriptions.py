@@ -65,7 +65,7 @@ def checkDescription(description: str) -> None:
         if problem is not None:
             raise ListenError(problem)
     if kind == "unix" and not unixPath(description):
-        raise ListenError("the socket's path is empty (unix:PATH)")
+        raise ListenError("the socket's path is missing or empty (unix:PATH)")
     try:
         # Parsing only stores the reactor; nothing runs on it.
         serverFromString(None, description)
@@ -113,6 +113,7 @@ def _optionProblem(description: str) -> str | None:
     below 1 or too large, a file option naming no readable file.
     """
     seen: set[str] = set()
+    tls = endpointType(description) == "ssl"
     fields = _fields(description)
     for index, field in enumerate(fields):
         key, equals, value = field.partition("=")
@@ -137,7 +138,7 @@ def _optionProblem(description: str) -> str | None:
             return f"mode must be an octal file mode such as 0660, got {value!r}"
         if key in _FILE_OPTIONS and not os.access(value, os.R_OK):
             return f"cannot read {key}={value}"
-        problem = _tlsOptionProblem(key, value)
+        problem = _tlsOptionProblem(key, value) if tls else None
         if problem is not None:
             return problem
         if key == "index" and value.startswith("-"):

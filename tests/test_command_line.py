@@ -121,8 +121,10 @@ class BadInputTests(SynchronousTestCase):
             ("tcp:0:interface=127.0.0.1\n", "line break"),
             ("tcp:0\\", "ends in a backslash, which escapes nothing"),
             ("haproxy:unix:/tmp/x.sock\\", "ends in a backslash"),
-            ("unix:", "the socket's path is empty"),
-            ("unix:address=:mode=600", "the socket's path is empty"),
+            ("unix:", "the socket's path is missing or empty"),
+            ("unix:address=:mode=600", "the socket's path is missing or empty"),
+            ("unix:mode=600", "the socket's path is missing or empty"),
+            ("tcp:0:sslmethod=TLS_METHOD", "unknown option sslmethod="),
         ]
         for description, problem in cases:
             self.check(["--listen", description], "--listen", problem)
