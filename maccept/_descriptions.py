@@ -94,6 +94,19 @@ def _fields(description: str) -> list[str]:
     return re.split(r"(?<!\\):", description)[1:]
 
 
+def _option(field: str) -> tuple[str, bool, str]:
+    """
+    A field as C{(key, True, value)} for C{key=value}, or C{("", False,
+    value)} for a positional one; an escaped C{=} (C{\\=} in a path) does
+    not split, and the value is unescaped as Twisted's parser does.
+    """
+    parts = re.split(r"(?<!\\)=", field, maxsplit=1)
+    unescape = lambda text: re.sub(r"\\(.)", r"\1", text)  # noqa: E731
+    if len(parts) == 1:
+        return "", False, unescape(field)
+    return parts[0], True, unescape(parts[1])
+
+
 #: Options whose value names a file the parent must be able to read.
 _FILE_OPTIONS = ("privateKey", "certKey", "extraCertChain", "dhParameters", "caCertsDir")
 
@@ -116,10 +129,9 @@ def _optionProblem(description: str) -> str | None:
     tls = endpointType(description) == "ssl"
     fields = _fields(description)
     for index, field in enumerate(fields):
-        key, equals, value = field.partition("=")
+        key, equals, value = _option(field)
         if not equals:
             continue
-        value = value.replace("\\:", ":")
         if key in seen:
             return f"{key}= is given twice"
         seen.add(key)
@@ -136,14 +148,16 @@ def _optionProblem(description: str) -> str | None:
         if key == "mode" and not _FILE_MODE.fullmatch(value):
             # Twisted reads it in octal, and reports only "invalid literal".
             return f"mode must be an octal file mode such as 0660, got {value!r}"
-        if key in _FILE_OPTIONS and not os.access(value, os.R_OK):
-            return f"cannot read {key}={value}"
-        problem = _tlsOptionProblem(key, value) if tls else None
-        if problem is not None:
-            return problem
         if key == "index" and value.startswith("-"):
             # Python would count it from the end of systemd's descriptors.
             return f"index must be 0 or more, got {value}"
+        if not tls:
+            continue  # an ssl: option elsewhere is Twisted's "unknown option"
+        if key in _FILE_OPTIONS and not os.access(value, os.R_OK):
+            return f"cannot read {key}={value}"
+        problem = _tlsOptionProblem(key, value)
+        if problem is not None:
+            return problem
     return None
 
 
@@ -319,9 +333,7 @@ def unixPath(description: str) -> str | None:
     if endpointType(description) != "unix":
         return None
     for field in _fields(description):
-        key, equals, value = field.partition("=")
-        if not equals:
-            return field.replace("\\:", ":")
-        if key == "address":
-            return value.replace("\\:", ":")
+        key, equals, value = _option(field)
+        if not equals or key == "address":
+            return value
     return None

@@ -251,16 +251,20 @@ def buildsNothing(factory: object) -> bool:
     """
     Whether C{factory} (a L{Factory}, or a subclass) would build from no
     protocol class: Twisted's own C{Factory}, say, which asserts in every
-    C{buildProtocol}, a traceback per connection.  Of a class, only when
-    none of it could set C{protocol} later (its own C{__init__}).
+    C{buildProtocol}, a traceback per connection.  Only when nothing of its
+    own could build or set C{protocol} later: its C{buildProtocol}, its
+    C{startFactory} or C{doStart}, and for a class its C{__init__}.
     """
     factoryClass = factory if isinstance(factory, type) else type(factory)
-    return (
-        issubclass(factoryClass, Factory)
-        and factoryClass.buildProtocol is Factory.buildProtocol
-        and getattr(factory, "protocol", None) is None
-        and (not isinstance(factory, type) or factoryClass.__init__ is Factory.__init__)
-    )
+    if not issubclass(factoryClass, Factory):
+        return False
+    build = getattr(factory, "buildProtocol", None)
+    if getattr(build, "__func__", build) is not Factory.buildProtocol:
+        return False
+    hooks = ["startFactory", "doStart"] + (["__init__"] if isinstance(factory, type) else [])
+    if any(getattr(factoryClass, hook) is not getattr(Factory, hook) for hook in hooks):
+        return False
+    return getattr(factory, "protocol", None) is None
 
 
 def _asFactoryMaker(spec: str, target: object) -> FactoryMaker:

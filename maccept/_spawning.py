@@ -42,13 +42,21 @@ if TYPE_CHECKING:
 SAFE_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
 
 
+#: The parent's first path entry, read as it loads maccept: before twistd
+#: changes into its --rundir, which would make C{""} (the current
+#: directory) another directory.
+_PATH_HEAD = os.path.abspath(sys.path[0]) if sys.path else None
+
+
 def workerEnvironment() -> dict[str, str]:
     """
     The parent's environment, with the first entry of the parent's
     C{sys.path} first on C{PYTHONPATH}.
     """
     environment = os.environ.copy()
-    head = sys.path[0] or os.getcwd()
+    head = _PATH_HEAD
+    if head is None:
+        return environment
     rest = environment.get("PYTHONPATH")
     environment["PYTHONPATH"] = os.pathsep.join([head, rest]) if rest else head
     return environment

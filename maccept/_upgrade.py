@@ -31,6 +31,7 @@ import signal
 import sys
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
@@ -72,12 +73,17 @@ def commandLine(
     rather than the end of daemonising.
     """
     extra: list[str] = []
-    if twistdConfig is not None and not twistdConfig.get("nodaemon"):
+    # twist (python -m twisted) never daemonises, and has no such options.
+    if twistdConfig is not None and "nodaemon" in twistdConfig and not twistdConfig["nodaemon"]:
         extra.append("--nodaemon")
         if not twistdConfig.get("logfile"):
             extra.append("--logfile=twistd.log")
     if argv[0] == "-c":
         return [sys.executable, "-c", _TWISTD, *extra, *argv[1:]]
+    if Path(argv[0]).parts[-2:] == ("twisted", "__main__.py"):
+        # python -m twisted: run as a module again, so that its sys.path
+        # starts, like this one's, with the current directory.
+        return [sys.executable, "-m", "twisted", *extra, *argv[1:]]
     return [sys.executable, argv[0], *extra, *argv[1:]]
 
 

@@ -86,7 +86,7 @@ class Watchdog:
             return
         self._resumedAt = now
         self.log.warn(
-            "the parent itself did not run for {gap:.0f}s: counting the workers' silence"
+            "the parent itself did not run for {gap:.1f}s: counting the workers' silence"
             " (--timeout {timeout:g}) from now",
             gap=now - last,
             timeout=timeout,

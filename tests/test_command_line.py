@@ -125,6 +125,7 @@ class BadInputTests(SynchronousTestCase):
             ("unix:address=:mode=600", "the socket's path is missing or empty"),
             ("unix:mode=600", "the socket's path is missing or empty"),
             ("tcp:0:sslmethod=TLS_METHOD", "unknown option sslmethod="),
+            ("tcp:0:privateKey=/no/such.pem", "unknown option privateKey="),
         ]
         for description, problem in cases:
             self.check(["--listen", description], "--listen", problem)

@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._adopting import AdoptedUNIXPort
+from maccept._descriptions import unixPath
 from maccept._reactor import WorkerReactor
 
 
@@ -63,3 +64,20 @@ class AdoptedUNIXPortTests(SynchronousTestCase):
             client.connect(self.path)
             connection, _ = self.parentSocket.accept()
             connection.close()
+
+
+class UnixPathTests(SynchronousTestCase):
+    def test_escapes(self) -> None:
+        """
+        A unix: path is read as Twisted's parser reads it: C{\\:} and C{\\=}
+        are a colon and an equals sign in the path, C{address=} names it,
+        and a description with options only names none.
+        """
+        cases = [
+            (r"unix:/tmp/x\=y.sock", "/tmp/x=y.sock"),
+            (r"unix:/tmp/a\:b.sock:mode=600", "/tmp/a:b.sock"),
+            ("unix:address=/tmp/q.sock:mode=600", "/tmp/q.sock"),
+            ("unix:mode=600", None),
+            ("tcp:0", None),
+        ]
+        self.assertEqual([unixPath(d) for d, _ in cases], [path for _, path in cases])

@@ -844,7 +844,7 @@ class WatchdogTests(PoolTestCase):
         with capturedLogs() as events:
             self.reactor.advance(8.0)
         self.assertIn(
-            "the parent itself did not run for 8s: counting the workers' silence"
+            "the parent itself did not run for 8.0s: counting the workers' silence"
             " (--timeout 5) from now",
             texts(events),
         )
@@ -868,7 +868,7 @@ class WatchdogTests(PoolTestCase):
         self.reactor.advance(0.5)
         with capturedLogs() as events:
             self.reactor.advance(1.9)
-        self.assertIn("the parent itself did not run for 2s", " ".join(texts(events)))
+        self.assertIn("the parent itself did not run for 1.9s", " ".join(texts(events)))
         for worker in pool.workers:
             self.assertEqual(self.process(worker).signals, [])
 

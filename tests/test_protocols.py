@@ -64,6 +64,15 @@ class SetsItInInit(Factory):
         self.protocol = Protocol
 
 
+class SetsItOnStart(Factory):
+    def startFactory(self) -> None:
+        self.protocol = Protocol
+
+
+OWN_BUILD_ATTRIBUTE = Factory()
+OWN_BUILD_ATTRIBUTE.buildProtocol = lambda addr: Protocol()  # type: ignore[method-assign]
+
+
 class ForgetsItsProtocol(Factory):
     def __init__(self) -> None:
         self.ready = True
@@ -270,6 +279,9 @@ class ResolveTests(SynchronousTestCase):
             e = self.assertRaises(ProtocolSpecError, resolveProtocol(spec))
             self.assertIn("returned a factory with no protocol to build", str(e))
         self.assertIsInstance(resolveProtocol(f"{HERE}:BuildsItsOwn")(), BuildsItsOwn)
+        # Set later, or built otherwise: taken.
+        for spec in [f"{HERE}:SetsItOnStart", f"{HERE}:OWN_BUILD_ATTRIBUTE"]:
+            resolveProtocol(spec)()
         # Its __init__ sets the protocol, as Twisted code often does.
         made = resolveProtocol(f"{HERE}:SetsItInInit")()
         self.assertIsInstance(made, SetsItInInit)

@@ -76,6 +76,19 @@ class CommandLineTests(SynchronousTestCase):
         foreground = {"nodaemon": True, "logfile": None}
         self.assertEqual(commandLine(argv, foreground), [sys.executable, *argv])
 
+    def test_twist(self) -> None:
+        """
+        C{python -m twisted maccept} (twist) is started again as a module,
+        so that its path starts with the current directory as this one's
+        does, and without twistd's daemon options, which twist has not.
+        """
+        argv = ["/venv/lib/python3/site-packages/twisted/__main__.py", "maccept", "-l", "tcp:0"]
+        twistConfig = {"reactor": None, "logger": None}
+        self.assertEqual(
+            commandLine(argv, twistConfig),
+            [sys.executable, "-m", "twisted", "maccept", "-l", "tcp:0"],
+        )
+
 
 class PidfileTests(SynchronousTestCase):
     def test_renamedAndBack(self) -> None:
