@@ -292,6 +292,17 @@ def _asFactoryMaker(spec: str, target: object) -> FactoryMaker:
 
 
 def _checkedMaker(spec: str, maker: Callable[[], object]) -> FactoryMaker:
+    try:
+        inspect.signature(maker).bind()
+    except TypeError as e:
+        # Site (it wants a resource), say: each worker would fail alike.
+        raise ProtocolSpecError(
+            f"{spec!r} cannot be called with no arguments ({e}): name a factory instance, "
+            "or a callable that makes one"
+        ) from None
+    except ValueError:
+        pass  # no signature to read (a C function): the worker finds out
+
     def make() -> IProtocolFactory:
         made = maker()
         if not IProtocolFactory.providedBy(made):

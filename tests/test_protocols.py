@@ -83,6 +83,10 @@ class BuildsItsOwn(Factory):
         return Protocol()
 
 
+def makeWithConfig(path: str) -> Factory:
+    return Factory.forProtocol(Protocol)
+
+
 def makeNothing() -> object:
     return 42
 
@@ -255,6 +259,16 @@ class ResolveTests(SynchronousTestCase):
         for spec in ["os:path", f"{HERE}:NotAProtocol"]:
             e = self.assertRaises(ProtocolSpecError, resolveProtocol, spec)
             self.assertIn("neither a protocol factory nor a callable", str(e))
+
+    def test_needsArguments(self) -> None:
+        """
+        A factory class or a callable that cannot be called with no
+        arguments (Twisted's C{Site} wants a resource) is refused at once,
+        rather than failing every worker alike.
+        """
+        for spec in ["twisted.web.server:Site", f"{HERE}:makeWithConfig"]:
+            e = self.assertRaises(ProtocolSpecError, resolveProtocol, spec)
+            self.assertIn("cannot be called with no arguments", str(e))
 
     def test_callableReturningNonFactory(self) -> None:
         """
