@@ -177,10 +177,17 @@ class BadInputTests(SynchronousTestCase):
         A protocol maker that fails in the worker stops the pool with one
         line on standard error, and exit status 1.
         """
-        result = runMaccept(["--protocol", "json:dumps", "--listen", "tcp:0:interface=127.0.0.1"])
+        result = runMaccept(
+            [
+                "--protocol",
+                "tests.sample_protocols:failsInWorker",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+            ]
+        )
         self.assertEqual(result.returncode, 1)
         [line] = [line for line in result.stderr.splitlines() if line.strip()]
-        self.assertRegex(line, r"worker \d+ failed to start: TypeError: dumps\(\)")
+        self.assertRegex(line, r"worker \d+ failed to start: RuntimeError: boom in worker start-up")
 
     def test_privilegedPortWithoutPrivileges(self) -> None:
         """
