@@ -101,10 +101,13 @@ def _option(field: str) -> tuple[str, bool, str]:
     not split, and the value is unescaped as Twisted's parser does.
     """
     parts = re.split(r"(?<!\\)=", field, maxsplit=1)
-    unescape = lambda text: re.sub(r"\\(.)", r"\1", text)  # noqa: E731
     if len(parts) == 1:
-        return "", False, unescape(field)
-    return parts[0], True, unescape(parts[1])
+        return "", False, _ESCAPED.sub(r"\1", field)
+    return parts[0], True, _ESCAPED.sub(r"\1", parts[1])
+
+
+#: A backslash and the character it escapes.
+_ESCAPED = re.compile(r"\\(.)")
 
 
 #: Options whose value names a file the parent must be able to read.
