@@ -54,19 +54,50 @@ class _NeverAccepts(Factory):
         return None
 
 
-@dataclass
-class ListeningSocket:
+@dataclass(kw_only=True)
+class ParentSocket:
+    """
+    A socket the parent owns: a listener it hands to the workers, or one of
+    its own ports (L{maccept._serviceports}).
+
+    @ivar socketPath: a UNIX socket's path and lock, which the owning
+        parent removes.
+    """
+
+    port: IListeningPort
+    socketPath: SocketPath | None = None
+
+    def fileno(self) -> int:
+        return self.port.fileno()  # type: ignore[attr-defined,no-any-return]
+
+    def close(self, handedOver: bool = False) -> None:
+        """
+        Close the parent's copy of the socket, and for a UNIX socket remove
+        its path and lock, which only the parent may do: the one that owns
+        them (see L{SocketPath}), and not when C{handedOver} (to a new
+        parent, on an upgrade).
+
+        Not C{stopListening}: on a TCP port Twisted created, that calls
+        C{shutdown(2)}, which would stop every worker's accept on the shared
+        socket and reset the connections waiting in its backlog, or close a
+        handed-over socket for the new parent too.  Closed this way, the
+        socket lives until the last process holding a copy closes it.
+        """
+        release(self.port)
+        if self.socketPath is not None and not handedOver:
+            self.socketPath.remove()
+
+
+@dataclass(kw_only=True)
+class ListeningSocket(ParentSocket):
     """
     A socket the parent listens on and hands to every worker.
     """
 
     description: str
-    port: IListeningPort
     family: str
     #: C{stream} or C{datagram}.
     kind: str = "stream"
-    #: A UNIX socket's path and lock, which the owning parent removes.
-    socketPath: SocketPath | None = None
 
     @property
     def address(self) -> str:
@@ -81,9 +112,6 @@ class ListeningSocket:
             return f"{host.host}:{host.port}"
         return os.fsdecode(host.name)  # type: ignore[attr-defined]
 
-    def fileno(self) -> int:
-        return self.port.fileno()  # type: ignore[attr-defined,no-any-return]
-
     def handleAt(self, fd: int) -> ListenerHandle:
         """
         Describe this socket to a worker that finds it at descriptor C{fd}.
@@ -91,23 +119,6 @@ class ListeningSocket:
         return ListenerHandle(
             fd=fd, family=self.family, description=self.description, kind=self.kind
         )
-
-    def close(self, keepPath: bool = False) -> None:
-        """
-        Close the parent's copy of the socket, and for a UNIX socket remove
-        its path and lock, which only the parent may do: the one that owns
-        them (see L{SocketPath}), and not when C{keepPath} (it handed the
-        socket to a new parent on an upgrade).
-
-        Not C{stopListening}: on a TCP port Twisted created, that calls
-        C{shutdown(2)}, which would stop every worker's accept on the shared
-        socket and reset the connections waiting in its backlog.  Closed
-        this way, the socket lives until the last draining worker closes
-        its own copy, and only then refuses new connections.
-        """
-        release(self.port)
-        if self.socketPath is not None and not keepPath:
-            self.socketPath.remove()
 
 
 def listen(reactor: Any, description: str) -> ListeningSocket:

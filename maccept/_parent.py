@@ -146,7 +146,7 @@ class MacceptService(Service):
         # and its metrics and control from now on.
         handedOver = self.upgrade is not None and self.upgrade.takenOver
         for listener in self.listeners:
-            listener.close(keepPath=handedOver)
+            listener.close(handedOver)
         if handedOver:
             self._closeServicePorts(handedOver=True)
         else:
@@ -158,5 +158,6 @@ class MacceptService(Service):
             stopped.addCallback(lambda _: settled)
         return stopped
 
-    def _closeServicePorts(self, handedOver: bool = False) -> defer.Deferred[Any]:
-        return defer.gatherResults([port.close(handedOver) for port in self.servicePorts])
+    def _closeServicePorts(self, handedOver: bool = False) -> None:
+        for port in self.servicePorts:
+            port.close(handedOver)

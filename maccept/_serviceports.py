@@ -19,39 +19,30 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.address import UNIXAddress
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from maccept._adopting import adoptStream, release, socketKind
+from maccept._adopting import adoptStream, socketKind
 from maccept._descriptions import ListenError, unixPath
-from maccept._listening import listenNow
+from maccept._listening import ParentSocket, listenNow
 from maccept._socketpath import SocketPath
 
 _log = Logger(namespace="maccept")
 
 
-@dataclass
-class ServicePort:
+@dataclass(kw_only=True)
+class ServicePort(ParentSocket):
     """
     One of the parent's own ports.
 
     @ivar label: the option as given (C{--metrics DESC}, C{--control PATH}),
         which also names the socket in an upgrade's hand-over.
-    @ivar socketPath: a UNIX socket's path and lock, removed by the parent
-        that owns them when it stops.
     """
 
     label: str
-    port: IListeningPort
-    socketPath: SocketPath | None = None
-
-    def fileno(self) -> int:
-        fileno: int = self.port.fileno()  # type: ignore[attr-defined]
-        return fileno
 
     def answer(self) -> None:
         """
@@ -59,17 +50,6 @@ class ServicePort:
         parent has taken over (a no-op on one it opened itself).
         """
         self.port.startReading()  # type: ignore[attr-defined]
-
-    def close(self, handedOver: bool = False) -> defer.Deferred[Any]:
-        """
-        Stop serving: close this parent's copy (never C{shutdown(2)}, which
-        would close a handed-over socket for the new parent too), and
-        remove the path unless it was C{handedOver}.
-        """
-        release(self.port)
-        if self.socketPath is not None and not handedOver:
-            self.socketPath.remove()
-        return defer.succeed(None)
 
 
 def wantedPorts(
@@ -130,10 +110,13 @@ def openServicePorts(
                 # The old parent answers until this one has taken over
                 # (L{ServicePort.answer}): not both, by turns.
                 port.stopReading()  # type: ignore[attr-defined]
-                servicePort = ServicePort(label, port, SocketPath.of(label, port, owned=False))
+                path = SocketPath.of(label, port, owned=False)
+                servicePort = ServicePort(label=label, port=port, socketPath=path)
             else:
                 port = _listenAt(reactor, label, makeEndpoint, factory)
-                servicePort = ServicePort(label, port, SocketPath.of(label, port))
+                servicePort = ServicePort(
+                    label=label, port=port, socketPath=SocketPath.of(label, port)
+                )
         except ListenError as e:
             for opened in ports:
                 opened.close()
