@@ -295,10 +295,8 @@ class WorkerPool(Service):
 
     def _cancelTimers(self) -> None:
         self._cancelTimeout()
-        for call in self._signalledReplacements.values():
-            if call.active():
-                call.cancel()
-        self._signalledReplacements = {}
+        for worker in list(self._signalledReplacements):
+            self._cancelSignalledReplacement(worker)
         for restart in list(self._restarts):
             self._cancelRestart(restart)
         self.watchdog.stop()

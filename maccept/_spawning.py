@@ -23,6 +23,7 @@ from maccept._affinity import cpuForWorker
 from maccept._board import MAX_SLOTS, LoadBoard
 from maccept._listening import ListeningSocket
 from maccept._signals import parentSignalsBlocked
+from maccept._watchdog import beatInterval
 from maccept._wire import CONTROL_FD, FIRST_LISTENER_FD, BoardHandle, WorkerSpec
 from maccept._workerprocess import ParentControl, WorkerProcess
 
@@ -113,7 +114,6 @@ class WorkerLauncher:
         if settings.maxConnections is not None:
             jitter = self.rng.randint(0, settings.maxConnectionsJitter)
             recycleAfter = settings.maxConnections + jitter
-        watchdog = settings.watchdogTimeout
         spec = WorkerSpec(
             number=number,
             protocol=settings.protocol,
@@ -122,7 +122,7 @@ class WorkerLauncher:
             listeners=tuple(handles),
             board=board,
             gracefulTimeout=settings.gracefulTimeout,
-            heartbeatInterval=min(1.0, watchdog / 4) if watchdog else 1.0,
+            heartbeatInterval=beatInterval(settings.watchdogTimeout),
             recycleAfter=recycleAfter,
             maxConcurrent=settings.maxConcurrent,
             idleTimeout=settings.idleTimeout,

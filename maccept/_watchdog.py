@@ -20,6 +20,14 @@ if TYPE_CHECKING:
     from maccept._pool import WorkerPool
 
 
+def beatInterval(watchdogTimeout: float) -> float:
+    """
+    How often workers report, and the watchdog looks at them: four times
+    per C{--timeout}, at most once a second (once a second with none).
+    """
+    return min(1.0, watchdogTimeout / 4) if watchdogTimeout else 1.0
+
+
 class Watchdog:
     """
     Kill a worker not ready within C{--start-timeout}; dump the stacks of
@@ -29,7 +37,7 @@ class Watchdog:
 
     log = Logger()
 
-    #: Seconds between rounds, at most (a quarter of --timeout if less).
+    #: Seconds between rounds (L{beatInterval}, set on L{start}).
     interval = 1.0
     #: Seconds between the stack dump of a hung worker and its kill.
     stackDumpGrace = 1.0
@@ -44,10 +52,9 @@ class Watchdog:
         self._resumedAt = 0.0
 
     def start(self) -> None:
-        timeout = self.pool.settings.watchdogTimeout
-        # At least four rounds per timeout, as workers beat: so that a
-        # stall of half the timeout shows as a late round.
-        self.interval = min(Watchdog.interval, timeout / 4) if timeout else Watchdog.interval
+        # As often as workers beat: so that a stall of half the timeout
+        # shows as a late round.
+        self.interval = beatInterval(self.pool.settings.watchdogTimeout)
         self._lastRound = self.pool.reactor.seconds()
         self._loop.start(self.interval, now=False)
 
