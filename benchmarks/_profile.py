@@ -47,6 +47,7 @@ PARTS: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
         "connections",
         (
             "maccept/_connections.py",
+            "maccept/_builtins.py",
             "maccept/_protocols.py",
             "twisted/internet/tcp.py",
             "twisted/internet/abstract.py",

@@ -1,7 +1,8 @@
-# -*- test-case-name: tests.test_plugins -*-
+# -*- test-case-name: tests.test_plugins,tests.test_protocols -*-
 """
-The protocols maccept ships as plugins besides echo: discard (RFC 863),
-chargen (RFC 864), daytime (RFC 867) and a static web site.
+The protocols maccept ships as plugins: echo (RFC 862, the default, over TCP
+and UDP), discard (RFC 863), chargen (RFC 864), daytime (RFC 867) and a static
+web site.
 """
 
 from __future__ import annotations
@@ -10,11 +11,105 @@ import os
 import time
 from typing import Any
 
-from twisted.internet.interfaces import IProtocolFactory, IPullProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.error import MessageLengthError
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocolFactory, IPullProducer
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.logger import Logger
 from twisted.protocols import wire
 from twisted.python import usage
 from zope.interface import implementer
+
+from maccept._connections import queuedBytes
+from maccept._tally import Tally
+
+
+def hasPendingOutput(transport: object) -> bool:
+    """
+    Whether C{transport} still holds bytes it has not handed to the kernel;
+    C{True} where it cannot tell (a wrapper's), C{False} with no transport.
+    """
+    return transport is not None and queuedBytes(transport) != 0
+
+
+class Echo(Protocol):
+    """
+    RFC 862 echo with backpressure.
+
+    The transport is registered as its own producer: when the client stops
+    reading and the write buffer fills, the transport pauses reading from
+    the client, so a client that only sends cannot grow the worker's memory.
+    When the client half-closes, everything already received is still sent
+    back before the connection closes.
+
+    Half-close costs a reactor turn per connection (the close waits for a
+    writable event), so Echo takes it only when it matters: Twisted asks
+    for L{IHalfCloseableProtocol} when the client's FIN arrives, and
+    C{__conform__} answers yes only while echoed bytes are still queued.
+    Otherwise the connection closes at once, as a plain protocol's would.
+    """
+
+    def __conform__(self, interface: object) -> object:
+        if interface is IHalfCloseableProtocol and hasPendingOutput(self.transport):
+            return self
+        return None
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self.transport, True)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class DatagramEcho(DatagramProtocol):
+    """
+    RFC 862 echo over UDP: each datagram goes back to where it came from.
+    C{counts} (the worker's connection tracker) adds up the bytes.
+
+    A datagram that cannot be answered (a forged source such as port 0, a
+    reply too large for the path) is dropped, and the drops are logged at
+    most every 10 s with how many there were (L{Tally}): anyone can forge
+    datagrams, and a traceback each would flood the log.
+    """
+
+    log = Logger()
+
+    def __init__(self, counts: Any = None) -> None:
+        self.counts = counts
+        self.unanswered = Tally(
+            self.log,
+            "dropped {count} datagram(s) that could not be answered, the last from {addr}: {error}",
+        )
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        if self.counts is not None:
+            self.counts.bytesReceived += len(datagram)
+        try:
+            self.transport.write(datagram, addr)  # type: ignore[union-attr]
+        except (OSError, MessageLengthError) as e:
+            self.unanswered.add(addr=addr, error=e)
+            return
+        if self.counts is not None:
+            self.counts.bytesSent += len(datagram)
+
+
+def echoFactory() -> IProtocolFactory:
+    """
+    The default protocol: RFC 862 echo.
+    """
+    return Factory.forProtocol(Echo)
+
+
+def echoPlugin(options: object) -> IProtocolFactory:
+    """
+    The echo plugin's factory (it has no options).
+    """
+    return echoFactory()
 
 
 def discardFactory(options: usage.Options) -> IProtocolFactory:

@@ -31,9 +31,10 @@ from maccept._acceptloop import acceptQuickly
 from maccept._adopting import adopt, release
 from maccept._affinity import pinTo
 from maccept._board import LoadBoard
+from maccept._builtins import DatagramEcho
 from maccept._connections import ConnectionTracker, queuedBytes, trackConnections
 from maccept._logforward import ForwardingObserver
-from maccept._protocols import DatagramEcho, resolveProtocol
+from maccept._protocols import resolveProtocol
 from maccept._signals import PARENT_SIGNALS
 from maccept._titles import setTitle
 from maccept._wire import (

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.internet.protocol import Factory
 
-from maccept._protocols import Echo
+from maccept._builtins import Echo
 
 #: Bytes, not a zeroed bytearray: every page is touched, so resident.
 _table = b"x" * (64 * 2**20)

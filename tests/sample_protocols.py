@@ -13,7 +13,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from maccept._protocols import Echo
+from maccept._builtins import Echo
 from maccept.interfaces import IWorkerLifecycle
 
 

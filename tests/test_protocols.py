@@ -21,14 +21,8 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
-from maccept._protocols import (
-    BUILTIN_PROTOCOLS,
-    DatagramEcho,
-    Echo,
-    ProtocolSpecError,
-    echoFactory,
-    resolveProtocol,
-)
+from maccept._builtins import DatagramEcho, Echo, echoFactory
+from maccept._protocols import BUILTIN_PROTOCOLS, ProtocolSpecError, resolveProtocol
 
 HERE = __name__
 

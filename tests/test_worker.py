@@ -18,8 +18,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from maccept._builtins import Echo
 from maccept._logforward import ForwardingObserver
-from maccept._protocols import Echo
 from maccept._wire import (
     STATS,
     Heartbeat,

@@ -6,7 +6,7 @@ Naming their code by string keeps this module cheap to import.
 from maccept.plugins import ProtocolPlugin
 
 echo = ProtocolPlugin(
-    "echo", "RFC 862 echo, with backpressure (the default)", "maccept._protocols:echoPlugin"
+    "echo", "RFC 862 echo, with backpressure (the default)", "maccept._builtins:echoPlugin"
 )
 discard = ProtocolPlugin(
     "discard",
