@@ -33,6 +33,7 @@ from maccept._affinity import pinTo
 from maccept._board import LoadBoard
 from maccept._builtins import DatagramEcho
 from maccept._connections import ConnectionTracker, queuedBytes, trackConnections
+from maccept._lag import LagMeter
 from maccept._logforward import ForwardingObserver
 from maccept._protocols import resolveProtocol
 from maccept._signals import PARENT_SIGNALS
@@ -378,38 +379,6 @@ class Worker:
         except Exception:
             return defer.succeed(None)
         return result if result is not None else defer.succeed(None)
-
-
-class LagMeter:
-    """
-    How late the reactor runs a call it was asked to run C{interval}
-    seconds from now: a blocked or overloaded reactor shows up here long
-    before the watchdog fires.
-    """
-
-    interval = 0.25
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.worst = 0.0
-        self._call: Any = None
-
-    def start(self) -> None:
-        self._call = self.reactor.callLater(self.interval, self._tick, self.reactor.seconds())
-
-    def _tick(self, scheduledAt: float) -> None:
-        late = self.reactor.seconds() - scheduledAt - self.interval
-        self.worst = max(self.worst, late)
-        self.start()
-
-    def worstSinceLastAsked(self) -> float:
-        worst, self.worst = self.worst, 0.0
-        return max(0.0, worst)
-
-    def stop(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
 
 
 class WorkerControl(amp.AMP):
