@@ -33,7 +33,11 @@ class MacceptService(Service):
     log = Logger()
 
     def __init__(
-        self, reactor: Any, listeners: Sequence[ListeningSocket], pool: WorkerPool
+        self,
+        reactor: Any,
+        listeners: Sequence[ListeningSocket],
+        pool: WorkerPool,
+        upgrade: Upgrade,
     ) -> None:
         self.reactor = reactor
         self.listeners = list(listeners)
@@ -45,7 +49,7 @@ class MacceptService(Service):
         #: The parent's own ports (metrics, control), closed after the pool.
         self.servicePorts: list[ServicePort] = []
         #: Upgrading maccept itself on SIGUSR2 (see L{maccept._upgrade}).
-        self.upgrade: Upgrade | None = None
+        self.upgrade = upgrade
 
     def signalHandlers(self) -> dict[signal.Signals, Callable[[], object]]:
         """
@@ -57,7 +61,7 @@ class MacceptService(Service):
             signal.SIGHUP: self.pool.reload,
             signal.SIGTTIN: self.pool.scaleUp,
             signal.SIGTTOU: self.pool.scaleDown,
-            signal.SIGUSR2: self.upgrade.start if self.upgrade else lambda: None,
+            signal.SIGUSR2: self.upgrade.start,
         }
 
     def socketPaths(self) -> list[SocketPath]:
@@ -102,8 +106,7 @@ class MacceptService(Service):
             self.pool.killAll()
             return
         self.stopRequested = True
-        if self.upgrade is not None:
-            self.upgrade.abandon()
+        self.upgrade.abandon()
         if not self.reactor.running:  # after a failed start, which stopped it already
             return
         if delay and self.stopDelay > 0:
@@ -144,18 +147,17 @@ class MacceptService(Service):
         stopped = self.pool.stopService()
         # Stopped by a new parent that took the sockets over: its paths now,
         # and its metrics and control from now on.
-        handedOver = self.upgrade is not None and self.upgrade.takenOver
+        handedOver = self.upgrade.takenOver
         for listener in self.listeners:
             listener.close(handedOver)
         if handedOver:
             self._closeServicePorts(handedOver=True)
         else:
             stopped.addCallback(lambda _: self._closeServicePorts())
-        if self.upgrade is not None:
-            # A stop taken for an older new parent's hand-over waits to be
-            # sure of it: a greeting would show it was a stop of both.
-            settled = self.upgrade.settled()
-            stopped.addCallback(lambda _: settled)
+        # A stop taken for an older new parent's hand-over waits to be
+        # sure of it: a greeting would show it was a stop of both.
+        settled = self.upgrade.settled()
+        stopped.addCallback(lambda _: settled)
         return stopped
 
     def _closeServicePorts(self, handedOver: bool = False) -> None:

@@ -73,9 +73,21 @@ def makeService(options: CommandLineOptions) -> IService:
     inherited = inheritedListeners()
     listeners = _openListeners(reactor, options["listen"], inherited)
     pool = WorkerPool(reactor, listeners, _poolSettings(options), _onFatal(reactor))
-    service = MacceptService(reactor, listeners, pool)
+    upgrade = Upgrade(
+        reactor,
+        listeners,
+        getattr(options, "parent", None),
+        isServing=lambda: pool.state is PoolState.RUNNING,
+        willServe=lambda: pool.state in (PoolState.STARTING, PoolState.RELOADING),
+        poolSize=lambda: pool.size,
+        beforeStart=pool.forgetQueuedReload,
+        # Taken over: the new parent serves already, so no --stop-delay.
+        onTakenOver=lambda: service.requestStop(delay=False),
+        servicePorts=lambda: service.servicePorts,
+    )
+    service = MacceptService(reactor, listeners, pool, upgrade)
     service.stopDelay = options["stop-delay"]
-    upgrade = _wireUpgrade(reactor, service, pool, listeners, getattr(options, "parent", None))
+    _followUpgrade(reactor, service, pool, upgrade)
     try:
         service.servicePorts = openServicePorts(
             reactor, options, pool, service.stopFromControl, inherited
@@ -84,7 +96,6 @@ def makeService(options: CommandLineOptions) -> IService:
         for listener in listeners:
             listener.close()
         fail(str(e))
-    upgrade.servicePorts = service.servicePorts
     for fd in inherited.values():
         os.close(fd)  # the old parent listened on more than we were asked to
     notifier = SystemdNotifier.fromEnvironment(reactor)
@@ -155,26 +166,15 @@ def _onFatal(reactor: Any) -> Callable[[str], None]:
     return onFatal
 
 
-def _wireUpgrade(
-    reactor: Any,
-    service: MacceptService,
-    pool: WorkerPool,
-    listeners: list[ListeningSocket],
-    twistdConfig: Any,
-) -> Upgrade:
+def _followUpgrade(
+    reactor: Any, service: MacceptService, pool: WorkerPool, upgrade: Upgrade
+) -> None:
     """
-    Both sides of USR2: this parent as the old one (an upgrade it starts,
-    which waits for its pool and pauses its scaling and reloads), and as
-    the new one (taking over once its pool runs).
+    Both sides of USR2 follow the pool: this parent as the old one (a
+    queued upgrade starts once the pool serves, and scaling and reloads
+    wait while one is under way), and as the new one (taking over once its
+    pool runs).
     """
-    upgrade = service.upgrade = Upgrade(
-        reactor, listeners, twistdConfig, lambda: pool.state is PoolState.RUNNING
-    )
-    # Taken over: the new parent serves already, so no --stop-delay.
-    upgrade.onTakenOver = lambda: service.requestStop(delay=False)
-    upgrade.poolSize = lambda: pool.size
-    upgrade.willServe = lambda: pool.state in (PoolState.STARTING, PoolState.RELOADING)
-    upgrade.beforeStart = pool.forgetQueuedReload
     pool.stateObservers.append(
         lambda state: upgrade.poolServes() if state is PoolState.RUNNING else None
     )
@@ -191,4 +191,3 @@ def _wireUpgrade(
                 followRotatedLogs(reactor, int(oldParent))
 
     pool.stateObservers.append(tookOver)
-    return upgrade

@@ -144,30 +144,45 @@ class Upgrade:
         reactor: Any,
         listeners: Sequence[ListeningSocket],
         twistdConfig: MutableMapping[str, Any] | None,
-        isServing: Any,
+        *,
+        isServing: Callable[[], bool],
+        willServe: Callable[[], bool],
+        poolSize: Callable[[], int],
+        beforeStart: Callable[[], None],
+        onTakenOver: Callable[[], None],
+        servicePorts: Callable[[], Sequence[ServicePort]],
     ) -> None:
+        """
+        @param isServing: Whether the pool serves now (an upgrade starts only
+            then).
+        @param willServe: Whether the pool will serve soon (it starts or
+            reloads): then a USR2 waits for it, as a HUP does, rather than
+            being dropped.
+        @param poolSize: How many workers the pool runs now (scaled since
+            C{--workers}, maybe): the new parent starts as many.
+        @param beforeStart: Called as an upgrade starts (a queued reload is
+            dropped).
+        @param onTakenOver: The old parent's stop, called once the new
+            parent serves.
+        @param servicePorts: The parent's own ports (L{maccept._serviceports}),
+            handed over too; opened after this object is made.
+        """
         self.reactor = reactor
         self.listeners = listeners
         self.twistdConfig = twistdConfig
         self.isServing = isServing
+        self.willServe = willServe
+        self.poolSize = poolSize
+        self.beforeStart = beforeStart
+        self.onTakenOver = onTakenOver
+        self.servicePorts = servicePorts
         self.newParent: Any = None
         self.stage = Stage.IDLE
         self._settling: list[defer.Deferred[None]] = []
         self._settleTimer: Any = None
-        #: The old parent's stop, called once the new parent serves.
-        self.onTakenOver: Callable[[], None] = lambda: None
-        #: How many workers the pool runs now (scaled since --workers, maybe).
-        self.poolSize: Callable[[], int] = lambda: 0
-        #: The parent's own ports (L{maccept._serviceports}), handed over too.
-        self.servicePorts: Sequence[ServicePort] = ()
-        #: Whether the pool will serve soon (it starts or reloads): then a
-        #: USR2 waits for it, as a HUP does, rather than being dropped.
-        self.willServe: Callable[[], bool] = lambda: False
         self._queued = False
         #: This parent is asked to stop: no upgrade starts any more.
         self._stopping = False
-        #: Called as an upgrade starts (a queued reload is dropped).
-        self.beforeStart: Callable[[], None] = lambda: None
         #: Why the new parent gave up, if it said (see L{tellOldParentWhy}).
         self.newParentError = ""
 
@@ -208,7 +223,7 @@ class Upgrade:
         inherited: list[dict[str, Any]] = []
         childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         handOver = [(each.description, each.fileno()) for each in self.listeners]
-        handOver += [(each.label, each.fileno()) for each in self.servicePorts]
+        handOver += [(each.label, each.fileno()) for each in self.servicePorts()]
         for description, fileno in handOver:
             fd = os.dup(fileno)
             inherited.append({"fd": fd, "description": description})
@@ -269,7 +284,7 @@ class Upgrade:
             # stop: it is the new parent's too, and the sockets' paths, left
             # for it, are this parent's to remove after all.
             self._stopNewParent()
-            owners: list[Any] = [*self.listeners, *self.servicePorts]
+            owners: list[Any] = [*self.listeners, *self.servicePorts()]
             for owner in owners:
                 if owner.socketPath is not None:
                     owner.socketPath.remove()

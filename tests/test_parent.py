@@ -38,6 +38,8 @@ class StoppingReactor(MemoryReactorClock):
 
 
 class RecordingUpgrade:
+    takenOver = False
+
     def __init__(self) -> None:
         self.abandoned = 0
 
@@ -49,7 +51,8 @@ class RequestStopTests(SynchronousTestCase):
     def service(self, running: bool) -> tuple[MacceptService, StoppingReactor, RecordingPool]:
         reactor, pool = StoppingReactor(running), RecordingPool()
         standIn: Any = pool
-        return MacceptService(reactor, [], standIn), reactor, pool
+        upgrade: Any = RecordingUpgrade()
+        return MacceptService(reactor, [], standIn, upgrade), reactor, pool
 
     def test_firstStopsSecondKills(self) -> None:
         """
@@ -68,11 +71,9 @@ class RequestStopTests(SynchronousTestCase):
         has not taken over: see L{maccept._upgrade.Upgrade.abandon}).
         """
         service = self.service(running=True)[0]
-        upgrade = RecordingUpgrade()
-        service.upgrade = upgrade  # type: ignore[assignment]
         service.requestStop()
         service.requestStop()
-        self.assertEqual(upgrade.abandoned, 1)
+        self.assertEqual(service.upgrade.abandoned, 1)  # type: ignore[attr-defined]
 
     def test_controlStopsOnce(self) -> None:
         """

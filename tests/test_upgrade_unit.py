@@ -40,6 +40,22 @@ from maccept._upgrade import (
 from tests.fakes import FakeProcess, ProcessMemoryReactor
 
 
+def makeUpgrade(reactor: Any, config: dict[str, Any], **hooks: Any) -> Upgrade:
+    """
+    An upgrade of a parent whose pool serves, with no own ports, that
+    records nothing: C{hooks} replace any of its collaborators.
+    """
+    defaults: dict[str, Any] = {
+        "isServing": lambda: True,
+        "willServe": lambda: False,
+        "poolSize": lambda: 0,
+        "beforeStart": lambda: None,
+        "onTakenOver": lambda: None,
+        "servicePorts": lambda: (),
+    }
+    return Upgrade(reactor, [], config, **{**defaults, **hooks})
+
+
 class CommandLineTests(SynchronousTestCase):
     def test_script(self) -> None:
         """
@@ -100,7 +116,7 @@ class PidfileTests(SynchronousTestCase):
         pidfile = Path(directory, "twistd.pid")
         pidfile.write_text("123")
         config = {"pidfile": str(pidfile)}
-        upgrade = Upgrade(Clock(), [], config, lambda: True)
+        upgrade = makeUpgrade(Clock(), config)
         upgrade._movePidfile(".oldbin")
         self.assertEqual(config["pidfile"], f"{pidfile}.oldbin")
         self.assertFalse(pidfile.exists())
@@ -114,7 +130,7 @@ class PidfileTests(SynchronousTestCase):
         Without a pidfile there is nothing to move.
         """
         config = {"pidfile": ""}
-        Upgrade(Clock(), [], config, lambda: True)._movePidfile(".oldbin")
+        makeUpgrade(Clock(), config)._movePidfile(".oldbin")
         self.assertEqual(config, {"pidfile": ""})
 
 
@@ -131,9 +147,10 @@ class HandOverTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, directory)
         self.config: dict[str, Any] = {"pidfile": str(self.pidfile), "nodaemon": True}
         self.reactor = ProcessMemoryReactor()
-        self.upgrade = Upgrade(self.reactor, [], self.config, lambda: True)
         self.stops: list[bool] = []
-        self.upgrade.onTakenOver = lambda: self.stops.append(True)
+        self.upgrade = makeUpgrade(
+            self.reactor, self.config, onTakenOver=lambda: self.stops.append(True)
+        )
 
     def start(self) -> tuple[FakeProcess, int]:
         self.upgrade.start()
@@ -241,7 +258,7 @@ class HandOverTests(SynchronousTestCase):
             self.upgrade.start()  # USR2 during a stop (--stop-delay)
         self.assertEqual(self.reactor.processes, [])
         self.assertIn("upgrade ignored: this parent is stopping", formatEvent(events[0]))
-        upgrade = Upgrade(self.reactor, [], self.config, lambda: False)
+        upgrade = makeUpgrade(self.reactor, self.config, isServing=lambda: False)
         with capturedLogs() as events:
             upgrade.start()
         self.assertIn("upgrade ignored: the pool is not serving", formatEvent(events[0]))
@@ -301,7 +318,7 @@ class HandOverTests(SynchronousTestCase):
         self.assertEqual(fired, ["greeted"])
         process.end(signal=signal.SIGTERM)
         # Another parent's upgrade (a stopped one starts none).
-        self.upgrade = Upgrade(self.reactor, [], self.config, lambda: True)
+        self.upgrade = makeUpgrade(self.reactor, self.config)
         process, _ = self.start()
         self.upgrade.abandon()
         self.upgrade.settled().addCallback(lambda _: fired.append("waited"))
