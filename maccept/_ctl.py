@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 from twisted.internet import defer, task
@@ -123,29 +123,7 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
         return answer.addTimeout(options.timeout, reactor)
 
     try:
-        if options.command == "status":
-            status = await call(Status)
-            print(json.dumps(status, indent=2) if options.json else formatStatus(status))
-        elif options.command == "scale":
-            result = await call(Scale, workers=options.workers)
-            print(f"scaling to {result['size']} workers")
-        elif options.command == "reload":
-            result = await call(Reload)
-            if not options.wait:
-                print("reloading")
-            elif result.get("generation") is None:
-                # A parent of a version before --wait: asked, not awaited.
-                print(
-                    "maccept-ctl: reload: asked for, but this parent is too old to say how it "
-                    "ends (see its log)",
-                    file=sys.stderr,
-                )
-                return EXIT_REFUSED
-            else:
-                return await _waitForReload(reactor, call, result["generation"])
-        elif options.command == "stop":
-            await call(Stop)
-            print("stopping")
+        return await _COMMANDS[options.command](reactor, call, options)
     except ControlError as e:
         print(f"maccept-ctl: {options.command}: {e}", file=sys.stderr)
         return EXIT_REFUSED
@@ -175,12 +153,56 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
         # AMP lets go of a transport that has closed.
         if control.transport is not None:
             control.transport.loseConnection()
+
+
+#: Asks the parent one control command, its answer bounded by C{--timeout}.
+Call = Callable[..., defer.Deferred[Any]]
+
+
+async def _status(reactor: Any, call: Call, options: argparse.Namespace) -> int:
+    status = await call(Status)
+    print(json.dumps(status, indent=2) if options.json else formatStatus(status))
     return 0
 
 
-async def _waitForReload(
-    reactor: Any, call: Callable[..., defer.Deferred[Any]], generation: int
-) -> int:
+async def _scale(reactor: Any, call: Call, options: argparse.Namespace) -> int:
+    result = await call(Scale, workers=options.workers)
+    print(f"scaling to {result['size']} workers")
+    return 0
+
+
+async def _reload(reactor: Any, call: Call, options: argparse.Namespace) -> int:
+    result = await call(Reload)
+    if not options.wait:
+        print("reloading")
+        return 0
+    if result.get("generation") is None:
+        # A parent of a version before --wait: asked, not awaited.
+        print(
+            "maccept-ctl: reload: asked for, but this parent is too old to say how it "
+            "ends (see its log)",
+            file=sys.stderr,
+        )
+        return EXIT_REFUSED
+    return await _waitForReload(reactor, call, result["generation"])
+
+
+async def _stop(reactor: Any, call: Call, options: argparse.Namespace) -> int:
+    await call(Stop)
+    print("stopping")
+    return 0
+
+
+#: What each command does once connected; its exit status.
+_COMMANDS: dict[str, Callable[[Any, Call, argparse.Namespace], Awaitable[int]]] = {
+    "status": _status,
+    "scale": _scale,
+    "reload": _reload,
+    "stop": _stop,
+}
+
+
+async def _waitForReload(reactor: Any, call: Call, generation: int) -> int:
     """
     Ask for the pool's status until C{generation} serves, or will not: it
     failed, an upgrade dropped it while it was queued, or the pool stops.
