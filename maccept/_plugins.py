@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python import usage
 from zope.interface import implementer
 
-from maccept._protocols import buildsNothing
+from maccept._protocols import madeFactoryProblem
 from maccept.interfaces import IProtocolPlugin
 
 
@@ -108,17 +108,9 @@ def pluginFactoryMaker(
 
     def makeFactory() -> IProtocolFactory:
         made = plugin.makeFactory(options)
-        if not IProtocolFactory.providedBy(made):
-            # Else Twisted fails later, deep in startListening.
-            raise TypeError(
-                f"protocol plugin {plugin.name!r}: makeFactory returned {made!r},"
-                " not a protocol factory (a Factory instance)"
-            )
-        if buildsNothing(made):
-            raise TypeError(
-                f"protocol plugin {plugin.name!r}: makeFactory returned a factory with no"
-                " protocol to build"
-            )
-        return made
+        problem = madeFactoryProblem(made)
+        if problem is not None:
+            raise TypeError(f"protocol plugin {plugin.name!r}: makeFactory {problem}")
+        return cast(IProtocolFactory, made)
 
     return makeFactory

@@ -174,6 +174,20 @@ def buildsNothing(factory: object) -> bool:
     return getattr(factory, "protocol", None) is None
 
 
+def madeFactoryProblem(made: object) -> str | None:
+    """
+    What is wrong with what a factory maker returned (a callable named by
+    C{--protocol}, a plugin's C{makeFactory}), as the end of a sentence
+    naming the maker; C{None} for a factory that can serve.
+    """
+    if not IProtocolFactory.providedBy(made):
+        # Else Twisted fails later, deep in startListening.
+        return f"returned {made!r}, not a protocol factory (a Factory instance)"
+    if buildsNothing(made):
+        return "returned a factory with no protocol to build"
+    return None
+
+
 def _asFactoryMaker(spec: str, target: object) -> FactoryMaker:
     if buildsNothing(target):
         raise ProtocolSpecError(
@@ -212,10 +226,9 @@ def _checkedMaker(spec: str, maker: Callable[[], object]) -> FactoryMaker:
 
     def make() -> IProtocolFactory:
         made = maker()
-        if not IProtocolFactory.providedBy(made):
-            raise ProtocolSpecError(f"{spec!r} returned {made!r}, not a protocol factory")
-        if buildsNothing(made):
-            raise ProtocolSpecError(f"{spec!r} returned a factory with no protocol to build")
-        return made
+        problem = madeFactoryProblem(made)
+        if problem is not None:
+            raise ProtocolSpecError(f"{spec!r} {problem}")
+        return cast(IProtocolFactory, made)
 
     return make
