@@ -14,6 +14,7 @@ import sys
 
 from twisted.python import usage
 
+import twisted
 from maccept._affinity import availableCPUs, parseCPUs
 from maccept._board import MAX_WORKERS
 from maccept._descriptions import DATAGRAM_TYPES, ListenError, checkDescription, unixPath
@@ -231,6 +232,13 @@ class Options(usage.Options):
                 print(f"{name:12} {plugin.description}{clash}")
         raise SystemExit(0)
 
+    def opt_version(self) -> None:
+        """
+        Display maccept's version, with Twisted's and Python's, and exit.
+        """
+        print(versionLine())
+        raise SystemExit(0)
+
     def opt_listen(self, description: str) -> None:
         """
         A server endpoint description to accept on (repeatable; default
@@ -390,6 +398,21 @@ class CommandLineOptions(Options):
             super().parseOptions(options)
         except usage.UsageError as e:
             fail(str(e))
+
+
+def versionLine() -> str:
+    """
+    What C{--version} prints: maccept's version first, as users look for
+    it, then what it runs on.
+    """
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mine = version("maccept")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        mine = "(not installed)"
+    return f"maccept {mine} (Twisted {twisted.__version__}, Python {platform.python_version()})"
 
 
 def shown(value: str) -> str:

@@ -104,6 +104,10 @@ def pluginFactoryMaker(
         options.synopsis = (
             f"Usage: twistd maccept --protocol {plugin.name} --protocol-option KEY=VALUE ..."
         )
+    if type(options).opt_version is usage.Options.opt_version and "version" in options.longOpt:
+        # usage.Options' own --version prints Twisted's version and exits the
+        # parent: no option of the plugin's.  Unlisted, it is not recognized.
+        options.longOpt.remove("version")
     options.parseOptions(optionArguments(protocolOptions))
 
     def makeFactory() -> IProtocolFactory:

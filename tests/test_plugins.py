@@ -17,13 +17,14 @@ from pathlib import Path
 
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from maccept import _plugins
 from maccept._builtins import Chargen
 from maccept._options import CommandLineOptions
-from maccept._plugins import ProtocolPlugin, optionArguments, pluginsByName
+from maccept._plugins import ProtocolPlugin, optionArguments, pluginFactoryMaker, pluginsByName
 from maccept._protocols import ProtocolSpecError, resolveProtocol
 from maccept.interfaces import IProtocolPlugin
 from tests.server import MacceptServer, runMaccept
@@ -46,6 +47,19 @@ def protocolClassFromOptions(options: object) -> type:
     from tests.sample_protocols import Sleepy
 
     return Sleepy
+
+
+class Versioned(usage.Options):
+    """
+    A plugin's options with a C{--version} of their own: each use recorded
+    in L{VERSIONS_SHOWN}.
+    """
+
+    def opt_version(self) -> None:
+        VERSIONS_SHOWN.append(True)
+
+
+VERSIONS_SHOWN: list[bool] = []
 
 
 class DiscoveryTests(SynchronousTestCase):
@@ -81,6 +95,21 @@ class DiscoveryTests(SynchronousTestCase):
         self.assertEqual(str(e), "web: path: no such directory: /no/such/dir")
         e = self.assertRaises(ProtocolSpecError, resolveProtocol, "echo", ["speed=9"])
         self.assertEqual(str(e), "echo: option --speed not recognized")
+
+    def test_noTwistedVersionOption(self) -> None:
+        """
+        C{version} is no plugin option (usage.Options' own C{--version}
+        would print Twisted's version and exit the parent): refused as
+        unknown, and not listed in the plugin's help; a plugin that defines
+        its own C{opt_version} keeps it.
+        """
+        e = self.assertRaises(ProtocolSpecError, resolveProtocol, "web", ["version"])
+        self.assertEqual(str(e), "web: option --version not recognized")
+        plugin = ProtocolPlugin(
+            "versioned", "d", "maccept._builtins:echoPlugin", options=f"{__name__}:Versioned"
+        )
+        pluginFactoryMaker(plugin, ["version"])
+        self.assertEqual(VERSIONS_SHOWN, [True])
 
     def test_pluginWhoseOptionsFail(self) -> None:
         """
@@ -319,6 +348,16 @@ class PluginCommandLineTests(SynchronousTestCase):
         names = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
         self.assertLessEqual(BUILT_IN, names)
 
+    def test_version(self) -> None:
+        """
+        C{--version} names maccept's version first, then Twisted's and
+        Python's, and exits 0.
+        """
+        result = runMaccept(["--version"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        line = result.stdout.strip()
+        self.assertRegex(line, r"^maccept \S+ \(Twisted \S+, Python \S+\)$")
+
     def test_pluginOptionHelp(self) -> None:
         """
         C{--protocol-option help} prints the plugin's own options and exits
@@ -327,6 +366,7 @@ class PluginCommandLineTests(SynchronousTestCase):
         result = runMaccept(["--protocol", "web", "--protocol-option", "help"])
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("--path", result.stdout)
+        self.assertNotIn("--version", result.stdout)
         self.assertEqual(
             result.stdout.splitlines()[0],
             "Usage: twistd maccept --protocol web --protocol-option KEY=VALUE ...",
