@@ -92,7 +92,8 @@ class _V1Parser(V1Parser):
     """
     Twisted's v1 parser, plus the bare C{PROXY UNKNOWN} line the
     specification allows (HAProxy sends it), and addresses and ports
-    checked, and no field more than the six: Twisted takes
+    checked (an IPv6 address with no scope), and no field more than the
+    six: Twisted takes
     C{PROXY TCP4 notanip ::1 99999 +5 extra} as given, and
     raises bare C{ValueError}s for a port that is not a number; and the
     107-byte limit on any line, not only on one without its CRLF yet.
@@ -115,7 +116,10 @@ class _V1Parser(V1Parser):
                     raise ValueError(fields)  # a field more than the six
                 version = 4 if fields[1] == cls.TCP4_PROTO else 6
                 for host in fields[2:4]:
-                    if ipaddress.ip_address(host.decode("ascii")).version != version:
+                    address = ipaddress.ip_address(host.decode("ascii"))
+                    # A scope (fe80::1%eth0) names an interface of the
+                    # proxy's, which no proxy sends and inet_pton refuses.
+                    if address.version != version or getattr(address, "scope_id", None):
                         raise ValueError(host)
                 for port in fields[4:6]:
                     if not _PORT.match(port) or int(port) > 65535:

@@ -258,8 +258,10 @@ class WrapperTests(SynchronousTestCase):
         """
         A v1 header whose addresses or ports are not addresses and ports (of
         the version it names), with a field more, or longer than 107 bytes,
-        is malformed, as is a v2 header with a datagram's addresses: dropped,
-        counted, and the protocol never connected.
+        is malformed, as is a v1 IPv6 address with a scope (C{%eth0}: no
+        proxy sends one, and the socket address cannot hold it) and a v2
+        header with a datagram's addresses: dropped, counted, and the
+        protocol never connected.
         """
         udp = v2Header("10.9.8.7", 1234, 80)
         udp = udp[:13] + b"\x12" + udp[14:]
@@ -273,6 +275,8 @@ class WrapperTests(SynchronousTestCase):
             b"PROXY TCP4 1.2.3.4 127.0.0.1 1_0 80\r\n",
             b"PROXY TCP4 ::1 ::2 1 2\r\n",
             b"PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n",
+            b"PROXY TCP6 fe80::1%eth0 ::1 1111 2222\r\n",
+            b"PROXY TCP6 ::1 ::1%1 1111 2222\r\n",
             b"PROXY TCP4 1.2.3.4 127.0.0.1 1 80 " + b"x" * 100 + b"\r\n",
             b"PROXY TCP4 1.2.3.4 127.0.0.1 1 80 3\r\n",
             udp,
@@ -283,7 +287,7 @@ class WrapperTests(SynchronousTestCase):
                 wrapper.dataReceived(header)
             self.assertTrue(transport.disconnecting, header)
             self.assertIn("malformed PROXY protocol header", " ".join(texts(events)))
-        self.assertEqual(self.rejections, 13)
+        self.assertEqual(self.rejections, 15)
         self.assertEqual([r.peers for r in self.recorders], [[]] * len(self.recorders))
 
     def test_headerDeadline(self) -> None:
