@@ -11,8 +11,11 @@ and closes, and counts what its reads and writes moved.
 
 from __future__ import annotations
 
+import fcntl
 import socket
+import struct
 import sys
+import termios
 import time
 from collections.abc import Callable
 from errno import ENOBUFS, EWOULDBLOCK
@@ -90,6 +93,8 @@ class ConnectionTracker:
         )
         self.onChange = onChange
         self._idleWaiters: list[Callable[[], None]] = []
+        #: Bytes the kernel holds to send on a transport's socket.
+        self.kernelQueued: Callable[[Any], int] = kernelSendQueue
 
     def opened(self, transport: ITransport) -> None:
         self.accepted += 1
@@ -152,19 +157,35 @@ class ConnectionTracker:
         """
         Abort every connection on which no byte moved for C{timeout}
         seconds (a silent client holds a descriptor and a slot for
-        nothing: slowloris); return how many.
+        nothing: slowloris); return how many.  Called every quarter of
+        C{timeout}.
+
+        Bytes the client reads move out of the kernel's send queue while
+        this process sees nothing: its socket is writable again only once
+        a good part of a full buffer has drained, so a client reading a
+        large answer slowly would look silent.  So a connection quiet for
+        a quarter of the timeout has that queue looked at on each call,
+        and one whose queue changed since counts as active.
         """
-        cutoff = (time.monotonic() if now is None else now) - timeout
-        # A closing connection counts too: one whose client never reads
-        # what is left to send would hold its descriptor for ever.
-        idle = [
-            t
-            for t in self.open
-            if t.lastActive <= cutoff  # type: ignore[attr-defined]
-            and not getattr(t, "_aborting", False)
-        ]
-        for transport in idle:
-            transport.abortConnection()  # type: ignore[attr-defined]
+        now = time.monotonic() if now is None else now
+        cutoff = now - timeout
+        quiet = now - timeout / 4
+        idle = []
+        for transport in self.open:
+            t: Any = transport
+            if t.lastActive > quiet or getattr(t, "_aborting", False):
+                continue
+            queued = self.kernelQueued(t)
+            if queued != getattr(t, "kernelQueued", 0):
+                t.kernelQueued = queued
+                t.lastActive = now
+            elif t.lastActive <= cutoff:
+                # A closing connection counts too: one whose client never
+                # reads what is left to send would hold its descriptor for
+                # ever.
+                idle.append(t)
+        for t in idle:
+            t.abortConnection()
         self.idleClosed += len(idle)
         return len(idle)
 
@@ -174,6 +195,20 @@ class ConnectionTracker:
         """
         for transport in list(self.open):
             transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def kernelSendQueue(transport: Any) -> int:
+    """
+    How many bytes the kernel holds to send on C{transport}'s socket, not
+    yet sent or not yet acknowledged (C{SIOCOUTQ}); 0 where it cannot tell
+    (a transport with no socket, one already closed).
+    """
+    try:
+        answer = fcntl.ioctl(transport.socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (AttributeError, OSError, ValueError):
+        return 0
+    queued: int = struct.unpack("i", answer)[0]
+    return queued
 
 
 def queuedBytes(transport: Any) -> int | None:

@@ -7,6 +7,7 @@ worker leaves new ones waiting in the backlog, and none is dropped.
 from __future__ import annotations
 
 import socket
+import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -56,6 +57,31 @@ class ArmorTests(SynchronousTestCase):
         talking.settimeout(10)
         talking.sendall(b"still here")
         self.assertEqual(talking.recv(10), b"still here")
+
+    def test_slowReaderKept(self) -> None:
+        """
+        A client that reads the end of a long answer slowly moves bytes all
+        the time, though the worker has handed the kernel all of it and
+        writes nothing more: it is not idle, while one that reads nothing
+        is.
+        """
+        server = self.start("--idle-timeout", "2")
+        message = bytes(range(256)) * 4096  # 1 MiB, echoed at once
+        stuck, slow = server.connect(), server.connect()
+        self.addCleanup(stuck.close)
+        self.addCleanup(slow.close)
+        for client in (stuck, slow):
+            client.settimeout(10)
+            client.sendall(message)
+        received = bytearray()
+        while len(received) < len(message):  # 6 s or so: three timeouts
+            time.sleep(0.1)
+            received += slow.recv(16384)
+        self.assertEqual(bytes(received), message)
+        waitFor(lambda: "silent for 2.0s" in server.log(), what="the stuck client closed")
+        with self.assertRaises(ConnectionResetError):
+            while stuck.recv(65536):
+                pass
 
     def test_maxConcurrentHoldsTheRestInTheBacklog(self) -> None:
         """

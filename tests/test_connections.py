@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from maccept._connections import ConnectionTracker, trackConnections
+from maccept._connections import ConnectionTracker, kernelSendQueue, trackConnections
 from tests.fakes import FakeAdoptedPort, FakeServerTransport, WorkerMemoryReactor
 
 
@@ -90,6 +90,67 @@ class TrackerTests(SynchronousTestCase):
         self.assertEqual(self.tracker.closeIdle(5.0, now=110.0), 1)
         self.assertEqual((old.aborted, fresh.aborted), (True, False))
         self.assertEqual(self.tracker.idleClosed, 1)
+
+    def test_closeIdleSeesTheKernelSend(self) -> None:
+        """
+        A connection this process has not written to for the timeout, but
+        whose bytes the kernel still sends (its queue changed since the
+        last look), is active; once the queue stops changing, the timeout
+        runs from then.
+        """
+        reading = FakeServerTransport()
+        reading.lastActive = 100.0  # type: ignore[attr-defined]
+        self.tracker.opened(reading)  # type: ignore[arg-type]
+        queued = iter([30000, 20000, 20000, 20000])
+        self.tracker.kernelQueued = lambda transport: next(queued)
+        self.assertEqual(self.tracker.closeIdle(4.0, now=110.0), 0)
+        self.assertEqual(self.tracker.closeIdle(4.0, now=111.0), 0)
+        self.assertEqual(reading.lastActive, 111.0)  # type: ignore[attr-defined]
+        self.assertEqual(self.tracker.closeIdle(4.0, now=114.0), 0)
+        self.assertFalse(reading.aborted)
+        self.assertEqual(self.tracker.closeIdle(4.0, now=115.0), 1)
+        self.assertTrue(reading.aborted)
+
+    def test_closeIdleAsksTheKernelOnlyOfQuietOnes(self) -> None:
+        """
+        The kernel's queue is looked at only for connections quiet for a
+        quarter of the timeout: the others are active anyway.
+        """
+        busy = FakeServerTransport()
+        busy.lastActive = 109.5  # type: ignore[attr-defined]
+        self.tracker.opened(busy)  # type: ignore[arg-type]
+        asked: list[object] = []
+
+        def kernelQueued(transport: object) -> int:
+            asked.append(transport)
+            return 0
+
+        self.tracker.kernelQueued = kernelQueued
+        self.assertEqual(self.tracker.closeIdle(4.0, now=110.0), 0)
+        self.assertEqual(asked, [])
+        self.assertEqual(self.tracker.closeIdle(4.0, now=111.0), 0)
+        self.assertEqual(asked, [busy])
+
+    def test_kernelSendQueue(self) -> None:
+        """
+        L{kernelSendQueue} reads what a connected socket's kernel holds to
+        send (for a UNIX socket, what the peer has not read yet, counted
+        with the kernel's overhead), and says 0 for a transport with no
+        usable socket.
+        """
+        server, client = socket.socketpair()
+        self.addCleanup(server.close)
+        self.addCleanup(client.close)
+        self.assertEqual(kernelSendQueue(FakeServerTransport()), 0)
+
+        class Holder:
+            socket = server
+
+        self.assertEqual(kernelSendQueue(Holder()), 0)
+        server.send(b"x" * 100)
+        self.assertGreaterEqual(kernelSendQueue(Holder()), 100)
+        client.recv(100)
+        self.assertEqual(kernelSendQueue(Holder()), 0)
 
     def test_closeIdleTakesSilentClosing(self) -> None:
         """
