@@ -193,6 +193,10 @@ def webFactory(options: usage.Options) -> Any:
                 return NoResource()
             return super().getChild(path, request)
 
+    from maccept._httpchannel import SmallRequestsChannel
+
     site = Site(Files(options["path"]))
     site.noisy = False
+    # Static files take no request body: one would be spooled to disk.
+    site.protocol = SmallRequestsChannel  # type: ignore[assignment]
     return site

@@ -10,12 +10,17 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from maccept._httpchannel import SmallRequestsChannel
 from maccept._metrics import exposition, registryFor
 from maccept._pool import WorkerPool
 from maccept._states import WorkerState
+from maccept._tally import Tally
+
+_log = Logger(namespace="maccept")
 
 
 def healthy(pool: WorkerPool) -> bool:
@@ -29,9 +34,21 @@ def healthy(pool: WorkerPool) -> bool:
     return any(w.shownState is WorkerState.READY for w in pool.workers)
 
 
-class MetricsResource(Resource):
+class _Page(Resource):
+    """
+    A page that answers HEAD as GET does, without the body (Twisted's
+    default renders GET and logs a warning per HEAD that it dropped one).
+    """
+
     isLeaf = True
 
+    def render_HEAD(self, request: Any) -> bytes:
+        body: bytes = self.render_GET(request)  # type: ignore[attr-defined]
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b""
+
+
+class MetricsResource(_Page):
     def __init__(self, pool: WorkerPool) -> None:
         super().__init__()
         self.registry = registryFor(pool)
@@ -41,9 +58,7 @@ class MetricsResource(Resource):
         return exposition(self.registry)
 
 
-class HealthResource(Resource):
-    isLeaf = True
-
+class HealthResource(_Page):
     def __init__(self, pool: WorkerPool) -> None:
         super().__init__()
         self.pool = pool
@@ -62,23 +77,34 @@ class QuietSite(Site):
     balancers' checks come every few seconds, and would bury the log's lines
     about workers), and a bound on what idle clients can hold: each of its
     connections costs the parent a descriptor, which it needs to start
-    workers.  Twisted's default idle timeout is 12 hours.
+    workers.  Twisted's default idle timeout is 12 hours.  Its channel
+    takes no request body, wants a whole request head within 10 s, and
+    drops a client that pipelines requests and reads no answer
+    (L{SmallRequestsChannel}).
 
-    @ivar maxConnections: connections open at once; more are closed at once.
+    @ivar maxConnections: connections open at once; more are closed at
+        once, and logged (L{Tally}).
     """
 
     maxConnections = 64
     idleTimeout = 10
+    protocol = SmallRequestsChannel  # type: ignore[assignment]
 
     def __init__(self, resource: Resource) -> None:
         super().__init__(resource, timeout=self.idleTimeout)
         self.openConnections = 0
+        self.refused = Tally(
+            _log,
+            "refused {count} connection(s) to the metrics port, the last from {peer}: "
+            "{limit} open already",
+        )
 
     def log(self, request: Any) -> None:
         pass
 
     def buildProtocol(self, addr: Any) -> Any:
         if self.openConnections >= self.maxConnections:
+            self.refused.add(peer=addr, limit=self.maxConnections)
             # Not None: a TLS wrapper around the site would wrap the None.
             return _Refused()
         channel = super().buildProtocol(addr)

@@ -374,8 +374,17 @@ class Options(usage.Options):
             metrics = self["metrics"]
             try:
                 checkDescription(metrics)
-                if endpointType(splitProxy(metrics)[1]) in DATAGRAM_TYPES:
+                proxied, inner = splitProxy(metrics)
+                if endpointType(inner) in DATAGRAM_TYPES:
                     raise ListenError("the metrics are served over HTTP, not UDP")
+                if proxied:
+                    # Twisted's own PROXY wrapper would serve it, unchecked
+                    # and without a deadline; a balancer's health check on
+                    # its own port sends no header anyway.
+                    raise ListenError(
+                        "the PROXY protocol (haproxy:) is for --listen; serve the metrics on "
+                        "the address itself"
+                    )
             except ListenError as e:
                 raise usage.UsageError(f"--metrics {shown(metrics)}: {e}") from None
 

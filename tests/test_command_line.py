@@ -152,6 +152,13 @@ class BadInputTests(SynchronousTestCase):
             ["--metrics", "udp:0:interface=127.0.0.1"], "--metrics", "served over HTTP, not UDP"
         )
 
+    def test_metricsBehindProxy(self) -> None:
+        self.check(
+            ["--metrics", "haproxy:tcp:0:interface=127.0.0.1"],
+            "--metrics",
+            "the PROXY protocol (haproxy:) is for --listen",
+        )
+
     def test_emptyProtocolOption(self) -> None:
         self.check(["--protocol-option", "=x"], "--protocol-option", "expected KEY=VALUE")
 

@@ -197,8 +197,19 @@ class ObservabilityTests(SynchronousTestCase):
         server = self.start("--workers", "1")
         self.assertEqual(self.get("healthz")[0], 200)
         self.assertEqual(self.get("metrics")[0], 200)
-        # Scrapes and health checks every few seconds: no access log line.
+        # Scrapes and health checks every few seconds: no access log line,
+        # nor one per HEAD.
+        head = urllib.request.Request(self.metricsURL + "healthz", method="HEAD")
+        with urllib.request.urlopen(head, timeout=10) as response:
+            self.assertEqual((response.status, response.read()), (200, b""))
         self.assertNotIn("GET /", server.log())
+        self.assertNotIn("HEAD request", server.log())
+        # A body (any size: it would be spooled to disk) is refused.
+        post = urllib.request.Request(self.metricsURL + "metrics", data=b"x" * 50000)
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(post, timeout=10)
+        self.assertEqual(caught.exception.code, 413)
+        caught.exception.close()
         client = server.connect()
         self.addCleanup(client.close)
         client.sendall(b"hold")

@@ -278,8 +278,9 @@ class BuiltInServingTests(SynchronousTestCase):
 
     def test_web(self) -> None:
         """
-        The web plugin serves the directory named by its path option, and
-        answers 404 to a path it cannot look up.
+        The web plugin serves the directory named by its path option,
+        answers 404 to a path it cannot look up, and 413 to a request with a
+        body.
         """
         root = tempfile.mkdtemp(prefix="maccept-web-")
         self.addCleanup(shutil.rmtree, root, True)
@@ -292,6 +293,12 @@ class BuiltInServingTests(SynchronousTestCase):
         with self.assertRaises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(f"http://127.0.0.1:{server.port}/%00", timeout=10)
         self.assertEqual(caught.exception.code, 404)
+        caught.exception.close()
+        # Static files take no body: one would be spooled to a temporary file.
+        post = urllib.request.Request(url, data=b"x" * 50000)
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(post, timeout=10)
+        self.assertEqual(caught.exception.code, 413)
         caught.exception.close()
         self.assertNotIn("Traceback", server.log())
 
