@@ -16,6 +16,7 @@ from twisted.protocols import amp
 from maccept._board import MAX_WORKERS
 from maccept._pool import WorkerPool
 from maccept._procfs import residentBytes
+from maccept._states import PoolState
 
 
 class ControlError(Exception):
@@ -83,8 +84,12 @@ class Scale(amp.Command):
 
 class Reload(amp.Command):
     arguments = []
-    #: The generation that carries the reload, now or once its turn comes.
-    response = [(b"generation", amp.Integer(optional=True))]
+    #: The generation that carries the reload, now or once its turn comes,
+    #: and whether it waits its turn (the pool starts or reloads).
+    response = [
+        (b"generation", amp.Integer(optional=True)),
+        (b"queued", amp.Boolean(optional=True)),
+    ]
     errors = _ERRORS
 
 
@@ -171,7 +176,8 @@ class ControlProtocol(amp.AMP):
         if refused is not None:
             self.log.warn("reload ignored: {why}", why=refused)
             raise ControlError(f"cannot reload: {refused}")
-        return {"generation": self.pool.reload()}
+        queued = self.pool.state in (PoolState.STARTING, PoolState.RELOADING)
+        return {"generation": self.pool.reload(), "queued": queued}
 
     @Stop.responder
     def stopPool(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
@@ -140,6 +141,11 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_UNREACHABLE
+    except BrokenPipeError:
+        # Our own output was closed (`| head`): the parent answered, and
+        # what was asked is done.  Quietly, as other tools end there.
+        _dropStdout()
+        return 0
     except Exception as e:
         # What answers there is not maccept's control protocol, or is
         # garbled: an undecodable box, an unknown error code, a bad value.
@@ -153,6 +159,16 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
         # AMP lets go of a transport that has closed.
         if control.transport is not None:
             control.transport.loseConnection()
+
+
+def _dropStdout() -> None:
+    """
+    Point standard output at C{/dev/null}, so that the interpreter's last
+    flush at exit does not fail on the closed pipe too.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 #: Asks the parent one control command, its answer bounded by C{--timeout}.
@@ -174,7 +190,11 @@ async def _scale(reactor: Any, call: Call, options: argparse.Namespace) -> int:
 async def _reload(reactor: Any, call: Call, options: argparse.Namespace) -> int:
     result = await call(Reload)
     if not options.wait:
-        print("reloading")
+        # As the parent's log says: a reload asked for while the pool starts
+        # or reloads waits its turn.
+        print(
+            "reload queued: it starts once the pool serves" if result.get("queued") else "reloading"
+        )
         return 0
     if result.get("generation") is None:
         # A parent of a version before --wait: asked, not awaited.

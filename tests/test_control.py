@@ -42,9 +42,11 @@ class ControlTests(PoolTestCase):
         pool = self.readyPool(1)
         stops: list[int] = []
         control = self.connect(pool, stops)
-        # Each answer names the generation that carries it (reload --wait).
+        # Each answer names the generation that carries it (reload --wait),
+        # and whether it waits its turn (maccept-ctl says "queued").
         self.assertEqual(
-            [control.reload(), control.reload()], [{"generation": 2}, {"generation": 3}]
+            [control.reload(), control.reload()],
+            [{"generation": 2, "queued": False}, {"generation": 3, "queued": True}],
         )
         for worker in pool.ofGeneration(2):
             worker.ready()

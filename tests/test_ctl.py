@@ -5,6 +5,7 @@ pool's status (the command against a real pool is in test_observability).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 from typing import Any
@@ -13,7 +14,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from maccept._ctl import EXIT_REFUSED, _waitForReload
+from maccept._ctl import EXIT_REFUSED, _reload, _waitForReload
 
 
 def status(**fields: Any) -> dict[str, Any]:
@@ -84,3 +85,35 @@ class WaitForReloadTests(SynchronousTestCase):
             "maccept-ctl: reload: generation 3 failed, generation 2 serves on: "
             "generation 4, started since, failed too: worker 2 died: boom\n",
         )
+
+
+class ReloadTests(SynchronousTestCase):
+    def reload(self, answer: dict[str, Any]) -> tuple[int, str]:
+        """
+        Run C{maccept-ctl reload} (no C{--wait}) against a parent that
+        answers C{answer}; return its exit status and standard output.
+        """
+
+        def call(command: object) -> defer.Deferred[dict[str, Any]]:
+            return defer.succeed(answer)
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            done = defer.Deferred.fromCoroutine(
+                _reload(Clock(), call, argparse.Namespace(wait=False))
+            )
+            code = self.successResultOf(done)
+        return code, out.getvalue()
+
+    def test_saysQueued(self) -> None:
+        """
+        A reload the pool queues (it starts or reloads) is said to be
+        queued, as the parent's log says; one that starts now, or asked of
+        a parent too old to say, is "reloading".
+        """
+        self.assertEqual(
+            self.reload({"generation": 2, "queued": True}),
+            (0, "reload queued: it starts once the pool serves\n"),
+        )
+        self.assertEqual(self.reload({"generation": 2, "queued": False}), (0, "reloading\n"))
+        self.assertEqual(self.reload({"generation": 2}), (0, "reloading\n"))

@@ -244,7 +244,8 @@ class ObservabilityTests(SynchronousTestCase):
     def test_ctlStatusListsLiveWorkers(self) -> None:
         """
         C{maccept-ctl status --json} lists exactly the live worker pids; the
-        table names each of them; the socket is for its owner only.
+        table names each of them, and a closed output is no error; the
+        socket is for its owner only.
         """
         server = self.start("--workers", "2", control=True)
         self.assertEqual(self.workerPids(), set(server.workers()))
@@ -253,6 +254,21 @@ class ObservabilityTests(SynchronousTestCase):
         self.assertEqual(table.returncode, 0, table.stderr)
         for pid in server.workers():
             self.assertIn(str(pid), table.stdout)
+        # Its reader gone (`| true`): the parent answered, so no error.
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            closed = subprocess.run(
+                [MACCEPT_CTL, self.controlPath, "status"],
+                stdout=write,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        finally:
+            os.close(write)
+        self.assertEqual((closed.returncode, closed.stderr), (0, ""))
 
     def test_ctlScaleReloadStop(self) -> None:
         """
