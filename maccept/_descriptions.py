@@ -249,6 +249,11 @@ def _systemdProblem(e: Exception) -> str:
         )
     if isinstance(e, KeyError):
         if not names:
+            if not passed and _listeningAt(LISTEN_FDS_START):
+                return (
+                    f"systemd passed descriptors without names, so none named {e} "
+                    "(systemd-socket-activate: --fdname; a unit: FileDescriptorName=)"
+                )
             return f"systemd passed no descriptor named {e}, nor any (run under socket activation)"
         return (
             f"systemd passed no descriptor named {e}, only {names}"

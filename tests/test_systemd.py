@@ -465,6 +465,7 @@ class SocketActivationTests(SynchronousTestCase):
         listening.listen()
         for description, names, pid, problem in [
             ("systemd:domain=INET:index=0", "", "", "descriptors without names"),
+            ("systemd:domain=INET:name=echo", "", "", "without names, so none named 'echo'"),
             ("systemd:domain=INET:name=echo", "echo", "1", "are for pid 1 (LISTEN_PID)"),
             ("systemd:domain=INET:index=1", "echo", "", "1 descriptor(s), named echo: none at"),
         ]:
