@@ -50,6 +50,8 @@ class Watchdog:
         #: from a stall of its own (see L{_parentStalled}).
         self._lastRound: float | None = None
         self._resumedAt = 0.0
+        #: Generations told of that their workers start over --max-memory.
+        self._freshOverLimit: set[int] = set()
 
     def start(self) -> None:
         # As often as workers beat: so that a stall of half the timeout
@@ -139,9 +141,25 @@ class Watchdog:
         if limit is None or worker.pid is None or worker.state is not WorkerState.READY:
             return
         rss = residentBytes(worker.pid)
-        if rss is not None and rss > limit:
-            self.pool.replace(
-                worker,
-                "recycle",
-                why=f"resident memory {rss // 2**20} MiB over --max-memory {limit // 2**20} MiB",
-            )
+        if rss is None or rss <= limit:
+            return
+        if worker.freshMemory is not None and worker.freshMemory > limit:
+            # Its replacement would start as large: replacing it would
+            # never end.  (The start-up floor measures the parent, which
+            # is a little smaller than a worker.)
+            if worker.generation not in self._freshOverLimit:
+                self._freshOverLimit.add(worker.generation)
+                self.log.error(
+                    "worker {number} took {fresh} MiB as it started, over --max-memory "
+                    "{limit} MiB: workers that start over it are not replaced for their "
+                    "memory (raise --max-memory)",
+                    number=worker.number,
+                    fresh=f"{worker.freshMemory / 2**20:.1f}",
+                    limit=f"{limit / 2**20:g}",
+                )
+            return
+        self.pool.replace(
+            worker,
+            "recycle",
+            why=f"resident memory {rss / 2**20:.1f} MiB over --max-memory {limit / 2**20:g} MiB",
+        )

@@ -18,6 +18,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from maccept._logforward import LineLogger, reemit, workerSystem
+from maccept._procfs import residentBytes
 from maccept._states import WorkerState, nextWorkerState
 from maccept._wire import (
     STATS,
@@ -84,6 +85,9 @@ class WorkerProcess(ProcessProtocol):
         self.replaces: WorkerProcess | None = None
         self.lastHeartbeat = startedAt
         self.readyAt: float | None = None
+        #: Resident bytes as it got ready, before it served anything (read
+        #: only with C{--max-memory}).
+        self.freshMemory: int | None = None
         self.declaredHung = False
         #: Scaling down took it out of the pool while it was leaving anyway
         #: (hung, or told to stop by a signal of its own): no one replaces it.
@@ -160,6 +164,8 @@ class WorkerProcess(ProcessProtocol):
     def ready(self) -> None:
         if self.handle("ready") is WorkerState.READY:
             self.lastHeartbeat = self.readyAt = self.pool.reactor.seconds()
+            if self.pool.settings.maxMemory is not None and self.pid is not None:
+                self.freshMemory = residentBytes(self.pid)
             self.pool.workerReady(self)
 
     def failed(self, reason: str) -> None:

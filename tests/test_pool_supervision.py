@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
-from maccept import _pool, _watchdog
+from maccept import _pool, _watchdog, _workerprocess
 from maccept._board import MAX_SLOTS, MAX_WORKERS
 from maccept._pool import WorkerPool
 from maccept._states import PoolState, WorkerState
@@ -241,6 +241,43 @@ class ScaleDownTests(SupervisionTestCase):
         pool.watchdog.tick()
         self.assertEqual(self.numbers(pool), [1, 2])
         self.assertEqual(len(self.reactor.processes), 2)
+
+    def test_replacedForMemoryOnceGrown(self) -> None:
+        """
+        A worker that grows past C{--max-memory} is replaced, the reason
+        in tenths of a MiB.
+        """
+        sizes = {"now": 100 * 2**20}
+        self.patch(_workerprocess, "residentBytes", lambda pid: sizes["now"])
+        self.patch(_watchdog, "residentBytes", lambda pid: sizes["now"])
+        pool = self.readyPool(1, maxMemory=200 * 2**20)
+        pool.watchdog.tick()
+        self.assertEqual(len(self.reactor.processes), 1)
+        sizes["now"] = 250 * 2**20 + 2**19
+        with capturedLogs() as events:
+            pool.watchdog.tick()
+        self.assertEqual(len(self.reactor.processes), 2)
+        self.assertIn(
+            "resident memory 250.5 MiB over --max-memory 200 MiB", " ".join(texts(events))
+        )
+
+    def test_notReplacedForMemoryItStartedWith(self) -> None:
+        """
+        A worker already over C{--max-memory} as it got ready is not
+        replaced for it (its replacement would start as large, and be
+        replaced in turn, without end): said once per generation, as an
+        error.
+        """
+        self.patch(_workerprocess, "residentBytes", lambda pid: 60 * 2**20)
+        self.patch(_watchdog, "residentBytes", lambda pid: 61 * 2**20)
+        pool = self.readyPool(2, maxMemory=50 * 2**20)
+        with capturedLogs() as events:
+            for _ in range(3):
+                pool.watchdog.tick()
+        self.assertEqual(len(self.reactor.processes), 2)
+        [line] = [e for e in events if "as it started" in formatEvent(e)]
+        self.assertEqual(line["log_level"], LogLevel.error)
+        self.assertIn("took 60.0 MiB as it started, over --max-memory 50 MiB", formatEvent(line))
 
     def test_signalledWorkerGoneAlready(self) -> None:
         """
