@@ -774,8 +774,9 @@ class WorkerPool(Service):
     def scaleDown(self) -> bool:
         """
         Take one member out of the pool, the one that costs least: a pending
-        restart, else a worker leaving anyway, else the highest-numbered
-        worker, drained.  Say whether one was taken out.
+        restart, else a worker leaving anyway, else a worker still starting,
+        else the highest-numbered worker, drained.  Say whether one was
+        taken out.
         """
         refused = self.scalingRefused()
         if refused is not None:
@@ -829,8 +830,10 @@ class WorkerPool(Service):
         """
         Drain the highest-numbered worker, preferring one being replaced
         already (recycled, or sent SIGTERM on its own), which leaves anyway:
-        its replacement is stopped rather than a healthy worker drained too.
-        A replacement is never the one: the worker it replaces is.
+        its replacement is stopped rather than a healthy worker drained too;
+        then one still starting (a restart, a replacement whose worker has
+        left), which holds no connection.  A replacement is never the one:
+        the worker it replaces is.
         """
         candidates = [
             w
@@ -842,7 +845,14 @@ class WorkerPool(Service):
         if not candidates:
             self.log.warn("not scaling down: no worker to drain")
             return False
-        victim = max(candidates, key=lambda w: (self._replacementOf(w) is not None, w.number))
+        victim = max(
+            candidates,
+            key=lambda w: (
+                self._replacementOf(w) is not None,
+                w.state is WorkerState.STARTING,  # no connection yet
+                w.number,
+            ),
+        )
         self.size -= 1
         self.log.info(
             "scaling down to {size} workers: draining worker {number}",

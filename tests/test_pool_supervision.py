@@ -296,6 +296,24 @@ class ScaleDownTests(SupervisionTestCase):
         for number in (2, 3):
             self.assertIs(self.workerIn(pool, number).state, WorkerState.READY)
 
+    def test_startingReplacementDrainedFirst(self) -> None:
+        """
+        Once a signalled worker has left and its replacement is still
+        starting, scaling down stops that replacement, which holds no
+        connection yet, rather than draining a worker that serves.
+        """
+        pool = self.readyPool(3)
+        leaving = self.workerIn(pool, 1)
+        leaving.askedToBeReplaced("received SIGTERM", signalled=True)
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        [replacement] = [w for w in pool.workers if w.state is WorkerState.STARTING]
+        self.process(leaving).end(0)
+        pool.scaleDown()
+        self.assertEqual(pool.size, 2)
+        self.assertIs(replacement.state, WorkerState.DRAINING)
+        for number in (2, 3):
+            self.assertIs(self.workerIn(pool, number).state, WorkerState.READY)
+
     def test_scaleToStopsWhenRefused(self) -> None:
         """
         C{scaleTo} gives up once a step is refused, instead of trying for
