@@ -107,16 +107,33 @@ class ControlProtocol(amp.AMP):
 
     log = Logger()
 
+    #: Bytes a command may take: AMP bounds each key and value, not how
+    #: many pairs a box holds, and a box is kept until it ends.
+    maxCommandBytes = 64 * 1024
+
     def __init__(self, pool: WorkerPool, stop: Callable[[], bool]) -> None:
         super().__init__()
         self.pool = pool
         self.stop = stop
+        self._unboxed = 0
 
     def dataReceived(self, data: bytes) -> None:
+        self._unboxed += len(data)
+        if self._unboxed > self.maxCommandBytes:
+            self.log.warn(
+                "a command over {limit} bytes on the control socket: closing that connection",
+                limit=self.maxCommandBytes,
+            )
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         try:
             super().dataReceived(data)
         except Exception:
             self.garbage()
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        self._unboxed = 0
+        super().ampBoxReceived(box)
 
     def lengthLimitExceeded(self, length: int) -> None:
         # AMP keys are at most 255 bytes: a longer "key" is not AMP at all.

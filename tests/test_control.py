@@ -4,7 +4,9 @@ The control socket's answers (what C{maccept-ctl} asks), on a fake pool.
 
 from __future__ import annotations
 
+from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
+from twisted.protocols import amp
 
 from maccept._control import ControlError, ControlProtocol, controlFactory
 from maccept._pool import WorkerPool
@@ -96,3 +98,26 @@ class ControlTests(PoolTestCase):
         )
         self.assertEqual((pool.state, pool.generation), (PoolState.RUNNING, 1))
         self.assertEqual(len(pool.workers), 2)
+
+    def test_endlessCommandCut(self) -> None:
+        """
+        A command that never ends (key/value pairs without the empty key
+        that closes an AMP box) is cut off past C{maxCommandBytes}, logged:
+        AMP would keep every pair.  Commands of any number, each small,
+        are answered.
+        """
+        pool = self.readyPool(1)
+        control = self.connect(pool, [])
+        transport = StringTransport()
+        control.makeConnection(transport)
+        status = amp.AmpBox(_command=b"Status", _ask=b"1").serialize()
+        for _ in range(control.maxCommandBytes // len(status) + 10):
+            control.dataReceived(status)
+        self.assertIn(b"_answer", transport.value())
+        self.assertFalse(transport.disconnecting)
+        pair = amp.AmpBox(key=b"v" * 1000).serialize()[:-2]  # without the box's end
+        with capturedLogs() as events:
+            for _ in range(control.maxCommandBytes // len(pair) + 2):
+                control.dataReceived(pair)
+        self.assertTrue(transport.disconnecting)
+        self.assertIn("a command over 65536 bytes", formatEvent(events[0]))
