@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
 from maccept._protocols import PassesRefusals
+from maccept._tally import Tally
 
 #: The prefix of a C{--listen} description that asks for the PROXY protocol.
 PREFIX = "haproxy:"
@@ -234,7 +235,9 @@ class ProxyWrappingFactory(PassesRefusals, HAProxyWrappingFactory):
     """
     Reads the PROXY header before the wrapped factory's protocol sees a
     byte; C{onRejected} is called for each connection dropped for a
-    malformed header, or for one that did not come in time.
+    malformed header, or for one that did not come in time.  The drops are
+    logged at most every 10 s, with how many there were (L{Tally}): anyone
+    who can connect can send a bad header.
     """
 
     protocol = _ProxyProtocolWrapper  # type: ignore[assignment]
@@ -251,15 +254,18 @@ class ProxyWrappingFactory(PassesRefusals, HAProxyWrappingFactory):
         self.onRejected = onRejected
         if clock is None:
             from twisted.internet import reactor as clock
-        self.clock: Any = clock
+        timer: Any = clock
+        self.clock = timer
         self.headerTimeout = headerTimeout
+        self.drops = Tally(
+            self.log,
+            "dropped {count} connection(s) for their PROXY protocol header, "
+            "the last from {peer}: {why}",
+            clock=timer.seconds,
+        )
 
     def rejected(self, wrapper: HAProxyProtocolWrapper, why: str) -> None:
-        self.log.warn(
-            "dropped a connection from {peer}: {why}",
-            peer=wrapper.transport.getPeer() if wrapper.transport else None,
-            why=why,
-        )
+        self.drops.add(peer=wrapper.transport.getPeer() if wrapper.transport else None, why=why)
         self.onRejected()
 
 

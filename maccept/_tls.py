@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from maccept._connections import resetByClient
 from maccept._protocols import PassesRefusals
+from maccept._tally import Tally
 
 _log = Logger(namespace="maccept")
 
@@ -60,7 +61,8 @@ class _HandshakeWatchingProtocol(TLSMemoryBIOProtocol):
 class HandshakeCountingFactory(PassesRefusals, TLSMemoryBIOFactory):
     """
     Server-side TLS that calls C{onFailed} for each connection whose
-    handshake fails.
+    handshake fails, and logs the failures at most every 10 s, with how
+    many there were (L{Tally}): anyone who can connect can fail one.
     """
 
     protocol = _HandshakeWatchingProtocol
@@ -73,10 +75,10 @@ class HandshakeCountingFactory(PassesRefusals, TLSMemoryBIOFactory):
     ) -> None:
         super().__init__(contextFactory, False, wrappedFactory)
         self.onFailed = onFailed
+        self.failures = Tally(_log, "{count} TLS handshake(s) failed, the last from {peer}: {why}")
 
     def handshakeFailed(self, protocol: Any, reason: Failure) -> None:
-        _log.warn(
-            "TLS handshake from {peer} failed: {why}",
+        self.failures.add(
             peer=protocol.transport.getPeer() if protocol.transport else None,
             why=handshakeProblem(reason.value or Exception()),
         )

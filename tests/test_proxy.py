@@ -107,7 +107,8 @@ class ProxyProtocolTests(SynchronousTestCase):
                 client.sendall(garbage)
                 with contextlib.suppress(ConnectionResetError):
                     self.assertEqual(client.recv(100), b"")
-        waitFor(lambda: server.log().count("malformed PROXY protocol header") == 2, what="logs")
+        # Logged at most every 10 s, with how many: anyone can send garbage.
+        waitFor(lambda: "malformed PROXY protocol header" in server.log(), what="the log line")
         with server.connect() as client:
             client.sendall(v1Header("192.0.2.1", 1000, server.port))
             self.assertEqual(echoRoundTrip(client, b"fine"), b"fine")
@@ -115,6 +116,7 @@ class ProxyProtocolTests(SynchronousTestCase):
         waitFor(
             lambda: metric(server, "maccept_proxy_headers_rejected_total") == 2, what="the counter"
         )
+        self.assertEqual(server.log().count("connection(s) for their PROXY protocol header"), 1)
 
     def test_halfCloseBehindProxy(self) -> None:
         """
@@ -265,6 +267,7 @@ class WrapperTests(SynchronousTestCase):
         """
         udp = v2Header("10.9.8.7", 1234, 80)
         udp = udp[:13] + b"\x12" + udp[14:]
+        self.factory.drops.interval = 0  # a line for each, to check each reason
         for header in [
             b"PROXY TCP4 1.2.3.4 127.0.0.1 abc 80\r\n",
             b"PROXY TCP4 \xff\xfe 127.0.0.1 1 80\r\n",
