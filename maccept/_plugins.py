@@ -88,6 +88,40 @@ def optionArguments(protocolOptions: Sequence[str]) -> list[str]:
     return argv
 
 
+def _withoutTwistedVersion(options: usage.Options) -> None:
+    """
+    Take usage.Options' own C{--version} (it prints Twisted's version and
+    exits, here the parent) out of a plugin's options, and give C{version}
+    back to the plugin where it declares one: as a flag or a parameter,
+    which Twisted's handler would otherwise shadow.  (A plugin's own
+    C{opt_version} method is left as it is.)  This reaches into
+    L{usage.Options}' tables: its C{__init__} fills them from the same
+    three gatherers, in this order.
+    """
+    if type(options).opt_version is not usage.Options.opt_version:
+        return
+    declared: dict[str, Any] = {}
+    docs: dict[str, Any] = {}
+    spelling = "version"
+    for gather in (options._gather_flags, options._gather_parameters):
+        longOpt, _, gatheredDocs, _, _, dispatch = gather()
+        if "version" in dispatch:
+            declared = dispatch
+            docs = gatheredDocs
+            spelling = "version=" if "version=" in longOpt else "version"
+    # Twisted's handler came last: its listing is the last "version".
+    where = len(options.longOpt) - 1 - options.longOpt[::-1].index("version")
+    del options.longOpt[where]
+    if declared:
+        options._dispatch["version"] = declared["version"]
+        options.docs["version"] = docs.get("version")
+        if spelling not in options.longOpt:
+            options.longOpt.append(spelling)
+    else:
+        del options._dispatch["version"]
+        options.docs.pop("version", None)
+
+
 def pluginFactoryMaker(
     plugin: IProtocolPlugin, protocolOptions: Sequence[str]
 ) -> Callable[[], IProtocolFactory]:
@@ -104,10 +138,7 @@ def pluginFactoryMaker(
         options.synopsis = (
             f"Usage: twistd maccept --protocol {plugin.name} --protocol-option KEY=VALUE ..."
         )
-    if type(options).opt_version is usage.Options.opt_version and "version" in options.longOpt:
-        # usage.Options' own --version prints Twisted's version and exits the
-        # parent: no option of the plugin's.  Unlisted, it is not recognized.
-        options.longOpt.remove("version")
+    _withoutTwistedVersion(options)
     options.parseOptions(optionArguments(protocolOptions))
 
     def makeFactory() -> IProtocolFactory:

@@ -14,8 +14,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
@@ -60,6 +61,31 @@ class Versioned(usage.Options):
 
 
 VERSIONS_SHOWN: list[bool] = []
+
+
+class VersionFlag(usage.Options):
+    """
+    A plugin's options with a C{version} flag.
+    """
+
+    optFlags = [["version", None, "Speak the old version of the protocol."]]
+
+
+class VersionParameter(usage.Options):
+    """
+    A plugin's options with a C{version} parameter.
+    """
+
+    optParameters = [["version", None, "1", "The protocol version to speak."]]
+
+
+def madeWith(options: usage.Options) -> Any:
+    """
+    A factory that remembers the options it was made with.
+    """
+    factory: Any = Factory.forProtocol(Protocol)
+    factory.options = options
+    return factory
 
 
 class DiscoveryTests(SynchronousTestCase):
@@ -110,6 +136,25 @@ class DiscoveryTests(SynchronousTestCase):
         )
         pluginFactoryMaker(plugin, ["version"])
         self.assertEqual(VERSIONS_SHOWN, [True])
+
+    def test_declaredVersionOption(self) -> None:
+        """
+        A plugin that declares C{version} as a flag or a parameter gets it,
+        not Twisted's C{--version} (which shadows it in usage.Options), and
+        its help says what the plugin says of it.
+        """
+        for optionsClass, given, expected in [
+            ("VersionFlag", "version", 1),
+            ("VersionParameter", "version=2", "2"),
+        ]:
+            plugin = ProtocolPlugin(
+                "versioned", "d", f"{__name__}:madeWith", options=f"{__name__}:{optionsClass}"
+            )
+            factory: Any = pluginFactoryMaker(plugin, [given])()
+            self.assertEqual(factory.options["version"], expected)
+            help = str(factory.options)
+            self.assertNotIn("Twisted version", help)
+            self.assertIn("version", help)
 
     def test_pluginWhoseOptionsFail(self) -> None:
         """
