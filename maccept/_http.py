@@ -6,14 +6,18 @@ C{/healthz} for load balancers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from maccept import _httpchannel
 from maccept._httpchannel import SmallRequestsChannel
 from maccept._metrics import exposition, registryFor
 from maccept._pool import WorkerPool
@@ -128,11 +132,35 @@ class _Refused(Protocol):
         self.transport.abortConnection()  # type: ignore[union-attr]
 
 
+class TurnedAwayCollector(Collector):
+    """
+    The clients the metrics port itself turned away, counted as the
+    workers count theirs: over its connection limit, or dropped for what
+    they sent (a body, a head that never ends, answers left unread).
+    """
+
+    def __init__(self, site: QuietSite) -> None:
+        self.site = site
+
+    def collect(self) -> Iterator[Metric]:
+        turnedAway = CounterMetricFamily(
+            "maccept_metrics_port_dropped",
+            "Clients of the metrics port turned away: over its connection limit, "
+            "or for what they sent.",
+            labels=["reason"],
+        )
+        turnedAway.add_metric(["over_limit"], self.site.refused.total)
+        turnedAway.add_metric(["bad_request"], _httpchannel.dropped.total)
+        yield turnedAway
+
+
 def metricsSite(pool: WorkerPool) -> Site:
     root = Resource()
-    root.putChild(b"metrics", MetricsResource(pool))
+    metrics = MetricsResource(pool)
+    root.putChild(b"metrics", metrics)
     root.putChild(b"healthz", HealthResource(pool))
     site = QuietSite(root)
     site.noisy = False
     site.displayTracebacks = False
+    metrics.registry.register(TurnedAwayCollector(site))
     return site

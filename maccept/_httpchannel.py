@@ -9,9 +9,9 @@ byte every few seconds for as long as the client likes (its idle timeout
 restarts on each byte), and any number of pipelined requests from a client
 that reads no answer (each answered into the transport's buffer).  Here a
 request with a body is answered 413 and the connection closed; a request
-head must come whole within L{SmallRequestsChannel.headDeadline}; and a
-client that leaves L{SmallRequestsChannel.maxUnreadBytes} of answers unread
-is dropped.
+head must come whole within L{SmallRequestsChannel.headDeadline} of its
+first byte; and a client that leaves L{SmallRequestsChannel.maxUnreadBytes}
+of answers unread is dropped at its next request.
 """
 
 from __future__ import annotations
@@ -37,24 +37,27 @@ class SmallRequestsChannel(HTTPChannel):
     L{HTTPChannel} for requests with no body, whose answers are read.
     """
 
-    #: Seconds from a connection, or from the last answer, to a whole
-    #: request head.
+    #: Seconds from the first byte of a request head to its end.  (A
+    #: connection that sends nothing is the idle timeout's: a browser's or
+    #: a scraper's kept-alive connection is no bad client.)
     headDeadline = 10.0
-    #: Answers a client may leave unread, with more pipelined requests
-    #: waiting, before it is dropped.
+    #: Answers a client may leave unread before its next request is
+    #: refused and it is dropped.
     maxUnreadBytes = 1024 * 1024
+    #: Seconds a refused request's body is read and thrown away before the
+    #: connection closes: closing with it unread would reset the
+    #: connection, and the client might never see the answer.
+    bodyLinger = 2.0
 
     _headTimer: Any = None
+    _lingerTimer: Any = None
     #: Dropped or refused: nothing more the client sends is read.
     _ignoring = False
 
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self._awaitHead()
-
-    def _awaitHead(self) -> None:
-        self._stopHeadTimer()
-        self._headTimer = self.callLater(self.headDeadline, self._headTooSlow)
+    def dataReceived(self, data: bytes) -> None:
+        if self._headTimer is None and not self._handlingRequest and not self._ignoring:
+            self._headTimer = self.callLater(self.headDeadline, self._headTooSlow)
+        super().dataReceived(data)
 
     def _stopHeadTimer(self) -> None:
         if self._headTimer is not None and self._headTimer.active():
@@ -76,15 +79,15 @@ class SmallRequestsChannel(HTTPChannel):
         self._dataBuffer = []
         self.clearLineBuffer()  # requests read, not yet parsed
 
-    def _requestsWaiting(self) -> bool:
-        """
-        Whether more of the client's requests are read and wait their turn.
-        """
-        unparsed: Any = getattr(self, "_buffer", None)  # LineReceiver's
-        return bool(self._dataBuffer or unparsed)
-
     def allHeadersReceived(self) -> None:
         self._stopHeadTimer()
+        unread = queuedBytes(self.transport)
+        if unread is not None and unread > self.maxUnreadBytes:
+            # Requests come, pipelined, and the answers are not read: stop
+            # before they fill the memory.  (One large answer alone is
+            # written out as the client reads it.)
+            self._drop(f"{unread} bytes of answers unread")
+            return
         if self.length != 0:  # a Content-Length above 0, or chunked (None)
             self._refuseBody()
             return
@@ -92,8 +95,10 @@ class SmallRequestsChannel(HTTPChannel):
 
     def _refuseBody(self) -> None:
         """
-        Answer 413 and close: reading the body would cost a temporary file
-        as large as the client likes, for pages that take none.
+        Answer 413 and close once the client has had time to read it (its
+        body meanwhile read and thrown away): keeping the body would cost a
+        temporary file as large as the client likes, for pages that take
+        none.
         """
         self._ignoreTheRest()
         dropped.add(
@@ -103,7 +108,11 @@ class SmallRequestsChannel(HTTPChannel):
         self.transport.write(  # type: ignore[union-attr]
             b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
         )
-        self.loseConnection()
+        self._lingerTimer = self.callLater(self.bodyLinger, self.loseConnection)
+
+    def allContentReceived(self) -> None:
+        if not self._ignoring:  # else the head was refused, or the client dropped
+            super().allContentReceived()
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self._ignoring:
@@ -113,21 +122,8 @@ class SmallRequestsChannel(HTTPChannel):
         if not self._ignoring:
             super().lineReceived(line)
 
-    def requestDone(self, request: Any) -> None:
-        unread = queuedBytes(self.transport) if self._requestsWaiting() else None
-        if unread is not None and unread > self.maxUnreadBytes:
-            # Pipelined requests, answered into the buffer one after another
-            # in one turn, and more of them waiting: stop before the answers
-            # fill the memory.  (One large answer alone is written out as
-            # the client reads it.)
-            self.persistent = False
-            super().requestDone(request)
-            self._drop(f"{unread} bytes of answers unread")
-            return
-        if self.persistent:
-            self._awaitHead()
-        super().requestDone(request)
-
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stopHeadTimer()
+        if self._lingerTimer is not None and self._lingerTimer.active():
+            self._lingerTimer.cancel()
         super().connectionLost(reason)

@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import Logger, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -20,6 +20,7 @@ from twisted.web.server import Site
 from maccept import _httpchannel
 from maccept._http import _Page
 from maccept._httpchannel import SmallRequestsChannel
+from maccept._tally import Tally
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
 
@@ -58,6 +59,15 @@ class UnflushedTransport(StringTransport):
 
 
 class ChannelTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.freshTally()
+
+    def freshTally(self) -> None:
+        """
+        A tally of drops of the test's own: its first drop is logged.
+        """
+        self.patch(_httpchannel, "dropped", Tally(Logger(), _httpchannel.dropped.line))
+
     def connect(self, page: Resource) -> tuple[Any, UnflushedTransport, Clock]:
         clock = Clock()
         site = Site(page, reactor=clock)
@@ -95,33 +105,38 @@ class ChannelTests(SynchronousTestCase):
 
     def test_bodyRefused(self) -> None:
         """
-        A request with a body, by length or chunked, is answered 413 and
-        the connection closed; the page is never rendered, and what follows
-        is not read (no temporary file for it).
+        A request with a body, by length or chunked, is answered 413; the
+        page is never rendered, and the body is read and thrown away (no
+        temporary file for it) until the connection closes, a moment later
+        so that the client reads the answer rather than a reset.
         """
         for head in [
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 200000000\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
         ]:
+            self.freshTally()
             page = Page()
-            channel, transport, _ = self.connect(page)
+            channel, transport, clock = self.connect(page)
             with capturedLogs() as events:
                 channel.dataReceived(head + b"y" * 300000)
+                channel.dataReceived(b"y" * 300000)
             self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "), transport.value())
+            self.assertFalse(transport.disconnecting)
+            clock.advance(channel.bodyLinger)
             self.assertTrue(transport.disconnecting)
             self.assertEqual(page.rendered, 0)
             self.assertIsNone(getattr(channel.requests[0], "content", None))
             [line] = [formatEvent(e) for e in events]
             self.assertIn("192.0.2.7", line)
             self.assertIn("a request with a body", line)
-            _httpchannel.dropped._lastLine = float("-inf")  # the next line logs too
 
     def test_headDeadline(self) -> None:
         """
-        A request head still unfinished L{headDeadline} seconds after the
-        connection, however steadily its bytes trickle, is dropped.
+        A request head still unfinished L{headDeadline} seconds after its
+        first byte, however steadily its bytes trickle, is dropped.
         """
         channel, transport, clock = self.connect(Page())
+        clock.advance(30)  # silent: the idle timeout's, not a bad client
         for _ in range(9):
             channel.dataReceived(b"G")
             clock.advance(1)
@@ -130,37 +145,47 @@ class ChannelTests(SynchronousTestCase):
             clock.advance(1)
         self.assertTrue(transport.aborted)
         self.assertIn("no whole request head within 10 s", formatEvent(events[0]))
-        _httpchannel.dropped._lastLine = float("-inf")
 
-    def test_deadlineAgainAfterEachAnswer(self) -> None:
+    def test_keptAliveConnectionIsNoBadClient(self) -> None:
         """
-        On a kept-alive connection the next head is due within the deadline
-        of the last answer, not of the connection.
+        A kept-alive connection that sends nothing after an answer is left
+        to the idle timeout, quietly; its next head has the whole deadline
+        from its own first byte.
         """
         channel, transport, clock = self.connect(Page())
-        clock.advance(9)
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        clock.advance(9)
+        dropsBefore = _httpchannel.dropped.total
+        clock.advance(30)
         self.assertFalse(transport.aborted)
-        with capturedLogs():
-            clock.advance(1)
-        self.assertTrue(transport.aborted)
-        _httpchannel.dropped._lastLine = float("-inf")
+        channel.dataReceived(b"GET / HTTP/1.1\r\n")
+        clock.advance(9)
+        channel.dataReceived(b"Host: x\r\n\r\n")
+        clock.advance(30)
+        self.assertFalse(transport.aborted)
+        self.assertEqual(_httpchannel.dropped.total, dropsBefore)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 2)
 
     def test_unreadAnswersDropped(self) -> None:
         """
-        A client that pipelines requests and reads no answer is dropped once
-        L{maxUnreadBytes} of answers wait, and the requests after are not
-        answered.
+        A client that sends requests and reads no answer is dropped at the
+        first request that comes once L{maxUnreadBytes} of answers wait,
+        whether the requests come together or one by one, and the requests
+        after are not answered.
         """
-        page = Page(size=100 * 1024)
-        channel, transport, _ = self.connect(page)
-        with capturedLogs() as events:
-            channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 40)
-        self.assertTrue(transport.aborted)
-        self.assertEqual(page.rendered, 11)  # 11 answers of 100 KiB: over 1 MiB
-        self.assertIn("bytes of answers unread", formatEvent(events[0]))
-        _httpchannel.dropped._lastLine = float("-inf")
+        for together in (True, False):
+            self.freshTally()
+            page = Page(size=100 * 1024)
+            channel, transport, _ = self.connect(page)
+            request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+            with capturedLogs() as events:
+                if together:
+                    channel.dataReceived(request * 40)
+                else:
+                    for _ in range(40):
+                        channel.dataReceived(request)
+            self.assertTrue(transport.aborted)
+            self.assertEqual(page.rendered, 11)  # 11 answers of 100 KiB: over 1 MiB
+            self.assertIn("bytes of answers unread", formatEvent(events[0]))
 
     def test_oneLargeAnswerKept(self) -> None:
         """

@@ -19,13 +19,16 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
-from maccept._http import QuietSite, healthy
+from maccept import _httpchannel
+from maccept._http import QuietSite, TurnedAwayCollector, healthy
 from maccept._metrics import listenQueue, registryFor
 from maccept._pool import WorkerPool
+from maccept._tally import Tally
 from maccept._wire import COUNTERS
 from tests.test_pool import PoolTestCase
 from tests.test_tls import selfSignedCertificate
@@ -243,6 +246,22 @@ class QuietSiteTests(SynchronousTestCase):
         site.buildProtocol(None)
         self.assertEqual(site.openConnections, 2)
         self.assertEqual(site.timeOut, QuietSite.idleTimeout)
+
+    def test_turnedAwayCounted(self) -> None:
+        """
+        The clients the metrics port turned away are counted, by reason:
+        over its connection limit, or dropped for what they sent.
+        """
+        site = QuietSite(Resource())
+        site.maxConnections = 0
+        collector = TurnedAwayCollector(site)
+        self.patch(_httpchannel, "dropped", Tally(Logger(), "{count} dropped"))
+        site.buildProtocol(None).makeConnection(StringTransport())
+        _httpchannel.dropped.add()
+        [family] = collector.collect()
+        counts = {s.labels["reason"]: s.value for s in family.samples}
+        self.assertEqual(counts, {"over_limit": 1, "bad_request": 1})
+        self.assertEqual(family.name, "maccept_metrics_port_dropped")
 
 
 class QuietSiteOverTLSTests(TestCase):

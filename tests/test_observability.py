@@ -205,7 +205,7 @@ class ObservabilityTests(SynchronousTestCase):
         self.assertNotIn("GET /", server.log())
         self.assertNotIn("HEAD request", server.log())
         # A body (any size: it would be spooled to disk) is refused.
-        post = urllib.request.Request(self.metricsURL + "metrics", data=b"x" * 50000)
+        post = urllib.request.Request(self.metricsURL + "metrics", data=b"x" * 5_000_000)
         with self.assertRaises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(post, timeout=10)
         self.assertEqual(caught.exception.code, 413)
