@@ -165,7 +165,8 @@ class ConnectionTracker:
         a good part of a full buffer has drained, so a client reading a
         large answer slowly would look silent.  So a connection quiet for
         a quarter of the timeout has that queue looked at on each call,
-        and one whose queue changed since counts as active.
+        and one whose queue changed since the last look (taken while it
+        was as quiet) counts as active.
         """
         now = time.monotonic() if now is None else now
         cutoff = now - timeout
@@ -176,9 +177,10 @@ class ConnectionTracker:
             if t.lastActive > quiet or getattr(t, "_aborting", False):
                 continue
             queued = self.kernelQueued(t)
-            if queued != getattr(t, "kernelQueued", 0):
-                t.kernelQueued = queued
-                t.lastActive = now
+            last: tuple[int, float] | None = getattr(t, "kernelSample", None)
+            t.kernelSample = (queued, now)
+            if last is not None and last[1] >= t.lastActive and last[0] != queued:
+                t.lastActive = now  # the kernel sent, or the client acknowledged
             elif t.lastActive <= cutoff:
                 # A closing connection counts too: one whose client never
                 # reads what is left to send would hold its descriptor for

@@ -94,22 +94,36 @@ class TrackerTests(SynchronousTestCase):
     def test_closeIdleSeesTheKernelSend(self) -> None:
         """
         A connection this process has not written to for the timeout, but
-        whose bytes the kernel still sends (its queue changed since the
-        last look), is active; once the queue stops changing, the timeout
-        runs from then.
+        whose bytes the kernel still sends (its queue changed between two
+        looks), is active; once the queue stops changing, the timeout runs
+        from the last change.
         """
         reading = FakeServerTransport()
         reading.lastActive = 100.0  # type: ignore[attr-defined]
         self.tracker.opened(reading)  # type: ignore[arg-type]
-        queued = iter([30000, 20000, 20000, 20000])
+        queued = iter([30000, 20000, 20000, 20000, 20000])
         self.tracker.kernelQueued = lambda transport: next(queued)
-        self.assertEqual(self.tracker.closeIdle(4.0, now=110.0), 0)
-        self.assertEqual(self.tracker.closeIdle(4.0, now=111.0), 0)
-        self.assertEqual(reading.lastActive, 111.0)  # type: ignore[attr-defined]
-        self.assertEqual(self.tracker.closeIdle(4.0, now=114.0), 0)
+        for now in (101.0, 102.0, 105.0, 105.9):  # a look every quarter timeout
+            self.assertEqual(self.tracker.closeIdle(4.0, now=now), 0)
+        self.assertEqual(reading.lastActive, 102.0)  # type: ignore[attr-defined]
         self.assertFalse(reading.aborted)
-        self.assertEqual(self.tracker.closeIdle(4.0, now=115.0), 1)
+        self.assertEqual(self.tracker.closeIdle(4.0, now=106.0), 1)
         self.assertTrue(reading.aborted)
+
+    def test_closeIdleFirstLookIsNoChange(self) -> None:
+        """
+        The first look at a quiet connection's queue, or one taken before it
+        was last active, shows no change: a client stuck with bytes queued
+        gets no time more than the timeout's.
+        """
+        stuck = FakeServerTransport()
+        stuck.lastActive = 100.0  # type: ignore[attr-defined]
+        self.tracker.opened(stuck)  # type: ignore[arg-type]
+        stuck.kernelSample = (5000, 90.0)  # type: ignore[attr-defined]  # before its last write
+        self.tracker.kernelQueued = lambda transport: 20000
+        self.assertEqual(self.tracker.closeIdle(4.0, now=101.0), 0)
+        self.assertEqual(stuck.lastActive, 100.0)  # type: ignore[attr-defined]
+        self.assertEqual(self.tracker.closeIdle(4.0, now=104.0), 1)
 
     def test_closeIdleAsksTheKernelOnlyOfQuietOnes(self) -> None:
         """
