@@ -193,7 +193,9 @@ async def _reload(reactor: Any, call: Call, options: argparse.Namespace) -> int:
         # As the parent's log says: a reload asked for while the pool starts
         # or reloads waits its turn.
         print(
-            "reload queued: it starts once the pool serves" if result.get("queued") else "reloading"
+            "reload queued: it starts once the pool has started or reloaded"
+            if result.get("queued")
+            else "reloading"
         )
         return 0
     if result.get("generation") is None:

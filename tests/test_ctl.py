@@ -113,7 +113,7 @@ class ReloadTests(SynchronousTestCase):
         """
         self.assertEqual(
             self.reload({"generation": 2, "queued": True}),
-            (0, "reload queued: it starts once the pool serves\n"),
+            (0, "reload queued: it starts once the pool has started or reloaded\n"),
         )
         self.assertEqual(self.reload({"generation": 2, "queued": False}), (0, "reloading\n"))
         self.assertEqual(self.reload({"generation": 2}), (0, "reloading\n"))
