@@ -98,8 +98,13 @@ class WorkerProcess(ProcessProtocol):
         }
         self.lastWords: deque[str] = deque(maxlen=self.lastWordsKept)
         self._killCalls: list[Any] = []
+        self._pipesTimer: Any = None
         self._stdout = LineLogger(lambda line: self._emitLine(line, "info"))
         self._stderr = LineLogger(self._stderrLine)
+
+    #: Seconds from a worker's exit to closing its output pipes, should a
+    #: child of its own still hold them (see L{processExited}).
+    pipesGrace = 1.0
 
     def __repr__(self) -> str:
         return f"<worker {self.number} pid {self.pid} {self.state.value}>"
@@ -127,7 +132,26 @@ class WorkerProcess(ProcessProtocol):
         elif childFD == 2:
             self._stderr.dataReceived(data)
 
+    def processExited(self, reason: Failure) -> None:
+        """
+        The worker is gone; Twisted says it ended (L{processEnded}) only once
+        its output pipes close too, and a child it started that inherited
+        them (C{subprocess.Popen}) may hold them open for as long as it
+        runs: the pool would wait on a dead worker, not replace it, and
+        never finish a stop.  So the pipes are closed, a moment after the
+        exit, for the worker's last lines to be read first.
+        """
+        self._pipesTimer = self.pool.reactor.callLater(self.pipesGrace, self._closePipes)
+
+    def _closePipes(self) -> None:
+        self._pipesTimer = None
+        for childFD in (1, 2):
+            self.transport.closeChildFD(childFD)  # type: ignore[union-attr]
+
     def processEnded(self, reason: Failure) -> None:
+        if self._pipesTimer is not None and self._pipesTimer.active():
+            self._pipesTimer.cancel()
+        self._pipesTimer = None
         self._stdout.flush()
         self._stderr.flush()
         for call in self._killCalls:

@@ -86,6 +86,7 @@ class FakeProcess:
         self.written: list[tuple[int, bytes]] = []
         self.lostConnection = False
         self.ended = False
+        self._heldReason: Failure | None = None
 
     # IProcessTransport
 
@@ -115,6 +116,9 @@ class FakeProcess:
 
     def closeChildFD(self, descriptor: int) -> None:
         self.closedChildFDs.append(descriptor)
+        if self._heldReason is not None and {1, 2} <= set(self.closedChildFDs):
+            reason, self._heldReason = self._heldReason, None
+            self.proto.processEnded(reason)
 
     def writeToChild(self, childFD: int, data: bytes) -> None:
         self.written.append((childFD, data))
@@ -155,6 +159,19 @@ class FakeProcess:
         reason = exitReason(exitCode, signal)
         self.proto.processExited(reason)
         self.proto.processEnded(reason)
+
+    def exitHoldingPipes(self, exitCode: int = 0, signal: int | None = None) -> None:
+        """
+        The process exited, but a child of its own holds its output pipes
+        open: C{processExited} only, and C{processEnded} once the pipes are
+        closed from this side (as the reactor does).
+        """
+        if self.ended:
+            raise AssertionError(f"process {self.originalPid} already ended")
+        self.ended = True
+        self.pid = None
+        self._heldReason = exitReason(exitCode, signal)
+        self.proto.processExited(self._heldReason)
 
 
 def exitReason(exitCode: int = 0, signal: int | None = None) -> Failure:

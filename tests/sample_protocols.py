@@ -5,6 +5,8 @@ C{tests.sample_protocols:NAME}.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 from twisted.internet.defer import Deferred
@@ -158,6 +160,21 @@ class Hog(Protocol):
         _hoard.append(bytearray(100 * 2**20))
         assert self.transport is not None
         self.transport.write(data)
+
+
+class SpawnsThenDies(Protocol):
+    """
+    Starts a child that inherits the worker's output pipes (as
+    C{subprocess.Popen} does), says the child's pid, then dies at once.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        child = subprocess.Popen(["sleep", "60"])
+        assert self.transport is not None
+        self.transport.write(f"{child.pid}\n".encode())
+        from twisted.internet import reactor
+
+        reactor.callLater(0.2, os._exit, 3)
 
 
 class PeerReporter(Protocol):

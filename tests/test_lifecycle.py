@@ -21,6 +21,11 @@ from tests.server import MacceptServer, alive, runMaccept, waitFor
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
 
+def killIfAlive(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
 class LifecycleTests(SynchronousTestCase):
     def start(self, *args: str) -> MacceptServer:
         server = MacceptServer(["--listen", LOOPBACK, *args])
@@ -290,6 +295,24 @@ class LifecycleTests(SynchronousTestCase):
             log.index("left (recycle)"),
         )
         self.assertEqual(len(server.workers()), 1)
+
+    def test_deathSeenThoughAChildHoldsItsPipes(self) -> None:
+        """
+        A worker that dies while a child it started (C{subprocess.Popen},
+        which inherits its output pipes) lives on is seen dead, logged and
+        restarted, and a stop then ends promptly.
+        """
+        server = self.start("--workers", "1", "--protocol", "tests.sample_protocols:SpawnsThenDies")
+        [worker] = server.workers()
+        with server.connect() as s:
+            s.settimeout(10)
+            s.sendall(b"go")
+            child = int(s.recv(32).split()[0])
+        self.addCleanup(killIfAlive, child)
+        waitFor(lambda: "died: exit code 3" in server.log(), what="the death logged")
+        waitFor(lambda: server.workers() and server.workers() != [worker], what="a new worker")
+        os.kill(server.pid, signal.SIGTERM)
+        self.assertEqual(server.process.wait(30), 0)
 
     def test_crashLoopBacksOff(self) -> None:
         """

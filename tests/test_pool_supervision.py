@@ -296,6 +296,25 @@ class ScaleDownTests(SupervisionTestCase):
         for number in (2, 3):
             self.assertIs(self.workerIn(pool, number).state, WorkerState.READY)
 
+    def test_exitSeenThoughAChildHoldsThePipes(self) -> None:
+        """
+        A worker that exits while a child of its own (C{subprocess.Popen})
+        holds its output pipes is seen gone a moment after its exit: its
+        pipes are closed, the crash is logged, and it is restarted.
+        """
+        pool = self.readyPool(2)
+        worker = self.workerIn(pool, 2)
+        process = self.process(worker)
+        with capturedLogs() as events:
+            process.exitHoldingPipes(3)
+            self.assertIn(worker, pool.workers)  # its last lines may follow
+            self.reactor.advance(WorkerProcess.pipesGrace)
+        self.assertEqual(process.closedChildFDs[-2:], [1, 2])
+        self.assertNotIn(worker, pool.workers)
+        self.assertIn("exit code 3", " ".join(texts(events)))
+        self.reactor.advance(5)
+        self.assertEqual(len(self.reactor.processes), 3)
+
     def test_startingReplacementDrainedFirst(self) -> None:
         """
         Once a signalled worker has left and its replacement is still
