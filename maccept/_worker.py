@@ -340,11 +340,28 @@ class Worker:
         if self._idleReaper.running:
             self._idleReaper.stop()
         self.lag.stop()
+        self._stopFactories()
         farewell = self._call(Farewell, **self.stats())
         timeout = self.reactor.callLater(self.farewellTimeout, farewell.cancel)
         farewell.addBoth(lambda _: self._stopReactor(timeout))
 
     farewellTimeout = 2.0
+
+    def _stopFactories(self) -> None:
+        """
+        Tell each port's factory that it stops (C{stopFactory}, once its
+        last port does), as C{stopListening} would: releasing a port only
+        closes this worker's copy of the socket (L{release}).  Once, as the
+        worker leaves: after its connections and its C{workerStopping}
+        hook, or, with the parent gone, before the reactor drops what is
+        still open, the order twistd keeps.
+        """
+        ports, self.ports = self.ports, []
+        for port in ports:
+            try:
+                port.factory.doStop()  # type: ignore[attr-defined]
+            except Exception:
+                self.log.failure("stopFactory failed")
 
     def _stopReactor(self, timeout: Any) -> None:
         if timeout.active():

@@ -438,6 +438,7 @@ class WorkerMemoryReactor(MemoryReactorClock):
         self.adoptedPorts.append((fileno, addressFamily, factory))
         port = FakeAdoptedPort(fileno, addressFamily, factory)
         self.ports.append(port)
+        factory.doStart()  # as a real port's startListening does
         return port
 
 

@@ -80,6 +80,28 @@ class UndeclaredHooks(Factory):
 UNDECLARED = UndeclaredHooks()
 
 
+class StopRecordingFactory(Factory):
+    """
+    Records C{startFactory} and C{stopFactory}, as a factory that opens
+    and closes resources would.
+    """
+
+    protocol = Echo
+    noisy = False
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def startFactory(self) -> None:
+        self.calls.append("start")
+
+    def stopFactory(self) -> None:
+        self.calls.append("stop")
+
+
+STOP_RECORDING = StopRecordingFactory()
+
+
 class WorkerTestCase(SynchronousTestCase):
     def makeWorker(
         self,
@@ -341,6 +363,23 @@ class DrainTests(WorkerTestCase):
         worker.drain(30.0)
         self.assertExited(worker, 0)
         self.assertNotIn(30.0, pendingDelays(self.reactor))
+
+    def test_stopFactoryOnceDrained(self) -> None:
+        """
+        The factory's C{stopFactory} runs once the worker has drained, once
+        for all its ports, as C{stopListening} on the last port would.
+        """
+        STOP_RECORDING.calls.clear()
+        worker = self.makeWorker(
+            protocol="tests.test_worker:STOP_RECORDING", families=("AF_INET", "AF_UNIX")
+        )
+        worker.start()
+        connection = self.reactor.ports[0].accept()
+        worker.drain(30.0)
+        self.assertEqual(STOP_RECORDING.calls, ["start"])  # a connection still open
+        connection.lose()
+        self.assertExited(worker, 0)
+        self.assertEqual(STOP_RECORDING.calls, ["start", "stop"])
 
     def test_waitsForOpenConnections(self) -> None:
         """
