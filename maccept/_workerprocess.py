@@ -102,6 +102,9 @@ class WorkerProcess(ProcessProtocol):
         self._stdout = LineLogger(lambda line: self._emitLine(line, "info"))
         self._stderr = LineLogger(self._stderrLine)
 
+    #: Seconds between the stack dump (C{USR1}) of a worker that outlived
+    #: its drain and its kill.
+    stackDumpGrace = 1.0
     #: Seconds from a worker's exit to closing its output pipes, should a
     #: child of its own still hold them (see L{processExited}).
     pipesGrace = 1.0
@@ -227,12 +230,21 @@ class WorkerProcess(ProcessProtocol):
             self.control.callRemote(Drain, timeout=timeout).addErrback(lambda _: None)
         else:
             self.signal("TERM")
+        # Its stacks first, a second before the kill: what held it is then
+        # in the log, whatever it was.
+        dumpAt = max(0.0, timeout + killAfter - self.stackDumpGrace)
+        self._killCalls.append(self.pool.reactor.callLater(dumpAt, self._dumpStacks))
         self.killAfter(
             timeout + killAfter,
             f"{timeout + killAfter:g}s after it was told to drain (--graceful-timeout {timeout:g}s"
-            f" and {killAfter:g}s more): a workerStopping hook that never finished, or code that"
-            " blocks its reactor?",
+            f" and {killAfter:g}s more): a start or stop hook that never finished, code that"
+            " blocks its reactor, or a thread that keeps the process alive? (its stacks are"
+            " above)",
         )
+
+    def _dumpStacks(self) -> None:
+        if self.state is not WorkerState.STOPPED:
+            self.signal("USR1")
 
     def kill(self, reason: str) -> None:
         self.stopReason = self.stopReason or reason

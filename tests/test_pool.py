@@ -629,21 +629,28 @@ class StopTests(PoolTestCase):
     def test_killAfterGracePeriod(self) -> None:
         """
         A worker still alive C{gracefulTimeout + killTime} seconds after the
-        stop is killed.
+        stop is killed, its stacks dumped (SIGUSR1) a second before.
         """
         pool = self.readyPool(1)
         [worker] = pool.workers
         d = pool.stopService()
-        self.reactor.advance(pool.settings.gracefulTimeout + pool.killTime - EPSILON)
+        total = pool.settings.gracefulTimeout + pool.killTime
+        self.reactor.advance(total - WorkerProcess.stackDumpGrace - EPSILON)
         self.assertEqual(self.process(worker).signals, [signal.SIGTERM])
+        self.reactor.advance(EPSILON)
+        self.assertEqual(self.process(worker).signals, [signal.SIGTERM, signal.SIGUSR1])
+        self.reactor.advance(WorkerProcess.stackDumpGrace - EPSILON)
         with capturedLogs() as events:
             self.reactor.advance(EPSILON)
-        self.assertEqual(self.process(worker).signals, [signal.SIGTERM, signal.SIGKILL])
+        self.assertEqual(
+            self.process(worker).signals, [signal.SIGTERM, signal.SIGUSR1, signal.SIGKILL]
+        )
         # The kill says why, so that a SIGKILL in the log is no mystery.
         [line] = [t for t in texts(events) if "killing it" in t]
         self.assertIn("worker 1 still running 35s after it was told to drain", line)
         self.assertIn("--graceful-timeout 30s and 5s more", line)
-        self.assertIn("workerStopping hook that never finished", line)
+        self.assertIn("a start or stop hook that never finished", line)
+        self.assertIn("its stacks are above", line)
         self.assertNoResult(d)
         self.process(worker).end(signal=signal.SIGKILL)
         self.successResultOf(d)
@@ -663,14 +670,14 @@ class StopTests(PoolTestCase):
     def test_drainTwiceSignalsOnce(self) -> None:
         """
         Asking a draining worker to drain again sends nothing more and sets
-        no second kill timer.
+        no second kill timer (nor stack dump before it).
         """
         pool = self.readyPool(1)
         [worker] = pool.workers
         worker.drain("stop", 1.0, 1.0)
         worker.drain("stop", 1.0, 1.0)
         self.assertEqual(self.process(worker).signals, [signal.SIGTERM])
-        self.assertEqual(self.delays(), [2.0])
+        self.assertEqual(self.delays(), [2.0 - WorkerProcess.stackDumpGrace, 2.0])
 
     def test_noRespawnAfterStop(self) -> None:
         """

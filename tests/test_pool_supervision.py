@@ -379,7 +379,8 @@ class ScaleDownTests(SupervisionTestCase):
         self.process(new).end(1)
         pool.scaleDown()
         self.assertIs(old.state, WorkerState.DRAINING)
-        self.assertEqual(self.delays(), [pool.settings.gracefulTimeout + pool.killTime])
+        total = pool.settings.gracefulTimeout + pool.killTime
+        self.assertEqual(self.delays(), [total - WorkerProcess.stackDumpGrace, total])
         self.process(old).end(0)
         self.reactor.advance(pool.maxRestartDelay)
         self.assertEqual(self.numbers(pool), [1])
