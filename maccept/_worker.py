@@ -441,6 +441,19 @@ def _dieWithParent(parentPid: int) -> None:
         sys.exit(0)
 
 
+def _ignoreSignalsWhileLeaving() -> None:
+    """
+    Ignore SIGTERM and SIGUSR1 once the reactor has stopped: there is
+    nothing left to drain or to show, and as the interpreter finalizes it
+    puts back their default actions, which end the process, so a second
+    TERM (or the parent's stack dump) arriving then would turn a clean exit
+    into a death by signal, counted as a crash.
+    """
+    faulthandler.unregister(signal.SIGUSR1)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _handleSignals(reactor: Any, worker: Worker) -> None:
     """
     The parent decides what the workers do, so they ignore its signals
@@ -493,6 +506,7 @@ def main(argv: list[str]) -> int:
     reactor.callWhenRunning(_handleSignals, reactor, worker)
     reactor.callWhenRunning(worker.start)
     reactor.run()
+    _ignoreSignalsWhileLeaving()
     forwarder.detach()
     return worker.exitCode
 

@@ -314,6 +314,26 @@ class LifecycleTests(SynchronousTestCase):
         os.kill(server.pid, signal.SIGTERM)
         self.assertEqual(server.process.wait(30), 0)
 
+    def test_termsWhileLeavingAreNoCrash(self) -> None:
+        """
+        A worker sent TERM again and again while it leaves (its reactor
+        stopped, the interpreter finalizing) still exits cleanly: a
+        recycling, not a death by signal.
+        """
+        server = self.start("--workers", "1")
+        [worker] = server.workers()
+        deadline = time.monotonic() + 5
+        with contextlib.suppress(ProcessLookupError):
+            while alive(worker) and time.monotonic() < deadline:
+                os.kill(worker, signal.SIGTERM)
+                time.sleep(0.003)
+        waitFor(
+            lambda: re.search(rf"\(pid {worker}\) (left|died)", server.log()),
+            what="the worker's departure",
+        )
+        self.assertIn(f"worker 1 (pid {worker}) left (recycle)", server.log())
+        self.assertNotIn("died", server.log())
+
     def test_crashLoopBacksOff(self) -> None:
         """
         Workers that crash on every connection are respawned a handful of
