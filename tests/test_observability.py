@@ -269,6 +269,8 @@ class ObservabilityTests(SynchronousTestCase):
         finally:
             os.close(write)
         self.assertEqual((closed.returncode, closed.stderr), (0, ""))
+        # No line per control connection: a status every few seconds is routine.
+        self.assertNotIn("ControlProtocol connection", server.log())
 
     def test_ctlScaleReloadStop(self) -> None:
         """
