@@ -11,6 +11,7 @@ first; scales; and drains every worker when it stops.
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 from collections import Counter
@@ -94,7 +95,8 @@ class WorkerPool(Service):
     or before it was ever ready, is replaced after a delay that doubles
     with each young death, from C{minRestartDelay} to C{maxRestartDelay},
     so that a crash loop costs a handful of spawns a minute whatever the
-    pool's size.
+    pool's size; after twice C{maxRestartDelay} with no young death, the
+    delay starts from the minimum again.
 
     @ivar onFatal: called with one line when the pool cannot start at all.
     @ivar restarts: how many workers left the pool, by reason.
@@ -150,6 +152,7 @@ class WorkerPool(Service):
         #: Called with the new state after every change of the pool's state.
         self.stateObservers: list[Callable[[PoolState], None]] = []
         self.nextRestartDelay = self.minRestartDelay
+        self._lastYoungDeath = -math.inf
         board = LoadBoard.create() if settings.balance else None
         self.launcher = WorkerLauncher(
             reactor, self.listeners, settings, board, executable, rng or random.Random()
@@ -495,9 +498,15 @@ class WorkerPool(Service):
         How long to wait before the next restart: at once after a long
         life, otherwise the pool-wide delay, which then doubles.
         """
-        if not young:
+        now = self.reactor.seconds()
+        calm = now - self._lastYoungDeath >= 2 * self.maxRestartDelay
+        if not young or calm:
+            # Young deaths in a row make a crash loop; after a long life,
+            # or long with none, the count starts again.
             self.nextRestartDelay = self.minRestartDelay
+        if not young:
             return 0.0
+        self._lastYoungDeath = now
         delay = self.nextRestartDelay
         self.nextRestartDelay = min(delay * 2, self.maxRestartDelay)
         return delay

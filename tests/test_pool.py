@@ -432,6 +432,21 @@ class RestartTests(PoolTestCase):
         self.assertEqual(self.dieAndRespawn(pool, 1), 0.0)
         self.assertEqual(self.dieAndRespawn(pool, 1), 1.0)
 
+    def test_delayResetsAfterCalm(self) -> None:
+        """
+        A young death long after the last one (twice C{maxRestartDelay},
+        the pool healthy meanwhile) waits the minimum again, not the delay
+        an old crash loop had reached.
+        """
+        pool = self.readyPool(1)
+        self.assertEqual([self.dieAndRespawn(pool, 1) for _ in range(4)], [1.0, 2.0, 4.0, 8.0])
+        self.workerIn(pool, 1).ready()
+        for _ in range(int(2 * pool.maxRestartDelay)):
+            self.reactor.advance(1)
+        pool.scaleUp()  # a new worker, which dies before it is ready
+        self.assertEqual(self.dieAndRespawn(pool, 2), 1.0)
+        self.assertEqual(self.dieAndRespawn(pool, 2), 2.0)  # a loop again
+
     def test_backoffIsPoolWide(self) -> None:
         """
         Young deaths of different workers share one backoff, so a crash
