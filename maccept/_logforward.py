@@ -161,7 +161,9 @@ class ForwardingObserver:
             "log_level": LogLevel.warn,
             "log_namespace": "maccept",
             "log_time": when if when is not None else time.time(),
-            "log_format": "dropped {count} log events: the parent could not keep up",
+            "log_format": (
+                "dropped {count} log events: more than 4 MiB of them waited to reach the parent"
+            ),
             "count": self.dropped,
         }
         self.dropped = 0

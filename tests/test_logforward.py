@@ -235,7 +235,10 @@ class ForwardingObserverTests(SynchronousTestCase):
         observer(events[3])
         notice = eventFromJSON(sent[1])
         self.assertIs(notice["log_level"], LogLevel.warn)
-        self.assertEqual(formatEvent(notice), "dropped 2 log events: the parent could not keep up")
+        self.assertEqual(
+            formatEvent(notice),
+            "dropped 2 log events: more than 4 MiB of them waited to reach the parent",
+        )
         self.assertEqual((sent[2], observer.dropped), (encodeEvent(events[3]), 0))
 
     def test_errorsNeverDropped(self) -> None:
@@ -257,7 +260,7 @@ class ForwardingObserverTests(SynchronousTestCase):
         observer.reportDropped()
         self.assertEqual(
             formatEvent(eventFromJSON(sent[1])),
-            "dropped 1 log events: the parent could not keep up",
+            "dropped 1 log events: more than 4 MiB of them waited to reach the parent",
         )
 
     def test_detachBuffersAgain(self) -> None:
