@@ -12,12 +12,12 @@ from typing import Any
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
-from twisted.python.failure import Failure
 
 from maccept._board import MAX_WORKERS
 from maccept._pool import WorkerPool
 from maccept._procfs import residentBytes
 from maccept._states import PoolState
+from maccept._wire import QuietAMP
 
 
 class ControlError(Exception):
@@ -100,7 +100,7 @@ class Stop(amp.Command):
     errors = _ERRORS
 
 
-class ControlProtocol(amp.AMP):
+class ControlProtocol(QuietAMP):
     """
     One C{maccept-ctl} connection.  Anything that is not AMP closes the
     connection, is logged, and leaves the server as it was.
@@ -117,17 +117,6 @@ class ControlProtocol(amp.AMP):
         self.pool = pool
         self.stop = stop
         self._unboxed = 0
-
-    # AMP's own, less the line it logs as each connection opens and closes:
-    # a maccept-ctl status every few seconds would fill the log with them
-    # (the metrics port writes none per request either).
-
-    def makeConnection(self, transport: Any) -> None:
-        amp.BinaryBoxProtocol.makeConnection(self, transport)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        amp.BinaryBoxProtocol.connectionLost(self, reason)
-        self.transport = None
 
     def dataReceived(self, data: bytes) -> None:
         self._unboxed += len(data)

@@ -13,8 +13,26 @@ from __future__ import annotations
 import json
 import socket
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+
+class QuietAMP(amp.AMP):
+    """
+    AMP, less the line it logs as each connection opens and closes: one per
+    worker started (twice, parent and worker) and one per C{maccept-ctl}
+    call, routine all, would bury the lines that matter.
+    """
+
+    def makeConnection(self, transport: Any) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
 
 #: The worker's end of its control socket pair.
 CONTROL_FD = 3

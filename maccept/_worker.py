@@ -44,6 +44,7 @@ from maccept._wire import (
     Farewell,
     Heartbeat,
     LogEvent,
+    QuietAMP,
     ReplaceMe,
     WorkerFailed,
     WorkerReady,
@@ -398,7 +399,7 @@ class Worker:
         return result if result is not None else defer.succeed(None)
 
 
-class WorkerControl(amp.AMP):
+class WorkerControl(QuietAMP):
     """
     The worker's end of the control channel.
     """
@@ -443,14 +444,13 @@ def _dieWithParent(parentPid: int) -> None:
 
 def _ignoreSignalsWhileLeaving() -> None:
     """
-    Ignore SIGTERM and SIGUSR1 once the reactor has stopped: there is
-    nothing left to drain or to show, and as the interpreter finalizes it
-    puts back their default actions, which end the process, so a second
-    TERM (or the parent's stack dump) arriving then would turn a clean exit
-    into a death by signal, counted as a crash.
+    Ignore SIGTERM once the reactor has stopped: there is nothing left to
+    drain, and as the interpreter finalizes it puts back the default
+    action of a signal with a Python handler, which ends the process, so a
+    second TERM arriving then would turn a clean exit into a death by
+    signal, counted as a crash.  (SIGUSR1 still dumps the stacks, of the
+    threads the interpreter waits for too: see L{_handleSignals}.)
     """
-    faulthandler.unregister(signal.SIGUSR1)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
@@ -470,6 +470,10 @@ def _handleSignals(reactor: Any, worker: Worker) -> None:
         signal.SIGTERM,
         lambda *_: reactor.callFromThread(worker.terminate),
     )
+    # Ignored first, so that what faulthandler puts back as the
+    # interpreter finalizes is "ignore", not the default that ends the
+    # process; until then (threads it waits for included) it dumps.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 

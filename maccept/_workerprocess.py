@@ -26,6 +26,7 @@ from maccept._wire import (
     Farewell,
     Heartbeat,
     LogEvent,
+    QuietAMP,
     ReplaceMe,
     WorkerFailed,
     WorkerReady,
@@ -98,6 +99,8 @@ class WorkerProcess(ProcessProtocol):
         }
         self.lastWords: deque[str] = deque(maxlen=self.lastWordsKept)
         self._killCalls: list[Any] = []
+        #: The process has exited (its pipes may still be open).
+        self.hasExited = False
         self._pipesTimer: Any = None
         self._stdout = LineLogger(lambda line: self._emitLine(line, "info"))
         self._stderr = LineLogger(self._stderrLine)
@@ -144,7 +147,15 @@ class WorkerProcess(ProcessProtocol):
         never finish a stop.  So the pipes are closed, a moment after the
         exit, for the worker's last lines to be read first.
         """
+        self.hasExited = True
+        self._cancelKillCalls()  # nothing left to dump or kill
         self._pipesTimer = self.pool.reactor.callLater(self.pipesGrace, self._closePipes)
+
+    def _cancelKillCalls(self) -> None:
+        for call in self._killCalls:
+            if call.active():
+                call.cancel()
+        self._killCalls = []
 
     def _closePipes(self) -> None:
         self._pipesTimer = None
@@ -157,10 +168,7 @@ class WorkerProcess(ProcessProtocol):
         self._pipesTimer = None
         self._stdout.flush()
         self._stderr.flush()
-        for call in self._killCalls:
-            if call.active():
-                call.cancel()
-        self._killCalls = []
+        self._cancelKillCalls()
         self.exitDescription = describeExit(reason)
         self.exitedCleanly = reason.check(error.ProcessDone) is not None
         self.handle("exit")
@@ -243,7 +251,7 @@ class WorkerProcess(ProcessProtocol):
         )
 
     def _dumpStacks(self) -> None:
-        if self.state is not WorkerState.STOPPED:
+        if not self.hasExited:
             self.signal("USR1")
 
     def kill(self, reason: str) -> None:
@@ -260,6 +268,8 @@ class WorkerProcess(ProcessProtocol):
         self._killCalls.append(self.pool.reactor.callLater(delay, self._killLate, why))
 
     def _killLate(self, why: str) -> None:
+        if self.hasExited:
+            return
         if why and self.state is not WorkerState.STOPPED:
             self.log.warn(
                 "worker {number} still running {why}: killing it", number=self.number, why=why
@@ -275,7 +285,7 @@ class WorkerProcess(ProcessProtocol):
             self.transport.signalProcess(number)  # type: ignore[union-attr]
 
 
-class ParentControl(amp.AMP):
+class ParentControl(QuietAMP):
     """
     The parent's end of one worker's control channel.
     """

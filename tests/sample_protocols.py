@@ -177,6 +177,21 @@ class SpawnsThenDies(Protocol):
         reactor.callLater(0.2, os._exit, 3)
 
 
+class ThreadKeepsAlive(Factory):
+    """
+    Echo, from a factory that starts a thread (not a daemon) that outlives
+    the reactor: the worker's process cannot exit until it ends.
+    """
+
+    protocol = Echo
+
+    def startFactory(self) -> None:
+        import threading
+        import time
+
+        threading.Thread(target=time.sleep, args=(60,), name="lingering").start()
+
+
 class PeerReporter(Protocol):
     """
     Says who it thinks the client is (C{getPeer()} in C{connectionMade}),

@@ -334,6 +334,27 @@ class LifecycleTests(SynchronousTestCase):
         self.assertIn(f"worker 1 (pid {worker}) left (recycle)", server.log())
         self.assertNotIn("died", server.log())
 
+    def test_lingeringThreadShownBeforeKill(self) -> None:
+        """
+        A worker kept alive after its drain by a thread of its own has its
+        stacks, that thread's among them, in the log before it is killed.
+        """
+        server = self.start(
+            "--workers",
+            "1",
+            "--graceful-timeout",
+            "1",
+            "--protocol",
+            "tests.sample_protocols:ThreadKeepsAlive",
+        )
+        os.kill(server.pid, signal.SIGTERM)
+        server.process.wait(30)
+        log = server.log()
+        self.assertIn("killing it", log)
+        self.assertLess(log.index("Thread 0x"), log.index("killing it"))
+        # The main thread waits for it, as the interpreter exits.
+        self.assertIn("in _shutdown", log)
+
     def test_crashLoopBacksOff(self) -> None:
         """
         Workers that crash on every connection are respawned a handful of

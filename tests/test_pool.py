@@ -682,6 +682,24 @@ class StopTests(PoolTestCase):
         self.reactor.advance(pool.settings.gracefulTimeout + pool.killTime)
         self.assertEqual(self.process(worker).signals, [signal.SIGTERM])
 
+    def test_noKillOnceExited(self) -> None:
+        """
+        A worker that has exited while a child of its own holds its pipes
+        is not said to be "still running" and killed in the moment before
+        its pipes are closed.
+        """
+        pool = self.readyPool(1)
+        [worker] = pool.workers
+        pool.stopService()
+        total = pool.settings.gracefulTimeout + pool.killTime
+        self.reactor.advance(total - 0.5)
+        self.process(worker).exitHoldingPipes(0)
+        with capturedLogs() as events:
+            self.reactor.advance(0.6)  # the kill was due; the pipes close later
+        # Its stacks were asked for before it exited; no kill after.
+        self.assertEqual(self.process(worker).signals, [signal.SIGTERM, signal.SIGUSR1])
+        self.assertEqual([t for t in texts(events) if "still running" in t], [])
+
     def test_drainTwiceSignalsOnce(self) -> None:
         """
         Asking a draining worker to drain again sends nothing more and sets
