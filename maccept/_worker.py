@@ -359,6 +359,9 @@ class Worker:
         """
         ports, self.ports = self.ports, []
         for port in ports:
+            # Released first if it still accepts (the parent gone): else the
+            # reactor's shutdown would stop the factory a second time.
+            release(port)
             try:
                 port.factory.doStop()  # type: ignore[attr-defined]
             except Exception:

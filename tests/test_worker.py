@@ -381,6 +381,21 @@ class DrainTests(WorkerTestCase):
         self.assertExited(worker, 0)
         self.assertEqual(STOP_RECORDING.calls, ["start", "stop"])
 
+    def test_stopFactoryOnceWhenParentGone(self) -> None:
+        """
+        With the parent gone, the worker leaves at once: its ports are
+        released (no accept more, and no second stop at the reactor's
+        shutdown) and its factory stopped, once.
+        """
+        STOP_RECORDING.calls.clear()
+        worker = self.makeWorker(protocol="tests.test_worker:STOP_RECORDING")
+        worker.start()
+        [port] = self.reactor.ports
+        worker.parentGone()
+        self.assertExited(worker, 0)
+        self.assertFalse(port.reading)
+        self.assertEqual(STOP_RECORDING.calls, ["start", "stop"])
+
     def test_waitsForOpenConnections(self) -> None:
         """
         With connections open, draining waits and exits when the last one
