@@ -23,6 +23,7 @@ test sees is what production sees: worker processes, signals, reloads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -156,15 +157,32 @@ class _PoolProcess(protocol.ProcessProtocol):
             self._endWaiters.append(d)
         return d.addCallback(lambda _: self._groupGone())
 
+    #: Seconds the pool's process group may take to empty once its parent
+    #: has exited (the workers follow it at once), before what is left is
+    #: killed: children a worker started and left behind.
+    lingering = 2.0
+
     def _groupGone(self, within: float = 10.0) -> defer.Deferred[None]:
+        """
+        Fire once the pool's process group is empty: so that a test leaves
+        no process, what a worker started and left behind is killed after
+        L{lingering} seconds.
+        """
         gone: defer.Deferred[None] = defer.Deferred()
-        deadline = self.reactor.seconds() + within
+        started = self.reactor.seconds()
+        killed = False
 
         def check() -> None:
-            if not groupMembers(self.pid) or self.reactor.seconds() > deadline:
+            nonlocal killed
+            elapsed = self.reactor.seconds() - started
+            if not groupMembers(self.pid) or elapsed > within:
                 gone.callback(None)
-            else:
-                self.reactor.callLater(0.02, check)
+                return
+            if elapsed >= self.lingering and not killed:
+                killed = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)
+            self.reactor.callLater(0.02, check)
 
         check()
         return gone

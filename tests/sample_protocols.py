@@ -177,6 +177,18 @@ class SpawnsThenDies(Protocol):
         reactor.callLater(0.2, os._exit, 3)
 
 
+class SpawnsChild(Protocol):
+    """
+    Starts a child that outlives the connection and the worker (as a
+    protocol that runs a command and forgets it would), and says its pid.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        child = subprocess.Popen(["sleep", "60"])
+        assert self.transport is not None
+        self.transport.write(f"{child.pid}\n".encode())
+
+
 class ThreadKeepsAlive(Factory):
     """
     Echo, from a factory that starts a thread (not a daemon) that outlives

@@ -73,6 +73,20 @@ def test_fixtureServesAndStops(maccept_pool: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks  # type: ignore[untyped-decorator]
+def test_stopLeavesNoChildBehind(maccept_pool: Any) -> Any:
+    """
+    A child a worker started and left running (the protocol's own) is
+    killed as the pool stops: a test leaves no process.
+    """
+    pool = yield maccept_pool(protocol="tests.sample_protocols:SpawnsChild")
+    received = yield echo(pool, b"go")
+    child = int(received.split()[0])
+    assert alive(child)
+    yield pool.stop()
+    assert not alive(child)
+
+
+@pytest_twisted.inlineCallbacks  # type: ignore[untyped-decorator]
 def test_cancelledStartLeavesNothing() -> Any:
     """
     Cancelling a start (a test's timeout) kills the pool and fails with
