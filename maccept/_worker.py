@@ -357,6 +357,9 @@ class Worker:
         hook, or, with the parent gone, before the reactor drops what is
         still open, the order twistd keeps.
         """
+        if self.governor is not None:
+            # No resuming of a released port as the last connections close.
+            self.governor.stop()
         ports, self.ports = self.ports, []
         for port in ports:
             # Released first if it still accepts (the parent gone): else the

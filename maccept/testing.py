@@ -180,7 +180,7 @@ class _PoolProcess(protocol.ProcessProtocol):
                 return
             if elapsed >= self.lingering and not killed:
                 killed = True
-                with contextlib.suppress(ProcessLookupError):
+                with contextlib.suppress(OSError):  # gone, or not ours to kill
                     os.killpg(self.pid, signal.SIGKILL)
             self.reactor.callLater(0.02, check)
 

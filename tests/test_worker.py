@@ -396,6 +396,21 @@ class DrainTests(WorkerTestCase):
         self.assertFalse(port.reading)
         self.assertEqual(STOP_RECORDING.calls, ["start", "stop"])
 
+    def test_pausedWorkerLeavingWithConnections(self) -> None:
+        """
+        A worker paused at C{--max-concurrent} whose parent goes away does
+        not read its released port again as its last connections close.
+        """
+        worker = self.makeWorker(maxConcurrent=1)
+        worker.start()
+        [port] = self.reactor.ports
+        connection = port.accept()
+        assert worker.governor is not None
+        worker.governor.pause(retry=False)
+        worker.parentGone()
+        connection.lose()
+        self.assertFalse(port.reading)
+
     def test_waitsForOpenConnections(self) -> None:
         """
         With connections open, draining waits and exits when the last one
