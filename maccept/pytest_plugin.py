@@ -11,7 +11,9 @@ through the C{pytest11} entry point::
 
 The fixture is a factory with the arguments of
 L{maccept.testing.startPool}; every pool it started is stopped at teardown,
-and teardown waits until no process is left.
+and teardown waits until no process is left.  A test that fails shows each
+of its pools' logs in its report, as pytest shows captured output: a
+worker's traceback is there, where the test saw only a wrong answer.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ PoolFactory = Callable[..., defer.Deferred[RunningPool]]
 
 
 @pytest.fixture
-def maccept_pool() -> Iterator[PoolFactory]:
+def maccept_pool(request: pytest.FixtureRequest) -> Iterator[PoolFactory]:
     pools: list[RunningPool] = []
+    request.node.macceptPools = pools  # for the failure report
     settled: list[defer.Deferred[None]] = []
 
     def factory(*args: Any, **kwargs: Any) -> defer.Deferred[RunningPool]:
@@ -57,3 +60,21 @@ def maccept_pool() -> Iterator[PoolFactory]:
         pytest_twisted.blockon(done)
     for pool in pools:
         pytest_twisted.blockon(pool.stop())
+    report = getattr(request.node, "macceptCallReport", None)
+    if report is not None and report.failed:
+        for pool in pools:
+            report.sections.append((f"maccept pool (pid {pool.pid}) log", pool.log))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    """
+    Keep the report of a test that uses the fixture, for its teardown to
+    add the pools' logs to once it has stopped them (their last lines, a
+    worker's traceback among them, reach the log only then).  pytest shows
+    a failed test's sections at the end of the run.
+    """
+    outcome: Any = yield
+    report = outcome.get_result()
+    if report.when == "call" and hasattr(item, "macceptPools"):
+        item.macceptCallReport = report  # type: ignore[attr-defined]

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,59 @@ def test_trialStyle() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PASSED (successes=2)" in done.stdout, done.stdout
+
+
+FAILING_KIT_TEST = """
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+
+
+class Client(Protocol):
+    def __init__(self):
+        self.done = Deferred()
+
+    def connectionMade(self):
+        self.transport.write(b"crash")
+
+    def connectionLost(self, reason):
+        self.done.callback(None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_crashingProtocol(maccept_pool):
+    pool = yield maccept_pool(protocol="tests.sample_protocols:Chatty")
+    client = Client()
+    endpoint = TCP4ClientEndpoint(reactor, pool.address.host, pool.address.port)
+    yield connectProtocol(endpoint, client)
+    yield client.done
+    assert False, "the echo never came"
+"""
+
+
+def test_failureShowsThePoolLog() -> None:
+    """
+    A test that fails shows its pool's log in its report, a worker's
+    traceback included, where the test itself saw only a wrong answer.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="maccept-kit-"))
+    try:
+        (directory / "test_failing.py").write_text(FAILING_KIT_TEST)
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(directory)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=Path(__file__).resolve().parent.parent,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(directory, True)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "maccept pool (pid " in done.stdout, done.stdout
+    assert "ValueError: chatty was asked to crash" in done.stdout, done.stdout
 
 
 def test_poolDiesWithTheTestProcess() -> None:
