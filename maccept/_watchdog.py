@@ -145,8 +145,8 @@ class Watchdog:
             return
         if worker.freshMemory is not None and worker.freshMemory > limit:
             # Its replacement would start as large: replacing it would
-            # never end.  (The start-up floor measures the parent, which
-            # is a little smaller than a worker.)
+            # never end.  (The start-up floor measures the parent, whose
+            # size a worker's may exceed: its factory is made there.)
             if worker.generation not in self._freshOverLimit:
                 self._freshOverLimit.add(worker.generation)
                 self.log.error(

@@ -194,7 +194,8 @@ class _PoolProcess(protocol.ProcessProtocol):
             d = self.whenEnded()
             d.addBoth(lambda result: (killer.active() and killer.cancel(), result)[1])
             return d
-        return defer.succeed(None)
+        # Ended already (killed, say): what it left behind goes all the same.
+        return self.whenEnded()
 
     def _kill(self) -> None:
         if self.ended is None:

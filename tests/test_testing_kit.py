@@ -22,6 +22,7 @@ import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from maccept.testing import RunningPool, childrenOf, startPool
@@ -84,6 +85,21 @@ def test_stopLeavesNoChildBehind(maccept_pool: Any) -> Any:
     received = yield echo(pool, b"go")
     child = int(received.split()[0])
     assert alive(child)
+    yield pool.stop()
+    assert not alive(child)
+
+
+@pytest_twisted.inlineCallbacks  # type: ignore[untyped-decorator]
+def test_stopAfterTheParentDied(maccept_pool: Any) -> Any:
+    """
+    A pool whose parent was killed (by the test, say) still has what its
+    workers left behind killed by C{stop}.
+    """
+    pool = yield maccept_pool(protocol="tests.sample_protocols:SpawnsChild")
+    received = yield echo(pool, b"go")
+    child = int(received.split()[0])
+    os.kill(pool.pid, signal.SIGKILL)
+    yield deferLater(reactor, 0.5, lambda: None)
     yield pool.stop()
     assert not alive(child)
 
