@@ -39,8 +39,6 @@ class Watchdog:
 
     #: Seconds between rounds (L{beatInterval}, set on L{start}).
     interval = 1.0
-    #: Seconds between the stack dump of a hung worker and its kill.
-    stackDumpGrace = 1.0
 
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
@@ -133,7 +131,7 @@ class Watchdog:
         # A draining worker keeps its reason: it is not to be replaced.
         worker.stopReason = worker.stopReason or "watchdog"
         worker.signal("USR1")
-        worker.killAfter(self.stackDumpGrace)
+        worker.killAfter(worker.stackDumpGrace)
         return True
 
     def _checkMemory(self, worker: WorkerProcess) -> None:

@@ -105,8 +105,8 @@ class WorkerProcess(ProcessProtocol):
         self._stdout = LineLogger(lambda line: self._emitLine(line, "info"))
         self._stderr = LineLogger(self._stderrLine)
 
-    #: Seconds between the stack dump (C{USR1}) of a worker that outlived
-    #: its drain and its kill.
+    #: Seconds between a worker's stack dump (C{USR1}) and its kill: a hung
+    #: one (the watchdog's), or one that outlived its drain.
     stackDumpGrace = 1.0
     #: Seconds from a worker's exit to closing its output pipes, should a
     #: child of its own still hold them (see L{processExited}).

@@ -820,7 +820,7 @@ class WatchdogTests(PoolTestCase):
         self.assertEqual(self.process(worker).signals, [])
         self.reactor.advance(1.0)
         self.assertEqual(self.process(worker).signals, [signal.SIGUSR1])
-        self.reactor.advance(pool.watchdog.stackDumpGrace)
+        self.reactor.advance(WorkerProcess.stackDumpGrace)
         self.assertEqual(self.process(worker).signals, [signal.SIGUSR1, signal.SIGKILL])
         self.process(worker).end(signal=signal.SIGKILL)
         self.assertEqual(len(self.reactor.processes), 2)

@@ -669,7 +669,7 @@ class SpawnFailureTests(SupervisionTestCase):
         So is the restart of a worker killed by the watchdog.
         """
         pool = self.readyPool(1, watchdogTimeout=3.0)
-        self.reactor.pump([1.0] * 4 + [pool.watchdog.stackDumpGrace])
+        self.reactor.pump([1.0] * 4 + [WorkerProcess.stackDumpGrace])
         self.failSpawns(1)
         self.process(pool.workers[0]).end(signal=signal.SIGKILL)
         self.assertEqual(pool.workers, [])
@@ -758,7 +758,7 @@ class WatchdogTimerTests(SupervisionTestCase):
         self.reactor.pump([1.0] * 4)
         self.assertEqual(self.process(worker).signals, [signal.SIGUSR1])
         self.process(worker).end(signal=signal.SIGABRT)
-        self.assertNotIn(pool.watchdog.stackDumpGrace, self.delays())
+        self.assertNotIn(WorkerProcess.stackDumpGrace, self.delays())
 
     def test_nothingPendingAfterStop(self) -> None:
         """
