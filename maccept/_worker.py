@@ -360,11 +360,11 @@ class Worker:
         if self.governor is not None:
             # No resuming of a released port as the last connections close.
             self.governor.stop()
+        # Released first if they still accept (the parent gone): else the
+        # reactor's shutdown would stop the factory a second time.
+        self._releasePorts()
         ports, self.ports = self.ports, []
         for port in ports:
-            # Released first if it still accepts (the parent gone): else the
-            # reactor's shutdown would stop the factory a second time.
-            release(port)
             try:
                 port.factory.doStop()  # type: ignore[attr-defined]
             except Exception:
