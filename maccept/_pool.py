@@ -610,7 +610,12 @@ class WorkerPool(Service):
         self._signalledReplacements.pop(worker, None)
         if self.state in (PoolState.STOPPING, PoolState.STOPPED) or worker.leavesPool:
             return
-        if worker in self.workers:
+        if worker in self.workers and worker.state is WorkerState.STARTING:
+            # Signalled before it was ready: it holds no connection and
+            # goes as soon as its start is cut short; look again then.
+            call = self.reactor.callLater(SIGNAL_GRACE, self._replaceSignalled, worker, why)
+            self._signalledReplacements[worker] = call
+        elif worker in self.workers:
             # While a sibling still starts, kept until the pool runs (or,
             # should it leave first, until it has gone: see _departed).
             self.replace(worker, "recycle", why=why)

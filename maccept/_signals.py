@@ -21,15 +21,22 @@ from typing import Any
 PARENT_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 
 
+#: Blocked while a worker is spawned: the parent's signals, and SIGTERM,
+#: whose default action would end a worker not yet able to drain, so that
+#: the pool would count a crash (and back off) where it was asked to go.
+SPAWN_BLOCKED = (*PARENT_SIGNALS, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def parentSignalsBlocked() -> Iterator[None]:
+def spawnSignalsBlocked() -> Iterator[None]:
     """
-    Block L{PARENT_SIGNALS} while a worker is spawned: the worker inherits
+    Block L{SPAWN_BLOCKED} while a worker is spawned: the worker inherits
     the mask through fork and exec (Twisted resets only dispositions), and
-    so is not ended or suspended by one that comes before it has set them
-    to be ignored.  The parent gets what came meanwhile when it unblocks.
+    so is not ended or suspended by one that comes before it has its own
+    handlers; it takes what came meanwhile once they are in place.  The
+    parent gets what came meanwhile when it unblocks.
     """
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, PARENT_SIGNALS)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, SPAWN_BLOCKED)
     try:
         yield
     finally:

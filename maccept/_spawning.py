@@ -22,7 +22,7 @@ from twisted.internet.protocol import Factory
 from maccept._affinity import cpuForWorker
 from maccept._board import MAX_SLOTS, LoadBoard
 from maccept._listening import ListeningSocket
-from maccept._signals import parentSignalsBlocked
+from maccept._signals import spawnSignalsBlocked
 from maccept._watchdog import beatInterval
 from maccept._wire import CONTROL_FD, FIRST_LISTENER_FD, BoardHandle, WorkerSpec
 from maccept._workerprocess import ParentControl, WorkerProcess
@@ -149,7 +149,7 @@ class WorkerLauncher:
         try:
             childFDs[CONTROL_FD] = childEnd.fileno()
             try:
-                with parentSignalsBlocked():
+                with spawnSignalsBlocked():
                     self.reactor.spawnProcess(
                         worker,
                         self.executable,

@@ -36,7 +36,7 @@ from maccept._connections import ConnectionTracker, queuedBytes, trackConnection
 from maccept._lag import LagMeter
 from maccept._logforward import ForwardingObserver
 from maccept._protocols import resolveProtocol
-from maccept._signals import PARENT_SIGNALS
+from maccept._signals import PARENT_SIGNALS, SPAWN_BLOCKED
 from maccept._titles import setTitle
 from maccept._wire import (
     CONTROL_FD,
@@ -90,6 +90,8 @@ class Worker:
         self.draining = False
         #: Whether the start hook has finished and the ports accept.
         self.accepting = False
+        #: The start (adoption, then the start hook): cancelled by a drain.
+        self._starting: defer.Deferred[None] = defer.succeed(None)
         self._drainTimeout = 0.0
         self._askedForReplacement = False
         self._heartbeat = LoopingCall(self.sendHeartbeat)
@@ -110,6 +112,7 @@ class Worker:
         d.addCallback(lambda _: self._hook("workerStarting", self.reactor))
         d.addCallback(lambda _: self._startAccepting())
         d.addErrback(self._startFailed)
+        self._starting = d
         return d
 
     def _adoptAll(self) -> None:
@@ -172,6 +175,13 @@ class Worker:
         self._call(WorkerReady, pid=os.getpid())
 
     def _startFailed(self, failure: Failure) -> None:
+        if self.draining:
+            # Told to go while it started: its start hook was cancelled
+            # (or failed meanwhile), and it leaves as a drained worker.
+            if not failure.check(defer.CancelledError):
+                self.log.failure("the start hook failed as the worker drained", failure)
+            self._startAccepting()
+            return
         self.log.failure("worker {number} could not start", failure, number=self.spec.number)
         d = self._call(WorkerFailed, reason=_describe(failure))
         d.addBoth(lambda _: self.exit(EXIT_START_FAILED))
@@ -245,7 +255,7 @@ class Worker:
         a crash (and restarts at once, without a crash's back-off), then
         drain.
         """
-        if self.accepting and not self.draining:
+        if not self.draining:
             self._call(ReplaceMe, reason="it received SIGTERM", signalled=True)
         self.drain(self.spec.gracefulTimeout)
 
@@ -270,7 +280,10 @@ class Worker:
                 self._sweep(port)
         self._releasePorts()
         if not self.accepting:
-            self.log.info("draining before the start hook has finished")
+            # Nothing served yet: the start is cut short (the hook's
+            # Deferred cancelled), not waited for.
+            self.log.info("draining before the start hook has finished: cancelling it")
+            self._starting.cancel()
             return
         self._finishDraining()
 
@@ -463,15 +476,14 @@ def _ignoreSignalsWhileLeaving() -> None:
 def _handleSignals(reactor: Any, worker: Worker) -> None:
     """
     The parent decides what the workers do, so they ignore its signals
-    (L{PARENT_SIGNALS}), which the parent started them with blocked: one
-    that came while the worker started up is dropped here.  SIGTERM sent
-    to one worker has it replaced and drained; SIGUSR1 dumps every thread's
-    stack to stderr (into the parent's log), even while the reactor is
-    blocked.
+    (L{PARENT_SIGNALS}).  SIGTERM sent to one worker has it replaced and
+    drained; SIGUSR1 dumps every thread's stack to stderr (into the
+    parent's log), even while the reactor is blocked.  The parent started
+    the worker with these blocked (L{SPAWN_BLOCKED}), so one that came
+    while the worker started up is taken now, by these handlers.
     """
     for parentSignal in PARENT_SIGNALS:
         signal.signal(parentSignal, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, PARENT_SIGNALS)
     signal.signal(
         signal.SIGTERM,
         lambda *_: reactor.callFromThread(worker.terminate),
@@ -481,6 +493,7 @@ def _handleSignals(reactor: Any, worker: Worker) -> None:
     # process; until then (threads it waits for included) it dumps.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SPAWN_BLOCKED)
 
 
 def main(argv: list[str]) -> int:

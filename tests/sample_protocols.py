@@ -144,6 +144,7 @@ class SlowToStartFactory(HookedEchoFactory):
         from twisted.internet.task import deferLater
 
         if os.path.exists(os.environ.get("MACCEPT_TEST_SLOW", "/nonexistent")):
+            print("hook: starting slowly", flush=True)
             return deferLater(reactor, 60, lambda: None)
         return None
 

@@ -11,7 +11,9 @@ import os
 import re
 import signal
 import socket
+import tempfile
 import time
+from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -19,6 +21,7 @@ from tests.load import Churn, Stream
 from tests.server import MacceptServer, alive, runMaccept, waitFor
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
+SLOW_TO_START = "tests.sample_protocols:SlowToStartFactory"
 
 
 def killIfAlive(pid: int) -> None:
@@ -257,6 +260,35 @@ class LifecycleTests(SynchronousTestCase):
         waitFor(lambda: server.log().count(") ready") == 2, what="the new worker to be ready")
         self.assertNotIn("died", server.log())
         self.assertIn("left (recycle)", server.log())
+        with server.connect() as client:
+            client.sendall(b"back")
+            self.assertEqual(client.recv(4), b"back")
+
+    def test_startingWorkerTerminatedAlone(self) -> None:
+        """
+        SIGTERM to a worker still running its start hook cuts the start
+        short (the hook's Deferred is cancelled, not waited for): the worker
+        leaves at once and is started again, as a recycling, not a crash.
+        """
+        marker = os.path.join(tempfile.gettempdir(), f"maccept-slow-start-{os.getpid()}")
+        server = MacceptServer(
+            ["--listen", LOOPBACK, "--workers", "1", "--protocol", SLOW_TO_START],
+            env={"MACCEPT_TEST_SLOW": marker},
+        )
+        self.addCleanup(server.cleanup)
+        server.waitReady()
+        Path(marker).touch()
+        self.addCleanup(Path(marker).unlink, missing_ok=True)
+        [first] = server.workers()
+        os.kill(first, signal.SIGKILL)
+        waitFor(lambda: "hook: starting slowly" in server.log(), what="the restart's hook")
+        [starting] = server.workers()
+        os.unlink(marker)
+        os.kill(starting, signal.SIGTERM)
+        waitFor(lambda: "starting worker 1 again" in server.log(), what="the restart")
+        waitFor(lambda: server.log().count(") ready") == 2, what="the new worker to be ready")
+        self.assertIn(f"worker 1 (pid {starting}) left (recycle), exit code 0", server.log())
+        self.assertEqual(server.log().count("died:"), 1)  # the SIGKILL, not the SIGTERM
         with server.connect() as client:
             client.sendall(b"back")
             self.assertEqual(client.recv(4), b"back")

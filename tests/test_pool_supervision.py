@@ -911,6 +911,46 @@ class SignalledCrossingTests(SupervisionTestCase):
         self.assertEqual((pool.restarts["crash"], pool.restarts["recycle"]), (1, 0))
         self.assertEqual(self.numbers(pool), [1, 2])
 
+    def test_signalledWhileStartingInAStartingPool(self) -> None:
+        """
+        A worker sent SIGTERM while the pool starts leaves as asked (its
+        start cut short) after the grace: it is started again, counted as a
+        recycling, and the pool starts all the same, not failing for it.
+        """
+        pool = self.startPool(2)
+        leaving = self.workerIn(pool, 2)
+        leaving.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.reactor.advance(_pool.SIGNAL_GRACE * 3)
+        self.process(leaving).end(0)
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        self.assertEqual(self.fatal, [])
+        self.assertEqual((pool.restarts["crash"], pool.restarts["recycle"]), (0, 1))
+        self.assertEqual(self.numbers(pool), [1, 2])
+        for worker in list(pool.workers):
+            worker.ready()
+        self.assertIs(pool.state, PoolState.RUNNING)
+
+    def test_signalledWhileStartingIsARecycle(self) -> None:
+        """
+        A restarted worker sent SIGTERM before it is ready is started again
+        once it has gone, at once: no crash, so no back-off.
+        """
+        pool = self.readyPool(2)
+        self.process(self.workerIn(pool, 2)).end(signal=signal.SIGKILL)
+        self.reactor.advance(pool.maxRestartDelay)
+        restarted = self.workerIn(pool, 2)
+        self.assertIs(restarted.state, WorkerState.STARTING)
+        restarted.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.reactor.advance(_pool.SIGNAL_GRACE * 3)
+        self.assertEqual(self.numbers(pool), [1, 2])
+        self.process(restarted).end(0)
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        again = self.workerIn(pool, 2)
+        self.assertIsNot(again, restarted)
+        self.assertEqual((pool.restarts["crash"], pool.restarts["recycle"]), (1, 1))
+        again.ready()
+        self.assertEqual(pool.serving(), [self.workerIn(pool, 1), again])
+
     def test_signalledWorkerExitingIsARecycle(self) -> None:
         """
         One that finished draining and exited 0 left as asked.

@@ -14,7 +14,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from maccept._signals import PARENT_SIGNALS, parentSignalsBlocked
+from maccept._signals import SPAWN_BLOCKED, spawnSignalsBlocked
 from tests.server import MacceptServer, alive, echoRoundTrip, runMaccept, waitFor
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -110,9 +110,10 @@ class SupervisionTests(SynchronousTestCase):
         parents = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
         for number in parents:
             self.assertTrue(ignored & (1 << (number - 1)), f"{number.name} not ignored")
-            # Blocked only while the worker started (see parentSignalsBlocked).
-            self.assertFalse(blocked & (1 << (number - 1)), f"{number.name} still blocked")
             os.kill(worker, number)
+        for number in (*parents, signal.SIGTERM):
+            # Blocked only while the worker started (see spawnSignalsBlocked).
+            self.assertFalse(blocked & (1 << (number - 1)), f"{number.name} still blocked")
         with server.connect() as client:
             self.assertEqual(echoRoundTrip(client, b"still here"), b"still here")
         self.assertEqual(server.workers(), [worker])
@@ -221,16 +222,16 @@ class SpawnMaskTests(SynchronousTestCase):
     def test_childStartsWithParentSignalsBlocked(self) -> None:
         """
         A process spawned as Twisted spawns one (posix_spawn, ignored
-        signals reset to default) while L{parentSignalsBlocked} holds
-        starts with the parent's signals blocked, so that one arriving
-        before it ignores them cannot end it; the parent's mask is back
-        afterwards.
+        signals reset to default) while L{spawnSignalsBlocked} holds
+        starts with the parent's signals and SIGTERM blocked, so that one
+        arriving before it has its own handlers cannot end it; the parent's
+        mask is back afterwards.
         """
         before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
         readEnd, writeEnd = os.pipe()
         self.addCleanup(os.close, readEnd)
         script = "print([l.split()[1] for l in open('/proc/self/status') if l[:7] == 'SigBlk:'][0])"
-        with parentSignalsBlocked():
+        with spawnSignalsBlocked():
             pid = os.posix_spawnp(
                 sys.executable,
                 [sys.executable, "-c", script],
@@ -241,6 +242,6 @@ class SpawnMaskTests(SynchronousTestCase):
         os.close(writeEnd)
         os.waitpid(pid, 0)
         blocked = int(os.read(readEnd, 100).decode(), 16)
-        for number in PARENT_SIGNALS:
+        for number in SPAWN_BLOCKED:
             self.assertTrue(blocked & (1 << (number - 1)), f"{number.name} not blocked")
         self.assertEqual(signal.pthread_sigmask(signal.SIG_BLOCK, []), before)

@@ -475,23 +475,53 @@ class DrainTests(WorkerTestCase):
     def test_drainDuringStartHook(self) -> None:
         """
         A drain that comes while the start hook still runs takes nothing
-        from the backlog and closes the ports: the factory is not ready to
-        serve.  Once the hook is done the worker neither accepts nor says
-        it is ready, and exits.
+        from the backlog, closes the ports (the factory is not ready to
+        serve) and cancels the hook rather than waiting for it: the worker
+        neither accepts nor says it is ready, and exits at once.
         """
-        starting: defer.Deferred[None] = defer.Deferred()
+        cancelled: list[object] = []
+        starting: defer.Deferred[None] = defer.Deferred(cancelled.append)
         self.patch(HOOKED, "starting", starting)
         worker = self.makeWorker(protocol="tests.test_worker:HOOKED")
         worker.start()
         [port] = self.reactor.ports
         port.connected = True
         worker.drain(30.0)
+        self.assertEqual(cancelled, [starting])
         self.assertFalse(hasattr(port, "sweeps"))
         self.assertFalse(port.reading)
         self.assertTrue(port.socket.closed)
-        self.assertTrue(self.reactor.running)
-        starting.callback(None)
-        self.assertFalse(port.reading)
+        self.assertNotIn(WorkerReady, self.control.commands())
+        self.assertNotIn(WorkerFailed, self.control.commands())
+        self.assertExited(worker, 0)
+
+    def test_hookFinishingDespiteCancel(self) -> None:
+        """
+        A start hook whose cancellation finishes it all the same leaves the
+        worker draining, not serving.
+        """
+        starting: defer.Deferred[None] = defer.Deferred(lambda d: d.callback(None))
+        self.patch(HOOKED, "starting", starting)
+        worker = self.makeWorker(protocol="tests.test_worker:HOOKED")
+        worker.start()
+        worker.drain(30.0)
+        self.assertFalse(self.reactor.ports[0].reading)
+        self.assertNotIn(WorkerReady, self.control.commands())
+        self.assertExited(worker, 0)
+
+    def test_terminatedWhileStarting(self) -> None:
+        """
+        SIGTERM to a worker still starting asks for its replacement, as it
+        does once the worker serves, so that the pool takes its exit for a
+        recycling and not a crash; its start is cut short.
+        """
+        starting: defer.Deferred[None] = defer.Deferred()
+        self.patch(HOOKED, "starting", starting)
+        worker = self.makeWorker(protocol="tests.test_worker:HOOKED")
+        worker.start()
+        worker.terminate()
+        replaceMe = [arguments for command, arguments in self.control.calls if command is ReplaceMe]
+        self.assertEqual(replaceMe, [{"reason": "it received SIGTERM", "signalled": True}])
         self.assertNotIn(WorkerReady, self.control.commands())
         self.assertExited(worker, 0)
 
