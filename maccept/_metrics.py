@@ -167,9 +167,11 @@ class PoolCollector(Collector):
         )
         lag = GaugeMetricFamily(
             "maccept_worker_reactor_lag_seconds",
-            "How late each worker's reactor ran a timed call, worst over the last heartbeat.",
+            "How late each worker's reactor runs: its worst timed call over the last heartbeat,"
+            " or how overdue its next heartbeat is (a blocked reactor).",
             labels=labels,
         )
+        now = self.pool.reactor.seconds()
         for worker in self.pool.workers:
             if worker.pid is None:
                 continue
@@ -179,7 +181,7 @@ class PoolCollector(Collector):
                 memory.add_metric(key, rss)
             if seconds is not None:
                 cpu.add_metric(key, seconds)
-            lag.add_metric(key, worker.stats["lag"])
+            lag.add_metric(key, max(worker.stats["lag"], self.pool.watchdog.overdue(worker, now)))
         yield from (memory, cpu, lag)
 
     def _listenQueues(self) -> Iterator[Metric]:

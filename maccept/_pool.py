@@ -385,8 +385,11 @@ class WorkerPool(Service):
         # one that dies while it drains crashed all the same.
         leftAsAsked = worker.signalled and worker.exitedCleanly
         reason = worker.stopReason or ("recycle" if leftAsAsked else "crash")
-        if reason in self.restarts:
-            self.restarts[reason] += 1
+        # The workers of a failed reload that did not fail themselves left
+        # for the reload.
+        counted = "reload" if reason == "abandoned" else reason
+        if counted in self.restarts:
+            self.restarts[counted] += 1
         if self.state is PoolState.STOPPING:
             self.log.info(
                 "worker {number} (pid {pid}) exited, {how}",

@@ -99,6 +99,25 @@ class Watchdog:
             timeout=timeout,
         )
 
+    def overdue(self, worker: WorkerProcess, now: float) -> float:
+        """
+        How long past its beat a serving worker's report is: its reactor
+        runs at least that late (a blocked one sends nothing to say so).
+        Zero for a worker not serving yet or gone, and while the parent's
+        own rounds come late: the reports may wait unread in its channels.
+        """
+        if (
+            worker.readyAt is None
+            or worker.state is WorkerState.STOPPED
+            or self._lastRound is None
+            or now - self._lastRound > 2 * self.interval
+        ):
+            return 0.0
+        return max(0.0, self._silence(worker, now) - self.interval)
+
+    def _silence(self, worker: WorkerProcess, now: float) -> float:
+        return now - max(worker.lastHeartbeat, self._resumedAt)
+
     def _check(self, worker: WorkerProcess, now: float) -> None:
         startTimeout = self.pool.startTimeout
         if worker.state is WorkerState.STARTING:
@@ -116,7 +135,7 @@ class Watchdog:
             # Drained while it started: still importing, say, and bounded
             # by its drain's deadline, not by silence.
             return False
-        silent = now - max(worker.lastHeartbeat, self._resumedAt)
+        silent = self._silence(worker, now)
         if silent <= timeout:
             return False
         self.log.error(

@@ -171,6 +171,50 @@ class CollectorTests(PoolTestCase):
         for reason in ("crash", "recycle", "watchdog", "reload", "scale"):
             self.assertEqual(samples[("maccept_worker_restarts_total", (("reason", reason),))], 0)
 
+    def test_abandonedReloadCounted(self) -> None:
+        """
+        The workers of a failed reload all leave counted: the one that died
+        as a crash, the others, stopped with their generation, as reload.
+        """
+        pool = self.readyPool(3)
+        pool.reload()
+        first, second, third = pool.ofGeneration(2)
+        first.ready()
+        self.process(third).end(1)
+        for worker in (first, second):
+            self.process(worker).end(0)
+        samples = scrape(pool)
+        restarts = {
+            reason: samples[("maccept_worker_restarts_total", (("reason", reason),))]
+            for reason in ("crash", "reload")
+        }
+        self.assertEqual(restarts, {"crash": 1, "reload": 2})
+
+    def test_lagShowsABlockedReactor(self) -> None:
+        """
+        A worker whose reactor is blocked sends no heartbeat to report its
+        lag: the gauge shows how overdue the heartbeat is, and the worker's
+        own report again once it comes.
+        """
+        pool = self.readyPool(1)
+        [worker] = pool.workers
+        self.patch(worker, "pid", 1)  # a process /proc knows
+
+        def lag() -> float:
+            labels = (("pid", "1"), ("worker", "1"))
+            return scrape(pool)[("maccept_worker_reactor_lag_seconds", labels)]
+
+        worker.heartbeat(lag=0.002)
+        self.assertEqual(lag(), 0.002)
+        for _ in range(5):
+            self.reactor.advance(1.0)
+        self.assertEqual(lag(), 4.0)
+        worker.heartbeat(lag=5.001)
+        self.assertEqual(lag(), 5.001)
+        self.reactor.advance(1.0)
+        worker.heartbeat(lag=0.003)
+        self.assertEqual(lag(), 0.003)
+
 
 class HealthTests(PoolTestCase):
     def test_healthyOnceAWorkerIsReady(self) -> None:
