@@ -37,6 +37,8 @@ from twisted.python.failure import Failure
 
 #: The parent's log line once every worker accepts.
 _READY = re.compile(r"all (\d+) workers ready on (\S+)")
+#: The old parent's log line once a new one (USR2) has taken over.
+_HANDED_OVER = re.compile(r"upgrade: the new parent \(pid (\d+)\) serves")
 #: twistd in a session (and process group) of its own, so that a kill of
 #: that group reaches its workers too; and sent SIGTERM if the test process
 #: dies first (a test runner's timeout, say), so that no pool outlives it.
@@ -64,18 +66,25 @@ class RunningPool:
     A pool started by L{startPool}.
 
     @ivar address: where it listens (C{.host}, C{.port}).
-    @ivar pid: the parent's pid.
     """
 
     def __init__(self, process: _PoolProcess, address: IPv4Address) -> None:
         self._process = process
         self.address = address
-        self.pid: int = process.transport.pid  # type: ignore[union-attr]
+
+    @property
+    def pid(self) -> int:
+        """
+        The serving parent's pid: the one started, or after a C{USR2}
+        upgrade the new parent that took over.
+        """
+        return self._process.servingPid()
 
     @property
     def pids(self) -> list[int]:
         """
-        The live worker pids, read from C{/proc} at each call.
+        The live worker pids (of the serving parent), read from C{/proc} at
+        each call.
         """
         return childrenOf(self.pid)
 
@@ -91,8 +100,7 @@ class RunningPool:
         Send C{signum} to the parent (C{SIGHUP} reloads, C{SIGTTIN} adds a
         worker...).
         """
-        if self._process.ended is None:
-            os.kill(self.pid, signum)
+        self._process.signalServing(signum)
 
     def stop(self, timeout: float = 30.0) -> defer.Deferred[None]:
         """
@@ -111,6 +119,9 @@ class _PoolProcess(protocol.ProcessProtocol):
         self.ready: defer.Deferred[IPv4Address] = defer.Deferred(self._cancelled)
         self.ended: Failure | None = None
         self._endWaiters: list[defer.Deferred[None]] = []
+        #: Fires once the parent has exited and its group is empty: one
+        #: watch, however many wait (see L{whenEnded}).
+        self._gone: defer.Deferred[None] | None = None
 
     def _cancelled(self, ready: defer.Deferred[IPv4Address]) -> None:
         self.stop(0)
@@ -119,6 +130,15 @@ class _PoolProcess(protocol.ProcessProtocol):
         # The pool's process group: the parent's pid (it calls setsid),
         # kept for once the transport has forgotten it.
         self.pid: int = self.transport.pid  # type: ignore[union-attr]
+
+    def servingPid(self) -> int:
+        """
+        The parent that serves: the one started, until it logs that a new
+        parent (C{USR2}) has taken over.  The new one, its child, stays in
+        its process group, and holds its output pipes once it has gone.
+        """
+        handedOver = _HANDED_OVER.findall(self.output())
+        return int(handedOver[-1]) if handedOver else self.pid
 
     def output(self) -> str:
         return b"".join(self.chunks).decode("utf-8", "replace")
@@ -145,17 +165,33 @@ class _PoolProcess(protocol.ProcessProtocol):
     def _tail(self) -> str:
         return "\n".join(self.output().splitlines()[-20:])
 
+    def signalServing(self, signum: int) -> None:
+        """
+        Send C{signum} to the parent serving now, if any is left.
+        """
+        serving = self.servingPid()
+        # Not to the parent started once it has been reaped: its pid may be
+        # another process's by now.
+        reaped = self.transport.pid is None  # type: ignore[union-attr]
+        if self.ended is None and not (serving == self.pid and reaped):
+            with contextlib.suppress(ProcessLookupError):  # exited; its workers leaving
+                os.kill(serving, signum)
+
     def whenEnded(self) -> defer.Deferred[None]:
         """
         Fire once the parent has exited and no process of its group is
         left: workers killed with the group may outlive it by a moment.
         """
-        if self.ended is not None:
-            d: defer.Deferred[None] = defer.succeed(None)
-        else:
-            d = defer.Deferred()
-            self._endWaiters.append(d)
-        return d.addCallback(lambda _: self._groupGone())
+        if self._gone is None:
+            if self.ended is not None:
+                parentEnded: defer.Deferred[None] = defer.succeed(None)
+            else:
+                parentEnded = defer.Deferred()
+                self._endWaiters.append(parentEnded)
+            self._gone = parentEnded.addCallback(lambda _: self._groupGone())
+        d: defer.Deferred[None] = defer.Deferred()
+        self._gone.addCallback(lambda _: d.callback(None))
+        return d
 
     #: Seconds the pool's process group may take to empty once its parent
     #: has exited (the workers follow it at once), before what is left is
@@ -189,7 +225,9 @@ class _PoolProcess(protocol.ProcessProtocol):
 
     def stop(self, timeout: float) -> defer.Deferred[None]:
         if self.ended is None:
-            self.transport.signalProcess("TERM")  # type: ignore[union-attr]
+            # The parent serving now: after a USR2 upgrade, the new one
+            # (a TERM to the old one before it takes over stops both).
+            self.signalServing(signal.SIGTERM)
             killer = self.reactor.callLater(timeout, self._kill)
             d = self.whenEnded()
             d.addBoth(lambda result: (killer.active() and killer.cancel(), result)[1])
@@ -199,8 +237,10 @@ class _PoolProcess(protocol.ProcessProtocol):
 
     def _kill(self) -> None:
         if self.ended is None:
-            # The parent's own process group holds its workers too.
-            os.killpg(self.transport.pid, signal.SIGKILL)  # type: ignore[union-attr]
+            # The parent's own process group holds its workers too, and a
+            # new parent an upgrade started.
+            with contextlib.suppress(OSError):  # gone meanwhile
+                os.killpg(self.pid, signal.SIGKILL)
 
 
 def _namesGracefulTimeout(arg: str) -> bool:
@@ -231,8 +271,9 @@ def startPool(
     to stop its pool.  The child sees this process's C{sys.path}, so a
     protocol module the test can import, the pool can import too.
 
-    Cancelling the returned Deferred (a test's timeout) kills the pool and
-    fails it with C{CancelledError} once no process is left.
+    Cancelling the returned Deferred (C{addTimeout}, say) kills the pool
+    and fails it with C{CancelledError} once no process is left.  Trial's
+    own test timeout does not cancel it: keep C{timeout} below the test's.
     """
     if reactor is None:
         from twisted.internet import reactor as installed

@@ -267,3 +267,47 @@ def test_poolDiesWithTheTestProcess() -> None:
             if group is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(group, signal.SIGKILL)
+
+
+@pytest_twisted.inlineCallbacks  # type: ignore[untyped-decorator]
+def test_upgradedPoolFollowed(maccept_pool: Any) -> Any:
+    """
+    After a USR2 upgrade the pool is the new parent's: C{pid} and C{pids}
+    name it and its workers, C{stop} stops it, and no process is left.
+    """
+    pool = yield maccept_pool(workers=2)
+    old, oldWorkers = pool.pid, pool.pids
+    pool.signal(signal.SIGUSR2)
+    while alive(old) or len(pool.pids) != 2:
+        yield deferLater(reactor, 0.1, lambda: None)
+    new, newWorkers = pool.pid, pool.pids
+    assert new != old and not set(newWorkers) & set(oldWorkers)
+    received = yield echo(pool, b"upgraded")
+    assert received == b"upgraded"
+    yield pool.stop()
+    assert not any(alive(pid) for pid in [new, *newWorkers])
+
+
+def test_oneWatchForTheEnd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    However many wait for a pool's end, one watch polls its process group,
+    and none is left pending once they have all fired.
+    """
+    from twisted.internet.task import Clock
+
+    from maccept import testing
+
+    clock = Clock()
+    process = testing._PoolProcess(clock)
+    process.pid = 2**22 + 1
+    members = [1]
+    monkeypatch.setattr(testing, "groupMembers", lambda pgid: members)
+    process.ready.addErrback(lambda _: None)  # ended before it was ready
+    ended = [process.whenEnded(), process.whenEnded()]
+    process.processEnded(Failure(Exception("ended")))
+    assert len(clock.getDelayedCalls()) == 1
+    ended.append(process.whenEnded())
+    members.clear()
+    clock.advance(0.02)
+    assert all(d.called for d in ended)
+    assert clock.getDelayedCalls() == []
