@@ -23,6 +23,12 @@ from maccept._states import PoolState
 from maccept._titles import setTitle
 from maccept._upgrade import Upgrade
 
+#: Seconds after a stop request in which another is taken for the same
+#: one, not as the second that kills: a TERM sent to the whole process
+#: group (Ctrl-C, systemd) reaches a new parent twice during an upgrade,
+#: once from the sender and once from the old parent stopping it.
+SAME_STOP_WINDOW = 1.0
+
 
 class MacceptService(Service):
     """
@@ -43,6 +49,9 @@ class MacceptService(Service):
         self.listeners = list(listeners)
         self.pool = pool
         self.stopRequested = False
+        #: When an operator (a signal, C{maccept-ctl stop}) first asked for
+        #: the stop: a hand-over to a new parent does not count.
+        self._operatorStopAt: float | None = None
         #: Seconds from a stop request to the drain (C{--stop-delay}).
         self.stopDelay = 0.0
         self._delayedStop: Any = None
@@ -55,14 +64,25 @@ class MacceptService(Service):
         """
         The signals the parent answers, as in the README's table.
         """
-        return {
+        handlers: dict[signal.Signals, Callable[[], object]] = {
             signal.SIGTERM: self.requestStop,
             signal.SIGINT: self.requestStop,
+            # nginx's graceful stop; by default it would end the parent
+            # at once, its workers with it.
+            signal.SIGQUIT: self.requestStop,
             signal.SIGHUP: self.pool.reload,
             signal.SIGTTIN: self.pool.scaleUp,
             signal.SIGTTOU: self.pool.scaleDown,
             signal.SIGUSR2: self.upgrade.start,
         }
+        if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
+            # twistd rotates its --logfile on USR1; logging elsewhere, it
+            # has no handler, and USR1 would end the parent at once.
+            handlers[signal.SIGUSR1] = self._noLogToReopen
+        return handlers
+
+    def _noLogToReopen(self) -> None:
+        self.log.info("USR1: no log file to reopen (twistd reopens only its --logfile)")
 
     def socketPaths(self) -> list[SocketPath]:
         """
@@ -89,13 +109,37 @@ class MacceptService(Service):
         self.pool.startService()
         self.reactor.callWhenRunning(installHandlers, self.reactor, self.signalHandlers())
 
-    def requestStop(self, delay: bool = True) -> None:
+    def requestStop(self) -> None:
         """
-        The first request stops gracefully, after C{stopDelay} seconds in
-        which C{/healthz} already answers 503 and the workers go on
-        accepting (unless C{delay} is false: a hand-over to a new parent);
-        a second one kills the workers.
+        An operator's request (TERM, INT, QUIT, C{maccept-ctl stop}): the
+        first stops gracefully, after C{stopDelay} seconds in which
+        C{/healthz} already answers 503 and the workers go on accepting; a
+        second one, L{SAME_STOP_WINDOW} or more later, kills the workers.
         """
+        now, first = self.reactor.seconds(), self._operatorStopAt
+        if first is None:
+            self._operatorStopAt = now
+            if self.stopRequested:
+                self.log.info("stopping already (a new parent took over): a second request kills")
+                return
+        elif now - first < SAME_STOP_WINDOW:
+            self.log.info(
+                "stop requested again within {window:g}s: taken for the same request",
+                window=SAME_STOP_WINDOW,
+            )
+            return
+        self._stop(delay=True)
+
+    def handOver(self) -> None:
+        """
+        A new parent took over: stop at once (it serves already, so no
+        C{--stop-delay}), and not as an operator's request, so that the
+        operator's own next one is a graceful stop's, not a kill's.
+        """
+        if not self.stopRequested:
+            self._stop(delay=False)
+
+    def _stop(self, delay: bool) -> None:
         if self.stopRequested:
             self.log.warn("second stop request: killing every worker now")
             if self._delayedStop is not None and self._delayedStop.active():

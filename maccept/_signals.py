@@ -15,10 +15,17 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 #: The parent's signals, which a worker ignores when they reach it too: a
-#: terminal's Ctrl-C or hang-up goes to the whole process group, and
-#: C{systemctl kill -s HUP} to every process of the unit.  (By default HUP,
-#: INT and USR2 would end the worker, TTIN and TTOU suspend it.)
-PARENT_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+#: terminal's Ctrl-C, Ctrl-\ or hang-up goes to the whole process group,
+#: and C{systemctl kill -s HUP} to every process of the unit.  (By default
+#: HUP, INT, QUIT and USR2 would end the worker, TTIN and TTOU suspend it.)
+PARENT_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGUSR2,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+)
 
 
 #: Blocked while a worker is spawned: the parent's signals, and SIGTERM,

@@ -81,8 +81,7 @@ def makeService(options: CommandLineOptions) -> IService:
         willServe=lambda: pool.state in (PoolState.STARTING, PoolState.RELOADING),
         poolSize=lambda: pool.size,
         beforeStart=pool.forgetQueuedReload,
-        # Taken over: the new parent serves already, so no --stop-delay.
-        onTakenOver=lambda: service.requestStop(delay=False),
+        onTakenOver=lambda: service.handOver(),
         servicePorts=lambda: service.servicePorts,
     )
     service = MacceptService(reactor, listeners, pool, upgrade)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from maccept._parent import SAME_STOP_WINDOW
 from tests.load import Churn, Stream
 from tests.server import MacceptServer, alive, runMaccept, waitFor
 
@@ -100,11 +101,33 @@ class LifecycleTests(SynchronousTestCase):
         self.addCleanup(client.close)
         os.kill(server.pid, signal.SIGTERM)
         waitFor(lambda: "draining" in server.log(), what="the drain")
+        # One sooner would be taken for the same request (SAME_STOP_WINDOW).
+        time.sleep(SAME_STOP_WINDOW + 0.1)
         os.kill(server.pid, signal.SIGTERM)
         self.assertEqual(server.process.wait(30), 0)
         # Closed at once: an end of stream, or a reset from the killed worker.
         with contextlib.suppress(ConnectionResetError):
             self.assertEqual(client.recv(10), b"")
+
+    def test_quitStopsGracefullyAndUsr1IsLogged(self) -> None:
+        """
+        USR1 to a parent logging to stdout (no --logfile for twistd to
+        rotate) is logged, not fatal; QUIT stops gracefully, as TERM: an
+        open connection is served until it closes.
+        """
+        server = self.start("--workers", "1")
+        client = server.connect()
+        self.addCleanup(client.close)
+        os.kill(server.pid, signal.SIGUSR1)
+        waitFor(lambda: "USR1: no log file to reopen" in server.log(), what="the USR1 line")
+        client.sendall(b"still")
+        self.assertEqual(client.recv(5), b"still")
+        os.kill(server.pid, signal.SIGQUIT)
+        waitFor(lambda: "draining" in server.log(), what="the drain")
+        client.sendall(b"served")
+        self.assertEqual(client.recv(6), b"served")
+        client.close()
+        self.assertEqual(server.process.wait(30), 0)
 
     def test_reloadUnderLoadLosesNothing(self) -> None:
         """

@@ -4,12 +4,13 @@ The parent service's stop requests (SIGTERM, SIGINT, C{maccept-ctl stop}).
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from maccept._parent import MacceptService
+from maccept._parent import SAME_STOP_WINDOW, MacceptService
 from maccept._states import PoolState
 
 
@@ -23,6 +24,15 @@ class RecordingPool:
 
     def announceStop(self) -> None:
         self.stopAnnounced = True
+
+    def reload(self) -> None:
+        pass
+
+    def scaleUp(self) -> None:
+        pass
+
+    def scaleDown(self) -> None:
+        pass
 
 
 class StoppingReactor(MemoryReactorClock):
@@ -46,6 +56,9 @@ class RecordingUpgrade:
     def abandon(self) -> None:
         self.abandoned += 1
 
+    def start(self) -> None:
+        pass
+
 
 class RequestStopTests(SynchronousTestCase):
     def service(self, running: bool) -> tuple[MacceptService, StoppingReactor, RecordingPool]:
@@ -62,16 +75,63 @@ class RequestStopTests(SynchronousTestCase):
         service, reactor, pool = self.service(running=True)
         service.requestStop()
         self.assertEqual((reactor.stops, pool.killed), (1, 0))
+        reactor.advance(SAME_STOP_WINDOW)
         service.requestStop()
         self.assertEqual((reactor.stops, pool.killed), (1, 1))
+
+    def test_sameStopWithinTheWindow(self) -> None:
+        """
+        A request within L{SAME_STOP_WINDOW} of the first is the same one
+        arriving twice (a signal to the process group, and the old parent's
+        TERM to a new parent): no kill.  One after it kills.
+        """
+        service, reactor, pool = self.service(running=True)
+        service.requestStop()
+        reactor.advance(SAME_STOP_WINDOW / 2)
+        service.requestStop()
+        self.assertEqual((reactor.stops, pool.killed), (1, 0))
+        reactor.advance(SAME_STOP_WINDOW / 2)
+        service.requestStop()
+        self.assertEqual((reactor.stops, pool.killed), (1, 1))
+
+    def test_handOverIsNotTheOperatorsStop(self) -> None:
+        """
+        Once a new parent has taken over, the old one drains; the operator's
+        next request (gunicorn's USR2, then TERM to the old parent) is not
+        taken for a second one: the one after it kills.
+        """
+        service, reactor, pool = self.service(running=True)
+        service.stopDelay = 5.0
+        service.handOver()
+        self.assertEqual(reactor.stops, 1)  # no --stop-delay: the new parent serves
+        reactor.advance(SAME_STOP_WINDOW)
+        service.requestStop()
+        self.assertEqual((reactor.stops, pool.killed), (1, 0))
+        reactor.advance(SAME_STOP_WINDOW)
+        service.requestStop()
+        self.assertEqual((reactor.stops, pool.killed), (1, 1))
+
+    def test_quitStopsAndUsr1Ends(self) -> None:
+        """
+        QUIT stops gracefully, as TERM; USR1, which twistd takes only to
+        rotate its --logfile, is answered with a log line when twistd has
+        no handler for it (by default it would end the parent).
+        """
+        service = self.service(running=True)[0]
+        self.assertEqual(service.signalHandlers()[signal.SIGQUIT], service.requestStop)
+        self.patch(signal, "getsignal", lambda number: signal.SIG_DFL)
+        self.assertIn(signal.SIGUSR1, service.signalHandlers())
+        self.patch(signal, "getsignal", lambda number: print)
+        self.assertNotIn(signal.SIGUSR1, service.signalHandlers())
 
     def test_stopsAnUpgradeUnderWay(self) -> None:
         """
         The first request also stops an upgrade under way (its new parent
         has not taken over: see L{maccept._upgrade.Upgrade.abandon}).
         """
-        service = self.service(running=True)[0]
+        service, reactor, _ = self.service(running=True)
         service.requestStop()
+        reactor.advance(SAME_STOP_WINDOW)
         service.requestStop()
         self.assertEqual(service.upgrade.abandoned, 1)  # type: ignore[attr-defined]
 
@@ -108,7 +168,7 @@ class RequestStopTests(SynchronousTestCase):
         self.assertEqual(pool.killed, 1)
         service, reactor, pool = self.service(running=True)
         service.stopDelay = 2.0
-        service.requestStop(delay=False)
+        service.handOver()
         self.assertEqual(reactor.stops, 1)
 
     def test_secondStopDuringDelay(self) -> None:
@@ -119,9 +179,10 @@ class RequestStopTests(SynchronousTestCase):
         service, reactor, pool = self.service(running=True)
         service.stopDelay = 8.0
         service.requestStop()
+        reactor.advance(SAME_STOP_WINDOW)
         service.requestStop()
         self.assertEqual((reactor.stops, pool.killed), (1, 1))
-        reactor.advance(8.0)
+        reactor.advance(8.0 - SAME_STOP_WINDOW)
         self.assertEqual(reactor.stops, 1)
 
     def test_afterAFailedStart(self) -> None:
@@ -133,5 +194,6 @@ class RequestStopTests(SynchronousTestCase):
         service, reactor, pool = self.service(running=False)
         service.requestStop()
         self.assertEqual(reactor.stops, 0)
+        reactor.advance(SAME_STOP_WINDOW)
         service.requestStop()
         self.assertEqual(pool.killed, 1)

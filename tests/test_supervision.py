@@ -107,7 +107,8 @@ class SupervisionTests(SynchronousTestCase):
         with open(f"/proc/{worker}/status") as status:
             masks = dict(line.split()[:2] for line in status if line.startswith("Sig"))
         ignored, blocked = int(masks["SigIgn:"], 16), int(masks["SigBlk:"], 16)
-        parents = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
+        parents = [signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR2]
+        parents += [signal.SIGTTIN, signal.SIGTTOU]
         for number in parents:
             self.assertTrue(ignored & (1 << (number - 1)), f"{number.name} not ignored")
             os.kill(worker, number)

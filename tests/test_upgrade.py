@@ -183,7 +183,40 @@ class UpgradeTests(SynchronousTestCase):
         """
         self.stopDuringUpgrade(greeted=False)
 
-    def stopDuringUpgrade(self, greeted: bool) -> None:
+    def test_groupStopDuringUpgrade(self) -> None:
+        """
+        TERM to the whole process group (Ctrl-C, systemd) while the new
+        parent starts stops both gracefully: the new parent gets it twice
+        (from the sender and from the old parent) and kills nothing.
+        """
+        self.stopDuringUpgrade(greeted=True, group=True)
+        self.assertNotIn("second stop request", self.stoppedLog)
+        self.assertNotIn("SIGKILL", self.stoppedLog)
+
+    def test_termToOldParentAfterHandOverDrains(self) -> None:
+        """
+        TERM to the old parent once the new one has taken over (gunicorn's
+        USR2, then TERM) is its first stop, not a second that kills: a
+        client of an old worker is still served until it closes.
+        """
+        server = self.start()
+        old = server.pid
+        held = server.connect()
+        self.addCleanup(held.close)
+        held.sendall(b"before")
+        self.assertEqual(held.recv(6), b"before")
+        os.kill(old, signal.SIGUSR2)
+        self.newParent(server)
+        waitFor(lambda: f"old parent (pid {old}) drains" in server.log(), what="the takeover")
+        os.kill(old, signal.SIGTERM)
+        waitFor(lambda: "a second request kills" in server.log(), what="the TERM")
+        held.sendall(b"after")
+        self.assertEqual(held.recv(5), b"after")
+        held.close()
+        self.assertEqual(server.process.wait(30), 0)
+        self.assertNotIn("second stop request", server.log())
+
+    def stopDuringUpgrade(self, greeted: bool, group: bool = False) -> None:
         marker = os.path.join(tempfile.gettempdir(), f"maccept-slow-upgrade-{os.getpid()}")
         server = self.start(
             "--protocol",
@@ -199,9 +232,15 @@ class UpgradeTests(SynchronousTestCase):
         new = self.newParent(server)
         if greeted:
             waitFor(lambda: "starts its workers" in server.log(), what="the greeting")
-        os.kill(server.pid, signal.SIGTERM)
+        if group:
+            # Once the new parent has its handlers: its workers are started.
+            waitFor(lambda: server.log().count("hook: starting slowly") == 2, what="new workers")
+            os.killpg(server.pid, signal.SIGTERM)
+        else:
+            os.kill(server.pid, signal.SIGTERM)
         self.assertEqual(server.process.wait(30), 0)
         waitFor(lambda: not alive(new), what="the new parent to stop")
+        self.stoppedLog = server.log()
         self.assertIn("upgrade abandoned", server.log())
         self.assertNotIn("upgrade failed", server.log())
         self.assertFalse(os.path.exists(self.socketPath))
