@@ -455,9 +455,10 @@ def takeOver(environ: MutableMapping[str, str], log: Logger) -> None:
     environ.pop(UPGRADE_PIPE, None)
     if not old.isdigit():
         return
-    if pipe is None and offered:
-        # It offered a pipe, and is no longer this process's parent: gone.
-        # Its pid may be another process's by now, not to be signalled.
+    if pipe is None and (offered or int(old) != os.getppid()):
+        # Not this process's parent (any more): gone, or never the one that
+        # started it (a stray variable).  The pid may be another process's,
+        # not to be signalled.
         log.warn("upgrade: serving; the old parent (pid {pid}) has gone already", pid=old)
         return
     try:

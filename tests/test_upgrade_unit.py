@@ -386,9 +386,9 @@ class NewParentTests(SynchronousTestCase):
         environment passed on a pipe offered to another, earlier parent (a
         parent of older code keeps the variable it was given).  A process
         that is not the old parent's child (one of the new parent's workers,
-        which inherit the variables but not the descriptor, or a new parent
-        whose old one has gone) writes nothing, and signals nothing: the
-        pid may be another process's by now.
+        which inherit the variables but not the descriptor, a new parent
+        whose old one has gone, or a stray variable) writes nothing, and
+        signals nothing: the pid may be another process's.
         """
         readEnd, writeEnd = os.pipe()
         self.addCleanup(os.close, readEnd)
@@ -398,6 +398,8 @@ class NewParentTests(SynchronousTestCase):
             {UPGRADE_FROM: str(old)},
             {UPGRADE_FROM: str(old), UPGRADE_PIPE: f"1717:{writeEnd}"},
             {UPGRADE_FROM: "1717", UPGRADE_PIPE: f"1717:{writeEnd}"},
+            # A stray variable naming a process that did not start this one.
+            {UPGRADE_FROM: "1717"},
         ]:
             greetOldParent(environ)
             takeOver(environ, Logger())
