@@ -228,6 +228,8 @@ def _systemdProblem(e: Exception) -> str:
     # Twisted reads systemd's variables when it is imported, and removes
     # LISTEN_FDS and LISTEN_PID if they are for this process.
     passed, forPid = os.environ.get("LISTEN_FDS"), os.environ.get("LISTEN_PID")
+    if passed is not None and not passed.isdigit():
+        return f"LISTEN_FDS={passed!r} is not a count of descriptors (set by systemd)"
     if passed and forPid != str(os.getpid()) and isinstance(e, (IndexError, KeyError)):
         return (
             f"systemd's descriptors are for pid {forPid} (LISTEN_PID), not this process "
@@ -331,6 +333,20 @@ def _sslReason(e: Exception) -> str:
         f"{library}: {reason}" if library else reason for library, reason in openSSLReasons(e)
     ]
     return "; ".join(reasons) or str(e) or "not a PEM certificate and key"
+
+
+def systemdDescriptor(description: str) -> int | None:
+    """
+    The descriptor a C{systemd:} description adopts (by index or name);
+    C{None} for other types, or one that names none.
+    """
+    if endpointType(description) != "systemd":
+        return None
+    try:
+        fileno = getattr(serverFromString(None, description), "fileno", None)
+    except Exception:
+        return None
+    return fileno if isinstance(fileno, int) else None
 
 
 def unixPath(description: str) -> str | None:

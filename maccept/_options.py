@@ -17,7 +17,13 @@ from twisted.python import usage
 import twisted
 from maccept._affinity import availableCPUs, parseCPUs
 from maccept._board import MAX_WORKERS
-from maccept._descriptions import DATAGRAM_TYPES, ListenError, checkDescription, unixPath
+from maccept._descriptions import (
+    DATAGRAM_TYPES,
+    ListenError,
+    checkDescription,
+    systemdDescriptor,
+    unixPath,
+)
 from maccept._handover import tellOldParentWhy
 from maccept._procfs import residentBytes
 from maccept._protocols import ProtocolSpecError, resolveProtocol
@@ -261,24 +267,34 @@ class Options(usage.Options):
                 f"unexpected argument {arguments[0]!r} (every option starts with --)"
             )
 
-    def _refuseSharedPaths(self) -> None:
+    def _refuseSharedSockets(self) -> None:
         """
-        Refuse two of maccept's sockets at one UNIX path: the second would
-        only fail to take the path's lock, in words that name neither.
+        Refuse two of maccept's sockets at one UNIX path, or on one of
+        systemd's descriptors: the second would only fail to take the
+        path's lock, or adopt whatever holds that descriptor number by
+        then, in words that name neither.
         """
-        sockets = [("--listen", d, unixPath(splitProxy(d)[1])) for d in self["listen"]]
+        described = [("--listen", d) for d in self["listen"]]
         if self["metrics"] is not None:
-            metrics = self["metrics"]
-            sockets.append(("--metrics", metrics, unixPath(splitProxy(metrics)[1])))
+            described.append(("--metrics", self["metrics"]))
+        # (option, its value, (what is shared, which one)).
+        sockets: list[tuple[str, str, tuple[str, object]]] = []
+        for option, value in described:
+            inner = splitProxy(value)[1]
+            path, fd = unixPath(inner), systemdDescriptor(inner)
+            if path and not path.startswith(("@", "\0")):
+                sockets.append((option, value, ("path", os.path.abspath(path))))
+            if fd is not None:
+                sockets.append((option, value, ("systemd descriptor", fd)))
         if self["control"] is not None:
-            sockets.append(("--control", self["control"], self["control"]))
-        owners: dict[str, str] = {}
-        for option, value, path in sockets:
-            if not path or path.startswith(("@", "\0")):
-                continue
-            key = os.path.abspath(path)
+            path = os.path.abspath(self["control"])
+            sockets.append(("--control", self["control"], ("path", path)))
+        owners: dict[tuple[str, object], str] = {}
+        for option, value, key in sockets:
             if key in owners:
-                raise usage.UsageError(f"{option} {shown(value)}: the same path as {owners[key]}")
+                raise usage.UsageError(
+                    f"{option} {shown(value)}: the same {key[0]} as {owners[key]}"
+                )
             owners[key] = f"{option} {shown(value)}"
 
     def postOptions(self) -> None:
@@ -290,7 +306,7 @@ class Options(usage.Options):
         self._checkChoicesAndNumbers()
         self._checkListeners()
         self._checkServicePorts()
-        self._refuseSharedPaths()
+        self._refuseSharedSockets()
         try:
             resolveProtocol(self["protocol"], self["protocol-option"])
         except ProtocolSpecError as e:

@@ -392,21 +392,28 @@ class SocketActivationTests(SynchronousTestCase):
         waitFor(lambda: not alive(int(newParent)), what="the new parent to stop")
 
     def passing(
-        self, sock: socket.socket, description: str, names: str = "echo", pid: str = ""
+        self,
+        sock: socket.socket,
+        description: str,
+        names: str = "echo",
+        pid: str = "",
+        count: str = "1",
+        extra: tuple[str, ...] = (),
     ) -> subprocess.CompletedProcess[str]:
         """
         Run maccept as systemd would, with C{sock} as its descriptor 3
-        (named C{names}, for this process or the pid C{pid}), listening on
-        C{description}.
+        (named C{names}, for this process or the pid C{pid}, C{count} in
+        C{LISTEN_FDS}), listening on C{description}; C{extra} are more
+        options.
         """
         launcher = (
             "import os, sys; os.dup2(int(sys.argv[1]), 3); os.set_inheritable(3, True); "
-            f"os.environ.update(LISTEN_FDS='1', LISTEN_PID={pid!r} or str(os.getpid())); "
+            f"os.environ.update(LISTEN_FDS={count!r}, LISTEN_PID={pid!r} or str(os.getpid())); "
             f"os.environ.update(LISTEN_FDNAMES={names!r}) if {names!r} else None; "
             "os.execv(sys.argv[2], sys.argv[2:])"
         )
         command = [sys.executable, "-c", launcher, str(sock.fileno()), TWISTD, "-n"]
-        command += ["--pidfile=", "maccept", "--workers", "1", "--listen", description]
+        command += ["--pidfile=", "maccept", "--workers", "1", "--listen", description, *extra]
         return subprocess.run(
             command, pass_fds=[sock.fileno()], capture_output=True, text=True, timeout=60
         )
@@ -452,6 +459,31 @@ class SocketActivationTests(SynchronousTestCase):
                 "systemd passed no descriptor named 'web', only echo (see FileDescriptorName=",
                 log.read(),
             )
+
+    def test_descriptorUsedTwice(self) -> None:
+        """
+        One of systemd's descriptors named twice (by name, then by index)
+        is refused in one line naming both: the second would adopt whatever
+        held that descriptor number by then.  So is a LISTEN_FDS that is not
+        a count.
+        """
+        listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(listening.close)
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        byName, byIndex = "systemd:domain=INET:name=echo", "systemd:domain=INET:index=0"
+        for extra, problem in [
+            (("--metrics", byIndex), f"--metrics {byIndex}: the same systemd descriptor as"),
+            (("--listen", byIndex), f"--listen {byIndex}: the same systemd descriptor as"),
+        ]:
+            result = self.passing(listening, byName, extra=extra)
+            self.assertEqual(result.returncode, 2, result.stderr)
+            [line] = result.stderr.strip().splitlines()
+            self.assertIn(f"{problem} --listen {byName}", line)
+        result = self.passing(listening, byName, count="abc")
+        self.assertEqual(result.returncode, 2, result.stderr)
+        [line] = result.stderr.strip().splitlines()
+        self.assertIn("LISTEN_FDS='abc' is not a count of descriptors", line)
 
     def test_descriptorsNotUsable(self) -> None:
         """
