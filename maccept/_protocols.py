@@ -114,9 +114,14 @@ def resolveProtocol(spec: str, protocolOptions: Sequence[str] = ()) -> FactoryMa
                     f"{spec}: its options exited (sys.exit({e.code!r}))"
                 ) from None
             except Exception as e:
-                # Its options' module fails to import, its postOptions raises.
+                # Its module fails to import, its options' postOptions raises.
+                failed = (
+                    "its code failed to import"
+                    if isinstance(e, ImportError)
+                    else ("its options failed")
+                )
                 raise ProtocolSpecError(
-                    f"{spec}: its options failed: {type(e).__name__}: {e}{_where(e)}"
+                    f"{spec}: {failed}: {type(e).__name__}: {e}{_where(e)}"
                 ) from None
         if spec in BUILTIN_PROTOCOLS and not protocolOptions:
             return BUILTIN_PROTOCOLS[spec]
@@ -150,6 +155,12 @@ def resolveProtocol(spec: str, protocolOptions: Sequence[str] = ()) -> FactoryMa
     except AttributeError:
         raise ProtocolSpecError(
             f"module {moduleName!r} has no attribute {attributeName!r}"
+        ) from None
+    except Exception as e:
+        # A module's __getattr__ that imports lazily, a property that raises.
+        raise ProtocolSpecError(
+            f"looking up {attributeName!r} in module {moduleName!r} failed:"
+            f" {type(e).__name__}: {e}{_where(e)}"
         ) from None
     return _asFactoryMaker(spec, target)
 

@@ -35,7 +35,7 @@ from maccept._builtins import DatagramEcho
 from maccept._connections import ConnectionTracker, queuedBytes, trackConnections
 from maccept._lag import LagMeter
 from maccept._logforward import ForwardingObserver
-from maccept._protocols import resolveProtocol
+from maccept._protocols import ProtocolSpecError, resolveProtocol
 from maccept._signals import PARENT_SIGNALS, SPAWN_BLOCKED
 from maccept._titles import setTitle
 from maccept._wire import (
@@ -62,6 +62,9 @@ _SWEEP = 10000
 
 
 def _describe(failure: Failure) -> str:
+    if failure.check(ProtocolSpecError):
+        # maccept's own check of what --protocol names: its words suffice.
+        return f"--protocol: {failure.getErrorMessage()}"
     return f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
 
 
@@ -182,7 +185,15 @@ class Worker:
                 self.log.failure("the start hook failed as the worker drained", failure)
             self._startAccepting()
             return
-        self.log.failure("worker {number} could not start", failure, number=self.spec.number)
+        if failure.check(ProtocolSpecError):
+            # Its message names the problem and where: no traceback.
+            self.log.error(
+                "worker {number} could not start: {why}",
+                number=self.spec.number,
+                why=_describe(failure),
+            )
+        else:
+            self.log.failure("worker {number} could not start", failure, number=self.spec.number)
         d = self._call(WorkerFailed, reason=_describe(failure))
         d.addBoth(lambda _: self.exit(EXIT_START_FAILED))
 

@@ -165,7 +165,9 @@ class DiscoveryTests(SynchronousTestCase):
         self.patch(_plugins, "pluginsByName", lambda: {"broken": [broken]})
         with self.assertRaises(ProtocolSpecError) as caught:
             resolveProtocol("broken")
-        self.assertIn("broken: its options failed: ModuleNotFoundError", str(caught.exception))
+        self.assertIn(
+            "broken: its code failed to import: ModuleNotFoundError", str(caught.exception)
+        )
 
     def test_twoPluginsOfOneName(self) -> None:
         """

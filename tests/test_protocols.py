@@ -49,6 +49,19 @@ def makeFactory() -> Factory:
 BARE_FACTORY = Factory()
 
 
+class _LazyImports:
+    """
+    What a module whose C{__getattr__} imports an optional dependency looks
+    like to C{getattr}.
+    """
+
+    def __getattr__(self, name: str) -> object:
+        raise ImportError("optional dependency 'foo' is not installed")
+
+
+LAZY = _LazyImports()
+
+
 def makeBareFactory() -> Factory:
     return Factory()
 
@@ -235,6 +248,21 @@ class ResolveTests(SynchronousTestCase):
         """
         e = self.assertRaises(ProtocolSpecError, resolveProtocol, f"{HERE}:nothingHere")
         self.assertEqual(str(e), f"module {HERE!r} has no attribute 'nothingHere'")
+
+    def test_lookupRaises(self) -> None:
+        """
+        An attribute whose lookup raises (a module's lazy C{__getattr__}
+        missing an optional dependency) is refused with the reason, not a
+        traceback.
+        """
+        e = self.assertRaises(ProtocolSpecError, resolveProtocol, f"{HERE}:LAZY.factory")
+        self.assertTrue(
+            str(e).startswith(
+                f"looking up 'LAZY.factory' in module {HERE!r} failed:"
+                " ImportError: optional dependency 'foo' is not installed (at "
+            ),
+            str(e),
+        )
 
     def test_emptyParts(self) -> None:
         """

@@ -271,12 +271,14 @@ class StartTests(WorkerTestCase):
         command, arguments = self.control.calls[0]
         self.assertIs(command, WorkerFailed)
         self.assertTrue(
-            arguments["reason"].startswith(
-                "ProtocolSpecError: cannot import module 'no.such.module'"
-            ),
+            arguments["reason"].startswith("--protocol: cannot import module 'no.such.module'"),
             arguments["reason"],
         )
         self.assertExited(worker, EXIT_START_FAILED)
+        # maccept's own check: one line, no traceback.
+        self.assertEqual([e for e in self.events if "log_failure" in e], [])
+        [line] = [formatEvent(e) for e in self.events if "could not start" in formatEvent(e)]
+        self.assertIn("--protocol: cannot import module 'no.such.module'", line)
 
     def test_exitsOnlyOnceTheParentHeard(self) -> None:
         """
