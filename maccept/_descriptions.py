@@ -37,6 +37,14 @@ class ListenError(Exception):
     """
 
 
+def shown(value: str) -> str:
+    """
+    C{value} as an error line can show it: escaped if it holds a line
+    break or another unprintable character.
+    """
+    return value if value.isprintable() else repr(value)
+
+
 def checkDescription(description: str) -> None:
     """
     Check the syntax of a server endpoint description without listening.

@@ -12,6 +12,7 @@ adopt the same descriptor (L{maccept._adopting}).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -200,15 +201,22 @@ def adoptListener(reactor: Any, description: str, fd: int) -> ListeningSocket:
     In a new parent after an upgrade: take over the socket the old parent
     made for C{description}, inherited at C{fd}, instead of making one.
     """
-    family, datagram = socketKind(fd)
     try:
+        family, datagram = socketKind(fd)
         if datagram:
             port = reactor.adoptDatagramPort(fd, family, DatagramProtocol())
         else:
             port = adoptStream(reactor, fd, family, _NeverAccepts())
         port.stopReading()
+    except OSError as e:
+        # Only a hand-over's variable names it: set by hand, or stale.
+        raise ListenError(
+            f"the descriptor {fd} handed over from an old parent is not a socket to listen on"
+            f" ({e.strerror or e}): unset MACCEPT_INHERIT"
+        ) from None
     finally:
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
     # Its path and lock are the old parent's until this one takes over.
     fromSystemd = endpointType(splitProxy(description)[1]) == "systemd"
     path = None if fromSystemd else SocketPath.of(f"--listen {description}", port, owned=False)
@@ -269,8 +277,10 @@ def _lockHolder(path: str, error: BaseException | None) -> str | None:
 
 def _listenProblem(error: BaseException) -> str:
     if isinstance(error, CannotListenError):
-        cause = error.socketError
-        if isinstance(cause, OSError) and cause.strerror:
-            return f"cannot listen: {cause.strerror.lower()}"
-        return f"cannot listen: {cause}"
+        error = error.socketError
+    if isinstance(error, OSError) and error.strerror:
+        # Its file names, if any: the lock's symlink names the pid first.
+        named = error.filename2 or error.filename
+        where = f": {os.fsdecode(named)}" if isinstance(named, (str, bytes)) else ""
+        return f"cannot listen: {error.strerror.lower()}{where}"
     return f"cannot listen: {error}"

@@ -21,6 +21,7 @@ from maccept._descriptions import (
     DATAGRAM_TYPES,
     ListenError,
     checkDescription,
+    shown,
     systemdDescriptor,
     unixPath,
 )
@@ -438,14 +439,6 @@ def versionLine() -> str:
     except PackageNotFoundError:  # run from a checkout that is not installed
         mine = "(not installed)"
     return f"maccept {mine} (Twisted {twisted.__version__}, Python {platform.python_version()})"
-
-
-def shown(value: str) -> str:
-    """
-    C{value} as an error line can show it: escaped if it holds a line
-    break or another unprintable character.
-    """
-    return value if value.isprintable() else repr(value)
 
 
 def fail(message: str) -> None:

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from maccept._adopting import adoptStream, socketKind
-from maccept._descriptions import ListenError, unixPath
+from maccept._descriptions import ListenError, shown, unixPath
 from maccept._listening import ParentSocket, listenNow
 from maccept._socketpath import SocketPath
 
@@ -65,7 +65,7 @@ def wantedPorts(
         description = options["metrics"]
         wanted.append(
             (
-                f"--metrics {description}",
+                f"--metrics {shown(description)}",
                 lambda reactor: serverFromString(reactor, description),
                 metricsSite(pool),
             )
@@ -76,7 +76,7 @@ def wantedPorts(
         path = options["control"]
         wanted.append(
             (
-                f"--control {path}",
+                f"--control {shown(path)}",
                 lambda reactor: UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=True),
                 controlFactory(pool, requestStop),
             )

@@ -39,9 +39,12 @@ def pathProblem(path: str) -> str | None:
         return None  # the abstract namespace has no file
     if len(os.fsencode(path)) > MAX_PATH_BYTES:
         return f"the path is longer than the {MAX_PATH_BYTES} bytes a UNIX socket address holds"
-    directory = os.path.dirname(os.path.abspath(path))
+    # As the kernel resolves it, not on paper: "missing/../dir" is none.
+    directory = os.path.dirname(path) or "."
     if not os.path.isdir(directory):
         return f"directory {directory} does not exist"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"directory {directory} is not writable by this user (uid {os.geteuid()})"
     try:
         mode = os.stat(path).st_mode  # through a symlink, as bind(2) goes
     except OSError:

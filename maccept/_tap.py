@@ -20,7 +20,8 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.logger import Logger
 
-from maccept._descriptions import ListenError
+from maccept._board import MAX_WORKERS
+from maccept._descriptions import ListenError, shown
 from maccept._handover import (
     UPGRADE_FROM,
     greetOldParent,
@@ -125,7 +126,7 @@ def _openListeners(
         except ListenError as e:
             for listener in listeners:
                 listener.close()
-            fail(f"--listen {description}: {e}")
+            fail(f"--listen {shown(description)}: {e}")
     return listeners
 
 
@@ -135,7 +136,8 @@ def _poolSettings(options: CommandLineOptions) -> PoolSettings:
     parent ran it, after an upgrade).
     """
     return PoolSettings(
-        size=workersAfterUpgrade(os.environ, options["workers"]),
+        # Within the bounds of --workers, whatever the variable says.
+        size=min(workersAfterUpgrade(os.environ, options["workers"]), MAX_WORKERS),
         protocol=options["protocol"],
         protocolOptions=tuple(options["protocol-option"]),
         balance=options["balance"] == "even",

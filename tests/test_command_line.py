@@ -170,11 +170,28 @@ class BadInputTests(SynchronousTestCase):
         A hand-over variable no old parent wrote is one line, not a
         traceback.
         """
-        os.environ["MACCEPT_INHERIT"] = "not json"
-        try:
-            self.check([], "MACCEPT_INHERIT", "unset it")
-        finally:
-            del os.environ["MACCEPT_INHERIT"]
+        listen = "tcp:0:interface=127.0.0.1"
+        for value, args, option in [
+            ("not json", [], "MACCEPT_INHERIT"),
+            (f'[{{"description": "{listen}", "fd": 999}}]', ["--listen", listen], "--listen"),
+        ]:
+            os.environ["MACCEPT_INHERIT"] = value
+            try:
+                self.check(args, option, "unset")
+            finally:
+                del os.environ["MACCEPT_INHERIT"]
+
+    def test_unprintableDescriptionEscaped(self) -> None:
+        """
+        A description holding a terminal escape is shown escaped in the
+        line of a listen that fails, as in the line of one that does not
+        parse: nothing reaches the terminal raw.
+        """
+        for option in ("--listen", "--metrics"):
+            description = "tcp:0:interface=127.0.0.1\x1b[31m"
+            result = runMaccept([option, description])
+            self.assertOneLineError(result, option, repr(description))
+            self.assertNotIn("\x1b", result.stderr)
 
     def test_builtinProtocol(self) -> None:
         self.check(["--protocol", "os:getpid"], "--protocol", "built-in function")

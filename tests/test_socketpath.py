@@ -116,6 +116,23 @@ class PathProblemTests(SynchronousTestCase):
         self.assertIn("is not a socket", pathProblem(regular) or "")
         self.assertIsNone(pathProblem(os.path.join(self.directory, "new.sock")))
         self.assertIsNone(pathProblem("\0abstract"))
+        # Through a directory that does not exist, as the kernel sees it.
+        through = os.path.join(self.directory, "missing", "..", "s.sock")
+        self.assertEqual(
+            pathProblem(through),
+            f"directory {os.path.join(self.directory, 'missing', '..')} does not exist",
+        )
+
+    def test_unwritableDirectory(self) -> None:
+        """
+        A directory this user may not create in is named, before Twisted
+        fails on the lock beside the socket in other words.
+        """
+        self.patch(os, "access", lambda path, mode: False)
+        self.assertEqual(
+            pathProblem(os.path.join(self.directory, "s.sock")),
+            f"directory {self.directory} is not writable by this user (uid {os.geteuid()})",
+        )
 
     def test_staleSocketThroughSymlink(self) -> None:
         """
