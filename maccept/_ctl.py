@@ -16,7 +16,9 @@ from typing import Any, NoReturn
 from twisted.internet import defer, task
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError, ConnectionClosed
+from twisted.logger import ILogObserver, LogEvent, globalLogBeginner
 from twisted.protocols import amp
+from zope.interface import provider
 
 from maccept._control import ControlError, Reload, Scale, Status, Stop
 from maccept._socketpath import pathProblem
@@ -291,8 +293,16 @@ def _unreachable(path: str, error: Exception) -> int:
     return EXIT_UNREACHABLE
 
 
+@provider(ILogObserver)
+def _ignoreEvent(event: LogEvent) -> None:
+    pass
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     options = parser().parse_args(argv)
+    # maccept-ctl speaks in its own lines; what Twisted would log (the
+    # traceback of a box maccept never sends) is not for its user.
+    globalLogBeginner.beginLoggingTo([_ignoreEvent], redirectStandardIO=False)
 
     def _main(reactor: Any) -> defer.Deferred[None]:
         return defer.Deferred.fromCoroutine(run(reactor, options)).addCallback(_exitWith)

@@ -464,6 +464,8 @@ class ObservabilityTests(SynchronousTestCase):
                 {b"_error": b"1", b"_error_code": b"BOOM", b"_error_description": b"boom"}
             ).serialize(),
             amp.AmpBox({b"_answer": b"1", b"size": b"abc"}).serialize(),
+            # Neither an answer nor a question: Twisted logs it as unhandled.
+            amp.AmpBox({b"hello": b"abc"}).serialize(),
         ]
         for answer in answers:
             listening = self.fakeControlSocket()
