@@ -88,6 +88,27 @@ def optionArguments(protocolOptions: Sequence[str]) -> list[str]:
     return argv
 
 
+def _checkOptionForms(options: usage.Options, protocolOptions: Sequence[str]) -> None:
+    """
+    Refuse what getopt would refuse in words that name no C{--protocol-option}
+    form: a flag given a value ("Wrong number of arguments"), a key written
+    with its dashes ("option ----path not recognized").
+
+    @raise usage.UsageError: naming the option and its form.
+    """
+    flags = {name for name in options.longOpt if not name.endswith("=")}
+    for item in protocolOptions:
+        key, equals, _ = item.partition("=")
+        if key.startswith("-"):
+            raise usage.UsageError(
+                f"--protocol-option {item}: give it as {key.lstrip('-')}{equals}..., without dashes"
+            )
+        if equals and key in flags:
+            raise usage.UsageError(
+                f"--protocol-option {item}: {key} is a flag, given without a value"
+            )
+
+
 def _withoutTwistedVersion(options: usage.Options) -> None:
     """
     Take usage.Options' own C{--version} (it prints Twisted's version and
@@ -139,6 +160,7 @@ def pluginFactoryMaker(
             f"Usage: twistd maccept --protocol {plugin.name} --protocol-option KEY=VALUE ..."
         )
     _withoutTwistedVersion(options)
+    _checkOptionForms(options, protocolOptions)
     options.parseOptions(optionArguments(protocolOptions))
 
     def makeFactory() -> IProtocolFactory:

@@ -156,6 +156,22 @@ class DiscoveryTests(SynchronousTestCase):
             self.assertNotIn("Twisted version", help)
             self.assertIn("version", help)
 
+    def test_optionForms(self) -> None:
+        """
+        A flag given a value, and a key written with its dashes, are named
+        as such, not with getopt's words ("Wrong number of arguments",
+        "option ----version not recognized").
+        """
+        plugin = ProtocolPlugin(
+            "versioned", "d", f"{__name__}:madeWith", options=f"{__name__}:VersionFlag"
+        )
+        for given, message in [
+            ("version=yes", "--protocol-option version=yes: version is a flag, given without a"),
+            ("--version", "--protocol-option --version: give it as version..., without dashes"),
+        ]:
+            e = self.assertRaises(usage.UsageError, pluginFactoryMaker, plugin, [given])
+            self.assertIn(message, str(e))
+
     def test_pluginWhoseOptionsFail(self) -> None:
         """
         A plugin whose options class cannot be loaded is refused with the
