@@ -1,6 +1,7 @@
 """
 What C{/proc} says of a worker process: its memory and its CPU time, for
-C{--max-memory}, C{/metrics} and C{maccept-ctl status}.
+C{--max-memory}, C{/metrics} and C{maccept-ctl status}; whether it is
+stopped, for the log line of its kill.
 """
 
 from __future__ import annotations
@@ -29,3 +30,15 @@ def cpuSeconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def isStopped(pid: int) -> bool:
+    """
+    Whether C{pid} is stopped (C{SIGSTOP}, or a debugger): it answers no
+    signal but C{SIGKILL} until it is continued.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False

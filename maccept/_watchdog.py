@@ -140,7 +140,10 @@ class Watchdog:
             return False
         self.log.error(
             "worker {number} (pid {pid}) silent for {silent:.0f}s (--timeout {timeout:g}): "
-            "dumping its stacks, then replacing it",
+            "dumping its stacks, then {outcome}",
+            # One already leaving (drained by a reload, a scale, a stop) is
+            # not replaced.
+            outcome="replacing it" if worker.stopReason is None else "killing it",
             number=worker.number,
             pid=worker.pid,
             silent=silent,

@@ -18,7 +18,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from maccept._logforward import LineLogger, reemit, workerSystem
-from maccept._procfs import residentBytes
+from maccept._procfs import isStopped, residentBytes
 from maccept._states import WorkerState, nextWorkerState
 from maccept._wire import (
     STATS,
@@ -245,9 +245,9 @@ class WorkerProcess(ProcessProtocol):
         self.killAfter(
             timeout + killAfter,
             f"{timeout + killAfter:g}s after it was told to drain (--graceful-timeout {timeout:g}s"
-            f" and {killAfter:g}s more): a start or stop hook that never finished, code that"
-            " blocks its reactor, or a thread that keeps the process alive? (its stacks are"
-            " above)",
+            f" and {killAfter:g}s more)",
+            causes="a start or stop hook that never finished, code that blocks its reactor, or"
+            " a thread that keeps the process alive? (its stacks are above)",
         )
 
     def _dumpStacks(self) -> None:
@@ -258,21 +258,28 @@ class WorkerProcess(ProcessProtocol):
         self.stopReason = self.stopReason or reason
         self.signal("KILL")
 
-    def killAfter(self, delay: float, why: str = "") -> None:
+    def killAfter(self, delay: float, why: str = "", causes: str = "") -> None:
         """
         Kill the worker C{delay} seconds from now unless it has exited by
         then; the timer goes with the process.  C{why}, if given, is logged
-        with the kill: a SIGKILL in the log should never be a mystery.
+        with the kill, and the likely C{causes} (unless the process is
+        stopped, which is cause enough): a SIGKILL in the log should never
+        be a mystery.
         """
         self._killCalls = [call for call in self._killCalls if call.active()]
-        self._killCalls.append(self.pool.reactor.callLater(delay, self._killLate, why))
+        self._killCalls.append(self.pool.reactor.callLater(delay, self._killLate, why, causes))
 
-    def _killLate(self, why: str) -> None:
+    def _killLate(self, why: str, causes: str = "") -> None:
         if self.hasExited:
             return
+        if causes and self.pid is not None and isStopped(self.pid):
+            causes = "it is stopped (SIGSTOP, or a debugger), so it dumped no stacks"
         if why and self.state is not WorkerState.STOPPED:
             self.log.warn(
-                "worker {number} still running {why}: killing it", number=self.number, why=why
+                "worker {number} still running {why}: {causes}killing it",
+                number=self.number,
+                why=why,
+                causes=f"{causes}: " if causes else "",
             )
         self.signal("KILL")
 

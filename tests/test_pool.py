@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from twisted.python.log import addObserver, removeObserver
 from twisted.trial.unittest import SynchronousTestCase
 
+from maccept import _workerprocess
 from maccept._logforward import encodeEvent
 from maccept._pool import PoolSettings, WorkerPool
 from maccept._spawning import SAFE_PATH, workerEnvironment
@@ -670,6 +671,20 @@ class StopTests(PoolTestCase):
         self.process(worker).end(signal=signal.SIGKILL)
         self.successResultOf(d)
 
+    def test_killOfAStoppedWorkerSaysSo(self) -> None:
+        """
+        A worker stopped (SIGSTOP) dumps no stacks: the kill's line says it
+        is stopped, not that its stacks are above.
+        """
+        self.patch(_workerprocess, "isStopped", lambda pid: True)
+        pool = self.readyPool(1)
+        pool.stopService()
+        with capturedLogs() as events:
+            self.reactor.advance(pool.settings.gracefulTimeout + pool.killTime)
+        [line] = [t for t in texts(events) if "killing it" in t]
+        self.assertIn("it is stopped (SIGSTOP, or a debugger), so it dumped no stacks", line)
+        self.assertNotIn("its stacks are above", line)
+
     def test_exitCancelsKill(self) -> None:
         """
         A worker that exits in time leaves no timer pending.
@@ -825,6 +840,25 @@ class WatchdogTests(PoolTestCase):
         self.process(worker).end(signal=signal.SIGKILL)
         self.assertEqual(len(self.reactor.processes), 2)
         self.assertEqual(pool.restarts["watchdog"], 1)
+
+    def test_leavingWorkerNotSaidToBeReplaced(self) -> None:
+        """
+        The line for a hung worker that was leaving already (drained by a
+        reload) says it is killed, not replaced, as it is not.
+        """
+        pool = self.readyPool(1, watchdogTimeout=3.0)
+        [old] = pool.workers
+        pool.reload()
+        [new] = pool.ofGeneration(2)
+        with capturedLogs() as events:
+            for _ in range(4):
+                self.reactor.advance(1.0)
+                new.heartbeat()
+                if new.state is WorkerState.STARTING:
+                    new.ready()
+        [line] = [t for t in texts(events) if "dumping its stacks" in t]
+        self.assertIn(f"worker 1 (pid {old.pid}) silent for", line)
+        self.assertTrue(line.endswith("dumping its stacks, then killing it"), line)
 
     def test_heartbeatKeepsAlive(self) -> None:
         """
