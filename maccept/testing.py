@@ -32,13 +32,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer, protocol
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.python.failure import Failure
 
 #: The parent's log line once every worker accepts.
-_READY = re.compile(r"all (\d+) workers ready on (\S+)")
+_READY = re.compile(r"all (\d+) workers ready on ([^\n]+)\n")
 #: The old parent's log line once a new one (USR2) has taken over.
 _HANDED_OVER = re.compile(r"upgrade: the new parent \(pid (\d+)\) serves")
+#: How a reload ends, in the parent's log: its generation ready, or why not.
+_RELOADED = re.compile(r"reload: generation (\d+) ready")
+_NOT_RELOADED = re.compile(r"(reload failed, keeping the old workers: .*|reload ignored: .*)")
 #: twistd in a session (and process group) of its own, so that a kill of
 #: that group reaches its workers too; and sent SIGTERM if the test process
 #: dies first (a test runner's timeout, say), so that no pool outlives it.
@@ -61,16 +64,27 @@ class PoolStartError(Exception):
     """
 
 
+class ReloadError(Exception):
+    """
+    A reload failed (the old workers serve on) or was ignored, or did not
+    end in time; the message is the parent's line, or the end of its log.
+    """
+
+
 class RunningPool:
     """
     A pool started by L{startPool}.
 
-    @ivar address: where it listens (C{.host}, C{.port}).
+    @ivar address: where it listens (C{.host}, C{.port}): the first of
+        C{addresses}.
+    @ivar addresses: where each C{--listen} listens, in their order: an
+        C{IPv4Address} or C{IPv6Address}, or a C{UNIXAddress}.
     """
 
-    def __init__(self, process: _PoolProcess, address: IPv4Address) -> None:
+    def __init__(self, process: _PoolProcess, addresses: list[Any]) -> None:
         self._process = process
-        self.address = address
+        self.addresses = addresses
+        self.address = addresses[0]
 
     @property
     def pid(self) -> int:
@@ -102,6 +116,17 @@ class RunningPool:
         """
         self._process.signalServing(signum)
 
+    def reload(self, timeout: float = 30.0) -> defer.Deferred[int]:
+        """
+        Reload (SIGHUP) and fire with the new generation's number once its
+        workers all accept and the old ones drain; fail with L{ReloadError}
+        if the reload fails (the old workers serve on), is ignored, or does
+        not end within C{timeout} seconds.
+        """
+        since = len(self._process.output())
+        self.signal(signal.SIGHUP)
+        return self._process.whenReloaded(since, timeout)
+
     def stop(self, timeout: float = 30.0) -> defer.Deferred[None]:
         """
         Stop gracefully (SIGTERM); kill after C{timeout} seconds.  Fires
@@ -116,14 +141,16 @@ class _PoolProcess(protocol.ProcessProtocol):
         self.chunks: list[bytes] = []
         # Cancelled (a test's timeout, addTimeout): kill the pool, which
         # then fails the start with CancelledError once it is gone.
-        self.ready: defer.Deferred[IPv4Address] = defer.Deferred(self._cancelled)
+        self.ready: defer.Deferred[list[Any]] = defer.Deferred(self._cancelled)
+        #: Reloads waited for: where in the output each looks from.
+        self._reloads: list[tuple[int, defer.Deferred[int]]] = []
         self.ended: Failure | None = None
         self._endWaiters: list[defer.Deferred[None]] = []
         #: Fires once the parent has exited and its group is empty: one
         #: watch, however many wait (see L{whenEnded}).
         self._gone: defer.Deferred[None] | None = None
 
-    def _cancelled(self, ready: defer.Deferred[IPv4Address]) -> None:
+    def _cancelled(self, ready: defer.Deferred[list[Any]]) -> None:
         self.stop(0)
 
     def connectionMade(self) -> None:
@@ -145,12 +172,44 @@ class _PoolProcess(protocol.ProcessProtocol):
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         self.chunks.append(data)
+        if self._reloads:
+            self._checkReloads()
         if self.ready.called:
             return
         match = _READY.search(self.output())
         if match:
-            host, port = match.group(2).rsplit(":", 1)
-            self.ready.callback(IPv4Address("TCP", host, int(port)))
+            self.ready.callback([_address(shown) for shown in match.group(2).split()])
+
+    def whenReloaded(self, since: int, timeout: float) -> defer.Deferred[int]:
+        """
+        Fire with the generation of the first reload to end in the output
+        after offset C{since}; fail with L{ReloadError} if it fails.
+        """
+        reloaded: defer.Deferred[int] = defer.Deferred()
+        self._reloads.append((since, reloaded))
+
+        def timedOut() -> None:
+            if not reloaded.called:
+                self._reloads.remove((since, reloaded))
+                reloaded.errback(ReloadError(f"no reload within {timeout:g}s:\n{self._tail()}"))
+
+        timer = self.reactor.callLater(timeout, timedOut)
+        reloaded.addBoth(lambda result: (timer.active() and timer.cancel(), result)[1])
+        self._checkReloads()
+        return reloaded
+
+    def _checkReloads(self) -> None:
+        output = self.output()
+        for since, reloaded in list(self._reloads):
+            done, failed = _RELOADED.search(output, since), _NOT_RELOADED.search(output, since)
+            if done is None and failed is None:
+                continue
+            self._reloads.remove((since, reloaded))
+            if failed is not None and (done is None or failed.start() < done.start()):
+                reloaded.errback(ReloadError(failed.group(1).strip()))
+            else:
+                assert done is not None
+                reloaded.callback(int(done.group(1)))
 
     def processEnded(self, reason: Failure) -> None:
         self.ended = reason
@@ -253,17 +312,33 @@ def _namesGracefulTimeout(arg: str) -> bool:
 TEST_GRACEFUL_TIMEOUT = 1
 
 
+def _listenedOn(listen: Sequence[str], extraArgs: Sequence[str]) -> list[str]:
+    """
+    Every C{--listen} description, in the order the parent shows them.
+    """
+    descriptions = list(listen)
+    args = iter(extraArgs)
+    for arg in args:
+        if arg == "--listen":
+            descriptions.append(next(args, ""))
+        elif arg.startswith("--listen="):
+            descriptions.append(arg.partition("=")[2])
+    return descriptions
+
+
 def startPool(
     protocol: str = "echo",
     workers: int = 1,
     extraArgs: Sequence[str] = (),
     reactor: Any = None,
     timeout: float = 30.0,
+    listen: Sequence[str] = ("tcp:0:interface=127.0.0.1",),
 ) -> defer.Deferred[RunningPool]:
     """
     Start C{twistd -n maccept} serving C{protocol} with C{workers} workers
-    on an ephemeral port of 127.0.0.1; fire with a L{RunningPool} once
-    every worker accepts, or fail with L{PoolStartError}.
+    on C{listen} (by default an ephemeral port of 127.0.0.1); fire with a
+    L{RunningPool} once every worker accepts, or fail with
+    L{PoolStartError}.
 
     C{extraArgs} are more C{maccept} options (C{--timeout}, C{--balance},
     ...).  Unless they set C{--graceful-timeout}, it is 1 s, not 30: a test
@@ -281,7 +356,9 @@ def startPool(
         reactor = installed
     process = _PoolProcess(reactor)
     args = [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "maccept"]
-    args += ["--listen", "tcp:0:interface=127.0.0.1", "--workers", str(workers)]
+    for description in listen:
+        args += ["--listen", description]
+    args += ["--workers", str(workers)]
     args += ["--protocol", protocol, *extraArgs]
     if not any(_namesGracefulTimeout(arg) for arg in extraArgs):
         args += ["--graceful-timeout", str(TEST_GRACEFUL_TIMEOUT)]
@@ -302,9 +379,12 @@ def startPool(
 
     timer = reactor.callLater(timeout, timedOut)
 
-    def started(address: IPv4Address) -> RunningPool:
+    def started(addresses: list[Any]) -> RunningPool:
         timer.cancel()
-        return RunningPool(process, address)
+        for n, description in enumerate(_listenedOn(listen, extraArgs)[: len(addresses)]):
+            if description.startswith("udp") and not isinstance(addresses[n], UNIXAddress):
+                addresses[n] = type(addresses[n])("UDP", addresses[n].host, addresses[n].port)
+        return RunningPool(process, addresses)
 
     def failed(failure: Failure) -> defer.Deferred[RunningPool]:
         if timer.active():
@@ -313,6 +393,20 @@ def startPool(
         return process.whenEnded().addCallback(lambda _: failure)
 
     return process.ready.addCallbacks(started, failed)
+
+
+def _address(shown: str) -> Any:
+    """
+    A listener's address as the parent's ready line shows it: C{HOST:PORT},
+    C{[HOST]:PORT}, or a UNIX socket's path.
+    """
+    if shown.startswith("["):
+        host, _, port = shown[1:].rpartition("]:")
+        return IPv6Address("TCP", host, int(port))
+    host, colon, port = shown.rpartition(":")
+    if colon and port.isdigit() and not shown.startswith(("/", "@")):
+        return IPv4Address("TCP", host, int(port))
+    return UNIXAddress(shown)
 
 
 def _liveProcesses() -> list[tuple[int, int, int]]:

@@ -21,11 +21,12 @@ from typing import Any
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet import defer, protocol, reactor
+from twisted.internet.address import UNIXAddress
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from maccept.testing import RunningPool, childrenOf, startPool
+from maccept.testing import ReloadError, RunningPool, childrenOf, startPool
 from tests.server import alive, waitFor
 
 
@@ -311,3 +312,51 @@ def test_oneWatchForTheEnd(monkeypatch: pytest.MonkeyPatch) -> None:
     clock.advance(0.02)
     assert all(d.called for d in ended)
     assert clock.getDelayedCalls() == []
+
+
+@pytest_twisted.inlineCallbacks  # type: ignore[untyped-decorator]
+def test_addressesAndReloads(maccept_pool: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """
+    A pool shows every listener's address, in --listen order; C{reload}
+    fires with the new generation once it serves, and fails with the
+    parent's reason when a reload fails (the old workers serving on).
+    """
+    directory = tempfile.mkdtemp(prefix="maccept-kit-")
+    path, broken = os.path.join(directory, "echo.sock"), os.path.join(directory, "broken")
+    monkeypatch.setenv("MACCEPT_TEST_BREAK", broken)
+    try:
+        pool = yield maccept_pool(
+            protocol="tests.sample_protocols:breakableEcho",
+            workers=2,
+            listen=["tcp:0:interface=127.0.0.1"],
+            extraArgs=["--listen", f"unix:{path}", "--listen=udp:0:interface=127.0.0.1"],
+        )
+        tcp, unix, udp = pool.addresses
+        assert (tcp.type, tcp.host, tcp.port) == ("TCP", "127.0.0.1", pool.address.port)
+        assert unix == UNIXAddress(path)
+        assert (udp.type, udp.host) == ("UDP", "127.0.0.1") and udp.port > 0
+        before = set(pool.pids)
+        generation = yield pool.reload()
+        assert generation == 2
+        while set(pool.pids) & before:  # the old generation drains
+            yield deferLater(reactor, 0.1, lambda: None)
+        Path(broken).touch()
+        with pytest.raises(ReloadError, match=r"reload failed, keeping the old workers: .*broken"):
+            yield pool.reload()
+        received = yield echo(pool, b"old ones serve")
+        assert received == b"old ones serve"
+    finally:
+        shutil.rmtree(directory, True)
+
+
+def test_addressesAsShown() -> None:
+    """
+    The ready line's forms: C{HOST:PORT}, C{[HOST]:PORT}, a path.
+    """
+    from twisted.internet.address import IPv4Address, IPv6Address
+
+    from maccept.testing import _address
+
+    assert _address("127.0.0.1:80") == IPv4Address("TCP", "127.0.0.1", 80)
+    assert _address("[::1]:8080") == IPv6Address("TCP", "::1", 8080)
+    assert _address("/tmp/a:1.sock") == UNIXAddress("/tmp/a:1.sock")
