@@ -137,7 +137,11 @@ def resolveProtocol(spec: str, protocolOptions: Sequence[str] = ()) -> FactoryMa
     try:
         module = importlib.import_module(moduleName)
     except ImportError as e:
-        raise ProtocolSpecError(f"cannot import module {moduleName!r}: {e}") from None
+        hint = ""
+        if getattr(e, "name", None) == moduleName.partition(".")[0]:
+            # twistd does not put the current directory on sys.path.
+            hint = " (is its directory on sys.path? for one in the current directory: PYTHONPATH=.)"
+        raise ProtocolSpecError(f"cannot import module {moduleName!r}: {e}{hint}") from None
     except SystemExit as e:
         # A script named by mistake: without this the whole command exits
         # with the script's status and no word of why.

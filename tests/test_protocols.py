@@ -169,6 +169,11 @@ class ResolveTests(SynchronousTestCase):
         """
         e = self.assertRaises(ProtocolSpecError, resolveProtocol, "no.such.module:factory")
         self.assertIn("cannot import module 'no.such.module'", str(e))
+        # Not found at all: most often a module of the current directory,
+        # which twistd does not put on sys.path.
+        self.assertIn("(is its directory on sys.path?", str(e))
+        e = self.assertRaises(ProtocolSpecError, resolveProtocol, "tests.no_such_module:f")
+        self.assertNotIn("sys.path", str(e))
 
     def test_moduleFailsAtImport(self) -> None:
         """
