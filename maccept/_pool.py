@@ -400,7 +400,9 @@ class WorkerPool(Service):
             self._checkStopped()
             return
         if reason != "crash":
-            if worker.replaces is not None:
+            if worker.replaces is not None and not worker.signalled:
+                # (One that left on its own SIGTERM as it started gets a
+                # successor of its own: see _replaceSignalled.)
                 self._keepServing(worker.replaces)
             replacement = self._replacementOf(worker)
             if replacement is not None:
@@ -416,7 +418,8 @@ class WorkerPool(Service):
         The replacement of C{old} left before it was ready: C{old} serves on
         as an ordinary member, and may be replaced again later.
         """
-        if old.state is WorkerState.READY and old.stopReason == "recycle":
+        # (One sent SIGTERM on its own drains all the same.)
+        if old.state is WorkerState.READY and old.stopReason == "recycle" and not old.signalled:
             old.stopReason = None
             self.log.info(
                 "worker {number} (pid {pid}) keeps serving: its replacement left",
@@ -628,9 +631,11 @@ class WorkerPool(Service):
             and self._startsAgain(worker)
         ):
             # It had no connection to finish and is gone already (while the
-            # pool starts too: it cannot run without this worker).
+            # pool starts too: it cannot run without this worker).  One that
+            # was to replace a worker still serving hands that on.
+            old = worker.replaces if worker.replaces in self.workers else None
             self.log.info("starting worker {number} again: {why}", number=worker.number, why=why)
-            self._respawn(worker.number, worker.generation, None)
+            self._respawn(worker.number, worker.generation, old)
 
     def _replaceRemembered(self) -> None:
         remembered, self._replaceWhenRunning = self._replaceWhenRunning, {}

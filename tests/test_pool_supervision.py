@@ -951,6 +951,29 @@ class SignalledCrossingTests(SupervisionTestCase):
         again.ready()
         self.assertEqual(pool.serving(), [self.workerIn(pool, 1), again])
 
+    def test_replacementSignalledWhileStarting(self) -> None:
+        """
+        The replacement of a worker being recycled, sent SIGTERM before it
+        is ready, hands its task on: another replacement starts for the
+        worker still serving, which drains once that one is ready.  The
+        pool keeps its size (it grew by one for good before).
+        """
+        pool = self.readyPool(2, maxConnections=100)
+        serving = self.workerIn(pool, 2)
+        serving.askedToBeReplaced("accepted 100 connections")
+        [first] = [w for w in pool.workers if w.replaces is serving]
+        first.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.reactor.advance(_pool.SIGNAL_GRACE * 3)
+        self.process(first).end(0)
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        [second] = [w for w in pool.workers if w.replaces is serving]
+        self.assertIs(serving.state, WorkerState.READY)
+        second.ready()
+        self.assertIs(serving.state, WorkerState.DRAINING)
+        self.process(serving).end(0)
+        self.assertEqual(self.numbers(pool), [1, 2])
+        self.assertEqual(pool.serving(), [self.workerIn(pool, 1), second])
+
     def test_signalledWorkerExitingIsARecycle(self) -> None:
         """
         One that finished draining and exited 0 left as asked.
