@@ -96,6 +96,7 @@ class Worker:
         #: The start (adoption, then the start hook): cancelled by a drain.
         self._starting: defer.Deferred[None] = defer.succeed(None)
         self._drainTimeout = 0.0
+        self._drainFinishing = False
         self._askedForReplacement = False
         self._heartbeat = LoopingCall(self.sendHeartbeat)
         self._heartbeat.clock = reactor
@@ -294,7 +295,13 @@ class Worker:
             # Nothing served yet: the start is cut short (the hook's
             # Deferred cancelled), not waited for.
             self.log.info("draining before the start hook has finished: cancelling it")
-            self._starting.cancel()
+            try:
+                self._starting.cancel()
+            except Exception:
+                # A canceller of the hook's own that raises: drain without
+                # waiting for the hook, which may never end now.
+                self.log.failure("cancelling the start hook failed")
+                self._finishDraining()
             return
         self._finishDraining()
 
@@ -303,6 +310,9 @@ class Worker:
             release(port)
 
     def _finishDraining(self) -> None:
+        if self._drainFinishing:
+            return  # a start hook that ended after all, its drain begun
+        self._drainFinishing = True
         self.log.info(
             "draining {count} open connections (at most {timeout}s)",
             count=len(self.tracker.open),

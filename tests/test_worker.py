@@ -22,6 +22,7 @@ from maccept._builtins import Echo
 from maccept._logforward import ForwardingObserver
 from maccept._wire import (
     STATS,
+    Farewell,
     Heartbeat,
     ListenerHandle,
     ReplaceMe,
@@ -510,6 +511,28 @@ class DrainTests(WorkerTestCase):
         self.assertFalse(self.reactor.ports[0].reading)
         self.assertNotIn(WorkerReady, self.control.commands())
         self.assertExited(worker, 0)
+
+    def test_hookCancellerRaising(self) -> None:
+        """
+        A start hook whose canceller raises does not hold the drain: the
+        failure is logged and the worker leaves, once, even if the hook
+        ends later.
+        """
+
+        def canceller(d: defer.Deferred[None]) -> None:
+            raise RuntimeError("cannot cancel")
+
+        starting: defer.Deferred[None] = defer.Deferred(canceller)
+        self.patch(HOOKED, "starting", starting)
+        worker = self.makeWorker(protocol="tests.test_worker:HOOKED")
+        worker.start()
+        worker.drain(30.0)
+        [failure] = [e["log_failure"] for e in self.events if "log_failure" in e]
+        self.assertTrue(failure.check(RuntimeError))
+        self.assertExited(worker, 0)
+        starting.callback(None)  # the hook ends after all
+        self.assertEqual(self.control.commands().count(Farewell), 1)
+        self.assertNotIn(WorkerReady, self.control.commands())
 
     def test_terminatedWhileStarting(self) -> None:
         """
