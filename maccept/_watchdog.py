@@ -101,19 +101,22 @@ class Watchdog:
 
     def overdue(self, worker: WorkerProcess, now: float) -> float:
         """
-        How long past its beat a serving worker's report is: its reactor
-        runs at least that late (a blocked one sends nothing to say so).
-        Zero for a worker not serving yet or gone, and while the parent's
-        own rounds come late: the reports may wait unread in its channels.
+        How long past its beat a serving worker's report is, once it has
+        missed one whole: its reactor runs at least that late (a blocked
+        one sends nothing to say so), where a report a little late is only
+        the way there.  Zero for a worker not serving (starting, draining:
+        one that said farewell reports no more), and while the parent's own
+        rounds come late: the reports may wait unread in its channels.
         """
         if (
-            worker.readyAt is None
-            or worker.state is WorkerState.STOPPED
+            worker.state is not WorkerState.READY
+            or worker.signalled
             or self._lastRound is None
             or now - self._lastRound > 2 * self.interval
         ):
             return 0.0
-        return max(0.0, self._silence(worker, now) - self.interval)
+        silence = self._silence(worker, now)
+        return silence - self.interval if silence > 2 * self.interval else 0.0
 
     def _silence(self, worker: WorkerProcess, now: float) -> float:
         return now - max(worker.lastHeartbeat, self._resumedAt)

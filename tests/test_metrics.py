@@ -206,6 +206,9 @@ class CollectorTests(PoolTestCase):
 
         worker.heartbeat(lag=0.002)
         self.assertEqual(lag(), 0.002)
+        self.reactor.advance(1.5)  # a report a little late is not lag yet
+        self.assertEqual(lag(), 0.002)
+        worker.heartbeat(lag=0.002)
         for _ in range(5):
             self.reactor.advance(1.0)
         self.assertEqual(lag(), 4.0)
