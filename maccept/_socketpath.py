@@ -29,6 +29,11 @@ _log = Logger(namespace="maccept")
 MAX_PATH_BYTES = 107
 
 
+#: Whether access(2) can be asked about the effective ids (as bind(2) acts
+#: with them), not the real ones.
+_EFFECTIVE_IDS = os.access in os.supports_effective_ids
+
+
 def pathProblem(path: str) -> str | None:
     """
     Why no UNIX socket can be made at C{path}, found before Twisted takes
@@ -43,7 +48,7 @@ def pathProblem(path: str) -> str | None:
     directory = os.path.dirname(path) or "."
     if not os.path.isdir(directory):
         return f"directory {directory} does not exist"
-    if not os.access(directory, os.W_OK | os.X_OK):
+    if not os.access(directory, os.W_OK | os.X_OK, effective_ids=_EFFECTIVE_IDS):
         return f"directory {directory} is not writable by this user (uid {os.geteuid()})"
     try:
         mode = os.stat(path).st_mode  # through a symlink, as bind(2) goes

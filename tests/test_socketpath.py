@@ -128,7 +128,7 @@ class PathProblemTests(SynchronousTestCase):
         A directory this user may not create in is named, before Twisted
         fails on the lock beside the socket in other words.
         """
-        self.patch(os, "access", lambda path, mode: False)
+        self.patch(os, "access", lambda path, mode, effective_ids=False: False)
         self.assertEqual(
             pathProblem(os.path.join(self.directory, "s.sock")),
             f"directory {self.directory} is not writable by this user (uid {os.geteuid()})",
