@@ -39,9 +39,11 @@ from twisted.python.failure import Failure
 _READY = re.compile(r"all (\d+) workers ready on ([^\n]+)\n")
 #: The old parent's log line once a new one (USR2) has taken over.
 _HANDED_OVER = re.compile(r"upgrade: the new parent \(pid (\d+)\) serves")
-#: How a reload ends, in the parent's log: its generation ready, or why not.
-_RELOADED = re.compile(r"reload: generation (\d+) ready")
-_NOT_RELOADED = re.compile(r"(reload failed, keeping the old workers: .*|reload ignored: .*)")
+#: A reload in the parent's log: its generation starts (or it is ignored),
+#: then that generation is ready, or the reload fails.
+_RELOAD_STARTS = re.compile(r"reloading: starting generation (\d+)|(reload ignored: .*)")
+_RELOADED = "reload: generation {generation} ready"
+_RELOAD_FAILED = re.compile(r"reload failed, keeping the old workers: .*")
 #: twistd in a session (and process group) of its own, so that a kill of
 #: that group reaches its workers too; and sent SIGTERM if the test process
 #: dies first (a test runner's timeout, say), so that no pool outlives it.
@@ -201,21 +203,25 @@ class _PoolProcess(protocol.ProcessProtocol):
     def _checkReloads(self) -> None:
         output = self.output()
         for since, reloaded in list(self._reloads):
-            done, failed = _RELOADED.search(output, since), _NOT_RELOADED.search(output, since)
-            if done is None and failed is None:
+            outcome = _reloadOutcome(output, since)
+            if outcome is None:
                 continue
             self._reloads.remove((since, reloaded))
-            if failed is not None and (done is None or failed.start() < done.start()):
-                reloaded.errback(ReloadError(failed.group(1).strip()))
+            if isinstance(outcome, int):
+                reloaded.callback(outcome)
             else:
-                assert done is not None
-                reloaded.callback(int(done.group(1)))
+                reloaded.errback(ReloadError(outcome))
 
     def processEnded(self, reason: Failure) -> None:
         self.ended = reason
         if not self.ready.called:
             self.ready.errback(
                 PoolStartError(f"maccept exited before it was ready:\n{self._tail()}")
+            )
+        reloads, self._reloads = self._reloads, []
+        for _, reloaded in reloads:
+            reloaded.errback(
+                ReloadError(f"maccept exited before the reload ended:\n{self._tail()}")
             )
         waiters, self._endWaiters = self._endWaiters, []
         for waiter in waiters:
@@ -350,6 +356,8 @@ def startPool(
     and fails it with C{CancelledError} once no process is left.  Trial's
     own test timeout does not cancel it: keep C{timeout} below the test's.
     """
+    if isinstance(listen, str):
+        listen = (listen,)
     if reactor is None:
         from twisted.internet import reactor as installed
 
@@ -393,6 +401,26 @@ def startPool(
         return process.whenEnded().addCallback(lambda _: failure)
 
     return process.ready.addCallbacks(started, failed)
+
+
+def _reloadOutcome(output: str, since: int) -> int | str | None:
+    """
+    How the first reload logged after offset C{since} ended: its generation,
+    or why it did not (a line of the parent's); C{None} while it runs.  A
+    reload queued behind another is the one whose generation starts after
+    C{since}, not the one that was running.
+    """
+    started = _RELOAD_STARTS.search(output, since)
+    if started is None:
+        return None
+    if started.group(2) is not None:
+        return started.group(2).strip()
+    generation = int(started.group(1))
+    ready = output.find(_RELOADED.format(generation=generation), started.end())
+    failed = _RELOAD_FAILED.search(output, started.end())
+    if failed is not None and (ready < 0 or failed.start() < ready):
+        return failed.group(0).strip()
+    return generation if ready >= 0 else None
 
 
 def _address(shown: str) -> Any:

@@ -279,8 +279,11 @@ def test_upgradedPoolFollowed(maccept_pool: Any) -> Any:
     pool = yield maccept_pool(workers=2)
     old, oldWorkers = pool.pid, pool.pids
     pool.signal(signal.SIGUSR2)
-    while alive(old) or len(pool.pids) != 2:
+    for _ in range(300):  # a bound on a hang, not a speed requirement
+        if not alive(old) and len(pool.pids) == 2:
+            break
         yield deferLater(reactor, 0.1, lambda: None)
+    assert not alive(old), pool.log
     new, newWorkers = pool.pid, pool.pids
     assert new != old and not set(newWorkers) & set(oldWorkers)
     received = yield echo(pool, b"upgraded")
@@ -338,8 +341,11 @@ def test_addressesAndReloads(maccept_pool: Any, monkeypatch: pytest.MonkeyPatch)
         before = set(pool.pids)
         generation = yield pool.reload()
         assert generation == 2
-        while set(pool.pids) & before:  # the old generation drains
+        for _ in range(300):  # the old generation drains (a bound on a hang)
+            if not set(pool.pids) & before:
+                break
             yield deferLater(reactor, 0.1, lambda: None)
+        assert not set(pool.pids) & before, pool.log
         Path(broken).touch()
         with pytest.raises(ReloadError, match=r"reload failed, keeping the old workers: .*broken"):
             yield pool.reload()
@@ -360,3 +366,25 @@ def test_addressesAsShown() -> None:
     assert _address("127.0.0.1:80") == IPv4Address("TCP", "127.0.0.1", 80)
     assert _address("[::1]:8080") == IPv6Address("TCP", "::1", 8080)
     assert _address("/tmp/a:1.sock") == UNIXAddress("/tmp/a:1.sock")
+
+
+def test_reloadOutcomeFromTheLog() -> None:
+    """
+    A reload's end as the parent logs it: a reload queued behind a running
+    one is the one that starts after the request, not the running one.
+    """
+    from maccept.testing import _reloadOutcome
+
+    running = "reloading: starting generation 2\n"
+    since = len(running)
+    queued = "reload queued: it starts once the pool is no longer reloading\n"
+    first = "reload: generation 2 ready; draining 2 old workers\n"
+    second = "reloading: starting generation 3\n"
+    assert _reloadOutcome(running + queued + first, since) is None
+    assert _reloadOutcome(running + queued + first + second, since) is None
+    done = running + queued + first + second + "reload: generation 3 ready; draining 2\n"
+    assert _reloadOutcome(done, since) == 3
+    why = "reload failed, keeping the old workers: worker 1 died: boom"
+    assert _reloadOutcome(f"{second}{why}\n", 0) == why
+    ignored = "reload ignored: the pool is stopping\n"
+    assert _reloadOutcome(ignored, 0) == "reload ignored: the pool is stopping"
