@@ -31,8 +31,12 @@ def healthy(pool: WorkerPool) -> bool:
     """
     Whether a load balancer should send this host traffic: at least one
     worker accepts, and the pool is not stopping, nor about to
-    (C{--stop-delay}).
+    (C{--stop-delay}); or a new parent (USR2) serves in its place, which
+    an old parent draining may still be asked, by a check it took just
+    before the hand-over.
     """
+    if pool.handedOver:
+        return True
     if pool.stopping:
         return False
     return any(w.shownState is WorkerState.READY for w in pool.workers)

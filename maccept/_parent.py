@@ -136,6 +136,7 @@ class MacceptService(Service):
         C{--stop-delay}), and not as an operator's request, so that the
         operator's own next one is a graceful stop's, not a kill's.
         """
+        self.pool.handOver()
         if not self.stopRequested:
             self._stop(delay=False)
 

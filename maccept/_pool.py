@@ -126,6 +126,8 @@ class WorkerPool(Service):
         #: request to start something new (reload, scale) take it as the
         #: stop (see L{announceStop}).
         self.stopAnnounced = False
+        #: A new parent serves in this one's place (see L{handOver}).
+        self.handedOver = False
         #: Called when a stop is announced.
         self.stopObservers: list[Callable[[], None]] = []
         #: Called with the new size after every change of the pool's size.
@@ -203,6 +205,13 @@ class WorkerPool(Service):
         self.stopAnnounced = True
         for observer in list(self.stopObservers):
             observer()
+
+    def handOver(self) -> None:
+        """
+        A new parent (USR2) took over and serves the same sockets: this
+        pool now drains, but the host is as healthy as before.
+        """
+        self.handedOver = True
 
     @property
     def stopping(self) -> bool:

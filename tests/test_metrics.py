@@ -220,6 +220,17 @@ class CollectorTests(PoolTestCase):
 
 
 class HealthTests(PoolTestCase):
+    def test_healthyAfterHandOver(self) -> None:
+        """
+        An old parent that handed over to a new one (USR2) and drains
+        answers a check it took just before as healthy: the new parent
+        serves the same sockets.
+        """
+        pool = self.readyPool(1)
+        pool.handOver()
+        pool.stopService()
+        self.assertTrue(healthy(pool))
+
     def test_healthyOnceAWorkerIsReady(self) -> None:
         """
         Healthy from the first ready worker on, not before.

@@ -28,6 +28,9 @@ class RecordingPool:
     def reload(self) -> None:
         pass
 
+    def handOver(self) -> None:
+        self.handedOver = True
+
     def scaleUp(self) -> None:
         pass
 
@@ -104,6 +107,7 @@ class RequestStopTests(SynchronousTestCase):
         service.stopDelay = 5.0
         service.handOver()
         self.assertEqual(reactor.stops, 1)  # no --stop-delay: the new parent serves
+        self.assertTrue(pool.handedOver)  # /healthz stays 200
         reactor.advance(SAME_STOP_WINDOW)
         service.requestStop()
         self.assertEqual((reactor.stops, pool.killed), (1, 0))
