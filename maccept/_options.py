@@ -47,9 +47,9 @@ def parseNumber(option: str, value: str, integer: bool, minimum: float) -> float
     except ValueError:
         raise usage.UsageError(f"--{option}: expected {kind}, got {value!r}") from None
     if number != number or number in (float("inf"), float("-inf")):
-        raise usage.UsageError(f"--{option}: expected {kind}, got {value!r}")
+        raise usage.UsageError(f"--{option}: expected a finite number, got {value!r}")
     if number < minimum:
-        raise usage.UsageError(f"--{option}: must be at least {minimum:g}, got {value}")
+        raise usage.UsageError(f"--{option}: must be at least {minimum:g}, got {value.strip()}")
     return number
 
 

@@ -131,6 +131,11 @@ class BadValueTests(SynchronousTestCase):
         self.assertIn("'x'", self.assertRejected("--max-concurrent", "--max-concurrent", "x"))
         self.assertIn("-1", self.assertRejected("--idle-timeout", "--idle-timeout", "-1"))
         self.assertIn("'soon'", self.assertRejected("--idle-timeout", "--idle-timeout", "soon"))
+        for endless in ("1e400", "inf", "nan"):
+            self.assertIn(
+                f"expected a finite number, got {endless!r}",
+                self.assertRejected("--idle-timeout", "--idle-timeout", endless),
+            )
         options = parsed("--max-concurrent", "10", "--idle-timeout", "2.5")
         self.assertEqual((options["max-concurrent"], options["idle-timeout"]), (10, 2.5))
 
