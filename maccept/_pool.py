@@ -420,6 +420,7 @@ class WorkerPool(Service):
         else:
             # Its crash restarts it: a replacement for its SIGTERM would be a second.
             self._cancelSignalledReplacement(worker)
+            self._replaceWhenRunning.pop(worker, None)
             self._crashed(worker)
 
     def _keepServing(self, old: WorkerProcess) -> None:
@@ -576,8 +577,15 @@ class WorkerPool(Service):
             return
         if self._replacementOf(worker) is not None:
             return
-        if self.state is PoolState.STARTING:
-            # A sibling is still starting: act once the pool runs.
+        if self.state is PoolState.STARTING or (
+            self.state is PoolState.RELOADING
+            and worker.generation == self.pendingGeneration
+            and not worker.signalled
+        ):
+            # A sibling is still starting: act once the pool runs.  (A
+            # reload ends once its generation is all ready at once, which
+            # workers recycled as fast as they start never would be; one
+            # sent SIGTERM leaves whatever the pool does.)
             self._replaceWhenRunning[worker] = (reason, why)
             return
         if self.state not in (PoolState.RUNNING, PoolState.RELOADING):
@@ -730,6 +738,7 @@ class WorkerPool(Service):
         )
         for worker in old:
             worker.drain("reload", self.settings.gracefulTimeout, self.killTime)
+        self._replaceRemembered()
 
     def _abandonReload(self, why: str) -> None:
         self._cancelTimeout()
@@ -740,6 +749,7 @@ class WorkerPool(Service):
         self.reloadFailure = why
         self.lastReloadDone = self.pendingGeneration
         for worker in self.ofGeneration(self.pendingGeneration):
+            self._replaceWhenRunning.pop(worker, None)
             # A ready worker already serves clients: let it finish them.
             if worker.state is WorkerState.STARTING:
                 worker.kill("abandoned")

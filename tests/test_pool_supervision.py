@@ -48,6 +48,43 @@ class SupervisionTestCase(PoolTestCase):
         return sorted(w.number for w in pool.workers)
 
 
+class RecycledDuringReloadTests(SupervisionTestCase):
+    def test_recycleWaitsForTheReload(self) -> None:
+        """
+        A worker of the new generation that reaches --max-connections while
+        its siblings still start is replaced once the reload is done: a
+        reload needs its whole generation ready at once, which workers
+        recycled as fast as they start would never be.
+        """
+        pool = self.readyPool(2, maxConnections=50)
+        pool.reload()
+        first, second = pool.ofGeneration(2)
+        first.ready()
+        first.askedToBeReplaced("accepted 50 connections")
+        self.assertEqual(len(pool.ofGeneration(2)), 2)
+        second.ready()
+        self.assertEqual((pool.state, pool.generation), (PoolState.RUNNING, 2))
+        [replacement] = [w for w in pool.workers if w.replaces is first]
+        self.assertEqual(replacement.generation, 2)
+        self.assertEqual(first.stopReason, "recycle")
+
+    def test_recycleDroppedWithAFailedReload(self) -> None:
+        """
+        If the reload fails instead, the recycle waiting for it goes with
+        its generation.
+        """
+        pool = self.readyPool(2, maxConnections=50)
+        pool.reload()
+        first, second = pool.ofGeneration(2)
+        first.ready()
+        first.askedToBeReplaced("accepted 50 connections")
+        self.process(second).end(1)
+        for worker in pool.ofGeneration(2):
+            self.process(worker).end(0)
+        self.reactor.advance(pool.maxRestartDelay * 2)
+        self.assertEqual(sorted(w.generation for w in pool.workers), [1, 1])
+
+
 class AbandonedReloadTests(SupervisionTestCase):
     def test_readyNewWorkersDrained(self) -> None:
         """
