@@ -459,6 +459,8 @@ class WorkerPool(Service):
         # that has finished draining first) is answered by starting it again.
         kept = self._replaceWhenRunning.pop(worker, None) is not None
         if (reason == "watchdog" or kept) and self._startsAgain(worker):
+            # Started again here, not also after its own SIGTERM's grace.
+            self._cancelSignalledReplacement(worker)
             self._respawn(worker.number, worker.generation, None)
 
     def _startsAgain(self, worker: WorkerProcess) -> bool:
@@ -590,6 +592,8 @@ class WorkerPool(Service):
             return
         if self.state not in (PoolState.RUNNING, PoolState.RELOADING):
             return
+        # Replaced now: a request kept for later (see above) is answered.
+        self._replaceWhenRunning.pop(worker, None)
         self.log.info(
             "replacing worker {number} (pid {pid}): {why}",
             number=worker.number,
@@ -793,6 +797,9 @@ class WorkerPool(Service):
         # under their own (hung, or gone after their own SIGTERM).
         taken = {w.number for w in [*self.serving(), *self._leavingUnreplaced()]}
         taken |= {r.number for r in self.pendingRestarts()}
+        # And those of signalled workers whose successors are still to come
+        # (a replacement gone on its own SIGTERM hands its task on).
+        taken |= {w.number for w in self._signalledReplacements if w.generation == self.generation}
         number = next(n for n in range(1, len(taken) + 2) if n not in taken)
         self.log.info("scaling up to {size} workers", size=self.size + 1)
         try:

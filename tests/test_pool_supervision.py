@@ -68,6 +68,35 @@ class RecycledDuringReloadTests(SupervisionTestCase):
         self.assertEqual(replacement.generation, 2)
         self.assertEqual(first.stopReason, "recycle")
 
+    def test_recycleWaitingThenSignalled(self) -> None:
+        """
+        A worker whose recycle waits for the reload, then sent SIGTERM, has
+        one successor, whether it leaves before its grace is over or after
+        its replacement is ready.
+        """
+        for leavesAtOnce in (True, False):
+            pool = self.readyPool(2, maxConnections=50)
+            pool.reload()
+            first, _ = pool.ofGeneration(2)
+            first.ready()
+            first.askedToBeReplaced("accepted 50 connections")
+            first.askedToBeReplaced("it received SIGTERM", signalled=True)
+            if leavesAtOnce:
+                self.process(first).end(0)
+                self.reactor.advance(_pool.SIGNAL_GRACE)
+            else:
+                self.reactor.advance(_pool.SIGNAL_GRACE)
+                [replacement] = [w for w in pool.workers if w.replaces is first]
+                replacement.ready()
+                self.process(first).end(0)
+            for worker in list(pool.ofGeneration(2)):
+                if worker.state is WorkerState.STARTING:
+                    worker.ready()
+            for worker in pool.ofGeneration(1):
+                self.process(worker).end(0)
+            self.reactor.advance(_pool.SIGNAL_GRACE)
+            self.assertEqual(sorted(w.number for w in pool.serving()), [1, 2], leavesAtOnce)
+
     def test_recycleDroppedWithAFailedReload(self) -> None:
         """
         If the reload fails instead, the recycle waiting for it goes with
@@ -1010,6 +1039,25 @@ class SignalledCrossingTests(SupervisionTestCase):
         self.process(serving).end(0)
         self.assertEqual(self.numbers(pool), [1, 2])
         self.assertEqual(pool.serving(), [self.workerIn(pool, 1), second])
+
+    def test_scaleUpWhileASuccessorIsDue(self) -> None:
+        """
+        A worker added while a replacement gone on its own SIGTERM has yet
+        to hand its task on takes another number.
+        """
+        pool = self.readyPool(2, maxConnections=100)
+        serving = self.workerIn(pool, 2)
+        serving.askedToBeReplaced("accepted 100 connections")
+        [first] = [w for w in pool.workers if w.replaces is serving]
+        first.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.process(first).end(0)
+        pool.scaleUp()
+        self.reactor.advance(_pool.SIGNAL_GRACE * 2)
+        for worker in list(pool.workers):
+            if worker.state is WorkerState.STARTING:
+                worker.ready()
+        self.process(serving).end(0)
+        self.assertEqual(sorted(w.number for w in pool.serving()), [1, 2, 3])
 
     def test_signalledWorkerExitingIsARecycle(self) -> None:
         """
