@@ -41,7 +41,9 @@ _READY = re.compile(r"all (\d+) workers ready on ([^\n]+)\n")
 _HANDED_OVER = re.compile(r"upgrade: the new parent \(pid (\d+)\) serves")
 #: A reload in the parent's log: its generation starts (or it is ignored),
 #: then that generation is ready, or the reload fails.
-_RELOAD_STARTS = re.compile(r"reloading: starting generation (\d+)|(reload ignored: .*)")
+_RELOAD_STARTS = re.compile(
+    r"reloading: starting generation (\d+)|(reload ignored: .*|queued reload dropped: .*)"
+)
 _RELOADED = "reload: generation {generation} ready"
 _RELOAD_FAILED = re.compile(r"reload failed, keeping the old workers: .*")
 #: twistd in a session (and process group) of its own, so that a kill of

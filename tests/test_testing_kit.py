@@ -388,3 +388,5 @@ def test_reloadOutcomeFromTheLog() -> None:
     assert _reloadOutcome(f"{second}{why}\n", 0) == why
     ignored = "reload ignored: the pool is stopping\n"
     assert _reloadOutcome(ignored, 0) == "reload ignored: the pool is stopping"
+    dropped = "queued reload dropped: the upgrade starts the new code"
+    assert _reloadOutcome(f"{running}{queued}{dropped}\n{first}", since) == dropped
