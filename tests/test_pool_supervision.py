@@ -47,6 +47,17 @@ class SupervisionTestCase(PoolTestCase):
     def numbers(self, pool: WorkerPool) -> list[int]:
         return sorted(w.number for w in pool.workers)
 
+    def recycling(self) -> tuple[WorkerPool, WorkerProcess, WorkerProcess]:
+        """
+        A pool of two whose worker 2 reached --max-connections: the pool,
+        that worker (serving on) and its replacement (starting).
+        """
+        pool = self.readyPool(2, maxConnections=100)
+        serving = self.workerIn(pool, 2)
+        serving.askedToBeReplaced("accepted 100 connections")
+        [replacement] = [w for w in pool.workers if w.replaces is serving]
+        return pool, serving, replacement
+
 
 class RecycledDuringReloadTests(SupervisionTestCase):
     def test_recycleWaitsForTheReload(self) -> None:
@@ -868,10 +879,7 @@ class SignalledCrossingTests(SupervisionTestCase):
         SIGTERM and leaves before the signal's grace is over is replaced
         once: by the replacement already starting.
         """
-        pool = self.readyPool(2, maxConnections=100)
-        old = self.workerIn(pool, 2)
-        old.askedToBeReplaced("accepted 100 connections")
-        [new] = [w for w in pool.workers if w.replaces is old]
+        pool, old, new = self.recycling()
         # Still accepting, so its SIGTERM handler asks for a replacement too.
         old.askedToBeReplaced("it received SIGTERM", signalled=True)
         self.process(old).end(0)
@@ -1024,10 +1032,7 @@ class SignalledCrossingTests(SupervisionTestCase):
         worker still serving, which drains once that one is ready.  The
         pool keeps its size (it grew by one for good before).
         """
-        pool = self.readyPool(2, maxConnections=100)
-        serving = self.workerIn(pool, 2)
-        serving.askedToBeReplaced("accepted 100 connections")
-        [first] = [w for w in pool.workers if w.replaces is serving]
+        pool, serving, first = self.recycling()
         first.askedToBeReplaced("it received SIGTERM", signalled=True)
         self.reactor.advance(_pool.SIGNAL_GRACE * 3)
         self.process(first).end(0)
@@ -1045,10 +1050,7 @@ class SignalledCrossingTests(SupervisionTestCase):
         A worker added while a replacement gone on its own SIGTERM has yet
         to hand its task on takes another number.
         """
-        pool = self.readyPool(2, maxConnections=100)
-        serving = self.workerIn(pool, 2)
-        serving.askedToBeReplaced("accepted 100 connections")
-        [first] = [w for w in pool.workers if w.replaces is serving]
+        pool, serving, first = self.recycling()
         first.askedToBeReplaced("it received SIGTERM", signalled=True)
         self.process(first).end(0)
         pool.scaleUp()
