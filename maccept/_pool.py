@@ -544,7 +544,12 @@ class WorkerPool(Service):
 
     def _restart(self, restart: PendingRestart) -> None:
         self._restarts.remove(restart)
-        if self.state is PoolState.STOPPING or restart.generation != self.generation:
+        # Of the serving generation, or of the one a reload starts (a start
+        # that failed for want of descriptors, tried again).
+        if self.state is PoolState.STOPPING or restart.generation not in (
+            self.generation,
+            self.pendingGeneration,
+        ):
             return
         self._respawn(restart.number, restart.generation, restart.replaces)
 

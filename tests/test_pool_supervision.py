@@ -108,6 +108,27 @@ class RecycledDuringReloadTests(SupervisionTestCase):
             self.reactor.advance(_pool.SIGNAL_GRACE)
             self.assertEqual(sorted(w.number for w in pool.serving()), [1, 2], leavesAtOnce)
 
+    def test_failedStartRetriedDuringReload(self) -> None:
+        """
+        A worker of the new generation that could not be started again
+        (out of descriptors) is tried again while the reload still runs,
+        so the reload can end.
+        """
+        pool = self.readyPool(2)
+        pool.reload()
+        first, second = pool.ofGeneration(2)
+        first.ready()
+        first.askedToBeReplaced("it received SIGTERM", signalled=True)
+        self.process(first).end(0)
+        self.failSpawns()
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        self.assertEqual([w for w in pool.ofGeneration(2) if w is not second], [])
+        self.reactor.advance(pool.minRestartDelay)
+        [again] = [w for w in pool.ofGeneration(2) if w is not second]
+        again.ready()
+        second.ready()
+        self.assertEqual((pool.state, pool.generation), (PoolState.RUNNING, 2))
+
     def test_recycleDroppedWithAFailedReload(self) -> None:
         """
         If the reload fails instead, the recycle waiting for it goes with
