@@ -645,8 +645,7 @@ class WorkerPool(Service):
         if worker in self.workers and worker.state is WorkerState.STARTING:
             # Signalled before it was ready: it holds no connection and
             # goes as soon as its start is cut short; look again then.
-            call = self.reactor.callLater(SIGNAL_GRACE, self._replaceSignalled, worker, why)
-            self._signalledReplacements[worker] = call
+            self.replaceSignalled(worker, why)
         elif worker in self.workers:
             # While a sibling still starts, kept until the pool runs (or,
             # should it leave first, until it has gone: see _departed).
