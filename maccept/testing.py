@@ -35,6 +35,9 @@ from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.python.failure import Failure
 
+from maccept._descriptions import DATAGRAM_TYPES
+from maccept._proxy import endpointType
+
 #: The parent's log line once every worker accepts.
 _READY = re.compile(r"all (\d+) workers ready on ([^\n]+)\n")
 #: The old parent's log line once a new one (USR2) has taken over.
@@ -392,7 +395,7 @@ def startPool(
     def started(addresses: list[Any]) -> RunningPool:
         timer.cancel()
         for n, description in enumerate(_listenedOn(listen, extraArgs)[: len(addresses)]):
-            if description.startswith("udp") and not isinstance(addresses[n], UNIXAddress):
+            if endpointType(description) in DATAGRAM_TYPES:
                 addresses[n] = type(addresses[n])("UDP", addresses[n].host, addresses[n].port)
         return RunningPool(process, addresses)
 
