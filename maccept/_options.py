@@ -95,7 +95,7 @@ class Options(usage.Options):
     longdesc = (
         "Serve a protocol from a pool of worker processes that all accept on "
         "the same listening sockets, which this parent process creates.  "
-        "Signals to the parent: TERM or INT stop gracefully (a second one kills "
+        "Signals to the parent: TERM, INT or QUIT stop gracefully (a second one kills "
         "the workers at once), HUP reloads every worker without refusing a "
         "connection, TTIN adds a worker, TTOU removes one, USR2 upgrades maccept "
         "itself (a new parent takes the sockets over).  See also maccept-ctl."
@@ -123,7 +123,7 @@ class Options(usage.Options):
             "stop-delay",
             None,
             "0",
-            "Seconds from a stop request (TERM, INT, maccept-ctl stop) to the drain, "
+            "Seconds from a stop request (TERM, INT, QUIT, maccept-ctl stop) to the drain, "
             "while /healthz answers 503 and the workers go on accepting, so that a load "
             "balancer takes this host out before any connection is refused.",
         ],

@@ -240,7 +240,7 @@ class HelpTests(SynchronousTestCase):
             self.assertIn(option, result.stdout)
         text = " ".join(result.stdout.split())
         for signal in (
-            "TERM or INT stop gracefully",
+            "TERM, INT or QUIT stop gracefully",
             "HUP reloads",
             "TTIN adds",
             "TTOU removes",
