@@ -59,6 +59,13 @@ class MacceptService(Service):
         self.servicePorts: list[ServicePort] = []
         #: Upgrading maccept itself on SIGUSR2 (see L{maccept._upgrade}).
         self.upgrade = upgrade
+        #: The reactor's shutdown began (a failed start stops it): it stays
+        #: C{running} while the pool drains, but would refuse C{stop()}.
+        self._shutdownBegun = False
+        reactor.addSystemEventTrigger("before", "shutdown", self._shutdownBegins)
+
+    def _shutdownBegins(self) -> None:
+        self._shutdownBegun = True
 
     def signalHandlers(self) -> dict[signal.Signals, Callable[[], object]]:
         """
@@ -152,7 +159,7 @@ class MacceptService(Service):
             return
         self.stopRequested = True
         self.upgrade.abandon()
-        if not self.reactor.running:  # after a failed start, which stopped it already
+        if self._shutdownBegun:  # a failed start stopped the reactor: the pool drains
             return
         if delay and self.stopDelay > 0:
             # A load balancer sees 503 and takes this host out while it
@@ -167,9 +174,10 @@ class MacceptService(Service):
         self._stopNow()
 
     def _stopNow(self) -> None:
+        if self._shutdownBegun:  # meanwhile, by a failed worker
+            return
         self.log.info("stopping: draining every worker")
-        if self.reactor.running:
-            self.reactor.stop()
+        self.reactor.stop()
 
     def stopFromControl(self) -> bool:
         """

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import IService
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 from maccept._board import MAX_WORKERS
@@ -154,15 +155,20 @@ def _poolSettings(options: CommandLineOptions) -> PoolSettings:
     )
 
 
-def _onFatal(reactor: Any) -> Callable[[str], None]:
+def _onFatal(
+    reactor: Any, exitWith: Callable[[int], None] = exitWithStatus
+) -> Callable[[str], None]:
     def onFatal(message: str) -> None:
         # One line on the terminal too: under twistd -n the log goes to
         # standard output, where the reason can scroll past unseen.
         with contextlib.suppress(OSError):
             os.write(2, f"maccept: error: {message}\n".encode(errors="replace"))
         tellOldParentWhy(message)  # a new parent (USR2): for the old one's log
-        exitWithStatus(1)
-        reactor.stop()
+        exitWith(1)
+        # The reactor may be stopping already (an operator's stop came
+        # first), and then refuses a second stop().
+        with contextlib.suppress(ReactorNotRunning):
+            reactor.stop()
 
     return onFatal
 

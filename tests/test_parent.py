@@ -7,11 +7,13 @@ from __future__ import annotations
 import signal
 from typing import Any
 
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._parent import SAME_STOP_WINDOW, MacceptService
 from maccept._states import PoolState
+from maccept._tap import _onFatal
 
 
 class RecordingPool:
@@ -39,15 +41,24 @@ class RecordingPool:
 
 
 class StoppingReactor(MemoryReactorClock):
-    def __init__(self, running: bool) -> None:
+    """
+    As Twisted's reactor: C{running} until the shutdown's triggers have
+    run, C{stop()} refused once the shutdown began.
+    """
+
+    def __init__(self) -> None:
         super().__init__()
-        self.running = running
+        self.running = True
         self.stops = 0
+        self.stopped = False
 
     def stop(self) -> None:
-        if not self.running:
-            raise AssertionError("ReactorNotRunning: stop() on a stopped reactor")
+        if self.stopped:
+            raise ReactorNotRunning("stop() on a reactor already stopping")
+        self.stopped = True
         self.stops += 1
+        for trigger, args, kwargs in self.triggers.get("before", {}).get("shutdown", []):
+            trigger(*args, **kwargs)
 
 
 class RecordingUpgrade:
@@ -64,8 +75,8 @@ class RecordingUpgrade:
 
 
 class RequestStopTests(SynchronousTestCase):
-    def service(self, running: bool) -> tuple[MacceptService, StoppingReactor, RecordingPool]:
-        reactor, pool = StoppingReactor(running), RecordingPool()
+    def service(self) -> tuple[MacceptService, StoppingReactor, RecordingPool]:
+        reactor, pool = StoppingReactor(), RecordingPool()
         standIn: Any = pool
         upgrade: Any = RecordingUpgrade()
         return MacceptService(reactor, [], standIn, upgrade), reactor, pool
@@ -75,7 +86,7 @@ class RequestStopTests(SynchronousTestCase):
         The first request stops the reactor (the pool then drains); a second
         one kills every worker.
         """
-        service, reactor, pool = self.service(running=True)
+        service, reactor, pool = self.service()
         service.requestStop()
         self.assertEqual((reactor.stops, pool.killed), (1, 0))
         reactor.advance(SAME_STOP_WINDOW)
@@ -88,7 +99,7 @@ class RequestStopTests(SynchronousTestCase):
         arriving twice (a signal to the process group, and the old parent's
         TERM to a new parent): no kill.  One after it kills.
         """
-        service, reactor, pool = self.service(running=True)
+        service, reactor, pool = self.service()
         service.requestStop()
         reactor.advance(SAME_STOP_WINDOW / 2)
         service.requestStop()
@@ -103,7 +114,7 @@ class RequestStopTests(SynchronousTestCase):
         next request (gunicorn's USR2, then TERM to the old parent) is not
         taken for a second one: the one after it kills.
         """
-        service, reactor, pool = self.service(running=True)
+        service, reactor, pool = self.service()
         service.stopDelay = 5.0
         service.handOver()
         self.assertEqual(reactor.stops, 1)  # no --stop-delay: the new parent serves
@@ -121,7 +132,7 @@ class RequestStopTests(SynchronousTestCase):
         rotate its --logfile, is answered with a log line when twistd has
         no handler for it (by default it would end the parent).
         """
-        service = self.service(running=True)[0]
+        service = self.service()[0]
         self.assertEqual(service.signalHandlers()[signal.SIGQUIT], service.requestStop)
         self.patch(signal, "getsignal", lambda number: signal.SIG_DFL)
         self.assertIn(signal.SIGUSR1, service.signalHandlers())
@@ -133,7 +144,7 @@ class RequestStopTests(SynchronousTestCase):
         The first request also stops an upgrade under way (its new parent
         has not taken over: see L{maccept._upgrade.Upgrade.abandon}).
         """
-        service, reactor, _ = self.service(running=True)
+        service, reactor, _ = self.service()
         service.requestStop()
         reactor.advance(SAME_STOP_WINDOW)
         service.requestStop()
@@ -145,11 +156,11 @@ class RequestStopTests(SynchronousTestCase):
         once a stop is asked for, by the control socket or a signal, even
         before the reactor has turned: it never becomes the killing second.
         """
-        service, reactor, pool = self.service(running=True)
+        service, reactor, pool = self.service()
         self.assertTrue(service.stopFromControl())
         self.assertFalse(service.stopFromControl())
         self.assertEqual((reactor.stops, pool.killed), (1, 0))
-        service, reactor, pool = self.service(running=True)
+        service, reactor, pool = self.service()
         service.requestStop()  # SIGTERM
         self.assertFalse(service.stopFromControl())
         self.assertEqual((reactor.stops, pool.killed), (1, 0))
@@ -161,7 +172,7 @@ class RequestStopTests(SynchronousTestCase):
         a second request meanwhile still kills, and a hand-over to a new
         parent does not wait.
         """
-        service, reactor, pool = self.service(running=True)
+        service, reactor, pool = self.service()
         service.stopDelay = 2.0
         service.requestStop()
         self.assertEqual((reactor.stops, getattr(pool, "stopAnnounced", False)), (0, True))
@@ -170,7 +181,7 @@ class RequestStopTests(SynchronousTestCase):
         self.assertEqual(reactor.stops, 1)
         service.requestStop()
         self.assertEqual(pool.killed, 1)
-        service, reactor, pool = self.service(running=True)
+        service, reactor, pool = self.service()
         service.stopDelay = 2.0
         service.handOver()
         self.assertEqual(reactor.stops, 1)
@@ -180,7 +191,7 @@ class RequestStopTests(SynchronousTestCase):
         A second request during C{--stop-delay} kills the workers and stops
         at once: the parent must not hold the socket with none to accept.
         """
-        service, reactor, pool = self.service(running=True)
+        service, reactor, pool = self.service()
         service.stopDelay = 8.0
         service.requestStop()
         reactor.advance(SAME_STOP_WINDOW)
@@ -191,13 +202,40 @@ class RequestStopTests(SynchronousTestCase):
 
     def test_afterAFailedStart(self) -> None:
         """
-        After a start-up failure, which stopped the reactor already, a stop
-        request does not stop it again (Twisted would raise
-        C{ReactorNotRunning}); a second one still kills the workers.
+        After a start-up failure, which stopped the reactor already (it
+        still runs while the pool drains), a stop request does not stop it
+        again (Twisted raises C{ReactorNotRunning}); a second one still
+        kills the workers.
         """
-        service, reactor, pool = self.service(running=False)
+        service, reactor, pool = self.service()
+        reactor.stop()
         service.requestStop()
-        self.assertEqual(reactor.stops, 0)
+        self.assertEqual(reactor.stops, 1)
         reactor.advance(SAME_STOP_WINDOW)
         service.requestStop()
         self.assertEqual(pool.killed, 1)
+
+    def test_failedWorkerDuringDelay(self) -> None:
+        """
+        A failure that stops the reactor during C{--stop-delay} (a worker
+        that cannot start) leaves the delayed stop nothing to do: the
+        reactor, stopping already, would refuse a second C{stop()}.
+        """
+        service, reactor, pool = self.service()
+        service.stopDelay = 2.0
+        service.requestStop()
+        reactor.stop()
+        reactor.advance(2.0)
+        self.assertEqual((reactor.stops, pool.killed), (1, 0))
+
+    def test_fatalWhileStopping(self) -> None:
+        """
+        A fatal failure after an operator's stop (a worker dying as the pool
+        drains) sets the exit status and leaves the stopping reactor as it
+        is, instead of raising C{ReactorNotRunning}.
+        """
+        service, reactor, _ = self.service()
+        service.requestStop()
+        statuses: list[int] = []
+        _onFatal(reactor, statuses.append)("worker 1 failed to start: test")
+        self.assertEqual((statuses, reactor.stops), ([1], 1))
