@@ -183,6 +183,8 @@ class Upgrade:
         self._queued = False
         #: This parent is asked to stop: no upgrade starts any more.
         self._stopping = False
+        #: When a stop came before the new parent greeted (L{Stage.SIGNALLED}).
+        self._signalledAt = 0.0
         #: Why the new parent gave up, if it said (see L{tellOldParentWhy}).
         self.newParentError = ""
 
@@ -219,15 +221,20 @@ class Upgrade:
             return
         self._queued = False
         self.newParentError = ""
-        self.beforeStart()
         inherited: list[dict[str, Any]] = []
         childFDs: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         handOver = [(each.description, each.fileno()) for each in self.listeners]
         handOver += [(each.label, each.fileno()) for each in self.servicePorts()]
-        for description, fileno in handOver:
-            fd = os.dup(fileno)
-            inherited.append({"fd": fd, "description": description})
-            childFDs[fd] = fd
+        try:
+            for description, fileno in handOver:
+                fd = os.dup(fileno)
+                inherited.append({"fd": fd, "description": description})
+                childFDs[fd] = fd
+        except OSError as e:  # out of descriptors
+            for each in inherited:
+                os.close(each["fd"])
+            self.log.error("upgrade failed: cannot hand the sockets over: {why}", why=e)
+            return
         env = dict(os.environ)
         for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_PID"):
             # systemd's descriptors are among those handed over, by name;
@@ -260,6 +267,7 @@ class Upgrade:
                 os.close(each["fd"])
         if self.newParent is not None:
             self.stage = Stage.STARTED
+            self.beforeStart()
             self.log.info(
                 "upgrade: started a new parent (pid {pid}) from the code on disk",
                 pid=self.newParent.pid,
@@ -281,14 +289,20 @@ class Upgrade:
             )
         elif self.stage is Stage.SIGNALLED:
             # The stop taken for an older parent's hand-over was someone's
-            # stop: it is the new parent's too, and the sockets' paths, left
-            # for it, are this parent's to remove after all.
+            # stop: it is the new parent's too.
             self._stopNewParent()
-            owners: list[Any] = [*self.listeners, *self.servicePorts()]
-            for owner in owners:
-                if owner.socketPath is not None:
-                    owner.socketPath.remove()
+            self._takeSocketPathsBack()
             self._settle()
+
+    def _takeSocketPathsBack(self) -> None:
+        """
+        No new parent took over after all: the sockets' paths, left for it,
+        are this stopping parent's to remove.
+        """
+        owners: list[Any] = [*self.listeners, *self.servicePorts()]
+        for owner in owners:
+            if owner.socketPath is not None:
+                owner.socketPath.remove()
 
     def settled(self) -> defer.Deferred[None]:
         """
@@ -354,6 +368,7 @@ class Upgrade:
         self._stopping = True
         if self.stage is Stage.STARTED:
             self.stage = Stage.SIGNALLED
+            self._signalledAt = self.reactor.seconds()
         elif self.stage is Stage.GREETED:
             self._stopNewParent()
 
@@ -378,6 +393,14 @@ class Upgrade:
                 why=reason.getErrorMessage(),
                 said=f": {self.newParentError}" if self.newParentError else "",
             )
+        elif (
+            self.stage is Stage.SIGNALLED
+            and self.reactor.seconds() - self._signalledAt < GREETING_WAIT
+        ):
+            # It ended before it could greet: the stop was of both (a group
+            # TERM), not an older parent's hand-over, which would serve on.
+            self.stage = Stage.ABANDONED
+            self._takeSocketPathsBack()
         if not self.takenOver:
             self._movePidfile("")
             self.stage = Stage.IDLE

@@ -40,6 +40,31 @@ from maccept._upgrade import (
 from tests.fakes import FakeProcess, ProcessMemoryReactor
 
 
+class _RecordingSocketPath:
+    removed = 0
+
+    def remove(self) -> None:
+        self.removed += 1
+
+
+class _UNIXListener:
+    """
+    A listener on a UNIX socket whose path records its removal.
+    """
+
+    description = "unix:/run/test.sock"
+
+    def __init__(self, socketPath: _RecordingSocketPath) -> None:
+        self.socketPath = socketPath
+
+    def fileno(self) -> int:
+        return 0
+
+
+def _unixListeners(socketPath: _RecordingSocketPath, count: int = 1) -> Any:
+    return [_UNIXListener(socketPath)] * count
+
+
 def makeUpgrade(reactor: Any, config: dict[str, Any], **hooks: Any) -> Upgrade:
     """
     An upgrade of a parent whose pool serves, with no own ports, that
@@ -241,6 +266,36 @@ class HandOverTests(SynchronousTestCase):
         self.reactor.advance(0)
         self.assertEqual(len(self.reactor.processes), 1)
 
+    def test_outOfDescriptors(self) -> None:
+        """
+        An upgrade that cannot copy the sockets' descriptors (out of them)
+        fails in one line, closes the copies it made, starts nothing, and
+        leaves a queued reload queued.
+        """
+        copies: list[int] = []
+        realDup = os.dup
+
+        def dup(fd: int) -> int:
+            if copies:
+                raise OSError(24, "Too many open files")
+            copies.append(realDup(fd))
+            return copies[-1]
+
+        self.patch(os, "dup", dup)
+        started: list[bool] = []
+        self.upgrade.beforeStart = lambda: started.append(True)
+        self.upgrade.listeners = _unixListeners(_RecordingSocketPath(), 2)
+        with capturedLogs() as events:
+            self.upgrade.start()
+        self.assertEqual((self.reactor.processes, started), ([], []))
+        self.assertRaises(OSError, os.fstat, copies[0])
+        self.assertIs(self.upgrade.stage, Stage.IDLE)
+        self.assertEqual(self.config["pidfile"], str(self.pidfile))
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            ["upgrade failed: cannot hand the sockets over: [Errno 24] Too many open files"],
+        )
+
     def test_queuedThenStopped(self) -> None:
         """
         A stop forgets a queued upgrade; a USR2 while the pool stops is
@@ -301,6 +356,32 @@ class HandOverTests(SynchronousTestCase):
         self.assertEqual(process.signals, [signal.SIGTERM])
         self.assertIs(self.upgrade.stage, Stage.ABANDONED)
         self.assertFalse(self.upgrade.takenOver)
+
+    def test_endedBeforeGreeting(self) -> None:
+        """
+        A new parent that ends before it greets, after a stop taken for its
+        hand-over, took nothing over: the stop was of both (a group TERM).
+        This parent takes the pidfile and the sockets' paths back.  One that
+        ends after the greeting's wait (older code that served) leaves the
+        hand-over as it was.
+        """
+        path = _RecordingSocketPath()
+        self.upgrade.listeners = _unixListeners(path)
+        process, _ = self.start()
+        self.upgrade.abandon()
+        self.reactor.advance(GREETING_WAIT / 2)
+        process.end(signal=signal.SIGTERM)
+        self.assertIs(self.upgrade.stage, Stage.IDLE)
+        self.assertFalse(self.upgrade.takenOver)
+        self.assertEqual((path.removed, self.config["pidfile"]), (1, str(self.pidfile)))
+        self.upgrade = makeUpgrade(self.reactor, self.config)
+        self.upgrade.listeners = _unixListeners(path)
+        process, _ = self.start()
+        self.upgrade.abandon()
+        self.reactor.advance(GREETING_WAIT)
+        process.end()
+        self.assertTrue(self.upgrade.takenOver)
+        self.assertEqual(path.removed, 1)
 
     def test_settledOnceKnown(self) -> None:
         """
