@@ -11,6 +11,7 @@ for one) is captured line by line.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -114,6 +115,8 @@ class ForwardingObserver:
 
     def __init__(self, limit: int = 1000) -> None:
         self._send: Callable[[str], None] | None = None
+        #: The channel to the parent closed: nothing more can be sent.
+        self._detached = False
         self._queued: Callable[[], int] = lambda: 0
         self._pending: list[str] = []
         self._limit = limit
@@ -131,7 +134,12 @@ class ForwardingObserver:
             send(text)
 
     def detach(self) -> None:
+        """
+        The channel closed (the parent went, or the worker exits): events
+        from now on go to stderr, which the parent, if any, still reads.
+        """
         self._send = None
+        self._detached = True
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self._send is not None:
@@ -143,11 +151,12 @@ class ForwardingObserver:
             self.reportDropped(event.get("log_time"))
             self._send(encodeEvent(event))
             return
-        text = encodeEvent(event)
-        if len(self._pending) < self._limit:
-            self._pending.append(text)
-        else:
+        if not self._detached and len(self._pending) < self._limit:
+            self._pending.append(encodeEvent(event))
+            return
+        with contextlib.suppress(OSError, ValueError):  # no reader, or closed
             sys.stderr.write((formatEvent(event) or "") + "\n")
+            sys.stderr.flush()
 
     def reportDropped(self, when: float | None = None) -> None:
         """

@@ -263,20 +263,23 @@ class ForwardingObserverTests(SynchronousTestCase):
             "dropped 1 log events: more than 4 MiB of them waited to reach the parent",
         )
 
-    def test_detachBuffersAgain(self) -> None:
+    def test_stderrAfterDetach(self) -> None:
         """
-        After a detach, events wait for the next attach.
+        After a detach (the parent's channel closed, or the worker exits),
+        events are written to stderr, which the parent still reads, instead
+        of waiting for an attach that will not come.
         """
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
         observer = ForwardingObserver()
-        old: list[str] = []
-        observer.attach(old.append)
+        sent: list[str] = []
+        observer.attach(sent.append)
         observer.detach()
         [event] = self.events(1)
         observer(event)
-        self.assertEqual(old, [])
-        new: list[str] = []
-        observer.attach(new.append)
-        self.assertEqual(new, [encodeEvent(event)])
+        self.assertEqual((sent, stderr.getvalue()), ([], "event 0\n"))
+        stderr.close()  # a closed stream, or a pipe with no reader: nothing raised
+        observer(event)
 
     def test_stderrBeyondLimit(self) -> None:
         """
