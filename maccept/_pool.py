@@ -369,7 +369,11 @@ class WorkerPool(Service):
             self._finishReload()
 
     def _allReady(self, generation: int | None) -> bool:
-        workers = [w for w in self.ofGeneration(generation) if w.stopReason is None]
+        # One sent SIGTERM stopped accepting: it does not count, its
+        # replacement does.
+        workers = [
+            w for w in self.ofGeneration(generation) if w.stopReason is None and not w.signalled
+        ]
         return len(workers) >= self.size and all(w.state is WorkerState.READY for w in workers)
 
     def lateReport(self, worker: WorkerProcess, stats: dict[str, Any]) -> None:
@@ -584,18 +588,18 @@ class WorkerPool(Service):
             return
         if self._replacementOf(worker) is not None:
             return
-        if self.state is PoolState.STARTING or (
-            self.state is PoolState.RELOADING
-            and worker.generation == self.pendingGeneration
-            and not worker.signalled
-        ):
+        startingGeneration = self.state is PoolState.STARTING or (
+            self.state is PoolState.RELOADING and worker.generation == self.pendingGeneration
+        )
+        if startingGeneration and not worker.signalled:
             # A sibling is still starting: act once the pool runs.  (A
-            # reload ends once its generation is all ready at once, which
-            # workers recycled as fast as they start never would be; one
-            # sent SIGTERM leaves whatever the pool does.)
+            # start or a reload ends once its generation is all ready at
+            # once, which workers recycled as fast as they start never
+            # would be; one sent SIGTERM leaves whatever the pool does, and
+            # is not ready for it.)
             self._replaceWhenRunning[worker] = (reason, why)
             return
-        if self.state not in (PoolState.RUNNING, PoolState.RELOADING):
+        if self.state not in (PoolState.STARTING, PoolState.RUNNING, PoolState.RELOADING):
             return
         # Replaced now: a request kept for later (see above) is answered.
         self._replaceWhenRunning.pop(worker, None)
@@ -647,8 +651,6 @@ class WorkerPool(Service):
             # goes as soon as its start is cut short; look again then.
             self.replaceSignalled(worker, why)
         elif worker in self.workers:
-            # While a sibling still starts, kept until the pool runs (or,
-            # should it leave first, until it has gone: see _departed).
             self.replace(worker, "recycle", why=why)
         elif (
             worker.stopReason is None

@@ -592,17 +592,22 @@ class SignalledWorkerTests(SupervisionTestCase):
 
     def test_drainsPastStart(self) -> None:
         """
-        One still draining when the pool starts running is replaced then.
+        One that drains while the pool starts is replaced at once, and does
+        not count as ready: the pool runs once its replacement accepts
+        (it would have said "all 2 workers ready" with one accepting).
         """
         pool = self.startPool(2)
         first, second = pool.workers
         first.ready()
         first.askedToBeReplaced("it received SIGTERM", signalled=True)
-        self.reactor.advance(_pool.SIGNAL_GRACE)
         second.ready()
-        self.assertIs(pool.state, PoolState.RUNNING)
-        self.process(first).end(0)
+        self.assertIs(pool.state, PoolState.STARTING)
+        self.reactor.advance(_pool.SIGNAL_GRACE)
+        self.assertEqual(self.numbers(pool), [1, 1, 2])
         self.readyAll(pool)
+        self.assertIs(pool.state, PoolState.RUNNING)
+        self.assertEqual(len(pool.serving()), 2)
+        self.process(first).end(0)
         self.assertEqual(self.numbers(pool), [1, 2])
         self.assertEqual(len(pool.serving()), 2)
 
