@@ -748,6 +748,15 @@ class WorkerPool(Service):
         )
         for worker in old:
             worker.drain("reload", self.settings.gracefulTimeout, self.killTime)
+        # From then on only the new code answers a new connection (the
+        # testing kit's reload() waits for this line).
+        generation = self.generation
+        defer.gatherResults([w.stoppedAccepting() for w in old]).addCallback(
+            lambda _: self.log.info(
+                "reload: generation {generation} alone accepts: the old workers stopped accepting",
+                generation=generation,
+            )
+        )
         self._replaceRemembered()
 
     def _abandonReload(self, why: str) -> None:

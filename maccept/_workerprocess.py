@@ -11,7 +11,7 @@ import signal
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import error
+from twisted.internet import defer, error
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -101,6 +101,9 @@ class WorkerProcess(ProcessProtocol):
         self._killCalls: list[Any] = []
         #: The process has exited (its pipes may still be open).
         self.hasExited = False
+        #: It answered a drain, having let go of the listeners, or exited.
+        self.acceptsNoMore = False
+        self._acceptingWaiters: list[defer.Deferred[None]] = []
         self._pipesTimer: Any = None
         self._stdout = LineLogger(lambda line: self._emitLine(line, "info"))
         self._stderr = LineLogger(self._stderrLine)
@@ -148,6 +151,7 @@ class WorkerProcess(ProcessProtocol):
         exit, for the worker's last lines to be read first.
         """
         self.hasExited = True
+        self._noLongerAccepts()
         self._cancelKillCalls()  # nothing left to dump or kill
         self._pipesTimer = self.pool.reactor.callLater(self.pipesGrace, self._closePipes)
 
@@ -169,6 +173,7 @@ class WorkerProcess(ProcessProtocol):
         self._stdout.flush()
         self._stderr.flush()
         self._cancelKillCalls()
+        self._noLongerAccepts()
         self.exitDescription = describeExit(reason)
         self.exitedCleanly = reason.check(error.ProcessDone) is not None
         self.handle("exit")
@@ -235,7 +240,9 @@ class WorkerProcess(ProcessProtocol):
         self.stopReason = self.stopReason or reason
         self.handle("drain")
         if self.control is not None and self.control.transport is not None:
-            self.control.callRemote(Drain, timeout=timeout).addErrback(lambda _: None)
+            answered = self.control.callRemote(Drain, timeout=timeout)
+            # Lost with the channel: its exit says it then.
+            answered.addCallbacks(lambda _: self._noLongerAccepts(), lambda _: None)
         else:
             self.signal("TERM")
         # Its stacks first, a second before the kill: what held it is then
@@ -249,6 +256,24 @@ class WorkerProcess(ProcessProtocol):
             causes="a start or stop hook that never finished, code that blocks its reactor, or"
             " a thread that keeps the process alive? (its stacks are above)",
         )
+
+    def stoppedAccepting(self) -> defer.Deferred[None]:
+        """
+        Fires once the worker takes no more connections: it answered a
+        drain (which it does once it has let go of the listeners), or it
+        exited.
+        """
+        if self.acceptsNoMore:
+            return defer.succeed(None)
+        waiting: defer.Deferred[None] = defer.Deferred()
+        self._acceptingWaiters.append(waiting)
+        return waiting
+
+    def _noLongerAccepts(self) -> None:
+        self.acceptsNoMore = True
+        waiting, self._acceptingWaiters = self._acceptingWaiters, []
+        for each in waiting:
+            each.callback(None)
 
     def _dumpStacks(self) -> None:
         if not self.hasExited:

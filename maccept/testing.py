@@ -47,7 +47,9 @@ _HANDED_OVER = re.compile(r"upgrade: the new parent \(pid (\d+)\) serves")
 _RELOAD_STARTS = re.compile(
     r"reloading: starting generation (\d+)|(reload ignored: .*|queued reload dropped: .*)"
 )
-_RELOADED = "reload: generation {generation} ready"
+#: Logged once the old workers have let go of the listeners: a connection
+#: made after it meets the new code.
+_RELOADED = "reload: generation {generation} alone accepts"
 _RELOAD_FAILED = re.compile(r"reload failed, keeping the old workers: .*")
 #: twistd in a session (and process group) of its own, so that a kill of
 #: that group reaches its workers too; and sent SIGTERM if the test process
@@ -126,7 +128,9 @@ class RunningPool:
     def reload(self, timeout: float = 30.0) -> defer.Deferred[int]:
         """
         Reload (SIGHUP) and fire with the new generation's number once its
-        workers all accept and the old ones drain; fail with L{ReloadError}
+        workers all accept and the old ones have stopped accepting (they
+        drain what they hold): from then on every new connection meets the
+        new code.  Fail with L{ReloadError}
         if the reload fails (the old workers serve on), is ignored, or does
         not end within C{timeout} seconds.
         """

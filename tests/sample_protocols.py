@@ -131,6 +131,23 @@ def breakableEcho() -> Factory:
     return Factory.forProtocol(Echo)
 
 
+class _Versioned(Protocol):
+    version = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(self.version + b":" + data)  # type: ignore[union-attr]
+
+
+def versionedEcho() -> Factory:
+    """
+    Echo behind the version its worker read as it started, from the file
+    named by C{MACCEPT_TEST_VERSION}: code deployed, then reloaded.
+    """
+    with open(os.environ["MACCEPT_TEST_VERSION"], "rb") as version:
+        protocol = type("Versioned", (_Versioned,), {"version": version.read()})
+    return Factory.forProtocol(protocol)
+
+
 @implementer(IWorkerLifecycle)
 class SlowToStartFactory(HookedEchoFactory):
     """

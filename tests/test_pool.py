@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, cast
 
+from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.testing import StringTransport
 from twisted.logger import (
@@ -984,6 +985,21 @@ class WatchdogTests(PoolTestCase):
         self.assertEqual(self.process(pool.workers[0]).signals, [])
 
 
+class _AnsweringControl:
+    """
+    A worker's control channel whose answers the test gives.
+    """
+
+    transport = object()
+
+    def __init__(self, answers: list[defer.Deferred[dict[str, object]]]) -> None:
+        self.answers = answers
+
+    def callRemote(self, command: object, **arguments: object) -> defer.Deferred[dict[str, object]]:
+        self.answers.append(defer.Deferred())
+        return self.answers[-1]
+
+
 class ReloadTests(PoolTestCase):
     def test_newGenerationFirst(self) -> None:
         """
@@ -1002,6 +1018,31 @@ class ReloadTests(PoolTestCase):
         self.assertEqual([w.state for w in old], [WorkerState.DRAINING] * 2)
         self.assertIs(pool.state, PoolState.RUNNING)
         self.assertEqual(pool.generation, 2)
+
+    def test_oldGenerationStopsAccepting(self) -> None:
+        """
+        Once every old worker has stopped accepting (it answered its drain,
+        or it exited), the pool says that the new generation alone accepts:
+        the line the testing kit's C{reload()} waits for.
+        """
+        pool = self.readyPool(2)
+        first, second = pool.workers
+        answers: list[defer.Deferred[dict[str, object]]] = []
+        control: Any = _AnsweringControl(answers)
+        first.control = control
+        pool.reload()
+        with capturedLogs() as events:
+            for worker in pool.ofGeneration(2):
+                worker.ready()
+            self.assertEqual(len(answers), 1)  # the second has no channel: TERM
+            answers[0].callback({})
+            self.assertTrue(first.acceptsNoMore)
+            self.assertFalse(second.acceptsNoMore)
+            before = [formatEvent(e) for e in events]
+            self.process(second).end(0)
+        alone = "reload: generation 2 alone accepts: the old workers stopped accepting"
+        self.assertNotIn(alone, before)
+        self.assertEqual([formatEvent(e) for e in events].count(alone), 1)
 
     def test_reloadDuringReloadQueued(self) -> None:
         """

@@ -355,6 +355,26 @@ def test_addressesAndReloads(maccept_pool: Any, monkeypatch: pytest.MonkeyPatch)
         shutil.rmtree(directory, True)
 
 
+@pytest_twisted.inlineCallbacks  # type: ignore[untyped-decorator]
+def test_reloadedCodeAnswers(maccept_pool: Any, tmp_path: Path, monkeypatch: Any) -> Any:
+    """
+    Once C{reload} fires, every new connection meets the new code: the
+    old workers have stopped accepting by then (they logged their drain a
+    moment after the new generation was ready).
+    """
+    version = tmp_path / "version"
+    version.write_bytes(b"v1")
+    monkeypatch.setenv("MACCEPT_TEST_VERSION", str(version))
+    pool = yield maccept_pool(protocol="tests.sample_protocols:versionedEcho", workers=2)
+    for deployed in (b"v2", b"v3"):
+        version.write_bytes(deployed)
+        yield pool.reload()
+        answers = []
+        for _ in range(6):
+            answers.append((yield echo(pool, b"q")))
+        assert answers == [deployed + b":q"] * 6, pool.log
+
+
 def test_addressesAsShown() -> None:
     """
     The ready line's forms: C{HOST:PORT}, C{[HOST]:PORT}, a path.
@@ -378,11 +398,13 @@ def test_reloadOutcomeFromTheLog() -> None:
     running = "reloading: starting generation 2\n"
     since = len(running)
     queued = "reload queued: it starts once the pool is no longer reloading\n"
-    first = "reload: generation 2 ready; draining 2 old workers\n"
+    first = "reload: generation 2 alone accepts: the old workers stopped accepting\n"
     second = "reloading: starting generation 3\n"
     assert _reloadOutcome(running + queued + first, since) is None
     assert _reloadOutcome(running + queued + first + second, since) is None
-    done = running + queued + first + second + "reload: generation 3 ready; draining 2\n"
+    ready = "reload: generation 3 ready; draining 2\n"
+    assert _reloadOutcome(running + queued + first + second + ready, since) is None
+    done = running + queued + first + second + ready + "reload: generation 3 alone accepts\n"
     assert _reloadOutcome(done, since) == 3
     why = "reload failed, keeping the old workers: worker 1 died: boom"
     assert _reloadOutcome(f"{second}{why}\n", 0) == why
