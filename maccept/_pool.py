@@ -61,6 +61,8 @@ class PoolSettings:
     reactor: str = "fast"
     #: C{--protocol-option KEY=VALUE}s, for a protocol plugin.
     protocolOptions: tuple[str, ...] = ()
+    #: Where the command was given, in which the options were checked.
+    optionsDirectory: str | None = None
     #: C{--cpu-affinity}: worker N runs on the N-th of these, in turn.
     cpus: tuple[int, ...] = ()
 

@@ -48,18 +48,23 @@ SAFE_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
 #: directory) another directory.
 _PATH_HEAD = os.path.abspath(sys.path[0]) if sys.path else None
 
+#: C{PYTHONPATH} as the parent read it, its relative entries (C{PYTHONPATH=.})
+#: made absolute before the same change of directory.
+_PYTHONPATH = os.pathsep.join(
+    os.path.abspath(entry) for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry
+)
+
 
 def workerEnvironment() -> dict[str, str]:
     """
     The parent's environment, with the first entry of the parent's
-    C{sys.path} first on C{PYTHONPATH}.
+    C{sys.path} first on C{PYTHONPATH}, and C{PYTHONPATH}'s entries as the
+    parent found them (a worker starts in twistd's C{--rundir}).
     """
     environment = os.environ.copy()
-    head = _PATH_HEAD
-    if head is None:
-        return environment
-    rest = environment.get("PYTHONPATH")
-    environment["PYTHONPATH"] = os.pathsep.join([head, rest]) if rest else head
+    entries = [entry for entry in (_PATH_HEAD, _PYTHONPATH) if entry]
+    if entries:
+        environment["PYTHONPATH"] = os.pathsep.join(entries)
     return environment
 
 
@@ -118,6 +123,7 @@ class WorkerLauncher:
             number=number,
             protocol=settings.protocol,
             protocolOptions=settings.protocolOptions,
+            optionsDirectory=settings.optionsDirectory,
             parentPid=os.getpid(),
             listeners=tuple(handles),
             board=board,

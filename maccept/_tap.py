@@ -85,6 +85,7 @@ def makeService(options: CommandLineOptions) -> IService:
         beforeStart=pool.forgetQueuedReload,
         onTakenOver=lambda: service.handOver(),
         servicePorts=lambda: service.servicePorts,
+        directory=os.getcwd(),  # before twistd changes into its --rundir
     )
     service = MacceptService(reactor, listeners, pool, upgrade)
     service.stopDelay = options["stop-delay"]
@@ -134,13 +135,15 @@ def _openListeners(
 def _poolSettings(options: CommandLineOptions) -> PoolSettings:
     """
     What the command line decides about the pool (its size as the old
-    parent ran it, after an upgrade).
+    parent ran it, after an upgrade).  Called where the command was given,
+    before twistd changes into its C{--rundir}.
     """
     return PoolSettings(
         # Within the bounds of --workers, whatever the variable says.
         size=min(workersAfterUpgrade(os.environ, options["workers"]), MAX_WORKERS),
         protocol=options["protocol"],
         protocolOptions=tuple(options["protocol-option"]),
+        optionsDirectory=os.getcwd(),
         balance=options["balance"] == "even",
         gracefulTimeout=options["graceful-timeout"],
         startTimeout=options["start-timeout"],

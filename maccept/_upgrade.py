@@ -151,6 +151,7 @@ class Upgrade:
         beforeStart: Callable[[], None],
         onTakenOver: Callable[[], None],
         servicePorts: Callable[[], Sequence[ServicePort]],
+        directory: str | None = None,
     ) -> None:
         """
         @param isServing: Whether the pool serves now (an upgrade starts only
@@ -166,6 +167,11 @@ class Upgrade:
             parent serves.
         @param servicePorts: The parent's own ports (L{maccept._serviceports}),
             handed over too; opened after this object is made.
+        @param directory: Where this parent's command was given: the new
+            parent starts there too, so that its command line (a relative
+            path in it, C{PYTHONPATH=.}) means what it meant for this one
+            before twistd changed into its C{--rundir}.  (Default: the
+            current directory when the upgrade starts.)
         """
         self.reactor = reactor
         self.listeners = listeners
@@ -176,6 +182,7 @@ class Upgrade:
         self.beforeStart = beforeStart
         self.onTakenOver = onTakenOver
         self.servicePorts = servicePorts
+        self.directory = directory
         self.newParent: Any = None
         self.stage = Stage.IDLE
         self._settling: list[defer.Deferred[None]] = []
@@ -256,7 +263,7 @@ class Upgrade:
                 command[0],
                 command,
                 env=env,
-                path=os.getcwd(),
+                path=self.directory or os.getcwd(),
                 childFDs=childFDs,
             )
         except Exception:

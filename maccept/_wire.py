@@ -103,6 +103,10 @@ class WorkerSpec:
     reactor: str = "fast"
     #: C{--protocol-option} values, for a protocol plugin.
     protocolOptions: tuple[str, ...] = ()
+    #: The directory the parent checked them in (where the command was
+    #: given): a relative path in them means the same in a worker, which
+    #: starts in twistd's C{--rundir}.
+    optionsDirectory: str | None = None
     #: The CPU to run on (C{--cpu-affinity}; None: wherever the parent may).
     cpu: int | None = None
 

@@ -9,13 +9,14 @@ the parent is gone and the worker exits.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import faulthandler
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.internet import defer, tcp
@@ -120,7 +121,8 @@ class Worker:
         return d
 
     def _adoptAll(self) -> None:
-        self.factory = resolveProtocol(self.spec.protocol, self.spec.protocolOptions)()
+        with _workingIn(self.spec.optionsDirectory):
+            self.factory = resolveProtocol(self.spec.protocol, self.spec.protocolOptions)()
         board, slot = None, 0
         if self.spec.board is not None:
             board, slot = LoadBoard.attach(self.spec.board.fd), self.spec.board.slot
@@ -466,6 +468,24 @@ class WorkerControl(QuietAMP):
         self.forwarder.detach()
         super().connectionLost(reason)
         self.worker.parentGone()
+
+
+@contextlib.contextmanager
+def _workingIn(directory: str | None) -> Iterator[None]:
+    """
+    Run the block in C{directory}, then go back to the worker's own (twistd's
+    C{--rundir}); in the worker's own if C{directory} is gone.
+    """
+    here = os.getcwd()
+    try:
+        if directory is not None:
+            os.chdir(directory)
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        os.chdir(here)
 
 
 def _dieWithParent(parentPid: int) -> None:

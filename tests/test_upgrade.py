@@ -464,3 +464,66 @@ def echoOnce(client: socket.socket, payload: bytes) -> bytes:
             break
         received += chunk
     return received
+
+
+class RunDirectoryTests(SynchronousTestCase):
+    def test_rundir(self) -> None:
+        """
+        twistd's C{--rundir} changes into another directory once the command
+        line is checked.  A relative entry of C{PYTHONPATH} and a relative
+        path in a C{--protocol-option} mean in the workers, and in a new
+        parent (USR2), what they meant where the command was given.
+        """
+        top, rundir = (
+            tempfile.mkdtemp(prefix="maccept-top-"),
+            tempfile.mkdtemp(prefix="maccept-run-"),
+        )
+        self.addCleanup(shutil.rmtree, top, True)
+        self.addCleanup(shutil.rmtree, rundir, True)
+        Path(top, "answer.txt").write_text("read where the command was given")
+        Path(top, "answering.py").write_text(
+            "import os\n"
+            "from twisted.internet.protocol import Factory, Protocol\n"
+            "from twisted.python import usage\n"
+            "class Options(usage.Options):\n"
+            "    optParameters = [['file', None, None, 'what to answer']]\n"
+            "    def postOptions(self):\n"
+            "        if not os.path.isfile(self['file']):\n"
+            "            raise usage.UsageError(f\"file: no such file: {self['file']}\")\n"
+            "def factory(options):\n"
+            "    with open(options['file'], 'rb') as f:\n"
+            "        answer = f.read()\n"
+            "    class Answer(Protocol):\n"
+            "        def dataReceived(self, data):\n"
+            "            self.transport.write(answer)\n"
+            "            self.transport.loseConnection()\n"
+            "    return Factory.forProtocol(Answer)\n"
+        )
+        Path(top, "twisted", "plugins").mkdir(parents=True)
+        Path(top, "twisted", "plugins", "answering_plugin.py").write_text(
+            "from maccept._plugins import ProtocolPlugin\n"
+            "answering = ProtocolPlugin('answering', 'answers a file',"
+            " 'answering:factory', options='answering:Options')\n"
+        )
+        server = MacceptServer(
+            [
+                *("--workers", "1", "--listen", "tcp:0:interface=127.0.0.1"),
+                *("--protocol", "answering", "--protocol-option", "file=answer.txt"),
+            ],
+            twistdArgs=["--rundir", rundir],
+            env={"PYTHONPATH": "."},
+            cwd=top,
+        )
+        self.addCleanup(server.cleanup)
+        server.waitReady()
+
+        def answer() -> bytes:
+            with server.connect() as client:
+                client.settimeout(10)
+                client.sendall(b"?")
+                return client.recv(100)
+
+        self.assertEqual(answer(), b"read where the command was given")
+        os.kill(server.pid, signal.SIGUSR2)
+        waitFor(lambda: "drains and exits" in server.log(), what="the new parent to serve")
+        self.assertEqual(answer(), b"read where the command was given")
