@@ -66,6 +66,14 @@ class Echo(Protocol):
         self.transport.loseConnection()  # type: ignore[union-attr]
 
 
+#: Source ports whose datagrams are not echoed: those of the services that
+#: answer every datagram (echo, daytime, quote of the day, chargen, time).
+#: A datagram forged to come from one of them (or from this very port: an
+#: echo server of the same port elsewhere, or this socket itself) would
+#: set two echoes answering each other for ever.
+LOOPING_PORTS = frozenset({7, 13, 17, 19, 37})
+
+
 class DatagramEcho(DatagramProtocol):
     """
     RFC 862 echo over UDP: each datagram goes back to where it came from.
@@ -74,7 +82,9 @@ class DatagramEcho(DatagramProtocol):
     A datagram that cannot be answered (a forged source such as port 0, a
     reply too large for the path) is dropped, and the drops are logged at
     most every 10 s with how many there were (L{Tally}): anyone can forge
-    datagrams, and a traceback each would flood the log.
+    datagrams, and a traceback each would flood the log.  So is one whose
+    answer would be answered again without end (L{LOOPING_PORTS}), as
+    inetd refuses them.
     """
 
     log = Logger()
@@ -85,10 +95,18 @@ class DatagramEcho(DatagramProtocol):
             self.log,
             "dropped {count} datagram(s) that could not be answered, the last from {addr}: {error}",
         )
+        self.looping = Tally(
+            self.log,
+            "dropped {count} datagram(s) from a port that would answer the echo back"
+            " (a loop a forged source sets up), the last from {addr}",
+        )
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         if self.counts is not None:
             self.counts.bytesReceived += len(datagram)
+        if addr[1] in LOOPING_PORTS or addr[1] == self.transport.getHost().port:  # type: ignore[union-attr]
+            self.looping.add(addr=addr)
+            return
         try:
             self.transport.write(datagram, addr)  # type: ignore[union-attr]
         except (OSError, MessageLengthError) as e:

@@ -404,12 +404,23 @@ class EchoTests(SynchronousTestCase):
 
 class UnanswerableTransport:
     """
-    A datagram transport whose sends fail as C{sendto} does for a forged
-    source (port 0): C{EINVAL}.
+    A datagram transport on port 7007 whose sends fail as C{sendto} does
+    for a forged source (port 0): C{EINVAL}.
     """
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("UDP", "127.0.0.1", 7007)
 
     def write(self, datagram: bytes, addr: Any) -> None:
         raise OSError(errno.EINVAL, "Invalid argument")
+
+
+class SendingTransport(UnanswerableTransport):
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Any]] = []
+
+    def write(self, datagram: bytes, addr: Any) -> None:
+        self.sent.append((datagram, addr))
 
 
 class DatagramEchoTests(SynchronousTestCase):
@@ -429,3 +440,27 @@ class DatagramEchoTests(SynchronousTestCase):
         self.assertIn("dropped 1 datagram", formatEvent(events[0]))
         self.assertEqual((counts.bytesReceived, counts.bytesSent), (18, 0))
         self.assertEqual((echo.unanswered.total, echo.unanswered.unlogged), (3, 2))
+
+    def test_loopsRefused(self) -> None:
+        """
+        A datagram from a port that would echo the answer back (an echo,
+        chargen... service's, or this socket's own port: a forged source)
+        is dropped and logged once per interval; others are echoed.
+        """
+        counts = SimpleNamespace(bytesReceived=0, bytesSent=0)
+        echo = DatagramEcho(counts)
+        transport = SendingTransport()
+        echo.transport = transport  # type: ignore[assignment]
+        with capturedLogs() as events:
+            for source in [("127.0.0.1", 7007), ("10.0.0.1", 7), ("10.0.0.1", 19)]:
+                echo.datagramReceived(b"ping", source)
+            echo.datagramReceived(b"real", ("127.0.0.1", 40000))
+        self.assertEqual(transport.sent, [(b"real", ("127.0.0.1", 40000))])
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [
+                "dropped 1 datagram(s) from a port that would answer the echo back"
+                " (a loop a forged source sets up), the last from ('127.0.0.1', 7007)"
+            ],
+        )
+        self.assertEqual((echo.looping.total, counts.bytesSent), (3, 4))
