@@ -12,6 +12,7 @@ and closes, and counts what its reads and writes moved.
 from __future__ import annotations
 
 import fcntl
+import os
 import socket
 import struct
 import sys
@@ -22,7 +23,7 @@ from errno import ENOBUFS, EWOULDBLOCK
 from typing import Any
 
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IListeningPort, ITransport
+from twisted.internet.interfaces import IFileDescriptorReceiver, IListeningPort, ITransport
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -57,7 +58,8 @@ def keepReadsOffMmap(size: int = READ_SIZE) -> None:
 
 class ConnectionTracker:
     """
-    The open connections of one worker, and a count of all it accepted.
+    The open connections of one worker, what it counts of them (accepted,
+    bytes, resets, bad clients) for its heartbeat, and which are idle.
     """
 
     def __init__(self, onChange: Callable[[int], None] | None = None) -> None:
@@ -90,6 +92,14 @@ class ConnectionTracker:
             "clients reset {count} connection(s) since the last such line",
             interval=60.0,
             level="info",
+        )
+        #: Descriptors a client passed (SCM_RIGHTS) on a UNIX connection to
+        #: a protocol that takes none: closed.  Twisted logs a line for each
+        #: message, which any local user could have it write without end.
+        self.unwantedDescriptors = Tally(
+            _log,
+            "closed {count} file descriptor(s) that clients passed to a protocol"
+            " that takes none, the last on {host}",
         )
         self.onChange = onChange
         self._idleWaiters: list[Callable[[], None]] = []
@@ -340,6 +350,18 @@ def trackConnections(port: IListeningPort, tracker: ConnectionTracker) -> None:
                     tracker.bytesReceived += len(data)
                     self.lastActive = monotonic()
                 return super()._dataReceived(data)
+
+            def _ancillaryLevelSOLSOCKETTypeSCMRIGHTS(self, cmsgData: bytes) -> None:
+                if IFileDescriptorReceiver.providedBy(self.protocol):
+                    super()._ancillaryLevelSOLSOCKETTypeSCMRIGHTS(cmsgData)
+                    return
+                count = len(cmsgData) // 4
+                descriptors = struct.unpack(f"{count}i", cmsgData[: count * 4])
+                for fd in descriptors:
+                    os.close(fd)
+                path = self.getHost().name
+                shown = os.fsdecode(path) if isinstance(path, bytes) else path
+                tracker.unwantedDescriptors.add(len(descriptors), host=shown)
 
         def writeSomeData(self, data: bytes) -> Any:
             written = super().writeSomeData(data)

@@ -718,3 +718,44 @@ class UNIXPortTests(SynchronousTestCase):
             data += client.recv(6 - len(data))
         self.assertEqual((data, len(fds)), (b"world!", 1))
         self.assertEqual((tracker.bytesReceived, tracker.bytesSent), (5, 6))
+
+    def test_unwantedDescriptorsClosedQuietly(self) -> None:
+        """
+        Descriptors a client passes to a protocol that takes none are
+        closed and counted, with one line per interval (Twisted writes one
+        for every message, a flood any local user could make).
+        """
+        reactor = WorkerMemoryReactor()
+        path = os.path.join(tempfile.mkdtemp(), "s.sock")
+        factory = Factory.forProtocol(Protocol)
+        factory.noisy = False
+        port = unix.Port(path, factory, reactor=reactor)  # type: ignore[arg-type]
+        port.startListening()
+        self.addCleanup(port.stopListening)
+        tracker = ConnectionTracker()
+        trackConnections(port, tracker)
+        client = socket.socket(socket.AF_UNIX)
+        self.addCleanup(client.close)
+        client.connect(path)
+        port.doRead()
+        [transport] = tracker.open
+        assert isinstance(transport, unix.Server)
+        passed, kept = socket.socketpair()
+        self.addCleanup(kept.close)
+        with passed, capturedLogs() as events:
+            for _ in range(3):
+                socket.send_fds(client, [b"x"], [passed.fileno(), passed.fileno()])
+                select.select([transport.socket], [], [], 5)
+                transport.doRead()
+        # The server's copies are closed: the peer of the passed socket
+        # sees its end close once the client's own copy goes too.
+        kept.settimeout(5)
+        self.assertEqual(kept.recv(1), b"")
+        self.assertEqual((tracker.unwantedDescriptors.total, tracker.bytesReceived), (6, 3))
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [
+                "closed 2 file descriptor(s) that clients passed to a protocol that takes"
+                f" none, the last on {path}"
+            ],
+        )
