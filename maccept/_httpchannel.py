@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
+from twisted.logger import Logger, LogPublisher
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 
@@ -48,6 +48,11 @@ class SmallRequestsChannel(HTTPChannel):
     #: connection closes: closing with it unread would reset the
     #: connection, and the client might never see the answer.
     bodyLinger = 2.0
+
+    #: Twisted's channel logs nothing but its idle time-outs, a line for
+    #: each connection a scraper keeps between scrapes (Prometheus does):
+    #: routine, and a client could have it write one per connection.
+    _log = Logger(observer=LogPublisher())  # a publisher with no observers
 
     _headTimer: Any = None
     _lingerTimer: Any = None

@@ -165,6 +165,25 @@ class ChannelTests(SynchronousTestCase):
         self.assertEqual(_httpchannel.dropped.total, dropsBefore)
         self.assertEqual(transport.value().count(b"HTTP/1.1 200 OK"), 2)
 
+    def test_idleTimeoutQuiet(self) -> None:
+        """
+        A kept-alive connection closed by the site's idle timeout (a
+        scraper's, between scrapes) writes no line: Twisted's channel
+        logged one for each.
+        """
+        clock = Clock()
+        site = Site(Page(), reactor=clock, timeout=10)
+        site.protocol = SmallRequestsChannel  # type: ignore[assignment]
+        channel = site.buildProtocol(PEER)
+        transport = UnflushedTransport(peerAddress=PEER)
+        channel.makeConnection(transport)
+        self.addCleanup(lambda: channel.connectionLost(None) if channel.transport else None)
+        with capturedLogs() as events:
+            channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            clock.advance(11)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual([formatEvent(e) for e in events], [])
+
     def test_unreadAnswersDropped(self) -> None:
         """
         A client that sends requests and reads no answer is dropped at the
