@@ -15,6 +15,7 @@ import errno
 import ipaddress
 import os
 import re
+import shlex
 import socket
 import stat
 
@@ -43,6 +44,17 @@ def shown(value: str) -> str:
     break or another unprintable character.
     """
     return value if value.isprintable() else repr(value)
+
+
+def asWord(text: str) -> str:
+    """
+    C{text} as one word of a line that C{shlex.split} reads back (the
+    testing kit reads the addresses of the ready line so): as it is, or
+    quoted if it holds a space or a quote (a UNIX socket's path may).
+    """
+    if any(character.isspace() or character in "'\"\\" for character in text):
+        return shlex.quote(text)
+    return text
 
 
 def checkDescription(description: str) -> None:

@@ -24,6 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from maccept._board import MAX_WORKERS, LoadBoard
+from maccept._descriptions import asWord
 from maccept._listening import ListeningSocket
 from maccept._spawning import WorkerLauncher
 from maccept._states import PoolState, WorkerState, nextPoolState
@@ -364,7 +365,7 @@ class WorkerPool(Service):
             self.log.info(
                 "all {count} workers ready on {listen}",
                 count=len(self.serving()),
-                listen=" ".join(listener.address for listener in self.listeners),
+                listen=" ".join(asWord(listener.address) for listener in self.listeners),
             )
             self._replaceRemembered()
         elif self.state is PoolState.RELOADING and self._allReady(self.pendingGeneration):

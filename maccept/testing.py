@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import signal
 import sys
 from collections.abc import Sequence
@@ -189,7 +190,7 @@ class _PoolProcess(protocol.ProcessProtocol):
             return
         match = _READY.search(self.output())
         if match:
-            self.ready.callback([_address(shown) for shown in match.group(2).split()])
+            self.ready.callback([_address(shown) for shown in shlex.split(match.group(2))])
 
     def whenReloaded(self, since: int, timeout: float) -> defer.Deferred[int]:
         """
@@ -334,10 +335,12 @@ def _listenedOn(listen: Sequence[str], extraArgs: Sequence[str]) -> list[str]:
     descriptions = list(listen)
     args = iter(extraArgs)
     for arg in args:
-        if arg == "--listen":
+        if arg in ("--listen", "-l"):
             descriptions.append(next(args, ""))
         elif arg.startswith("--listen="):
             descriptions.append(arg.partition("=")[2])
+        elif arg.startswith("-l"):  # -lDESCRIPTION, as getopt takes it
+            descriptions.append(arg[2:])
     return descriptions
 
 

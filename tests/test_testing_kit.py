@@ -320,19 +320,20 @@ def test_oneWatchForTheEnd(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest_twisted.inlineCallbacks  # type: ignore[untyped-decorator]
 def test_addressesAndReloads(maccept_pool: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     """
-    A pool shows every listener's address, in --listen order; C{reload}
+    A pool shows every listener's address, in --listen order (or -l's;
+    a path with spaces and quotes whole); C{reload}
     fires with the new generation once it serves, and fails with the
     parent's reason when a reload fails (the old workers serving on).
     """
     directory = tempfile.mkdtemp(prefix="maccept-kit-")
-    path, broken = os.path.join(directory, "echo.sock"), os.path.join(directory, "broken")
+    path, broken = os.path.join(directory, "echo 'it' .sock"), os.path.join(directory, "broken")
     monkeypatch.setenv("MACCEPT_TEST_BREAK", broken)
     try:
         pool = yield maccept_pool(
             protocol="tests.sample_protocols:breakableEcho",
             workers=2,
             listen=["tcp:0:interface=127.0.0.1"],
-            extraArgs=["--listen", f"unix:{path}", "--listen=udp:0:interface=127.0.0.1"],
+            extraArgs=["-l", f"unix:{path}", "--listen=udp:0:interface=127.0.0.1"],
         )
         tcp, unix, udp = pool.addresses
         assert (tcp.type, tcp.host, tcp.port) == ("TCP", "127.0.0.1", pool.address.port)
