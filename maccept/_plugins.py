@@ -15,7 +15,7 @@ from twisted.plugin import IPlugin, getPlugins
 from twisted.python import usage
 from zope.interface import implementer
 
-from maccept._protocols import madeFactoryProblem
+from maccept._protocols import ProtocolSpecError, madeFactoryProblem
 from maccept.interfaces import IProtocolPlugin
 
 
@@ -26,8 +26,26 @@ class NoOptions(usage.Options):
 
 
 def _load(path: str) -> Any:
+    """
+    The object a plugin names by C{module:attribute}.
+
+    @raise usage.UsageError: naming C{path}, if it names nothing: the
+        plugin's own mistake, whose line is in no traceback.  (Its module
+        failing as it imports raises that module's error.)
+    """
     moduleName, _, attribute = path.partition(":")
-    return getattr(importlib.import_module(moduleName), attribute)
+    try:
+        module = importlib.import_module(moduleName)
+    except ModuleNotFoundError as e:
+        if e.name != moduleName.partition(".")[0] and e.name != moduleName:
+            raise  # a module it imports is missing: its own error
+        raise usage.UsageError(f"it names {path}, but there is no module {moduleName!r}") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise usage.UsageError(
+            f"it names {path}, but module {moduleName!r} has no attribute {attribute!r}"
+        ) from None
 
 
 @implementer(IPlugin, IProtocolPlugin)
@@ -164,7 +182,10 @@ def pluginFactoryMaker(
     options.parseOptions(optionArguments(protocolOptions))
 
     def makeFactory() -> IProtocolFactory:
-        made = plugin.makeFactory(options)
+        try:
+            made = plugin.makeFactory(options)
+        except usage.UsageError as e:  # it names no factory (L{_load})
+            raise ProtocolSpecError(f"{plugin.name}: {e}") from None
         problem = madeFactoryProblem(made)
         if problem is not None:
             raise TypeError(f"protocol plugin {plugin.name!r}: makeFactory {problem}")

@@ -138,7 +138,9 @@ def resolveProtocol(spec: str, protocolOptions: Sequence[str] = ()) -> FactoryMa
         module = importlib.import_module(moduleName)
     except ImportError as e:
         hint = ""
-        if getattr(e, "name", None) == moduleName.partition(".")[0]:
+        # Its first part not found at all ("cannot import name" from a
+        # package found is another story).
+        if isinstance(e, ModuleNotFoundError) and e.name == moduleName.partition(".")[0]:
             # twistd does not put the current directory on sys.path.
             hint = " (is its directory on sys.path? for one in the current directory: PYTHONPATH=.)"
         raise ProtocolSpecError(f"cannot import module {moduleName!r}: {e}{hint}") from None

@@ -181,8 +181,33 @@ class DiscoveryTests(SynchronousTestCase):
         self.patch(_plugins, "pluginsByName", lambda: {"broken": [broken]})
         with self.assertRaises(ProtocolSpecError) as caught:
             resolveProtocol("broken")
-        self.assertIn(
-            "broken: its code failed to import: ModuleNotFoundError", str(caught.exception)
+        self.assertEqual(
+            str(caught.exception),
+            "broken: it names no_such_module:O, but there is no module 'no_such_module'",
+        )
+
+    def test_pluginNamesNoAttribute(self) -> None:
+        """
+        A plugin whose C{module:attribute} names nothing is refused naming
+        that string, not a line of maccept's where the lookup failed: its
+        options class at once, its factory when a worker builds it.
+        """
+        missing = "but module 'tests.sample_protocols' has no attribute"
+        broken = ProtocolPlugin("broken", "d", "x:y", "tests.sample_protocols:NoSuchOptions")
+        self.patch(_plugins, "pluginsByName", lambda: {"broken": [broken]})
+        with self.assertRaises(ProtocolSpecError) as caught:
+            resolveProtocol("broken")
+        self.assertEqual(
+            str(caught.exception),
+            f"broken: it names tests.sample_protocols:NoSuchOptions, {missing} 'NoSuchOptions'",
+        )
+        broken = ProtocolPlugin("broken", "d", "tests.sample_protocols:nothing")
+        self.patch(_plugins, "pluginsByName", lambda: {"broken": [broken]})
+        with self.assertRaises(ProtocolSpecError) as made:
+            resolveProtocol("broken")()
+        self.assertEqual(
+            str(made.exception),
+            f"broken: it names tests.sample_protocols:nothing, {missing} 'nothing'",
         )
 
     def test_twoPluginsOfOneName(self) -> None:

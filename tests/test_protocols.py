@@ -174,6 +174,10 @@ class ResolveTests(SynchronousTestCase):
         self.assertIn("(is its directory on sys.path?", str(e))
         e = self.assertRaises(ProtocolSpecError, resolveProtocol, "tests.no_such_module:f")
         self.assertNotIn("sys.path", str(e))
+        # A name its package lacks: the package was found.
+        e = self.assertRaises(ProtocolSpecError, resolveProtocol, "tests.sample_imports_nothing:f")
+        self.assertIn("cannot import name 'nothing_here' from 'tests'", str(e))
+        self.assertNotIn("sys.path", str(e))
 
     def test_moduleFailsAtImport(self) -> None:
         """
