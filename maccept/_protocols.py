@@ -28,6 +28,7 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.python import usage
 
 from maccept._builtins import echoFactory
+from maccept.interfaces import IWorkerLifecycle
 
 
 class ProtocolSpecError(ValueError):
@@ -202,7 +203,33 @@ def madeFactoryProblem(made: object) -> str | None:
         return f"returned {made!r}, not a protocol factory (a Factory instance)"
     if buildsNothing(made):
         return "returned a factory with no protocol to build"
+    missing = missingHooks(made)
+    if missing:
+        return f"returned a factory that {missing}"
     return None
+
+
+def missingHooks(factory: object) -> str | None:
+    """
+    What a factory (or its class) that declares L{IWorkerLifecycle} lacks
+    of it, as the end of a sentence; C{None} if nothing: the worker calls
+    all three, and each missing one would fail a start or log a traceback
+    at each stop.
+    """
+    declared = IWorkerLifecycle.providedBy(factory) or (
+        isinstance(factory, type) and IWorkerLifecycle.implementedBy(factory)
+    )
+    if not declared:
+        return None
+    missing = [
+        name for name in IWorkerLifecycle.names() if not callable(getattr(factory, name, None))
+    ]
+    if not missing:
+        return None
+    return (
+        f"declares IWorkerLifecycle but has no {', '.join(sorted(missing))}"
+        " (a hook with nothing to do may return None)"
+    )
 
 
 def _asFactoryMaker(spec: str, target: object) -> FactoryMaker:
@@ -210,6 +237,9 @@ def _asFactoryMaker(spec: str, target: object) -> FactoryMaker:
         raise ProtocolSpecError(
             f"{spec!r} has no protocol to build (its protocol attribute is None)"
         )
+    missing = missingHooks(target)
+    if missing:
+        raise ProtocolSpecError(f"{spec!r} {missing}")
     if IProtocolFactory.providedBy(target):
         factory = target
         return lambda: factory

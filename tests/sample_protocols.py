@@ -238,3 +238,22 @@ class PeerReporter(Protocol):
 
 def peerReporter() -> Factory:
     return Factory.forProtocol(PeerReporter)
+
+
+@implementer(IWorkerLifecycle)
+class HalfHookedFactory(Factory):  # type: ignore[misc]  # half of it, on purpose
+    """
+    Declares the worker's hooks but writes only one of them.
+    """
+
+    protocol = Echo
+
+    def workerStarting(self, reactor: IReactorTime) -> None:
+        pass
+
+
+half_hooked = HalfHookedFactory()
+
+
+def makesHalfHooked() -> Factory:
+    return HalfHookedFactory()

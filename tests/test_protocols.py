@@ -333,6 +333,27 @@ class ResolveTests(SynchronousTestCase):
         self.assertIsInstance(made.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)), Protocol)
 
 
+class LifecycleDeclaredTests(SynchronousTestCase):
+    def test_halfHookedRefused(self) -> None:
+        """
+        A factory that declares IWorkerLifecycle but writes only some of its
+        hooks is refused naming those it lacks: at start-up for an instance
+        or a class, in the worker for what a callable returns (each missing
+        hook would have failed a start or logged a traceback at each stop).
+        """
+        lacks = (
+            "declares IWorkerLifecycle but has no workerDraining, workerStopping"
+            " (a hook with nothing to do may return None)"
+        )
+        for name in ("half_hooked", "HalfHookedFactory"):
+            spec = f"tests.sample_protocols:{name}"
+            e = self.assertRaises(ProtocolSpecError, resolveProtocol, spec)
+            self.assertEqual(str(e), f"{spec!r} {lacks}")
+        spec = "tests.sample_protocols:makesHalfHooked"
+        e = self.assertRaises(ProtocolSpecError, resolveProtocol(spec))
+        self.assertEqual(str(e), f"{spec!r} returned a factory that {lacks}")
+
+
 class EchoTests(SynchronousTestCase):
     def connect(self) -> tuple[Echo, StringTransport]:
         protocol = echoFactory().buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
