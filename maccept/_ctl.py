@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
@@ -21,6 +20,7 @@ from twisted.protocols import amp
 from zope.interface import provider
 
 from maccept._control import ControlError, Reload, Scale, Status, Stop
+from maccept._output import dropStdout
 from maccept._socketpath import pathProblem
 
 #: Exit statuses: a command the pool refused, and no pool to talk to.
@@ -146,7 +146,7 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
     except BrokenPipeError:
         # Our own output was closed (`| head`): the parent answered, and
         # what was asked is done.  Quietly, as other tools end there.
-        _dropStdout()
+        dropStdout()
         return 0
     except Exception as e:
         # What answers there is not maccept's control protocol, or is
@@ -161,16 +161,6 @@ async def run(reactor: Any, options: argparse.Namespace) -> int:
         # AMP lets go of a transport that has closed.
         if control.transport is not None:
             control.transport.loseConnection()
-
-
-def _dropStdout() -> None:
-    """
-    Point standard output at C{/dev/null}, so that the interpreter's last
-    flush at exit does not fail on the closed pipe too.
-    """
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
 
 
 #: Asks the parent one control command, its answer bounded by C{--timeout}.

@@ -26,6 +26,7 @@ from maccept._descriptions import (
     unixPath,
 )
 from maccept._handover import tellOldParentWhy
+from maccept._output import endsQuietlyIfClosed
 from maccept._procfs import residentBytes
 from maccept._protocols import ProtocolSpecError, resolveProtocol
 from maccept._proxy import endpointType, splitProxy
@@ -227,24 +228,35 @@ class Options(usage.Options):
             raise usage.UsageError(f"--protocol-option: expected KEY=VALUE or KEY, got {item!r}")
         self["protocol-option"].append(item)
 
+    def opt_help(self) -> None:
+        """
+        Display this help and exit.
+        """
+        with endsQuietlyIfClosed():
+            super().opt_help()
+
     def opt_help_protocols(self) -> None:
         """
         List the protocol plugins installed, and exit.
         """
         from maccept._plugins import pluginsByName
 
-        for name, plugins in sorted(pluginsByName().items()):
-            for plugin in plugins:
-                clash = "  (ambiguous: several plugins have this name)" if len(plugins) > 1 else ""
-                print(f"{name:12} {plugin.description}{clash}")
-        raise SystemExit(0)
+        with endsQuietlyIfClosed():
+            for name, plugins in sorted(pluginsByName().items()):
+                for plugin in plugins:
+                    clash = (
+                        "  (ambiguous: several plugins have this name)" if len(plugins) > 1 else ""
+                    )
+                    print(f"{name:12} {plugin.description}{clash}")
+            raise SystemExit(0)
 
     def opt_version(self) -> None:
         """
         Display maccept's version, with Twisted's and Python's, and exit.
         """
-        print(versionLine())
-        raise SystemExit(0)
+        with endsQuietlyIfClosed():
+            print(versionLine())
+            raise SystemExit(0)
 
     def opt_listen(self, description: str) -> None:
         """

@@ -15,6 +15,7 @@ from twisted.plugin import IPlugin, getPlugins
 from twisted.python import usage
 from zope.interface import implementer
 
+from maccept._output import endsQuietlyIfClosed
 from maccept._protocols import ProtocolSpecError, madeFactoryProblem
 from maccept.interfaces import IProtocolPlugin
 
@@ -179,7 +180,8 @@ def pluginFactoryMaker(
         )
     _withoutTwistedVersion(options)
     _checkOptionForms(options, protocolOptions)
-    options.parseOptions(optionArguments(protocolOptions))
+    with endsQuietlyIfClosed():  # --protocol-option help | head
+        options.parseOptions(optionArguments(protocolOptions))
 
     def makeFactory() -> IProtocolFactory:
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.server import runMaccept, takenPort, withoutBindCapability
+from tests.server import HERE, TWISTD, runMaccept, takenPort, withoutBindCapability
 
 
 class BadInputTests(SynchronousTestCase):
@@ -247,3 +247,30 @@ class HelpTests(SynchronousTestCase):
             "USR2 upgrades",
         ):
             self.assertIn(signal, text)
+
+    def test_helpToAClosedOutput(self) -> None:
+        """
+        C{--help}, C{--help-protocols}, C{--version} and a plugin's
+        C{--protocol-option help} printed to an output whose reader has
+        gone (C{| head}) end quietly with status 0, not a traceback.
+        """
+        for args in (
+            ["--help"],
+            ["--help-protocols"],
+            ["--version"],
+            ["--protocol", "web", "--protocol-option", "help"],
+        ):
+            readEnd, writeEnd = os.pipe()
+            os.close(readEnd)
+            try:
+                done = subprocess.run(
+                    [TWISTD, "maccept", *args],
+                    stdout=writeEnd,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    timeout=60,
+                    env={**os.environ, "PYTHONPATH": str(HERE.parent)},
+                )
+            finally:
+                os.close(writeEnd)
+            self.assertEqual((done.returncode, done.stderr), (0, ""), args)
