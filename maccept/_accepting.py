@@ -92,9 +92,10 @@ class AcceptGovernor:
         self.openConnections = 0
         self.ports: list[IListeningPort] = []
         self.paused = False
-        #: Times this worker stopped reading its listeners: ahead of the
-        #: others (C{--balance even}), or at C{--max-concurrent}.
+        #: Times this worker stopped reading its listeners because it was
+        #: ahead of the others (C{--balance even})...
         self.pausesAhead = 0
+        #: ... or at C{--max-concurrent}.
         self.pausesFull = 0
         self._accepting = False
         #: Where on the board the counts of the other live workers are.

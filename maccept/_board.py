@@ -20,7 +20,8 @@ import os
 import struct
 import time
 
-#: Header: how many slots are in use (the parent raises it as it spawns).
+#: Header: how many slots are in use (the parent raises it as it spawns,
+#: and lowers it as the highest slots are freed).
 _HEADER = struct.Struct("=I")
 #: Slot: pid, open connections, last post while accepting (monotonic ns; 0 = not accepting).
 _SLOT = struct.Struct("=iIq")

@@ -168,7 +168,7 @@ class ConnectionTracker:
         Abort every connection on which no byte moved for C{timeout}
         seconds (a silent client holds a descriptor and a slot for
         nothing: slowloris); return how many.  Called every quarter of
-        C{timeout}.
+        C{timeout} (every 0.1 s at least).
 
         Bytes the client reads move out of the kernel's send queue while
         this process sees nothing: its socket is writable again only once

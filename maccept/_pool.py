@@ -4,9 +4,10 @@ The parent's side: a supervised pool of worker processes.
 
 The pool starts its workers (L{maccept._spawning}); follows each through
 its states (L{maccept._states}); replaces workers that die, hang
-(L{maccept._watchdog}) or grow too old, always starting the replacement
-before the old one drains; reloads by starting a whole new generation
-first; scales; and drains every worker when it stops.
+(L{maccept._watchdog}), or reach C{--max-connections} or C{--max-memory},
+always starting the replacement before the old one drains; reloads by
+starting a whole new generation first; scales; and drains every worker
+when it stops.
 """
 
 from __future__ import annotations

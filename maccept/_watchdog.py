@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_pool,tests.test_pool_supervision -*-
 """
-The parent's rounds over its workers, once a second: a worker that hangs,
+The parent's rounds over its workers, every heartbeat interval (at most a
+second; see L{beatInterval}): a worker that hangs,
 never gets ready or grows past its memory cannot be trusted to say so
 itself.
 """

@@ -167,7 +167,8 @@ STATS = [
     (b"bytesSent", amp.Integer()),
     (b"idleClosed", amp.Integer()),
     (b"proxyRejected", amp.Integer()),
-    # Optional: a worker started from older code (a reload) does not send it.
+    # Optional: a worker of older code (a reload after a rollback) does not
+    # send it.
     (b"handshakesFailed", amp.Integer(optional=True)),
     (b"shed", amp.Integer(optional=True)),
     (b"acceptPausesAhead", amp.Integer(optional=True)),

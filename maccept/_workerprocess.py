@@ -213,7 +213,7 @@ class WorkerProcess(ProcessProtocol):
 
     def heartbeat(self, **stats: Any) -> None:
         self.lastHeartbeat = self.pool.reactor.seconds()
-        # A worker from older code (a reload across versions) leaves out
+        # A worker of older code (a reload after a rollback) leaves out
         # the counters it does not know: they stay where they were.
         stats = {name: value for name, value in stats.items() if value is not None}
         if self not in self.pool.workers:
