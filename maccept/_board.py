@@ -65,7 +65,7 @@ class LoadBoard:
         """
         Make a new, zeroed board; return it and the descriptor to hand on.
         """
-        fd = os.memfd_create("maccept-board", 0)
+        fd = os.memfd_create("maccept-board", os.MFD_CLOEXEC)  # workers get it by childFDs
         os.ftruncate(fd, SIZE)
         return cls(mmap.mmap(fd, SIZE)), fd
 

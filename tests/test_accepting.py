@@ -5,6 +5,7 @@ L{Clock} and a fake listening port.
 
 from __future__ import annotations
 
+import fcntl
 import os
 
 from twisted.internet.task import Clock
@@ -51,6 +52,17 @@ class AllowanceTests(SynchronousTestCase):
 
 
 class BoardTests(SynchronousTestCase):
+    def test_descriptorNotInherited(self) -> None:
+        """
+        The parent's descriptor of the board is close-on-exec: a worker gets
+        it through its C{childFDs}, and nothing else the parent starts (a
+        new parent, on USR2) holds it.
+        """
+        board, fd = LoadBoard.create()
+        self.addCleanup(board.close)
+        self.addCleanup(os.close, fd)
+        self.assertTrue(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+
     def test_freshSlots(self) -> None:
         """
         The slots posted since C{freshSince}: a stale slot, or one whose
