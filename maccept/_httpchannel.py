@@ -16,8 +16,7 @@ of answers unread is dropped at its next request.
 
 from __future__ import annotations
 
-from typing import Any
-
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger, LogPublisher
 from twisted.python.failure import Failure
@@ -54,8 +53,8 @@ class SmallRequestsChannel(HTTPChannel):
     #: routine, and a client could have it write one per connection.
     _log = Logger(observer=LogPublisher())  # a publisher with no observers
 
-    _headTimer: Any = None
-    _lingerTimer: Any = None
+    _headTimer: IDelayedCall | None = None
+    _lingerTimer: IDelayedCall | None = None
     #: Dropped or refused: nothing more the client sends is read.
     _ignoring = False
 

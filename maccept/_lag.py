@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall
+
 
 class LagMeter:
     """
@@ -21,7 +23,7 @@ class LagMeter:
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
         self.worst = 0.0
-        self._call: Any = None
+        self._call: IDelayedCall | None = None
 
     def start(self) -> None:
         self._call = self.reactor.callLater(self.interval, self._tick, self.reactor.seconds())

@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from maccept._listening import ListeningSocket
@@ -54,7 +55,7 @@ class MacceptService(Service):
         self._operatorStopAt: float | None = None
         #: Seconds from a stop request to the drain (C{--stop-delay}).
         self.stopDelay = 0.0
-        self._delayedStop: Any = None
+        self._delayedStop: IDelayedCall | None = None
         #: The parent's own ports (metrics, control), closed after the pool.
         self.servicePorts: list[ServicePort] = []
         #: Upgrading maccept itself on SIGUSR2 (see L{maccept._upgrade}).

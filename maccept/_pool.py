@@ -22,6 +22,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from maccept._board import MAX_WORKERS, LoadBoard
@@ -80,7 +81,7 @@ class PendingRestart:
     generation: int
     #: The worker the restarted one takes over from once ready, if any.
     replaces: WorkerProcess | None
-    call: Any = None
+    call: IDelayedCall | None = None
 
 
 #: Seconds the pool waits before replacing a worker that received SIGTERM:
@@ -169,8 +170,8 @@ class WorkerPool(Service):
         #: Recycle requests that came while the pool was starting: why, by worker.
         self._replaceWhenRunning: dict[WorkerProcess, tuple[str, str]] = {}
         #: Replacements of workers that received SIGTERM, not yet started.
-        self._signalledReplacements: dict[WorkerProcess, Any] = {}
-        self._timeoutCall: Any = None
+        self._signalledReplacements: dict[WorkerProcess, IDelayedCall] = {}
+        self._timeoutCall: IDelayedCall | None = None
         #: A reload asked for while the pool started or reloaded.
         self._reloadQueued = False
         #: Why the pool must neither scale nor reload now, or C{None}: a

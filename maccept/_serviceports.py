@@ -15,9 +15,9 @@ parent's once it takes over (L{maccept._socketpath}).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.address import UNIXAddress
 from twisted.internet.endpoints import UNIXServerEndpoint, serverFromString
@@ -29,6 +29,9 @@ from maccept._adopting import adoptStream, socketKind
 from maccept._descriptions import ListenError, shown, unixPath
 from maccept._listening import ParentSocket, listenNow
 from maccept._socketpath import SocketPath
+
+if TYPE_CHECKING:
+    from maccept._pool import WorkerPool
 
 _log = Logger(namespace="maccept")
 
@@ -53,7 +56,7 @@ class ServicePort(ParentSocket):
 
 
 def wantedPorts(
-    options: Mapping[str, Any], pool: Any, requestStop: Any
+    options: Mapping[str, Any], pool: WorkerPool, stopFromControl: Callable[[], bool]
 ) -> list[tuple[str, Any, Any]]:
     """
     What the options ask for: C{(label, endpoint maker, factory)}.
@@ -78,7 +81,7 @@ def wantedPorts(
             (
                 f"--control {shown(path)}",
                 lambda reactor: UNIXServerEndpoint(reactor, path, mode=0o600, wantPID=True),
-                controlFactory(pool, requestStop),
+                controlFactory(pool, stopFromControl),
             )
         )
     return wanted
@@ -87,8 +90,8 @@ def wantedPorts(
 def openServicePorts(
     reactor: Any,
     options: Mapping[str, Any],
-    pool: Any,
-    requestStop: Any,
+    pool: WorkerPool,
+    stopFromControl: Callable[[], bool],
     inherited: dict[str, int],
 ) -> list[ServicePort]:
     """
@@ -99,7 +102,7 @@ def openServicePorts(
         opened so far are closed again).
     """
     ports: list[ServicePort] = []
-    for label, makeEndpoint, factory in wantedPorts(options, pool, requestStop):
+    for label, makeEndpoint, factory in wantedPorts(options, pool, stopFromControl):
         try:
             if label in inherited:
                 # The path and lock stay the old parent's until we take over;

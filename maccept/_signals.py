@@ -50,7 +50,7 @@ def spawnSignalsBlocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
-def installHandlers(reactor: Any, handlers: Mapping[signal.Signals, Callable[[], None]]) -> None:
+def installHandlers(reactor: Any, handlers: Mapping[signal.Signals, Callable[[], object]]) -> None:
     """
     Run each handler in the reactor thread when its signal arrives.
     """
@@ -58,7 +58,7 @@ def installHandlers(reactor: Any, handlers: Mapping[signal.Signals, Callable[[],
         signal.signal(signum, _inReactor(reactor, handler))
 
 
-def _inReactor(reactor: Any, handler: Callable[[], None]) -> Callable[[int, Any], None]:
+def _inReactor(reactor: Any, handler: Callable[[], object]) -> Callable[[int, Any], None]:
     def onSignal(signum: int, frame: Any) -> None:
         reactor.callFromThread(handler)
 

@@ -89,6 +89,9 @@ def makeService(options: CommandLineOptions) -> IService:
     )
     service = MacceptService(reactor, listeners, pool, upgrade)
     service.stopDelay = options["stop-delay"]
+    # Before the systemd notifier's: a new parent's READY (with its
+    # MAINPID) goes once its own observer has taken over, which forgets
+    # UPGRADE_FROM (see silent= below), in the same state change.
     _followUpgrade(reactor, service, pool, upgrade)
     try:
         service.servicePorts = openServicePorts(

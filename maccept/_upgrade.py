@@ -36,6 +36,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -183,10 +184,10 @@ class Upgrade:
         self.onTakenOver = onTakenOver
         self.servicePorts = servicePorts
         self.directory = directory
-        self.newParent: Any = None
+        self.newParent: IProcessTransport | None = None
         self.stage = Stage.IDLE
         self._settling: list[defer.Deferred[None]] = []
-        self._settleTimer: Any = None
+        self._settleTimer: IDelayedCall | None = None
         self._queued = False
         #: This parent is asked to stop: no upgrade starts any more.
         self._stopping = False

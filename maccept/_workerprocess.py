@@ -12,6 +12,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, error
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -98,13 +99,13 @@ class WorkerProcess(ProcessProtocol):
             name.decode(): 0.0 if isinstance(argument, amp.Float) else 0 for name, argument in STATS
         }
         self.lastWords: deque[str] = deque(maxlen=self.lastWordsKept)
-        self._killCalls: list[Any] = []
+        self._killCalls: list[IDelayedCall] = []
         #: The process has exited (its pipes may still be open).
         self.hasExited = False
         #: It answered a drain, having let go of the listeners, or exited.
         self.acceptsNoMore = False
         self._acceptingWaiters: list[defer.Deferred[None]] = []
-        self._pipesTimer: Any = None
+        self._pipesTimer: IDelayedCall | None = None
         self._stdout = LineLogger(lambda line: self._emitLine(line, "info"))
         self._stderr = LineLogger(self._stderrLine)
 
