@@ -306,7 +306,7 @@ class WorkerPool(Service):
         self._cancelTimers()
         self._stopped = defer.Deferred()
         for worker in list(self.workers):
-            worker.drain("stop", self.settings.gracefulTimeout, self.killTime)
+            self._drain(worker, "stop")
         self._checkStopped()
         return self._stopped
 
@@ -360,7 +360,7 @@ class WorkerPool(Service):
         old = worker.replaces
         if old is not None:
             worker.replaces = None
-            old.drain(old.stopReason or "recycle", self.settings.gracefulTimeout, self.killTime)
+            self._drain(old, old.stopReason or "recycle")
         if self.state is PoolState.STARTING and self._allReady(self.generation):
             self.transition("all ready")
             self._cancelTimeout()
@@ -380,6 +380,13 @@ class WorkerPool(Service):
             w for w in self.ofGeneration(generation) if w.stopReason is None and not w.signalled
         ]
         return len(workers) >= self.size and all(w.state is WorkerState.READY for w in workers)
+
+    def _drain(self, worker: WorkerProcess, reason: str) -> None:
+        """
+        Tell C{worker} to finish within C{--graceful-timeout}, and kill it
+        L{killTime} seconds after that.
+        """
+        worker.drain(reason, self.settings.gracefulTimeout, self.killTime)
 
     def lateReport(self, worker: WorkerProcess, stats: dict[str, Any]) -> None:
         """
@@ -752,7 +759,7 @@ class WorkerPool(Service):
             count=len(old),
         )
         for worker in old:
-            worker.drain("reload", self.settings.gracefulTimeout, self.killTime)
+            self._drain(worker, "reload")
         # From then on only the new code answers a new connection (the
         # testing kit's reload() waits for this line).
         generation = self.generation
@@ -778,7 +785,7 @@ class WorkerPool(Service):
             if worker.state is WorkerState.STARTING:
                 worker.kill("abandoned")
             else:
-                worker.drain("abandoned", self.settings.gracefulTimeout, self.killTime)
+                self._drain(worker, "abandoned")
         self.pendingGeneration = None
         self.transition("generation failed")
 
@@ -885,7 +892,7 @@ class WorkerPool(Service):
         self._cancelSignalledReplacement(worker)
         # A signalled worker drains itself; give it the deadline every
         # drained worker gets.
-        worker.drain("scale", self.settings.gracefulTimeout, self.killTime)
+        self._drain(worker, "scale")
         self.size -= 1
         self.log.info(
             "scaling down to {size} workers: worker {number}, leaving already, is not replaced",
@@ -929,12 +936,12 @@ class WorkerPool(Service):
         )
         replacement = self._replacementOf(victim)
         victim.stopReason = "scale"
-        victim.drain("scale", self.settings.gracefulTimeout, self.killTime)
+        self._drain(victim, "scale")
         if isinstance(replacement, PendingRestart):
             self._cancelRestart(replacement)
         elif replacement is not None:
             replacement.replaces = None
-            replacement.drain("scale", self.settings.gracefulTimeout, self.killTime)
+            self._drain(replacement, "scale")
         return True
 
     def _leavingUnreplaced(self) -> list[WorkerProcess]:
