@@ -1,7 +1,8 @@
 """
 What C{/proc} says of a worker process: its memory and its CPU time, for
 C{--max-memory}, C{/metrics} and C{maccept-ctl status}; whether it is
-stopped, for the log line of its kill.
+stopped, for the log line of its kill; and what processes there are, for
+a worker to end the children it leaves and for the testing kit.
 """
 
 from __future__ import annotations
@@ -30,6 +31,32 @@ def cpuSeconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def liveProcesses() -> list[tuple[int, int, int]]:
+    """
+    C{(pid, parent pid, process group)} of every live process (zombies
+    excluded).
+    """
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            found.append((int(entry), int(fields[1]), int(fields[2])))
+    return found
+
+
+def childrenOf(pid: int) -> list[int]:
+    """
+    Live processes whose parent is C{pid}.
+    """
+    return sorted(child for child, parent, _ in liveProcesses() if parent == pid)
 
 
 def isStopped(pid: int) -> bool:

@@ -36,6 +36,7 @@ from maccept._builtins import DatagramEcho
 from maccept._connections import ConnectionTracker, queuedBytes, trackConnections
 from maccept._lag import LagMeter
 from maccept._logforward import ForwardingObserver
+from maccept._procfs import childrenOf
 from maccept._protocols import ProtocolSpecError, resolveProtocol
 from maccept._signals import PARENT_SIGNALS, SPAWN_BLOCKED
 from maccept._titles import setTitle
@@ -572,7 +573,26 @@ def main(argv: list[str]) -> int:
     reactor.run()
     _ignoreSignalsWhileLeaving()
     forwarder.detach()
+    _endChildren()
     return worker.exitCode
+
+
+def _endChildren() -> None:
+    """
+    Send TERM to the processes the worker started and left running (its
+    protocol's: a subprocess, a helper): they would outlive the server,
+    hold its output pipes, and, under twistd, be no one's to stop.
+    """
+    left = childrenOf(os.getpid())
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    if left:
+        Worker.log.info(
+            "sent TERM to the {count} process(es) it started and left running: {pids}",
+            count=len(left),
+            pids=" ".join(map(str, left)),
+        )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.python.failure import Failure
 
 from maccept._descriptions import DATAGRAM_TYPES
+from maccept._procfs import childrenOf as childrenOf  # the kit's, for tests
+from maccept._procfs import liveProcesses
 from maccept._proxy import endpointType
 
 #: The parent's log line once every worker accepts.
@@ -449,34 +451,8 @@ def _address(shown: str) -> Any:
     return UNIXAddress(shown)
 
 
-def _liveProcesses() -> list[tuple[int, int, int]]:
-    """
-    C{(pid, parent pid, process group)} of every live process (zombies
-    excluded), from C{/proc}.
-    """
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            found.append((int(entry), int(fields[1]), int(fields[2])))
-    return found
-
-
-def childrenOf(pid: int) -> list[int]:
-    """
-    Live processes whose parent is C{pid}.
-    """
-    return sorted(child for child, parent, _ in _liveProcesses() if parent == pid)
-
-
 def groupMembers(pgid: int) -> list[int]:
     """
     Live processes in process group C{pgid}.
     """
-    return sorted(member for member, _, group in _liveProcesses() if group == pgid)
+    return sorted(member for member, _, group in liveProcesses() if group == pgid)

@@ -369,6 +369,25 @@ class LifecycleTests(SynchronousTestCase):
         os.kill(server.pid, signal.SIGTERM)
         self.assertEqual(server.process.wait(30), 0)
 
+    def test_childrenLeftRunningEndWithTheWorker(self) -> None:
+        """
+        A worker that leaves (a reload) sends TERM to the processes it
+        started and left running, and says so: under twistd nothing else
+        would stop them.
+        """
+        server = self.start("--workers", "1", "--protocol", "tests.sample_protocols:SpawnsChild")
+        with server.connect() as s:
+            s.settimeout(10)
+            s.sendall(b"go")
+            child = int(s.recv(32).split()[0])
+        self.addCleanup(killIfAlive, child)
+        self.assertTrue(alive(child))
+        os.kill(server.pid, signal.SIGHUP)
+        waitFor(lambda: not alive(child), what="the child to be stopped")
+        self.assertIn(
+            f"sent TERM to the 1 process(es) it started and left running: {child}", server.log()
+        )
+
     def test_termsWhileLeavingAreNoCrash(self) -> None:
         """
         A worker sent TERM again and again while it leaves (its reactor
