@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from maccept._board import MAX_WORKERS
+from maccept._connections import queuedBytes
 from maccept._pool import WorkerPool
 from maccept._procfs import residentBytes
 from maccept._states import PoolState
@@ -111,6 +112,9 @@ class ControlProtocol(QuietAMP):
     #: Bytes a command may take: AMP bounds each key and value, not how
     #: many pairs a box holds, and a box is kept until it ends.
     maxCommandBytes = 64 * 1024
+    #: Bytes of answers a client may leave unread before its next command
+    #: closes the connection: each would otherwise be kept in the parent.
+    maxUnreadBytes = 1024 * 1024
 
     def __init__(self, pool: WorkerPool, stop: Callable[[], bool]) -> None:
         super().__init__()
@@ -119,6 +123,15 @@ class ControlProtocol(QuietAMP):
         self._unboxed = 0
 
     def dataReceived(self, data: bytes) -> None:
+        unread = queuedBytes(self.transport)
+        if unread is not None and unread > self.maxUnreadBytes:
+            self.log.warn(
+                "over {limit} bytes of answers left unread on the control socket:"
+                " closing that connection",
+                limit=self.maxUnreadBytes,
+            )
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         self._unboxed += len(data)
         if self._unboxed > self.maxCommandBytes:
             self.log.warn(

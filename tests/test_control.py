@@ -14,6 +14,20 @@ from maccept._states import PoolState
 from tests.test_pool import PoolTestCase
 
 
+class _UnsentTransport(StringTransport):
+    """
+    A transport whose writes all wait unsent, as a real one's do for a
+    client that reads nothing.
+    """
+
+    _tempDataLen = 0
+
+    @property
+    def dataBuffer(self) -> bytes:
+        held: bytes = self.value()
+        return held
+
+
 class ControlTests(PoolTestCase):
     def connect(self, pool: WorkerPool, stops: list[int]) -> ControlProtocol:
         def stop() -> bool:
@@ -98,6 +112,33 @@ class ControlTests(PoolTestCase):
         )
         self.assertEqual((pool.state, pool.generation), (PoolState.RUNNING, 1))
         self.assertEqual(len(pool.workers), 2)
+
+    def test_unreadAnswersCut(self) -> None:
+        """
+        A client that sends commands and reads none of the answers is
+        closed, logged, once more than C{maxUnreadBytes} of them wait: the
+        parent would keep them all.
+        """
+        pool = self.readyPool(1)
+        control = self.connect(pool, [])
+        transport = _UnsentTransport()
+        control.makeConnection(transport)
+        control.maxUnreadBytes = 4096
+        status = amp.AmpBox(_command=b"Status", _ask=b"1").serialize()
+        with capturedLogs() as events:
+            for _ in range(1000):  # a bound: far more answers than the limit holds
+                if transport.disconnecting:
+                    break
+                control.dataReceived(status)
+        self.assertTrue(transport.disconnecting)
+        self.assertGreater(len(transport.value()), 4096)
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [
+                "over 4096 bytes of answers left unread on the control socket:"
+                " closing that connection"
+            ],
+        )
 
     def test_endlessCommandCut(self) -> None:
         """
