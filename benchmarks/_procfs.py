@@ -48,6 +48,18 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def alive(pid: int, parent: int | None = None) -> bool:
+    """
+    Whether C{pid} runs (a zombie has exited, only not been reaped yet)
+    and, with C{parent}, is still that parent's child, not a process that
+    was given the pid of one that exited.
+    """
+    fields = _stat(pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return False
+    return parent is None or pid == parent or fields[1] == str(parent)
+
+
 def groupMembers(group: int) -> list[int]:
     """
     The live processes whose process group is C{group}.

@@ -22,6 +22,22 @@ RR_TITLES = {
 }
 
 
+#: The load generator's counts that make a run wrong, not just slow: echoes
+#: that differed from what was sent, and requests left without one.
+PROBLEMS = ("mismatches", "stalled")
+#: After a number from a run that failed (Errors): it is not the server's.
+FAILED_MARK = " !"
+
+
+def runFailed(run: dict[str, Any] | None) -> bool:
+    """
+    Whether a run failed: the harness marked it (wrong or missing echoes,
+    a server that exited during it), or, in a results.json from before it
+    did, its counts say so.
+    """
+    return run is not None and (bool(run.get("failed")) or any(run.get(k) for k in PROBLEMS))
+
+
 def oneLine(record: dict[str, Any]) -> str:
     """
     A progress line for the terminal.
@@ -64,10 +80,21 @@ class Results:
 
     def all(self, server: str, workers: int, workload: str) -> list[dict[str, Any]]:
         """
-        Every round's run of one cell.
+        Every round's run of one cell, leaving out those that failed when
+        any did not: a failed run's numbers are not the server's.  When all
+        failed, all of them, so that the cell shows, marked.
         """
         key = (server, workers, workload)
-        return [run for run in self.runs if (run["server"], run["workers"], run["workload"]) == key]
+        runs = [run for run in self.runs if (run["server"], run["workers"], run["workload"]) == key]
+        good = [run for run in runs if not runFailed(run)]
+        return good or runs
+
+    def failed(self, server: str, workers: int, workload: str) -> bool:
+        """
+        Whether the cell has only failed runs: its numbers are marked, and
+        no ratio or target rests on them.
+        """
+        return runFailed(self.find(server, workers, workload))
 
     def find(self, server: str, workers: int, workload: str) -> dict[str, Any] | None:
         """
@@ -103,7 +130,7 @@ class Results:
         either was not run.
         """
         a, b = self.find(mine, workers, workload), self.find(theirs, workers, workload)
-        if a is None or b is None or not b["rps"]:
+        if a is None or b is None or not b["rps"] or runFailed(a) or runFailed(b):
             return None
         return float(a["rps"] / b["rps"])
 
@@ -113,7 +140,7 @@ class Results:
         1.0 is linear scaling.  None when either was not run.
         """
         one, many = self.find(server, 1, workload), self.find(server, workers, workload)
-        if one is None or many is None or not one["rps"]:
+        if one is None or many is None or not one["rps"] or runFailed(one) or runFailed(many):
             return None
         return float(many["rps"] / (workers * one["rps"]))
 
@@ -193,6 +220,8 @@ def _cell(run: dict[str, Any] | None, withBandwidth: bool, spread: float | None 
         text += f" ({run['mib_s']:.0f} MiB/s)"
     if run.get("client_busy", 0) >= CLIENT_BOUND:
         text += " *"
+    if runFailed(run):
+        text += FAILED_MARK
     return text
 
 
@@ -201,10 +230,14 @@ def _ratioText(value: float | None) -> str:
 
 
 def _scaling(r: Results, server: str, workload: str, workers: int) -> str:
+    if r.failed(server, 1, workload) or r.failed(server, workers, workload):
+        return FAILED_MARK.strip()
     return _ratioText(r.scaling(server, workload, workers))
 
 
 def _versus(r: Results, workload: str, workers: int) -> str:
+    if r.failed("maccept", workers, workload) or r.failed("recipe", workers, workload):
+        return FAILED_MARK.strip()
     return _ratioText(r.ratio("maccept", "recipe", workers, workload))
 
 
@@ -223,7 +256,8 @@ def _throughputSection(r: Results, workload: str) -> list[str]:
     rows.append(
         ["maccept / recipe", *[_versus(r, workload, w) for w in r.workers], *["" for _ in many]]
     )
-    starred = any(cell.endswith(" *") for row in rows for cell in row)
+    starred = any(" *" in cell for row in rows for cell in row)
+    marked = any(cell.endswith(FAILED_MARK) for row in rows for cell in row)
     # Older results.json files lack the kernel share and the client's load.
     recorded = [run for run in r.runs if run["workload"] == workload]
     kernelShare = any("server_kernel_share" in run for run in recorded)
@@ -253,6 +287,7 @@ def _throughputSection(r: Results, workload: str) -> list[str]:
         *_table(header, rows),
         "",
         *(footnote if starred else []),
+        *(FAILED_FOOTNOTE if marked else []),
         "p50 / p99 / p99.9 latency in ms:",
         "",
         *_perWorkerCount(r, workload, _latency),
@@ -275,6 +310,14 @@ def _throughputSection(r: Results, workload: str) -> list[str]:
         ),
         *(_profileSection(r, workload) if any("profile" in run for run in recorded) else []),
     ]
+
+
+FAILED_FOOTNOTE = [
+    f"{FAILED_MARK.strip()} the run failed (Errors, below: wrong or missing echoes, or the "
+    "server exited during it): its numbers, and the ratios and targets that would rest on "
+    "them, are not the server's.",
+    "",
+]
 
 
 def _profileSection(r: Results, workload: str) -> list[str]:
@@ -318,11 +361,17 @@ def _perWorkerCount(
     r: Results, workload: str, show: Callable[[dict[str, Any] | None], str]
 ) -> list[str]:
     """
-    A table with a row per server and a column per worker count.
+    A table with a row per server and a column per worker count; a number
+    from a failed run is marked.
     """
+
+    def marked(run: dict[str, Any] | None) -> str:
+        text = show(run)
+        return text + FAILED_MARK if runFailed(run) and text != "-" else text
+
     header = ["server", *[f"{w} w" for w in r.workers]]
     rows = [
-        [server, *[show(r.find(server, w, workload)) for w in r.workers]] for server in r.servers
+        [server, *[marked(r.find(server, w, workload)) for w in r.workers]] for server in r.servers
     ]
     return _table(header, rows)
 
@@ -402,7 +451,8 @@ def _balanceSection(r: Results, connections: int) -> list[str]:
                     server,
                     str(w),
                     " / ".join(str(c) for c in run["per_worker"]),
-                    "inf (a worker got none)" if ratio is None else f"{ratio:.2f}",
+                    ("inf (a worker got none)" if ratio is None else f"{ratio:.2f}")
+                    + (FAILED_MARK if runFailed(run) else ""),
                     _servedIn(run),
                     _cpuSpread(r, server, w),
                 ]
@@ -424,12 +474,14 @@ def _balanceSection(r: Results, connections: int) -> list[str]:
         "",
     ]
     old = any(row[4].endswith("†") for row in rows)
+    marked = any(row[3].endswith(FAILED_MARK) for row in rows)
     return [
         f"## Accept balance: burst of {connections} long-lived connections",
         "",
         *_table(header, rows),
         "",
         *(footnote if old else []),
+        *(FAILED_FOOTNOTE if marked else []),
     ]
 
 
@@ -494,7 +546,8 @@ def _healthSection(results: dict[str, Any]) -> list[str]:
     lines.append(
         ", ".join(f"{k}: {v}" for k, v in totals.items())
         + " over all runs (stalled: requests left without their echo for over a second"
-        " when the run ended; mismatches and stalled fail the run)."
+        " when the run ended; mismatches and stalled fail the run, as does a server that"
+        " exits during it)."
     )
     for r in runs:
         if any(r.get(k) for k in keys):
@@ -547,14 +600,22 @@ def plot(results: dict[str, Any], path: Path, workload: str = "rr-1k") -> None:
 
     r = Results(results)
     figure, axes = plt.subplots(figsize=(7, 4.5))
+    failures: list[tuple[int, float]] = []
     for server in r.servers:
         points = [(w, run["rps"]) for w in r.workers if (run := r.find(server, w, workload))]
+        failures += [(w, rps) for w, rps in points if r.failed(server, w, workload)]
         if points:
             xs, ys = zip(*points, strict=True)
             alone = len(points) == 1  # the single-process baseline: a star, not a line
             axes.plot(
                 xs, ys, marker="*" if alone else "o", markersize=12 if alone else 6, label=server
             )
+    if failures:
+        # Crossed out: the point is there, but its run failed.
+        xs, ys = zip(*failures, strict=True)
+        axes.plot(
+            xs, ys, linestyle="none", marker="x", markersize=14, color="red", label="run failed"
+        )
     env = results["environment"]
     pin = results["pinning"]
     axes.set_xscale("log", base=2)

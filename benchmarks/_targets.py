@@ -18,6 +18,10 @@ unless said):
   processes;
 - p99 latency at each W no worse than the recipe's (each side's median p99
   over the rounds, not the p99 of its median run by rate).
+
+No target passes on a cell whose runs failed (wrong or missing echoes, a
+server that exited): one of maccept's misses it, one of a competitor's
+leaves it not tested.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from _report import CLIENT_BOUND, Results
+from _report import CLIENT_BOUND, Results, runFailed
 from _system import parseCpus
 
 #: The least share of linear scaling that counts as scaling.
@@ -45,6 +49,25 @@ class Verdict:
     #: Whether the target is about using more CPUs, which a run whose
     #: server and client share CPUs cannot test.
     scaling: bool = False
+    #: Whether a cell it rests on failed: the verdict stands whatever the CPUs.
+    failed: bool = False
+
+
+def _failed(
+    runs: Results, target: str, workload: str, *cells: tuple[str, int], scaling: bool = False
+) -> Verdict | None:
+    """
+    The verdict on C{target} when a cell (server, workers) it rests on
+    failed: missed when it is maccept's, since a server that fails meets no
+    target, else not tested; None when none failed.
+    """
+    failed = [(server, w) for server, w in cells if runs.failed(server, w, workload)]
+    if not failed:
+        return None
+    names = ", ".join(f"{server} {w} w" for server, w in failed)
+    verdict = "missed" if any(server == "maccept" for server, _ in failed) else "not tested"
+    note = f"{workload} run failed: {names} (Errors, below)"
+    return Verdict(target, "-", verdict, note, scaling=scaling, failed=True)
 
 
 def _clientNote(*runs: dict[str, Any] | None) -> str:
@@ -74,6 +97,10 @@ def _scaling(runs: Results, workload: str, workers: list[int], serverCpus: int) 
             note = f"only {_count(serverCpus, 'server CPU')}"
             verdicts.append(Verdict(target, "-", "not tested", note, scaling=True))
             continue
+        broken = _failed(runs, target, workload, ("maccept", 1), ("maccept", w), scaling=True)
+        if broken is not None:
+            verdicts.append(broken)
+            continue
         ratio = runs.scaling("maccept", workload, w)
         if ratio is None or one is None or many is None:
             verdicts.append(Verdict(target, "-", "not tested", "not run"))
@@ -92,6 +119,9 @@ def _scaling(runs: Results, workload: str, workers: list[int], serverCpus: int) 
 
 def _ahead(runs: Results, mine: str, theirs: str, workers: int, target: str) -> Verdict:
     a, b = runs.find(mine, workers, "rr-1k"), runs.find(theirs, workers, "rr-1k")
+    broken = _failed(runs, target, "rr-1k", (mine, workers), (theirs, workers))
+    if broken is not None:
+        return broken
     ratio = runs.ratio(mine, theirs, workers, "rr-1k")
     if ratio is None or a is None or b is None:
         return Verdict(
@@ -110,6 +140,10 @@ def _latency(runs: Results, workers: list[int]) -> list[Verdict]:
     verdicts = []
     for w in workers:
         target = f"rr-1k: p99 at {w} worker{'s' if w > 1 else ''} <= the recipe's"
+        broken = _failed(runs, target, "rr-1k", ("maccept", w), ("recipe", w))
+        if broken is not None:
+            verdicts.append(broken)
+            continue
         a, b = (
             runs.median("maccept", w, "rr-1k", "p99_us"),
             runs.median("recipe", w, "rr-1k", "p99_us"),
@@ -151,20 +185,21 @@ def judge(results: dict[str, Any]) -> list[Verdict]:
         # Scaling needs CPUs of the server's own; the comparisons at one
         # worker count hold either way (both sides met the same client).
         for verdict in verdicts:
-            if verdict.scaling and verdict.verdict != "not tested":
+            if verdict.scaling and verdict.verdict != "not tested" and not verdict.failed:
                 verdict.verdict, verdict.note = "not tested", "server and client share CPUs"
     return [*verdicts, *_latency(runs, workers)]
 
 
 def _shortCells(results: dict[str, Any]) -> list[str]:
     """
-    The rr-1k and churn cells that ran fewer rounds than asked, as
+    The rr-1k and churn cells that ran fewer rounds than asked, or whose
+    runs failed in some of them (but not all: then the cell is marked), as
     "maccept 2 w churn (2 of 3)".
     """
     rounds = results["settings"].get("rounds", 1)
     counted: dict[tuple[str, int, str], int] = {}
     for run in results["runs"]:
-        if run["workload"] in ("rr-1k", "churn"):
+        if run["workload"] in ("rr-1k", "churn") and not runFailed(run):
             key = (run["server"], run["workers"], run["workload"])
             counted[key] = counted.get(key, 0) + 1
     return [

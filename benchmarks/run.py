@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
@@ -310,10 +310,13 @@ class Bench:
         self.round = round
         try:
             server.start()
-            self._describeServer(server)
-            self._prime(server)
+            pids = self._describeServer(server)
+            self._prime(server, pids)
             for name in self.settings.workloads:
-                self._measureWorkload(server, WORKLOADS[name])
+                self._measureWorkload(server, WORKLOADS[name], pids)
+        except ServerExitedError as e:
+            # Recorded with its run already; the rest would only be refused.
+            print(f"   cell broken off: {e}", file=sys.stderr, flush=True)
         except Exception as e:
             # Anything, not only the expected failures: on a lent machine one
             # cell's surprise must not cost the rest of the sweep.
@@ -328,7 +331,11 @@ class Bench:
         key = f"{server.spec.kind}-{server.spec.processes}"
         return key if self.settings.rounds == 1 else f"{key}-round{self.round + 1}"
 
-    def _describeServer(self, server: servers.RunningServer) -> None:
+    def _describeServer(self, server: servers.RunningServer) -> list[int]:
+        """
+        Record the server's command line and workers; return the workers'
+        pids, which must all outlive the cell.
+        """
         pids = server.workerPids()
         key = self._serverKey(server)
         self.results["servers"][key] = {
@@ -337,8 +344,9 @@ class Bench:
             "worker_pids": pids,
             "worker_affinity": [_system.formatCpus(_procfs.affinity(p)) for p in pids],
         }
+        return pids
 
-    def _prime(self, server: servers.RunningServer) -> None:
+    def _prime(self, server: servers.RunningServer, pids: Iterable[int] = ()) -> None:
         """
         Run an unmeasured load on a connection set of its own first.  A new
         asyncio server serves its first set of connections at a third of
@@ -365,18 +373,31 @@ class Bench:
             for k in ("errors", "connect_failures", *PROBLEMS, "first_error")
             if k in result
         }
-        self._checkRun(server, "prime", result)
+        self._checkRun(server, "prime", result, pids)
 
     def _checkRun(
-        self, server: servers.RunningServer, workload: str, result: dict[str, Any]
+        self,
+        server: servers.RunningServer,
+        workload: str,
+        result: dict[str, Any],
+        pids: Iterable[int] = (),
     ) -> None:
         """
         Record a load generator run whose echoes were wrong or never came
-        back (L{failed}) as a failure of its cell, so that the run exits 1.
+        back (L{failed}), or during which the server or one of its workers
+        (C{pids}) exited, as a failure of its cell, so that the run exits 1,
+        and mark the run C{failed}, so that the report does not show its
+        numbers as the server's.
+
+        @raise ServerExitedError: when the server or a worker exited: the cell
+            breaks off.
         """
-        why = failed(result)
-        if why is None:
+        exited = server.exited(pids)
+        problems = failed(result)
+        why = "; ".join(text for text in (exited and f"{exited} during the run", problems) if text)
+        if not why:
             return
+        result["failed"] = why
         failure = {
             "server": server.spec.kind,
             "workers": server.spec.processes,
@@ -386,8 +407,12 @@ class Bench:
         }
         self.results["failures"].append(failure)
         print(f"   FAILED: {workload}: {why}", file=sys.stderr, flush=True)
+        if exited:
+            raise ServerExitedError(f"{server.spec.kind} {server.spec.processes} w: {exited}")
 
-    def _measureWorkload(self, server: servers.RunningServer, workload: Workload) -> None:
+    def _measureWorkload(
+        self, server: servers.RunningServer, workload: Workload, pids: Iterable[int] = ()
+    ) -> None:
         if workload.mode == "burst":
             if server.spec.processes < 2 or server.spec.kind in servers.SINGLE_PROCESS:
                 return  # one process: nothing to balance
@@ -403,7 +428,7 @@ class Bench:
         }
         self.results["runs"].append(record)
         print(f"   {_report.oneLine(record)}", file=sys.stderr, flush=True)
-        self._checkRun(server, workload.name, record)
+        self._checkRun(server, workload.name, record, pids)
 
     def measureLoad(self, server: servers.RunningServer, workload: Workload) -> dict[str, Any]:
         """
@@ -570,7 +595,11 @@ class Bench:
         try:
             server.start()
             reload = self._reload(server)
+            # Its workers change on purpose; its parent must stay.
+            exited = server.exited()
             why = reloadFailed(reload)
+            if exited is not None:
+                why = "; ".join(t for t in (f"{exited} during the reload", why) if t)
         except Exception as e:  # as in measureServer: the sweep goes on
             why = _why(e)
             reload = {"seconds": None, "note": f"failed: {why}"}
@@ -685,7 +714,14 @@ def reloadSupported() -> bool:
 
 #: The load generator's counts that make a run wrong, not just slow: echoes
 #: that differed from what was sent, and requests left without one.
-PROBLEMS = ("mismatches", "stalled")
+PROBLEMS = _report.PROBLEMS
+
+
+class ServerExitedError(Exception):
+    """
+    A server, or one of its workers, exited during a run: its failure is
+    recorded, and the cell breaks off.
+    """
 
 
 def failed(result: dict[str, Any]) -> str | None:

@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,6 +269,25 @@ class RunningServer:
     def workerPids(self) -> list[int]:
         return self.spec.workerPids(self.pid)
 
+    def exited(self, workers: Iterable[int] = ()) -> str | None:
+        """
+        What of the server has exited, or None while all of it runs: the
+        process started (with its status), else any of C{workers} (the
+        pids it started with: a maccept parent replaces a worker that dies,
+        so its pids now would not show the crash).  The load generator
+        cannot tell: a dead server's port refuses connections, which a full
+        accept queue also causes, and that is not counted as a failure.
+        """
+        if self.process is None:
+            return "server not running"
+        status = self.process.poll()
+        if status is not None:
+            return f"server {_exitStatus(status)}"
+        gone = [pid for pid in workers if not _procfs.alive(pid, self.process.pid)]
+        if gone:
+            return f"worker{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))} exited"
+        return None
+
     def stop(self) -> None:
         """
         SIGTERM the server by pid, wait, then SIGKILL whatever is left of its
@@ -300,6 +319,18 @@ class RunningServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _exitStatus(status: int) -> str:
+    """
+    A C{Popen.returncode} in words: "exited with status 1", "killed by SIGKILL".
+    """
+    if status >= 0:
+        return f"exited with status {status}"
+    try:
+        return f"killed by {signal.Signals(-status).name}"
+    except ValueError:
+        return f"killed by signal {-status}"
 
 
 def freePort() -> int:

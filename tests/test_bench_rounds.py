@@ -5,7 +5,9 @@ each cell's median run, with the spread of its rates.
 
 from __future__ import annotations
 
+import builtins
 import io
+import json
 import shutil
 import sys
 import tempfile
@@ -13,7 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 sys.path.append(str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -74,6 +76,73 @@ class MedianTests(SynchronousTestCase):
         self.assertIsNone(results([record(1.0, 0)]).spread("maccept", 2, "rr-1k"))
 
 
+class FailedRunTests(SynchronousTestCase):
+    """
+    A failed run's numbers (wrong or missing echoes, a server that exited)
+    are not shown as the server's.
+    """
+
+    def test_medianLeavesOutFailedRuns(self) -> None:
+        """
+        A cell's median and spread come from the runs that did not fail;
+        when every run failed, the cell is its failed median, marked.
+        """
+        runs = [record(100.0, 0), record(500.0, 1, mismatches=1), record(120.0, 2)]
+        r = results(runs)
+        self.assertEqual(r.find("maccept", 2, "rr-1k"), record(100.0, 0))
+        self.assertAlmostEqual(r.spread("maccept", 2, "rr-1k") or 0, 0.1)
+        self.assertFalse(r.failed("maccept", 2, "rr-1k"))
+        r = results([record(500.0, 0, failed="server exited with status 1 during the run")])
+        self.assertTrue(r.failed("maccept", 2, "rr-1k"))
+        self.assertEqual(_report._cell(r.find("maccept", 2, "rr-1k"), False), "500 !")
+
+    def test_tablesMarkFailedCells(self) -> None:
+        """
+        The throughput table marks a failed cell, says what the mark means,
+        and shows no ratio resting on it; so do the per-cell tables.
+        """
+        runs = [
+            {**record(1000.0, 0), "workers": 1},
+            record(1500.0, 0, stalled=3),
+            {**record(900.0, 0), "server": "recipe"},
+            {**record(1200.0, 0), "server": "recipe", "workers": 1},
+        ]
+        for run in runs:
+            run.update(mib_s=1.0, p50_us=500, p99_us=1000, p999_us=2000)
+        r = _report.Results({"runs": runs, "settings": {"workers": [1, 2]}})
+        text = "\n".join(_report._throughputSection(r, "rr-1k"))
+        self.assertIn("| maccept | 1.0k | 1.5k ! | ! |", text)
+        self.assertIn("| maccept / recipe | 0.83 | ! |", text)
+        self.assertIn("| recipe | 1.2k | 900 | 0.38 |", text)
+        self.assertIn("| maccept | 0.50 / 1.00 / 2.00 | 0.50 / 1.00 / 2.00 ! |", text)
+        self.assertIn("! the run failed", text)
+        del runs[1]
+        text = "\n".join(_report._throughputSection(_report.Results(r.raw), "rr-1k"))
+        self.assertNotIn("!", text)
+
+    def test_plotMarksFailedRuns(self) -> None:
+        """
+        The plot crosses out a point whose run failed.
+        """
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise SkipTest("matplotlib is not installed") from None
+        runs = [{**record(1000.0, 0), "workers": 1}, record(1500.0, 0, mismatches=2)]
+        stored = Path(__file__).resolve().parent.parent / "benchmarks/results/dev-2core-accept"
+        stored = json.loads((stored / "results.json").read_text())
+        figures: list[Any] = []
+        self.patch(plt, "close", figures.append)
+        out = Path(tempfile.mkdtemp(prefix="maccept-plot-"))
+        self.addCleanup(shutil.rmtree, out, True)
+        _report.plot({**stored, "runs": runs}, out / "plot.png")
+        [figure] = figures
+        self.addCleanup(plt.close, figure)
+        [axes] = figure.axes
+        crossed = [line for line in axes.get_lines() if line.get_label() == "run failed"]
+        self.assertEqual([line.get_xydata().tolist() for line in crossed], [[[2.0, 1500.0]]])
+
+
 class SweepTests(SynchronousTestCase):
     def test_roundsRepeatTheWholeSweep(self) -> None:
         """
@@ -132,7 +201,15 @@ class RenderTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, out, True)
         stored = Path(__file__).resolve().parent.parent / "benchmarks/results/dev-2core-accept"
         shutil.copy(stored / "results.json", out / "results.json")
-        self.patch(sys, "modules", {**sys.modules, "matplotlib": None})
+        # Through __import__: matplotlib may be imported already (the plot's test).
+        realImport = builtins.__import__
+
+        def noMatplotlib(name: str, *args: Any, **kwargs: Any) -> Any:
+            if name.partition(".")[0] == "matplotlib":
+                raise ImportError(f"No module named {name!r}")
+            return realImport(name, *args, **kwargs)
+
+        self.patch(builtins, "__import__", noMatplotlib)
         stderr = io.StringIO()
         self.patch(sys, "stderr", stderr)
         harness.render(out)

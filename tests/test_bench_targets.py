@@ -226,3 +226,55 @@ class NoteTests(SynchronousTestCase):
         self.assertNotIn("maccept 1 w", text)
         r["runs"].append(run("maccept", 2, "rr-1k", 180_000, round=2))
         self.assertNotIn("lost a round", "\n".join(_targets.section(r)))
+
+
+class FailedCellTests(SynchronousTestCase):
+    """
+    No target passes on a cell whose run failed: its numbers are not the
+    server's.
+    """
+
+    def test_macceptFailedMisses(self) -> None:
+        """
+        A target resting on a failed maccept cell is missed, whatever its
+        numbers, and shared CPUs do not turn that into not tested.
+        """
+        runs = [
+            run("maccept", 1, "rr-1k", 100_000, mismatches=3),
+            run("maccept", 2, "rr-1k", 200_000),
+            run("recipe", 1, "rr-1k", 60_000, p99_us=2000),
+        ]
+        note = "rr-1k run failed: maccept 1 w (Errors, below)"
+        for overlap in (None, "0-1"):
+            judged = verdicts(results(runs, serverCpus="0-1", overlap=overlap))
+            self.assertEqual(judged["rr-1k: 2 workers >= 0.9 x 2 x 1 worker"], ("missed", note))
+            self.assertEqual(judged["rr-1k: 1 worker >= the recipe's 1 worker"], ("missed", note))
+            self.assertEqual(judged["rr-1k: p99 at 1 worker <= the recipe's"], ("missed", note))
+
+    def test_competitorFailedNotTested(self) -> None:
+        """
+        A failed competitor's cell leaves the comparison not tested, as the
+        harness marked it (a server that exited during the run).
+        """
+        runs = [
+            run("maccept", 1, "rr-1k", 100_000),
+            run("recipe", 1, "rr-1k", 60_000, failed="server exited with status 1 during the run"),
+        ]
+        judged = verdicts(results(runs))
+        self.assertEqual(
+            judged["rr-1k: 1 worker >= the recipe's 1 worker"],
+            ("not tested", "rr-1k run failed: recipe 1 w (Errors, below)"),
+        )
+
+    def test_failedRoundLost(self) -> None:
+        """
+        A round whose run failed counts as lost: the cell's median comes
+        from the others.
+        """
+        runs = [
+            run("maccept", 2, "rr-1k", 190_000, round=0),
+            run("maccept", 2, "rr-1k", 500_000, round=1, stalled=2),
+        ]
+        r = results(runs)
+        r["settings"]["rounds"] = 2
+        self.assertIn("maccept 2 w rr-1k (1 of 2)", "\n".join(_targets.section(r)))

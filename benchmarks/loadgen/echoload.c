@@ -12,9 +12,11 @@
  *          and the request number, so a server that echoes stale or misrouted
  *          bytes is caught.
  *   churn  connection churn: connect, send SIZE bytes (64 by default), read them
- *          back, close, and start over.  Client sockets are bound to one of
- *          SOURCES loopback addresses (127.0.0.2, 127.0.0.3, ...) so that the
- *          client ports left in TIME_WAIT do not cap the rate.
+ *          back, shut down the sending side and read until the server closes
+ *          (a byte after the echo is a mismatch), close, and start over.
+ *          Client sockets are bound to one of SOURCES loopback addresses
+ *          (127.0.0.2, 127.0.0.3, ...) so that the client ports left in
+ *          TIME_WAIT do not cap the rate.
  *   burst  open CONNECTIONS connections as fast as possible, send one byte on
  *          each and hold them for the duration once it is echoed; the caller
  *          counts what the server did with them.  A line "# open N" on stderr
@@ -34,17 +36,21 @@
  * client_cpu_s and first_error.
  *
  * stalled (rr and churn): connections whose request had been sent and its echo
- * not completed when the run ended for more than STALL_SECONDS (1 s), or three
- * times the slowest echo the thread saw if that is longer: a server
- * that drops a byte or never answers would otherwise leave them waiting
- * unnoticed.  A second is hundreds of times a loopback echo's usual latency,
+ * not completed (churn: or the server had not closed after it) when the run
+ * ended for more than STALL_SECONDS (1 s), or three times the slowest echo
+ * the thread saw if that is longer: a server that drops a byte or never
+ * answers would otherwise leave them waiting unnoticed.  A second is hundreds of times a loopback echo's usual latency,
  * and the clock starts when the request is sent, so a connect() slowed by
  * dropped SYNs does not count.  A run shorter than that cannot see a stall.
  *
  * Only requests that complete inside the measured window (after the warm-up)
- * count towards requests, rps and the latency percentiles.  errors,
+ * count towards requests, rps and the latency percentiles, and only those
+ * whose echo was right: a wrong echo is a mismatch, not a request served
+ * (churn: complete once the server has closed after the echo; the latency
+ * still ends at the echo's last byte).  errors,
  * connect_failures and mismatches count over the whole run; first_error says
- * what broke first (the earliest over all threads) and when, and client_cpu_s
+ * what broke first (the earliest over all threads) and when (for a wrong
+ * echo, the first byte that differs), and client_cpu_s
  * how much CPU the client itself used (near threads x elapsed means the
  * client, not the server, is the limit).  The exit status is 1 when any echo
  * differed from what was sent or stalled, 2 on a usage error.
@@ -242,10 +248,12 @@ struct conn {
     size_t sent;
     size_t received;
     bool corrupt;
+    bool draining; /* churn: the echo is in, the write side shut; reading to EOF */
     bool counted_settled;
     bool counted_finished;
     uint64_t started_ns;
     uint64_t asked_ns; /* when the request now outstanding was started */
+    uint64_t echoed_ns; /* churn: when the echo's last byte came, while draining */
     uint64_t retry_at_ns;
     unsigned char *payload;
 };
@@ -344,6 +352,7 @@ static void close_conn(struct conn *c)
     c->fd = -1;
     c->events = 0;
     c->state = CONN_IDLE;
+    c->draining = false;
 }
 
 static void schedule_retry(struct conn *c)
@@ -474,17 +483,23 @@ static void start_request(struct conn *c)
     pump_send(c);
 }
 
-static void request_done(struct conn *c)
+/*
+ * The request's echo is complete (ECHOED_NS: its last byte), and in churn
+ * the server has closed after it.  A wrong echo is a mismatch only: counted
+ * as a request served, it would raise the rate and lower the latency of a
+ * server that answers garbage.
+ */
+static void request_done(struct conn *c, uint64_t echoed_ns)
 {
     struct worker *w = c->worker;
-    if (c->corrupt)
-        w->mismatches++;
-    uint64_t took = now_ns() - c->asked_ns;
+    uint64_t took = echoed_ns - c->asked_ns;
     if (took > w->slowest_ns)
         w->slowest_ns = took;
-    if (measuring && !stopping) {
+    if (c->corrupt) {
+        w->mismatches++;
+    } else if (measuring && !stopping) {
         w->requests++;
-        histogram_add(&w->histogram, (now_ns() - c->started_ns) / 1000u);
+        histogram_add(&w->histogram, (echoed_ns - c->started_ns) / 1000u);
     }
     if (w->options->mode == MODE_CHURN) {
         close_conn(c);
@@ -520,11 +535,71 @@ static void on_connected(struct conn *c)
     start_request(c);
 }
 
+/*
+ * Churn, once the whole echo is in: shut down the sending side, so that the
+ * server closes its end, and read until it has.  A server that echoes more
+ * than it was sent would otherwise pass, since the client closes with the
+ * extra bytes unread.
+ */
+static void start_drain(struct conn *c, uint64_t echoed_ns)
+{
+    if (shutdown(c->fd, SHUT_WR) == -1) {
+        broken(c, "shutdown", errno);
+        return;
+    }
+    c->draining = true;
+    c->echoed_ns = echoed_ns;
+    /* epoll says when the end of stream comes: a recv() now would find nothing. */
+}
+
+/* Churn, after start_drain: the end of stream completes the request. */
+static void on_drain(struct conn *c)
+{
+    struct worker *w = c->worker;
+    for (;;) {
+        ssize_t n = recv(c->fd, w->scratch, w->scratch_size, 0);
+        if (n == 0) {
+            c->draining = false;
+            request_done(c, c->echoed_ns);
+            return;
+        }
+        if (n > 0) {
+            w->mismatches++;
+            broken(c, "echo longer than the request (bytes after it)", -1);
+            return;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK)
+            broken(c, "recv", errno);
+        return;
+    }
+}
+
+/* Say where the first echo that differs from its request differs, and mark it. */
+static void note_corrupt(struct conn *c, const unsigned char *echo, size_t length)
+{
+    if (c->corrupt)
+        return; /* the first difference of this echo is noted already */
+    c->corrupt = true;
+    const unsigned char *sent = c->payload + c->received;
+    size_t at = 0;
+    while (at < length && echo[at] == sent[at])
+        at++;
+    char what[80];
+    snprintf(what, sizeof what, "echo differs from the request at byte %zu", c->received + at);
+    note_error(c->worker, what, -1);
+}
+
 /* Read the echo, comparing every byte with the payload we sent. */
 static void on_readable(struct conn *c)
 {
     struct worker *w = c->worker;
     size_t size = w->options->size;
+    if (c->draining) {
+        on_drain(c);
+        return;
+    }
     for (;;) {
         size_t want = size - c->received;
         if (want == 0 || w->options->mode == MODE_BURST)
@@ -552,6 +627,12 @@ static void on_readable(struct conn *c)
             finish_burst(c);
             continue; /* anything more is unexpected */
         }
+        if (w->options->mode == MODE_BURST && c->received == 0 && w->scratch[0] != c->payload[0]) {
+            /* Not the byte sent: the echo is wrong, not too long. */
+            w->mismatches++;
+            broken(c, "echo differs from the byte sent", -1);
+            return;
+        }
         if (w->options->mode == MODE_BURST || c->received + (size_t)n > c->sent) {
             /* More than we sent: the echo is out of step with our requests. */
             w->mismatches++;
@@ -559,10 +640,13 @@ static void on_readable(struct conn *c)
             return;
         }
         if (memcmp(w->scratch, c->payload + c->received, (size_t)n) != 0)
-            c->corrupt = true;
+            note_corrupt(c, w->scratch, (size_t)n);
         c->received += (size_t)n;
         if (c->received == size) {
-            request_done(c);
+            if (w->options->mode == MODE_CHURN && !c->corrupt)
+                start_drain(c, now_ns());
+            else
+                request_done(c, now_ns());
             return; /* the next echo cannot be here yet: epoll will say when */
         }
         if ((size_t)n < want)
@@ -617,14 +701,18 @@ static void count_stalled(struct worker *w)
     uint64_t now = now_ns();
     uint64_t bound = STALL_SLOWEST * w->slowest_ns > STALL_NS ? STALL_SLOWEST * w->slowest_ns
                                                                 : STALL_NS;
+    uint64_t unclosed = 0; /* churn: echoed, but the server never closed */
     for (int i = 0; i < w->count; i++) {
         const struct conn *c = &w->conns[i];
-        if (c->state == CONN_ACTIVE && now - c->asked_ns > bound)
+        if (c->state == CONN_ACTIVE && now - c->asked_ns > bound) {
             w->stalled++;
+            unclosed += c->draining;
+        }
     }
     if (w->stalled > 0) {
         char what[80];
-        snprintf(what, sizeof what, "echo stalled (none for over %.1f s), found",
+        snprintf(what, sizeof what, "%s (none for over %.1f s), found",
+                 unclosed == w->stalled ? "no close after the echo" : "echo stalled",
                  (double)bound / 1e9);
         note_error(w, what, -1);
     }
