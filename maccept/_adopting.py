@@ -1,7 +1,9 @@
-# -*- test-case-name: tests.test_listening,tests.test_serving -*-
+# -*- test-case-name: tests.test_listening,tests.test_serving,tests.test_tls,tests.test_upgrade -*-
 """
 The worker's side of the listening sockets: adopting the parent's
-descriptors as ports that accept, and letting go of them when it drains.
+descriptors as ports that accept, wrapped as their descriptions ask
+(L{wrapLikeEndpoint}, which a new parent's own ports adopted from an old
+one use too), and letting go of them when it drains.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from maccept._descriptions import socketFacts
-from maccept._proxy import endpointType, splitProxy
+from maccept._descriptions import endpointType, socketFacts, splitProxy
 from maccept._wire import ListenerHandle
 
 _log = Logger()
@@ -43,16 +44,43 @@ def adopt(
     if endpointType(inner) == "ssl":
         from maccept._tls import HandshakeCountingFactory
 
-        contextFactory = serverFromString(reactor, inner)._sslContextFactory
-        # Load the files now: one changed since the parent checked them
-        # (before a HUP) fails this worker's start, not every handshake.
-        contextFactory.getContext()
-        factory = HandshakeCountingFactory(contextFactory, factory, onHandshakeFailed)
+        def countedTLS(contextFactory: Any, wrapped: IProtocolFactory) -> IProtocolFactory:
+            # Load the files now: one changed since the parent checked them
+            # (before a HUP) fails this worker's start, not every handshake.
+            contextFactory.getContext()
+            return HandshakeCountingFactory(contextFactory, wrapped, onHandshakeFailed)
+
+        factory = wrapLikeEndpoint(serverFromString(reactor, inner), factory, countedTLS)
     if proxied:
         from maccept._proxy import ProxyWrappingFactory
 
         factory = ProxyWrappingFactory(factory, onProxyRejected, clock=reactor)
     return adoptStream(reactor, handle.fd, handle.addressFamily, factory)
+
+
+def wrapLikeEndpoint(
+    endpoint: Any,
+    factory: IProtocolFactory,
+    withTLS: Callable[[Any, IProtocolFactory], IProtocolFactory] | None = None,
+) -> IProtocolFactory:
+    """
+    What C{endpoint.listen} does to C{factory} besides listening, for a
+    socket adopted instead: the wrapper of a wrapping endpoint (Twisted's
+    C{haproxy:}), and TLS for C{ssl:}: C{withTLS(contextFactory, factory)},
+    by default Twisted's L{TLSMemoryBIOFactory}.  (These are Twisted's
+    private attributes: no public API adopts with them.)
+    """
+    wrapper = getattr(endpoint, "_wrapperFactory", None)
+    if wrapper is not None:
+        return wrapLikeEndpoint(endpoint._wrappedEndpoint, wrapper(factory), withTLS)
+    context = getattr(endpoint, "_sslContextFactory", None)
+    if context is None:
+        return factory
+    if withTLS is None:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        return TLSMemoryBIOFactory(context, False, factory)
+    return withTLS(context, factory)
 
 
 def socketKind(fd: int) -> tuple[int, bool]:

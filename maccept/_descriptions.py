@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_listening,tests.test_command_line -*-
 """
-Endpoint descriptions, checked before anything listens.
+Endpoint descriptions: read (their type, a C{haproxy:} prefix), and checked
+before anything listens.
 
 Every C{--listen} and C{--metrics} value is a Twisted server endpoint
 description.  Twisted's parsers take some wrong ones silently, and report
@@ -21,8 +22,6 @@ import stat
 
 from twisted.internet.endpoints import serverFromString
 
-from maccept._proxy import endpointType, splitProxy
-
 #: Endpoint types whose sockets a worker can adopt as stream ports.
 STREAM_TYPES = ("tcp", "tcp6", "unix", "ssl", "systemd")
 
@@ -30,6 +29,29 @@ STREAM_TYPES = ("tcp", "tcp6", "unix", "ssl", "systemd")
 #: ... and as datagram ports (C{udp:PORT[:interface=ADDR]}; Twisted has no
 #: UDP endpoint, so maccept parses these itself).
 DATAGRAM_TYPES = ("udp",)
+
+
+#: The prefix of a C{--listen} description that asks for the PROXY protocol
+#: (L{maccept._proxy}).
+PREFIX = "haproxy:"
+
+
+def endpointType(description: str) -> str:
+    """
+    The endpoint type a description starts with, lower case (C{tcp},
+    C{unix}, C{haproxy}...), as the checks compare it: a description in
+    upper case is refused by name (L{checkDescription}).
+    """
+    return description.split(":", 1)[0].lower()
+
+
+def splitProxy(description: str) -> tuple[bool, str]:
+    """
+    C{(True, inner)} for C{haproxy:INNER}, else C{(False, description)}.
+    """
+    if description.lower().startswith(PREFIX):
+        return True, description[len(PREFIX) :]
+    return False, description
 
 
 class ListenError(Exception):

@@ -1,11 +1,13 @@
-# -*- test-case-name: tests.test_upgrade_unit -*-
+# -*- test-case-name: tests.test_upgrade_unit,tests.test_options -*-
 """
-The pipe on which a new parent (SIGUSR2) talks to the old one: it says
-C{hello} as soon as it runs maccept's code, and C{serving} once its
-workers all accept.  Standard library only: the twistd plugin greets
-from here before anything heavy is imported, to keep short the moment in
-which a new parent cannot yet be told from one of older code (which hands
-over with SIGTERM, and says nothing).
+The new parent's side of an upgrade (SIGUSR2); the old parent's is
+L{maccept._upgrade}.  The new parent finds the sockets the old one handed
+over in L{INHERIT}, and talks to it on a pipe: it says C{hello} as soon as
+it runs maccept's code, and C{serving} once its workers all accept
+(L{takeOver}).  Standard library only: the twistd plugin greets from here
+before anything heavy is imported, to keep short the moment in which a new
+parent cannot yet be told from one of older code (which hands over with
+SIGTERM, and says nothing).
 
 C{MACCEPT_UPGRADE_PIPE} is C{OLDPID:FD}: a parent of older code keeps the
 variable it was given in its environment and passes it on, so the pid
@@ -15,9 +17,18 @@ says which old parent the descriptor leads to, and a stale one is ignored.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
 from collections.abc import Mapping, MutableMapping
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from twisted.logger import Logger
+
+#: What the old parent tells the new one: the sockets it hands over, by
+#: description, as JSON (C{[{"fd": FD, "description": DESCRIPTION}]}).
+INHERIT = "MACCEPT_INHERIT"
 #: The old parent's pid, which the new one stops once its workers accept.
 UPGRADE_FROM = "MACCEPT_UPGRADE_FROM"
 #: C{OLDPID:FD}: where the new parent writes its lines.
@@ -101,3 +112,74 @@ def _tellOldParent(line: bytes, environ: Mapping[str, str]) -> None:
         return
     with contextlib.suppress(OSError):
         os.write(fd, line + b"\n")
+
+
+def inheritedListeners(environ: MutableMapping[str, str] = os.environ) -> dict[str, int]:
+    """
+    In a new parent: the sockets the old parent handed over, by description
+    (a listener's, or a service port's label such as C{--metrics DESC}; and
+    forget them, so that this parent's own children do not inherit
+    the claim).
+    """
+    return _handedOver(environ.pop(INHERIT, None))
+
+
+def inheritedDescriptions(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """
+    In a new parent, before L{inheritedListeners} takes them: what the old
+    parent handed over.
+    """
+    return list(_handedOver(environ.get(INHERIT)))
+
+
+class HandOverError(ValueError):
+    """
+    L{INHERIT} holds something no old parent writes.
+    """
+
+
+def _handedOver(raw: str | None) -> dict[str, int]:
+    """
+    L{INHERIT}'s value: descriptors by description.
+
+    @raise HandOverError: if it is not what an old parent writes.
+    """
+    if not raw:
+        return {}
+    try:
+        return {str(each["description"]): int(each["fd"]) for each in json.loads(raw)}
+    except (ValueError, TypeError, KeyError) as e:
+        raise HandOverError(
+            f"{INHERIT} is not a hand-over from an old parent ({type(e).__name__}: {e}); unset it"
+        ) from None
+
+
+def takeOver(environ: MutableMapping[str, str], log: Logger) -> None:
+    """
+    In a new parent whose workers all accept: tell the old parent, which
+    then stops (and forget the upgrade, so that this parent's next workers
+    do not inherit it).
+    """
+    pipe, offered = pipeToOldParent(environ), oldParentOffersPipe(environ)
+    old = environ.pop(UPGRADE_FROM, "")
+    environ.pop(UPGRADE_PIPE, None)
+    if not old.isdigit():
+        return
+    if pipe is None and (offered or int(old) != os.getppid()):
+        # Not this process's parent (any more): gone, or never the one that
+        # started it (a stray variable).  The pid may be another process's,
+        # not to be signalled.
+        log.warn("upgrade: serving; the old parent (pid {pid}) has gone already", pid=old)
+        return
+    try:
+        if pipe is not None:
+            try:
+                os.write(pipe, SERVING + b"\n")
+            finally:
+                os.close(pipe)
+        else:
+            os.kill(int(old), signal.SIGTERM)
+    except OSError as e:
+        log.warn("upgrade: cannot stop the old parent (pid {pid}): {error}", pid=old, error=e)
+        return
+    log.info("upgrade: serving; the old parent (pid {pid}) drains and exits", pid=old)

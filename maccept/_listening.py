@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_listening -*-
+# -*- test-case-name: tests.test_listening,tests.test_serviceports -*-
 """
 Listening sockets, the parent's side: made from endpoint descriptions
 (L{maccept._descriptions} checks them first), or taken over from systemd or
@@ -15,13 +15,19 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import DatagramProtocol, Factory
 from twisted.python.failure import Failure
 
@@ -30,11 +36,12 @@ from maccept._descriptions import (
     DATAGRAM_TYPES,
     ListenError,
     checkDescription,
+    endpointType,
     parseUDP,
     socketFacts,
+    splitProxy,
     unixPath,
 )
-from maccept._proxy import endpointType, splitProxy
 from maccept._socketpath import SocketPath, dropOwnLock, pathProblem
 from maccept._wire import ListenerHandle
 
@@ -103,15 +110,9 @@ class ListeningSocket(ParentSocket):
     @property
     def address(self) -> str:
         """
-        Where clients reach this socket: C{HOST:PORT}, C{[HOST]:PORT} for
-        IPv6, or the path of a UNIX socket.
+        Where clients reach this socket (L{addressText}).
         """
-        host = self.port.getHost()
-        if isinstance(host, IPv6Address):
-            return f"[{host.host}]:{host.port}"
-        if isinstance(host, IPv4Address):
-            return f"{host.host}:{host.port}"
-        return os.fsdecode(host.name)  # type: ignore[attr-defined]
+        return addressText(self.port.getHost())
 
     def handleAt(self, fd: int) -> ListenerHandle:
         """
@@ -120,6 +121,18 @@ class ListeningSocket(ParentSocket):
         return ListenerHandle(
             fd=fd, family=self.family, description=self.description, kind=self.kind
         )
+
+
+def addressText(address: IAddress) -> str:
+    """
+    Where a socket listens, as an operator would type it: C{HOST:PORT},
+    C{[HOST]:PORT} for IPv6, or the path of a UNIX socket.
+    """
+    if isinstance(address, IPv6Address):
+        return f"[{address.host}]:{address.port}"
+    if isinstance(address, IPv4Address):
+        return f"{address.host}:{address.port}"
+    return os.fsdecode(address.name)  # type: ignore[attr-defined]
 
 
 def listen(reactor: Any, description: str) -> ListeningSocket:
@@ -201,22 +214,16 @@ def adoptListener(reactor: Any, description: str, fd: int) -> ListeningSocket:
     In a new parent after an upgrade: take over the socket the old parent
     made for C{description}, inherited at C{fd}, instead of making one.
     """
-    try:
-        family, datagram = socketKind(fd)
-        if datagram:
-            port = reactor.adoptDatagramPort(fd, family, DatagramProtocol())
-        else:
-            port = adoptStream(reactor, fd, family, _NeverAccepts())
-        port.stopReading()
-    except OSError as e:
+    port, family, datagram = adoptHandedOver(
+        reactor,
+        fd,
+        _NeverAccepts(),
         # Only a hand-over's variable names it: set by hand, or stale.
-        raise ListenError(
+        lambda e: (
             f"the descriptor {fd} handed over from an old parent is not a socket to listen on"
             f" ({e.strerror or e}): unset MACCEPT_INHERIT"
-        ) from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        ),
+    )
     # Its path and lock are the old parent's until this one takes over.
     fromSystemd = endpointType(splitProxy(description)[1]) == "systemd"
     path = None if fromSystemd else SocketPath.of(f"--listen {description}", port, owned=False)
@@ -227,6 +234,33 @@ def adoptListener(reactor: Any, description: str, fd: int) -> ListeningSocket:
         kind="datagram" if datagram else "stream",
         socketPath=path,
     )
+
+
+def adoptHandedOver(
+    reactor: Any, fd: int, factory: IProtocolFactory, problem: Callable[[OSError], str]
+) -> tuple[IListeningPort, int, bool]:
+    """
+    In a new parent: adopt the socket an old parent handed over at C{fd},
+    not reading from it yet, then close C{fd} (the port holds its own copy).
+    A stream socket accepts with C{factory}.
+
+    @return: the port, its address family, and whether it is a datagram
+        socket.
+    @raise ListenError: C{problem(e)}, if C{fd} is not a socket to adopt.
+    """
+    try:
+        family, datagram = socketKind(fd)
+        if datagram:
+            port = reactor.adoptDatagramPort(fd, family, DatagramProtocol())
+        else:
+            port = adoptStream(reactor, fd, family, factory)
+        port.stopReading()
+    except OSError as e:
+        raise ListenError(problem(e)) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return port, family, datagram
 
 
 def listenNow(

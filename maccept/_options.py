@@ -21,17 +21,17 @@ from maccept._descriptions import (
     DATAGRAM_TYPES,
     ListenError,
     checkDescription,
+    endpointType,
     shown,
+    splitProxy,
     systemdDescriptor,
     unixPath,
 )
-from maccept._handover import tellOldParentWhy
+from maccept._handover import HandOverError, inheritedDescriptions, tellOldParentWhy
 from maccept._output import endsQuietlyIfClosed
 from maccept._procfs import residentBytes
 from maccept._protocols import ProtocolSpecError, resolveProtocol
-from maccept._proxy import endpointType, splitProxy
 from maccept._reactor import WORKER_REACTORS
-from maccept._upgrade import HandOverError, inheritedDescriptions
 
 DEFAULT_LISTEN = "tcp:7007:interface=127.0.0.1"
 BALANCE_MODES = ("even", "greedy")

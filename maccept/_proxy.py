@@ -30,10 +30,6 @@ from zope.interface import directlyProvides, providedBy
 from maccept._protocols import PassesRefusals
 from maccept._tally import Tally
 
-#: The prefix of a C{--listen} description that asks for the PROXY protocol.
-PREFIX = "haproxy:"
-
-
 #: Seconds a client may take to send its whole PROXY header: a proxy sends
 #: it at once, so a connection that has not is dropped (and counted) even
 #: without C{--idle-timeout}.
@@ -267,21 +263,3 @@ class ProxyWrappingFactory(PassesRefusals, HAProxyWrappingFactory):
     def rejected(self, wrapper: HAProxyProtocolWrapper, why: str) -> None:
         self.drops.add(peer=wrapper.transport.getPeer() if wrapper.transport else None, why=why)
         self.onRejected()
-
-
-def endpointType(description: str) -> str:
-    """
-    The endpoint type a description starts with, lower case (C{tcp},
-    C{unix}, C{haproxy}...), as the checks compare it: a description in
-    upper case is refused by name (L{maccept._descriptions}).
-    """
-    return description.split(":", 1)[0].lower()
-
-
-def splitProxy(description: str) -> tuple[bool, str]:
-    """
-    C{(True, inner)} for C{haproxy:INNER}, else C{(False, description)}.
-    """
-    if description.lower().startswith(PREFIX):
-        return True, description[len(PREFIX) :]
-    return False, description

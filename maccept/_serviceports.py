@@ -14,7 +14,6 @@ parent's once it takes over (L{maccept._socketpath}).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,9 +24,9 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from maccept._adopting import adoptStream, socketKind
+from maccept._adopting import wrapLikeEndpoint
 from maccept._descriptions import ListenError, shown, unixPath
-from maccept._listening import ParentSocket, listenNow
+from maccept._listening import ParentSocket, addressText, adoptHandedOver, listenNow
 from maccept._socketpath import SocketPath
 
 if TYPE_CHECKING:
@@ -109,10 +108,9 @@ def openServicePorts(
                 # the socket is bare: wrap the factory as the endpoint would
                 # (TLS for ssl:, else an upgrade would serve plain HTTP).
                 wrapped = wrapLikeEndpoint(makeEndpoint(reactor), factory)
+                # Not reading yet: the old parent answers until this one
+                # has taken over (L{ServicePort.answer}): not both, by turns.
                 port = adoptServicePort(reactor, inherited.pop(label), wrapped)
-                # The old parent answers until this one has taken over
-                # (L{ServicePort.answer}): not both, by turns.
-                port.stopReading()  # type: ignore[attr-defined]
                 path = SocketPath.of(label, port, owned=False)
                 servicePort = ServicePort(label=label, port=port, socketPath=path)
             else:
@@ -141,45 +139,27 @@ def _listenAt(reactor: Any, label: str, makeEndpoint: Any, factory: Any) -> ILis
     return listenNow(makeEndpoint(reactor), factory, path)
 
 
-def wrapLikeEndpoint(endpoint: Any, factory: Any) -> Any:
-    """
-    What C{endpoint.listen} does to C{factory} besides listening: the
-    wrapper of a wrapping endpoint (C{haproxy:}), TLS for C{ssl:}.  (These
-    are Twisted's private attributes: no public API adopts with them.)
-    """
-    wrapper = getattr(endpoint, "_wrapperFactory", None)
-    if wrapper is not None:
-        return wrapLikeEndpoint(endpoint._wrappedEndpoint, wrapper(factory))
-    context = getattr(endpoint, "_sslContextFactory", None)
-    if context is not None:
-        return TLSMemoryBIOFactory(context, False, factory)
-    return factory
-
-
 def adoptServicePort(reactor: Any, fd: int, factory: Any) -> IListeningPort:
     """
-    Serve the socket an old parent handed over at C{fd}, then close C{fd}
-    (the port holds its own copy).
+    Adopt the socket an old parent handed over at C{fd}, not answering yet
+    (L{adoptHandedOver}).
     """
-    try:
-        port = adoptStream(reactor, fd, socketKind(fd)[0], factory)
-    except OSError as e:
-        raise ListenError(f"cannot adopt the inherited socket: {e.strerror}") from None
-    finally:
-        os.close(fd)
+    port, _, _ = adoptHandedOver(
+        reactor, fd, factory, lambda e: f"cannot adopt the inherited socket: {e.strerror}"
+    )
     return port
 
 
 def describe(port: IListeningPort) -> str:
     """
-    Where a service port listens, as an operator would type it.
+    Where a service port listens, as an operator would type it: a UNIX
+    socket's path, or the URL of an HTTP one.
     """
     address = port.getHost()
     if isinstance(address, UNIXAddress):
-        return str(address.name.decode() if isinstance(address.name, bytes) else address.name)
-    host: str = address.host  # type: ignore[attr-defined]
+        return addressText(address)
     scheme = "https" if _servesTLS(getattr(port, "factory", None)) else "http"
-    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{address.port}/"  # type: ignore[attr-defined]
+    return f"{scheme}://{addressText(address)}/"
 
 
 def _servesTLS(factory: Any) -> bool:

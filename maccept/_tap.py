@@ -26,6 +26,8 @@ from maccept._descriptions import ListenError, shown
 from maccept._handover import (
     UPGRADE_FROM,
     greetOldParent,
+    inheritedListeners,
+    takeOver,
     tellOldParentWhy,
     workersAfterUpgrade,
 )
@@ -37,11 +39,7 @@ from maccept._serviceports import openServicePorts
 from maccept._sharedlog import appendToLogFiles, followRotatedLogs
 from maccept._states import PoolState
 from maccept._systemd import SystemdNotifier
-from maccept._upgrade import (
-    Upgrade,
-    inheritedListeners,
-    takeOver,
-)
+from maccept._upgrade import Upgrade
 
 _log = Logger(namespace="maccept")
 

@@ -4,7 +4,8 @@ Upgrading maccept itself (SIGUSR2), as nginx and unicorn do: the parent
 starts a new parent from the code now on disk, handing it the listening
 sockets; once the new parent's workers all accept, it tells the old parent
 to stop, and the old one drains as on SIGTERM.  The sockets never close, so
-no connection is refused.
+no connection is refused.  This is the old parent's side; the new parent's
+is L{maccept._handover}.
 
 The new parent says it serves on a pipe of its own (L{maccept._handover}),
 not with a signal, so that the old parent can tell the hand-over from a
@@ -27,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import sys
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from enum import Enum
@@ -44,21 +44,17 @@ from twisted.python.failure import Failure
 from maccept._handover import (
     ERROR,
     HELLO,
+    INHERIT,
     SERVING,
     UPGRADE_FROM,
     UPGRADE_PIPE,
     UPGRADE_WORKERS,
-    oldParentOffersPipe,
-    pipeToOldParent,
     pipeValue,
 )
 from maccept._listening import ListeningSocket
 from maccept._serviceports import ServicePort
 from maccept._sharedlog import shareLogFile
 
-#: What the old parent tells the new one: the inherited sockets (and, see
-#: L{maccept._handover}, its pid and the pipe to say when to stop it).
-INHERIT = "MACCEPT_INHERIT"
 _TWISTD = "from twisted.scripts.twistd import run; run()"
 
 
@@ -433,74 +429,3 @@ class Upgrade:
             self.log.warn("cannot rename the pidfile {pidfile}: {error}", pidfile=current, error=e)
             return
         self.twistdConfig["pidfile"] = wanted
-
-
-def inheritedListeners(environ: MutableMapping[str, str] = os.environ) -> dict[str, int]:
-    """
-    In a new parent: the sockets the old parent handed over, by description
-    (a listener's, or a service port's label such as C{--metrics DESC}; and
-    forget them, so that this parent's own children do not inherit
-    the claim).
-    """
-    return _handedOver(environ.pop(INHERIT, None))
-
-
-def inheritedDescriptions(environ: Mapping[str, str] = os.environ) -> list[str]:
-    """
-    In a new parent, before L{inheritedListeners} takes them: what the old
-    parent handed over.
-    """
-    return list(_handedOver(environ.get(INHERIT)))
-
-
-class HandOverError(ValueError):
-    """
-    L{INHERIT} holds something no old parent writes.
-    """
-
-
-def _handedOver(raw: str | None) -> dict[str, int]:
-    """
-    L{INHERIT}'s value: descriptors by description.
-
-    @raise HandOverError: if it is not what an old parent writes.
-    """
-    if not raw:
-        return {}
-    try:
-        return {str(each["description"]): int(each["fd"]) for each in json.loads(raw)}
-    except (ValueError, TypeError, KeyError) as e:
-        raise HandOverError(
-            f"{INHERIT} is not a hand-over from an old parent ({type(e).__name__}: {e}); unset it"
-        ) from None
-
-
-def takeOver(environ: MutableMapping[str, str], log: Logger) -> None:
-    """
-    In a new parent whose workers all accept: tell the old parent, which
-    then stops (and forget the upgrade, so that this parent's next workers
-    do not inherit it).
-    """
-    pipe, offered = pipeToOldParent(environ), oldParentOffersPipe(environ)
-    old = environ.pop(UPGRADE_FROM, "")
-    environ.pop(UPGRADE_PIPE, None)
-    if not old.isdigit():
-        return
-    if pipe is None and (offered or int(old) != os.getppid()):
-        # Not this process's parent (any more): gone, or never the one that
-        # started it (a stray variable).  The pid may be another process's,
-        # not to be signalled.
-        log.warn("upgrade: serving; the old parent (pid {pid}) has gone already", pid=old)
-        return
-    try:
-        if pipe is not None:
-            try:
-                os.write(pipe, SERVING + b"\n")
-            finally:
-                os.close(pipe)
-        else:
-            os.kill(int(old), signal.SIGTERM)
-    except OSError as e:
-        log.warn("upgrade: cannot stop the old parent (pid {pid}): {error}", pid=old, error=e)
-        return
-    log.info("upgrade: serving; the old parent (pid {pid}) drains and exits", pid=old)

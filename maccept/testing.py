@@ -36,10 +36,9 @@ from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.python.failure import Failure
 
-from maccept._descriptions import DATAGRAM_TYPES
+from maccept._descriptions import DATAGRAM_TYPES, endpointType
 from maccept._procfs import childrenOf as childrenOf  # the kit's, for tests
 from maccept._procfs import liveProcesses
-from maccept._proxy import endpointType
 
 #: The parent's log line once every worker accepts.
 _READY = re.compile(r"all (\d+) workers ready on ([^\n]+)\n")

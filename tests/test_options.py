@@ -20,8 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._affinity import availableCPUs
 from maccept._board import MAX_WORKERS
+from maccept._handover import INHERIT
 from maccept._options import DEFAULT_LISTEN, CommandLineOptions, Options
-from maccept._upgrade import INHERIT
 from tests.test_tls import selfSignedCertificate
 
 

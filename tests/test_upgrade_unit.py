@@ -20,22 +20,22 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from maccept import _sharedlog
 from maccept._handover import (
+    INHERIT,
     UPGRADE_FROM,
     UPGRADE_PIPE,
     UPGRADE_WORKERS,
     greetOldParent,
+    inheritedListeners,
+    takeOver,
     tellOldParentWhy,
     workersAfterUpgrade,
 )
 from maccept._sharedlog import appendToLogFiles, followRotatedLogs
 from maccept._upgrade import (
     GREETING_WAIT,
-    INHERIT,
     Stage,
     Upgrade,
     commandLine,
-    inheritedListeners,
-    takeOver,
 )
 from tests.fakes import FakeProcess, ProcessMemoryReactor
 
