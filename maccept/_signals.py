@@ -33,17 +33,24 @@ PARENT_SIGNALS = (
 #: the pool would count a crash (and back off) where it was asked to go.
 SPAWN_BLOCKED = (*PARENT_SIGNALS, signal.SIGTERM)
 
+#: Blocked while a new parent is spawned (USR2), until it has its handlers
+#: (L{installHandlers}): by default any of these would end or suspend it,
+#: and the upgrade with it, and a group's HUP (C{systemctl kill}, a
+#: terminal's hang-up) or a C{kill -HUP} at the pidfile it has just
+#: written can come in that second.  USR1 too: twistd's log rotation.
+UPGRADE_BLOCKED = (*SPAWN_BLOCKED, signal.SIGUSR1)
+
 
 @contextlib.contextmanager
-def spawnSignalsBlocked() -> Iterator[None]:
+def spawnSignalsBlocked(blocked: tuple[signal.Signals, ...] = SPAWN_BLOCKED) -> Iterator[None]:
     """
-    Block L{SPAWN_BLOCKED} while a worker is spawned: the worker inherits
-    the mask through fork and exec (Twisted resets only dispositions), and
-    so is not ended or suspended by one that comes before it has its own
-    handlers; it takes what came meanwhile once they are in place.  The
-    parent gets what came meanwhile when it unblocks.
+    Block C{blocked} while a worker (or a new parent) is spawned: the child
+    inherits the mask through fork and exec (Twisted resets only
+    dispositions), and so is not ended or suspended by one that comes
+    before it has its own handlers; it takes what came meanwhile once they
+    are in place.  The parent gets what came meanwhile when it unblocks.
     """
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, SPAWN_BLOCKED)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
         yield
     finally:
@@ -52,10 +59,13 @@ def spawnSignalsBlocked() -> Iterator[None]:
 
 def installHandlers(reactor: Any, handlers: Mapping[signal.Signals, Callable[[], object]]) -> None:
     """
-    Run each handler in the reactor thread when its signal arrives.
+    Run each handler in the reactor thread when its signal arrives; then
+    take those that came while they were blocked (a new parent is started
+    with L{UPGRADE_BLOCKED} blocked).
     """
     for signum, handler in handlers.items():
         signal.signal(signum, _inReactor(reactor, handler))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, UPGRADE_BLOCKED)
 
 
 def _inReactor(reactor: Any, handler: Callable[[], object]) -> Callable[[int, Any], None]:

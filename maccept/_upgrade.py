@@ -54,6 +54,7 @@ from maccept._handover import (
 from maccept._listening import ListeningSocket
 from maccept._serviceports import ServicePort
 from maccept._sharedlog import shareLogFile
+from maccept._signals import UPGRADE_BLOCKED, spawnSignalsBlocked
 
 _TWISTD = "from twisted.scripts.twistd import run; run()"
 
@@ -255,14 +256,15 @@ class Upgrade:
         self._movePidfile(".oldbin")
         command = commandLine(sys.argv, self.twistdConfig)
         try:
-            self.newParent = self.reactor.spawnProcess(
-                _NewParent(self, pipe),
-                command[0],
-                command,
-                env=env,
-                path=self.directory or os.getcwd(),
-                childFDs=childFDs,
-            )
+            with spawnSignalsBlocked(UPGRADE_BLOCKED):
+                self.newParent = self.reactor.spawnProcess(
+                    _NewParent(self, pipe),
+                    command[0],
+                    command,
+                    env=env,
+                    path=self.directory or os.getcwd(),
+                    childFDs=childFDs,
+                )
         except Exception:
             self.log.failure("upgrade failed: cannot start a new parent")
             self._movePidfile("")

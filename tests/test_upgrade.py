@@ -216,6 +216,25 @@ class UpgradeTests(SynchronousTestCase):
         self.assertEqual(server.process.wait(30), 0)
         self.assertNotIn("second stop request", server.log())
 
+    def test_groupHangUpAsTheNewParentStarts(self) -> None:
+        """
+        A HUP to the whole group (C{systemctl kill -s HUP}, a terminal's
+        hang-up) just as the new parent starts, before it has its handlers,
+        does not end it: it is started with its signals blocked, and takes
+        the HUP once it can (a reload, queued while its pool starts).  The
+        old parent ignores it, the upgrade under way.
+        """
+        server = self.start()
+        old = server.pid
+        os.kill(old, signal.SIGUSR2)
+        new = self.newParent(server)
+        os.killpg(old, signal.SIGHUP)
+        waitFor(lambda: f"old parent (pid {old}) drains" in server.log(), what="the takeover")
+        self.assertTrue(alive(new))
+        self.assertNotIn("upgrade failed", server.log())
+        with server.connect() as client:
+            self.assertEqual(echoRoundTrip(client, b"served"), b"served")
+
     def stopDuringUpgrade(self, greeted: bool, group: bool = False) -> None:
         marker = os.path.join(tempfile.gettempdir(), f"maccept-slow-upgrade-{os.getpid()}")
         server = self.start(
