@@ -38,7 +38,7 @@ from maccept._lag import LagMeter
 from maccept._logforward import ForwardingObserver
 from maccept._procfs import childrenOf
 from maccept._protocols import ProtocolSpecError, resolveProtocol
-from maccept._signals import PARENT_SIGNALS, SPAWN_BLOCKED
+from maccept._signals import PARENT_SIGNALS, UPGRADE_BLOCKED
 from maccept._titles import setTitle
 from maccept._wire import (
     CONTROL_FD,
@@ -522,7 +522,9 @@ def _handleSignals(reactor: Any, worker: Worker) -> None:
     drained; SIGUSR1 dumps every thread's stack to stderr (into the
     parent's log), even while the reactor is blocked.  The parent started
     the worker with these blocked (L{SPAWN_BLOCKED}), so one that came
-    while the worker started up is taken now, by these handlers.
+    while the worker started up is taken now, by these handlers; a new
+    parent (USR2) that had not yet unblocked its own (L{UPGRADE_BLOCKED})
+    passed SIGUSR1 on blocked too.
     """
     for parentSignal in PARENT_SIGNALS:
         signal.signal(parentSignal, signal.SIG_IGN)
@@ -535,7 +537,7 @@ def _handleSignals(reactor: Any, worker: Worker) -> None:
     # process; until then (threads it waits for included) it dumps.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, SPAWN_BLOCKED)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, UPGRADE_BLOCKED)
 
 
 def main(argv: list[str]) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -246,3 +247,24 @@ class SpawnMaskTests(SynchronousTestCase):
         for number in SPAWN_BLOCKED:
             self.assertTrue(blocked & (1 << (number - 1)), f"{number.name} not blocked")
         self.assertEqual(signal.pthread_sigmask(signal.SIG_BLOCK, []), before)
+
+    def test_workerUnblocksWhatItHandles(self) -> None:
+        """
+        A worker started with every signal a new parent starts with blocked
+        (L{UPGRADE_BLOCKED}: the first workers of a parent started by USR2,
+        spawned before that parent has unblocked its own) has none of them
+        blocked once its handlers are in place: SIGUSR1 too, or the
+        watchdog's stack dump before a kill would never come.
+        """
+        script = (
+            "import signal\n"
+            "from maccept._signals import UPGRADE_BLOCKED\n"
+            "from maccept._worker import _handleSignals\n"
+            "signal.pthread_sigmask(signal.SIG_BLOCK, UPGRADE_BLOCKED)\n"
+            "_handleSignals(None, None)\n"
+            "print(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        )
+        self.assertEqual((done.stdout.strip(), done.stderr), ("[]", ""))
