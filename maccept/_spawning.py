@@ -48,11 +48,21 @@ SAFE_PATH = ("-P",) if sys.version_info >= (3, 11) else ()
 #: directory) another directory.
 _PATH_HEAD = os.path.abspath(sys.path[0]) if sys.path else None
 
-#: C{PYTHONPATH} as the parent read it, its relative entries (C{PYTHONPATH=.})
-#: made absolute before the same change of directory.
-_PYTHONPATH = os.pathsep.join(
-    os.path.abspath(entry) for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry
-)
+
+def absolutePythonPath(raw: str | None) -> str:
+    """
+    C{PYTHONPATH} with its relative entries made absolute, here: C{.}, or
+    an empty one, which Python reads as the current directory too
+    (C{export PYTHONPATH=/x:$PYTHONPATH} with none set gives C{/x:}).
+    """
+    if not raw:
+        return ""
+    return os.pathsep.join(os.path.abspath(entry) for entry in raw.split(os.pathsep))
+
+
+#: C{PYTHONPATH} as the parent read it, made absolute before the same
+#: change of directory.
+_PYTHONPATH = absolutePythonPath(os.environ.get("PYTHONPATH"))
 
 
 def workerEnvironment() -> dict[str, str]:

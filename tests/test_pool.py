@@ -32,7 +32,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from maccept import _workerprocess
 from maccept._logforward import encodeEvent
 from maccept._pool import PoolSettings, WorkerPool
-from maccept._spawning import SAFE_PATH, workerEnvironment
+from maccept._spawning import SAFE_PATH, absolutePythonPath, workerEnvironment
 from maccept._states import PoolState, WorkerState
 from maccept._wire import CONTROL_FD, Drain, ListenerHandle, WorkerSpec
 from maccept._workerprocess import ParentControl, WorkerProcess, describeExit
@@ -127,6 +127,19 @@ class SpawnTests(PoolTestCase):
             self.assertIs(worker.state, WorkerState.STARTING)
             self.assertTrue(process.stdinClosed)
         self.assertIs(pool.state, PoolState.STARTING)
+
+    def test_pythonPathMadeAbsolute(self) -> None:
+        """
+        A worker's C{PYTHONPATH} means what the parent's meant where it
+        started: relative entries, and an empty one (the current directory
+        to Python, as in C{/x:}), are made absolute; none stays none.
+        """
+        here = os.getcwd()
+        self.assertEqual(
+            absolutePythonPath(f"/x{os.pathsep}.{os.pathsep}"),
+            os.pathsep.join(["/x", here, here]),
+        )
+        self.assertEqual((absolutePythonPath(""), absolutePythonPath(None)), ("", ""))
 
     def test_commandLine(self) -> None:
         """
