@@ -6,12 +6,14 @@ the signals that steer them.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
@@ -178,7 +180,10 @@ class MacceptService(Service):
         if self._shutdownBegun:  # meanwhile, by a failed worker
             return
         self.log.info("stopping: draining every worker")
-        self.reactor.stop()
+        # A failure may have stopped the reactor earlier in this same turn:
+        # its shutdown (and _shutdownBegins) starts only at the next.
+        with contextlib.suppress(ReactorNotRunning):
+            self.reactor.stop()
 
     def stopFromControl(self) -> bool:
         """

@@ -38,7 +38,8 @@ def _load(path: str) -> Any:
     try:
         module = importlib.import_module(moduleName)
     except ModuleNotFoundError as e:
-        if e.name != moduleName.partition(".")[0] and e.name != moduleName:
+        named = e.name or ""
+        if not (moduleName == named or moduleName.startswith(named + ".")):
             raise  # a module it imports is missing: its own error
         raise usage.UsageError(f"it names {path}, but there is no module {moduleName!r}") from None
     try:

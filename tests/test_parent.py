@@ -239,3 +239,15 @@ class RequestStopTests(SynchronousTestCase):
         statuses: list[int] = []
         _onFatal(reactor, statuses.append)("worker 1 failed to start: test")
         self.assertEqual((statuses, reactor.stops), ([1], 1))
+
+    def test_stopInTheTurnOfAFailure(self) -> None:
+        """
+        A stop request handled in the same reactor turn as a failure that
+        stopped the reactor (whose shutdown, and so the parent's knowing
+        of it, begins only at the next turn) does not raise
+        C{ReactorNotRunning}.
+        """
+        service, reactor, _ = self.service()
+        reactor.stopped = True  # stop() called; its triggers not run yet
+        service.requestStop()
+        self.assertEqual(reactor.stops, 0)

@@ -201,6 +201,15 @@ class DiscoveryTests(SynchronousTestCase):
             str(caught.exception),
             f"broken: it names tests.sample_protocols:NoSuchOptions, {missing} 'NoSuchOptions'",
         )
+        broken = ProtocolPlugin("broken", "d", "x:y", "json.nosuchpackage.module:Options")
+        self.patch(_plugins, "pluginsByName", lambda: {"broken": [broken]})
+        with self.assertRaises(ProtocolSpecError) as caught:
+            resolveProtocol("broken")
+        self.assertEqual(
+            str(caught.exception),
+            "broken: it names json.nosuchpackage.module:Options, but there is no module"
+            " 'json.nosuchpackage.module'",
+        )
         broken = ProtocolPlugin("broken", "d", "tests.sample_protocols:nothing")
         self.patch(_plugins, "pluginsByName", lambda: {"broken": [broken]})
         with self.assertRaises(ProtocolSpecError) as made:
