@@ -89,8 +89,11 @@ class DatagramEcho(DatagramProtocol):
 
     log = Logger()
 
-    def __init__(self, counts: Any = None) -> None:
+    def __init__(self, counts: Any = None, siblingPorts: set[int] | None = None) -> None:
         self.counts = counts
+        #: The ports of the worker's other UDP listeners: two of them would
+        #: answer each other too.
+        self.siblingPorts = siblingPorts if siblingPorts is not None else set()
         self.unanswered = Tally(
             self.log,
             "dropped {count} datagram(s) that could not be answered, the last from {addr}: {error}",
@@ -104,7 +107,12 @@ class DatagramEcho(DatagramProtocol):
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         if self.counts is not None:
             self.counts.bytesReceived += len(datagram)
-        if addr[1] in LOOPING_PORTS or addr[1] == self.transport.getHost().port:  # type: ignore[union-attr]
+        port = addr[1]
+        if (
+            port in LOOPING_PORTS
+            or port in self.siblingPorts
+            or port == self.transport.getHost().port  # type: ignore[union-attr]
+        ):
             self.looping.add(addr=addr)
             return
         try:

@@ -489,3 +489,8 @@ class DatagramEchoTests(SynchronousTestCase):
             ],
         )
         self.assertEqual((echo.looping.total, counts.bytesSent), (3, 4))
+        # One from another UDP listener of the worker: the two would loop.
+        echo = DatagramEcho(counts, siblingPorts={7008})
+        echo.transport = SendingTransport()  # type: ignore[assignment]
+        echo.datagramReceived(b"ping", ("127.0.0.1", 7008))
+        self.assertEqual(echo.looping.total, 1)

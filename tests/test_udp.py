@@ -10,7 +10,7 @@ import socket
 from twisted.trial.unittest import SynchronousTestCase
 
 from maccept._descriptions import ListenError, checkDescription, parseUDP
-from tests.server import MacceptServer, echoRoundTrip, runMaccept
+from tests.server import MacceptServer, echoRoundTrip, runMaccept, waitFor
 
 
 def freeUDPPort(host: str, family: socket.AddressFamily) -> int:
@@ -91,6 +91,31 @@ class UDPServingTests(SynchronousTestCase):
         except OSError:
             self.skipTest("no ::1 on this machine")
         self.serve("::1", socket.AF_INET6, "\\:\\:1")
+
+    def test_noLoopBetweenListeners(self) -> None:
+        """
+        A datagram from the port of another UDP listener of the pool (a
+        forged source would set the two echoing each other for ever) is
+        dropped and logged; others are echoed.
+        """
+        first = freeUDPPort("127.0.0.1", socket.AF_INET)
+        second = freeUDPPort("127.0.0.1", socket.AF_INET)
+        server = MacceptServer(
+            [
+                *("--workers", "1", "--listen", f"udp:{first}:interface=127.0.0.1"),
+                *("--listen", f"udp:{second}:interface=127.0.0.1"),
+            ]
+        )
+        self.addCleanup(server.cleanup)
+        server.waitReady()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as forged:
+            forged.bind(("127.0.0.2", second))  # the second's port, another address
+            forged.sendto(b"loop?", ("127.0.0.1", first))
+        waitFor(lambda: "would answer the echo back" in server.log(), what="the drop logged")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(10)
+            client.sendto(b"fine", ("127.0.0.1", first))
+            self.assertEqual(client.recvfrom(100)[0], b"fine")
 
     def test_badPort(self) -> None:
         """
