@@ -430,7 +430,13 @@ def _reloadOutcome(output: str, since: int) -> int | str | None:
         return started.group(2).strip()
     generation = int(started.group(1))
     ready = output.find(_RELOADED.format(generation=generation), started.end())
-    failed = _RELOAD_FAILED.search(output, started.end())
+    # A failure is this reload's only before the next one starts (a reload
+    # queued behind it starts as this one is ready, before its old workers
+    # have all stopped accepting, and may fail at once).
+    following = output.find("reloading: starting generation", started.end())
+    failed = _RELOAD_FAILED.search(
+        output, started.end(), following if following >= 0 else len(output)
+    )
     if failed is not None and (ready < 0 or failed.start() < ready):
         return failed.group(0).strip()
     return generation if ready >= 0 else None

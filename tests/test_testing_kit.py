@@ -409,6 +409,10 @@ def test_reloadOutcomeFromTheLog() -> None:
     assert _reloadOutcome(done, since) == 3
     why = "reload failed, keeping the old workers: worker 1 died: boom"
     assert _reloadOutcome(f"{second}{why}\n", 0) == why
+    # A queued reload that fails at once, before this one's old workers
+    # have all stopped accepting: its failure is not this one's.
+    earlier = f"{second}{ready}reloading: starting generation 4\n{why}\n"
+    assert _reloadOutcome(earlier + "reload: generation 3 alone accepts\n", 0) == 3
     ignored = "reload ignored: the pool is stopping\n"
     assert _reloadOutcome(ignored, 0) == "reload ignored: the pool is stopping"
     dropped = "queued reload dropped: the upgrade starts the new code"
