@@ -89,11 +89,11 @@ class DatagramEcho(DatagramProtocol):
 
     log = Logger()
 
-    def __init__(self, counts: Any = None, siblingPorts: set[int] | None = None) -> None:
+    def __init__(self, counts: Any = None, echoPorts: set[int] | None = None) -> None:
         self.counts = counts
-        #: The ports of the worker's other UDP listeners: two of them would
-        #: answer each other too.
-        self.siblingPorts = siblingPorts if siblingPorts is not None else set()
+        #: The ports of the worker's UDP echoes, this one's among them (from
+        #: L{startProtocol}): two of them would answer each other too.
+        self.echoPorts = echoPorts if echoPorts is not None else set()
         self.unanswered = Tally(
             self.log,
             "dropped {count} datagram(s) that could not be answered, the last from {addr}: {error}",
@@ -104,15 +104,14 @@ class DatagramEcho(DatagramProtocol):
             " (a loop a forged source sets up), the last from {addr}",
         )
 
+    def startProtocol(self) -> None:
+        # Once, not per datagram: getHost() is a getsockname() call.
+        self.echoPorts.add(self.transport.getHost().port)  # type: ignore[union-attr]
+
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         if self.counts is not None:
             self.counts.bytesReceived += len(datagram)
-        port = addr[1]
-        if (
-            port in LOOPING_PORTS
-            or port in self.siblingPorts
-            or port == self.transport.getHost().port  # type: ignore[union-attr]
-        ):
+        if addr[1] in LOOPING_PORTS or addr[1] in self.echoPorts:
             self.looping.add(addr=addr)
             return
         try:

@@ -131,7 +131,7 @@ class Worker:
             self.governor = AcceptGovernor(
                 self.reactor, board, slot, os.getpid(), self.spec.maxConcurrent
             )
-        echoPorts: set[int] = set()  # each UDP echo refuses the others' datagrams
+        echoPorts: set[int] = set()  # each UDP echo refuses all their datagrams
         for handle in self.spec.listeners:
             if handle.kind == "datagram":
                 # The largest datagram, not Twisted's 8192: RFC 862 echoes
@@ -140,7 +140,6 @@ class Worker:
                     handle.fd, handle.addressFamily, DatagramEcho(self.tracker, echoPorts), 65535
                 )
                 datagramPort.stopReading()
-                echoPorts.add(datagramPort.getHost().port)
                 self.datagramPorts.append(datagramPort)
                 os.close(handle.fd)
                 continue

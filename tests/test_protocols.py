@@ -475,7 +475,7 @@ class DatagramEchoTests(SynchronousTestCase):
         counts = SimpleNamespace(bytesReceived=0, bytesSent=0)
         echo = DatagramEcho(counts)
         transport = SendingTransport()
-        echo.transport = transport  # type: ignore[assignment]
+        echo.makeConnection(transport)  # type: ignore[arg-type]
         with capturedLogs() as events:
             for source in [("127.0.0.1", 7007), ("10.0.0.1", 7), ("10.0.0.1", 19)]:
                 echo.datagramReceived(b"ping", source)
@@ -490,7 +490,7 @@ class DatagramEchoTests(SynchronousTestCase):
         )
         self.assertEqual((echo.looping.total, counts.bytesSent), (3, 4))
         # One from another UDP listener of the worker: the two would loop.
-        echo = DatagramEcho(counts, siblingPorts={7008})
-        echo.transport = SendingTransport()  # type: ignore[assignment]
+        echo = DatagramEcho(counts, echoPorts={7008})
+        echo.makeConnection(SendingTransport())  # type: ignore[arg-type]
         echo.datagramReceived(b"ping", ("127.0.0.1", 7008))
         self.assertEqual(echo.looping.total, 1)
