@@ -98,8 +98,7 @@ class MacceptService(Service):
         """
         The paths and locks of this parent's UNIX sockets.
         """
-        owners: list[Any] = [*self.listeners, *self.servicePorts]
-        return [each.socketPath for each in owners if each.socketPath is not None]
+        return SocketPath.ofOwners([*self.listeners, *self.servicePorts])
 
     def takeOwnership(self, adopted: bool = False) -> None:
         """

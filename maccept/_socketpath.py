@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import IListeningPort
@@ -104,6 +106,14 @@ class SocketPath:
         elif not os.path.islink(path + ".lock"):
             lockName = None
         return cls(label, path, lockName, owned)
+
+    @staticmethod
+    def ofOwners(owners: Iterable[Any]) -> list[SocketPath]:
+        """
+        The paths of those of C{owners} (listeners, service ports) that are
+        UNIX sockets.
+        """
+        return [each.socketPath for each in owners if each.socketPath is not None]
 
     def claim(self) -> None:
         """

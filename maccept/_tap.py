@@ -72,7 +72,12 @@ def makeService(options: CommandLineOptions) -> IService:
     # After an upgrade (SIGUSR2), the old parent's sockets, by description.
     inherited = inheritedListeners()
     listeners = _openListeners(reactor, options["listen"], inherited)
-    pool = WorkerPool(reactor, listeners, _poolSettings(options), _onFatal(reactor))
+    # Where the command was given, before twistd changes into its --rundir:
+    # workers read their options, and a new parent (USR2) starts, there.
+    launchDirectory = os.getcwd()
+    pool = WorkerPool(
+        reactor, listeners, _poolSettings(options, launchDirectory), _onFatal(reactor)
+    )
     upgrade = Upgrade(
         reactor,
         listeners,
@@ -83,7 +88,7 @@ def makeService(options: CommandLineOptions) -> IService:
         beforeStart=pool.forgetQueuedReload,
         onTakenOver=lambda: service.handOver(),
         servicePorts=lambda: service.servicePorts,
-        directory=os.getcwd(),  # before twistd changes into its --rundir
+        directory=launchDirectory,
     )
     service = MacceptService(reactor, listeners, pool, upgrade)
     service.stopDelay = options["stop-delay"]
@@ -133,18 +138,18 @@ def _openListeners(
     return listeners
 
 
-def _poolSettings(options: CommandLineOptions) -> PoolSettings:
+def _poolSettings(options: CommandLineOptions, optionsDirectory: str) -> PoolSettings:
     """
     What the command line decides about the pool (its size as the old
-    parent ran it, after an upgrade).  Called where the command was given,
-    before twistd changes into its C{--rundir}.
+    parent ran it, after an upgrade); C{optionsDirectory} is where it was
+    given.
     """
     return PoolSettings(
         # Within the bounds of --workers, whatever the variable says.
         size=min(workersAfterUpgrade(os.environ, options["workers"]), MAX_WORKERS),
         protocol=options["protocol"],
         protocolOptions=tuple(options["protocol-option"]),
-        optionsDirectory=os.getcwd(),
+        optionsDirectory=optionsDirectory,
         balance=options["balance"] == "even",
         gracefulTimeout=options["graceful-timeout"],
         startTimeout=options["start-timeout"],

@@ -55,6 +55,7 @@ from maccept._listening import ListeningSocket
 from maccept._serviceports import ServicePort
 from maccept._sharedlog import shareLogFile
 from maccept._signals import UPGRADE_BLOCKED, spawnSignalsBlocked
+from maccept._socketpath import SocketPath
 
 _TWISTD = "from twisted.scripts.twistd import run; run()"
 
@@ -305,10 +306,8 @@ class Upgrade:
         No new parent took over after all: the sockets' paths, left for it,
         are this stopping parent's to remove.
         """
-        owners: list[Any] = [*self.listeners, *self.servicePorts()]
-        for owner in owners:
-            if owner.socketPath is not None:
-                owner.socketPath.remove()
+        for path in SocketPath.ofOwners([*self.listeners, *self.servicePorts()]):
+            path.remove()
 
     def settled(self) -> defer.Deferred[None]:
         """

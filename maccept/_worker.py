@@ -479,11 +479,9 @@ def _workingIn(directory: str | None) -> Iterator[None]:
     C{--rundir}); in the worker's own if C{directory} is gone.
     """
     here = os.getcwd()
-    try:
-        if directory is not None:
+    if directory is not None:
+        with contextlib.suppress(OSError):
             os.chdir(directory)
-    except OSError:
-        pass
     try:
         yield
     finally:
