@@ -12,6 +12,7 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 from twisted.internet import tcp, unix
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
@@ -675,14 +676,14 @@ class UNIXPortTests(SynchronousTestCase):
     carry passed descriptors) are kept, and still counted.
     """
 
-    def test_bytesCountedAndDescriptorsPassed(self) -> None:
+    def connected(
+        self, protocol: Callable[[], Protocol]
+    ) -> tuple[str, ConnectionTracker, socket.socket]:
+        """
+        A tracked C{unix.Port} serving C{protocol}, and a client it has
+        accepted: the socket's path, the tracker, the client.
+        """
         reactor = WorkerMemoryReactor()
-        protocols: list[Protocol] = []
-
-        def protocol() -> Protocol:
-            protocols.append(Protocol())
-            return protocols[-1]
-
         factory = Factory.forProtocol(protocol)
         factory.noisy = False
         path = os.path.join(tempfile.mkdtemp(), "s.sock")
@@ -698,6 +699,16 @@ class UNIXPortTests(SynchronousTestCase):
         client.connect(path)
         client.settimeout(5)
         port.doRead()
+        return path, tracker, client
+
+    def test_bytesCountedAndDescriptorsPassed(self) -> None:
+        protocols: list[Protocol] = []
+
+        def protocol() -> Protocol:
+            protocols.append(Protocol())
+            return protocols[-1]
+
+        _, tracker, client = self.connected(protocol)
         [transport] = tracker.open
         assert isinstance(transport, unix.Server)
         client.sendall(b"hello")
@@ -725,19 +736,7 @@ class UNIXPortTests(SynchronousTestCase):
         closed and counted, with one line per interval (Twisted writes one
         for every message, a flood any local user could make).
         """
-        reactor = WorkerMemoryReactor()
-        path = os.path.join(tempfile.mkdtemp(), "s.sock")
-        factory = Factory.forProtocol(Protocol)
-        factory.noisy = False
-        port = unix.Port(path, factory, reactor=reactor)  # type: ignore[arg-type]
-        port.startListening()
-        self.addCleanup(port.stopListening)
-        tracker = ConnectionTracker()
-        trackConnections(port, tracker)
-        client = socket.socket(socket.AF_UNIX)
-        self.addCleanup(client.close)
-        client.connect(path)
-        port.doRead()
+        path, tracker, client = self.connected(Protocol)
         [transport] = tracker.open
         assert isinstance(transport, unix.Server)
         passed, kept = socket.socketpair()
